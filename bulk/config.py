@@ -1,0 +1,122 @@
+"""Engine configuration: a plain dataclass, validated on construction.
+
+This is the core's only notion of configuration. Services read environment variables and flags with
+pydantic-settings at their edge and build one of these; the core never reads the environment itself
+(except the cache secret, which must be able to stay out of config files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from bulk.errors import InvalidConfigError
+
+
+class CacheStrategy(enum.StrEnum):
+    """Eviction strategy for every cache tier. Strings are accepted wherever a strategy is."""
+
+    LRU = "lru"
+    LFU = "lfu"
+    ADAPTIVE = "adaptive"
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+QUANTIZATIONS = ("none", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    # Tokens of KV state the in-memory tier may hold; a hard budget, never exceeded.
+    max_tokens: int = 8192
+    cache_strategy: CacheStrategy = CacheStrategy.ADAPTIVE
+    enable_persistence: bool = False
+    persistence_path: str = ".bul-data/kv"
+    # "demo", "demo-large", or a local Hugging Face model directory.
+    model: str = "demo"
+    device: str = "auto"
+    dtype: str = "auto"
+    # Tokens per cached block; only full blocks are cached.
+    block_size: int = 16
+    quantization: str = "none"
+    redis_url: str | None = None
+    database_url: str | None = None
+    # Response cache: identical deterministic requests are answered without running the model.
+    response_cache: bool = True
+    response_cache_size: int = 1024
+    response_cache_ttl: float = 3600.0
+    # Default and ceiling for a request's max_new_tokens.
+    default_max_new_tokens: int = 64
+    max_new_tokens_limit: int = 2048
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> KVCacheConfig:
+        # Checked here rather than in __post_init__ so that an unknown key gives our ValueError
+        # naming it, not the dataclass __init__'s TypeError.
+        unknown = sorted(set(kwargs) - _FIELD_NAMES)
+        if unknown:
+            raise InvalidConfigError(
+                unknown[0], f"unknown configuration key (known: {', '.join(sorted(_FIELD_NAMES))})"
+            )
+        return super().__new__(cls)
+
+    def __post_init__(self) -> None:
+        try:
+            strategy = CacheStrategy(
+                self.cache_strategy.lower() if isinstance(self.cache_strategy, str) else self.cache_strategy
+            )
+        except ValueError:
+            raise InvalidConfigError(
+                "cache_strategy",
+                f"{self.cache_strategy!r} is not one of {[s.value for s in CacheStrategy]}",
+            ) from None
+        object.__setattr__(self, "cache_strategy", strategy)
+        _check_int(self, "max_tokens", minimum=1)
+        _check_int(self, "block_size", minimum=1)
+        _check_int(self, "response_cache_size", minimum=0)
+        _check_int(self, "default_max_new_tokens", minimum=1)
+        _check_int(self, "max_new_tokens_limit", minimum=1)
+        if self.max_tokens < self.block_size:
+            raise InvalidConfigError(
+                "max_tokens", f"{self.max_tokens} is smaller than one block ({self.block_size} tokens)"
+            )
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise InvalidConfigError("default_max_new_tokens", "exceeds max_new_tokens_limit")
+        for key in ("enable_persistence", "response_cache"):
+            if not isinstance(getattr(self, key), bool):
+                raise InvalidConfigError(key, f"must be a bool, got {getattr(self, key)!r}")
+        if not isinstance(self.response_cache_ttl, int | float) or self.response_cache_ttl <= 0:
+            raise InvalidConfigError("response_cache_ttl", "must be a positive number of seconds")
+        for key, allowed in (("device", DEVICES), ("dtype", DTYPES), ("quantization", QUANTIZATIONS)):
+            value = getattr(self, key)
+            if value not in allowed:
+                raise InvalidConfigError(key, f"{value!r} is not one of {list(allowed)}")
+        for key in ("model", "persistence_path"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value:
+                raise InvalidConfigError(key, "must be a non-empty string")
+        for key in ("redis_url", "database_url"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or "://" not in value):
+                raise InvalidConfigError(key, "must be a URL such as redis://host:6379/0")
+
+    @property
+    def max_blocks(self) -> int:
+        """Blocks the memory tier may hold under `max_tokens`."""
+        return self.max_tokens // self.block_size
+
+    def replace(self, **changes: Any) -> KVCacheConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(KVCacheConfig))
+
+
+def _check_int(config: KVCacheConfig, key: str, minimum: int) -> None:
+    value = getattr(config, key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidConfigError(key, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise InvalidConfigError(key, f"must be >= {minimum}, got {value}")

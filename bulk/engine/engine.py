@@ -1,0 +1,304 @@
+"""`UltraAdaptiveKVCacheEngine`: requests in, answers out, with every reusable KV block reused.
+
+A request goes: parse and check (caller's thread) -> response cache (caller's thread, no queue) ->
+priority queue -> model worker: tokenize, take the longest cached prefix, prefill the rest, decode,
+store the new full blocks. The model is loaded lazily on the worker, so building an engine at import
+time (as the guide's examples do) is free, and `warmup()` only makes the first request fast."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from bulk.config import KVCacheConfig
+from bulk.engine.request import GenerationRequest, parse_request
+from bulk.engine.response_cache import ResponseCache, request_key
+from bulk.engine.scheduler import PriorityWorker
+from bulk.engine.stats import EngineStats
+from bulk.errors import InvalidRequestError, PromptTooLongError
+from bulk.generation.decode import Completion, Step, decode, prefill
+from bulk.kv.prefix_cache import PrefixCache
+from bulk.models import hf_cache
+from bulk.models.loader import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+WARMUP_PRIORITY = 2**31  # ahead of any request
+OnStep = Callable[[Step], None]
+
+
+class UltraAdaptiveKVCacheEngine:
+    def __init__(self, config: KVCacheConfig | None = None, *, model: LoadedModel | None = None) -> None:
+        """`model`: an already loaded model to share (tests, benchmarks comparing configurations);
+        by default the engine loads `config.model` itself on first use."""
+        self.config = config if config is not None else KVCacheConfig()
+        self._worker = PriorityWorker()
+        self._model: LoadedModel | None = None
+        self._prefix: PrefixCache | None = None
+        if model is not None:
+            self._adopt(model)
+        self._responses = ResponseCache(self.config.response_cache_size, self.config.response_cache_ttl)
+        self._stats = EngineStats()
+        self._warm = threading.Event()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True once the model is loaded and has served one request."""
+        return self._warm.is_set()
+
+    @property
+    def model(self) -> LoadedModel:
+        """The loaded model (loads it on the calling thread if needed)."""
+        return self._load()
+
+    async def warmup(self) -> None:
+        """Load the model and run one request; idempotent."""
+        await asyncio.wrap_future(self._worker.submit(self._warmup_job, WARMUP_PRIORITY))
+
+    def warmup_sync(self) -> None:
+        self._worker.submit(self._warmup_job, WARMUP_PRIORITY).result()
+
+    def shutdown(self) -> None:
+        """Fail queued requests, finish the running one, stop the worker. Safe to call twice."""
+        self._worker.shutdown(wait=True)
+
+    def __enter__(self) -> UltraAdaptiveKVCacheEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- requests --------------------------------------------------------------------------
+
+    async def process_request(self, query: Any) -> dict[str, Any]:
+        request, started = self._parse(query), time.perf_counter()
+        cached = self._cached_response(request, started)
+        if cached is not None:
+            return cached
+        future = self._worker.submit(lambda: self._run(request, started), request.priority)
+        return await asyncio.wrap_future(future)
+
+    def process_request_sync(self, query: Any) -> dict[str, Any]:
+        request, started = self._parse(query), time.perf_counter()
+        cached = self._cached_response(request, started)
+        if cached is not None:
+            return cached
+        return self._worker.submit(lambda: self._run(request, started), request.priority).result()
+
+    async def stream_request(self, query: Any) -> AsyncIterator[dict[str, Any]]:
+        """Yield `{"token": text}` as tokens come, then the full result with `"done": True`.
+        Stopping the iteration early cancels the generation."""
+        request, started = self._parse(query), time.perf_counter()
+        cached = self._cached_response(request, started)
+        if cached is not None:
+            yield {"token": cached["result"]}
+            yield {**cached, "done": True}
+            return
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Step] = asyncio.Queue()
+        cancelled = threading.Event()
+        future = self._worker.submit(
+            lambda: self._run(
+                request, started, lambda s: loop.call_soon_threadsafe(events.put_nowait, s), cancelled
+            ),
+            request.priority,
+        )
+        done = asyncio.wrap_future(future)
+        try:
+            while not done.done() or not events.empty():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    if getter.result().text:
+                        yield {"token": getter.result().text}
+                else:
+                    getter.cancel()
+            yield {**done.result(), "done": True}
+        finally:
+            cancelled.set()
+            done.cancel()
+
+    # ---- the guide's key-value API (response cache) ------------------------------------------
+
+    async def get_from_cache(self, key: str) -> Any | None:
+        return self._responses.get("user:" + key)
+
+    async def store_in_cache(self, key: str, value: Any, ttl: float | None = None) -> None:
+        self._responses.put("user:" + key, value, ttl)
+
+    # ---- stats -----------------------------------------------------------------------------
+
+    def get_stats(self) -> dict[str, Any]:
+        prefix = self._prefix.stats() if self._prefix is not None else {}
+        return {
+            **self._stats.snapshot(),
+            "model": self.config.model,
+            "ready": self.ready,
+            "queue_depth": self._worker.queue_depth,
+            "running": self._worker.running,
+            "evictions": prefix.get("evictions", 0),
+            "tiers": {"memory": prefix},
+            "response_cache": {
+                "entries": len(self._responses),
+                "hits": self._responses.hits,
+                "misses": self._responses.misses,
+                "size_bytes": self._responses.size_bytes,
+            },
+            "config": {
+                "max_tokens": self.config.max_tokens,
+                "block_size": self.config.block_size,
+                "cache_strategy": self.config.cache_strategy.value,
+                "quantization": self.config.quantization,
+            },
+        }
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _parse(self, query: Any) -> GenerationRequest:
+        try:
+            return parse_request(query, self.config)
+        except InvalidRequestError:
+            self._stats.record_error(invalid=True)
+            raise
+
+    def _cached_response(self, request: GenerationRequest, started: float) -> dict[str, Any] | None:
+        if not (self.config.response_cache and request.use_response_cache and self._model is not None):
+            return None
+        stored = self._responses.get(request_key(self._model.fingerprint, request.prompt, request.params))
+        if stored is None:
+            return None
+        latency = (time.perf_counter() - started) * 1000
+        self._stats.record(
+            prompt_tokens=stored["prompt_tokens"],
+            cached_tokens=stored["prompt_tokens"],
+            completion_tokens=stored["completion_tokens"],
+            latency_ms=latency,
+            ttft_ms=latency,
+            response_cached=True,
+        )
+        return {
+            **stored,
+            "cache_hit": True,
+            "response_cached": True,
+            "cached_tokens": stored["prompt_tokens"],
+            "latency": latency,
+            "ttft_ms": latency,
+            "request_id": request.request_id,
+        }
+
+    def _load(self) -> LoadedModel:
+        if self._model is None:
+            self._adopt(load_model(self.config))
+        assert self._model is not None
+        return self._model
+
+    def _adopt(self, model: LoadedModel) -> None:
+        self._prefix = PrefixCache(self.config, model.fingerprint, model.dtype_name)
+        self._model = model
+
+    def _warmup_job(self) -> None:
+        if not self._warm.is_set():
+            self._run(
+                parse_request({"query": "warmup", "max_new_tokens": 1, "response_cache": False}, self.config),
+                time.perf_counter(),
+                record=False,
+            )
+            self._warm.set()
+
+    def _run(
+        self,
+        request: GenerationRequest,
+        started: float,
+        on_step: OnStep | None = None,
+        cancelled: threading.Event | None = None,
+        record: bool = True,
+    ) -> dict[str, Any]:
+        try:
+            result = self._generate(request, started, on_step, cancelled)
+        except Exception as exc:
+            if record:
+                self._stats.record_error(invalid=isinstance(exc, InvalidRequestError))
+            raise
+        if record:
+            self._stats.record(
+                prompt_tokens=result["prompt_tokens"],
+                cached_tokens=result["cached_tokens"],
+                completion_tokens=result["completion_tokens"],
+                latency_ms=result["latency"],
+                ttft_ms=result["ttft_ms"],
+                response_cached=False,
+            )
+        if (
+            self.config.response_cache
+            and request.use_response_cache
+            and result["finish_reason"] != "cancelled"
+        ):
+            self._responses.put(request_key(self._model.fingerprint, request.prompt, request.params), result)
+        return result
+
+    def _generate(
+        self,
+        request: GenerationRequest,
+        started: float,
+        on_step: OnStep | None,
+        cancelled: threading.Event | None,
+    ) -> dict[str, Any]:
+        lm = self._load()
+        prefix = self._prefix
+        assert prefix is not None
+        ids = lm.tokenizer.encode(request.prompt)
+        if len(ids) >= lm.context_length:
+            raise PromptTooLongError(
+                "query", f"the prompt is {len(ids)} tokens; the model's context holds {lm.context_length}"
+            )
+        # At least one prompt token is always computed: its logits give the first new token.
+        hit = prefix.lookup(ids if lm.supports_block_reuse else [], max_tokens=len(ids) - 1)
+        try:
+            logits, cache = prefill(lm, ids, hf_cache.cache_from_blocks(lm.model, hit.blocks))
+            completion = Completion(token_ids=[], text="", finish_reason="length")
+            max_new = min(request.params.max_new_tokens, lm.context_length - len(ids))
+            ttft_ms = None
+            for step in decode(lm, logits, cache, request.params, max_new, completion):
+                if ttft_ms is None:
+                    ttft_ms = (time.perf_counter() - started) * 1000
+                    self._store_blocks(lm, prefix, hit, ids, cache)  # after the first token: off TTFT
+                if on_step is not None:
+                    on_step(step)
+                if cancelled is not None and cancelled.is_set():
+                    completion.finish_reason = "cancelled"
+                    break
+            if ttft_ms is None:
+                ttft_ms = (time.perf_counter() - started) * 1000
+            # The prompt and the completion fed back so far: a follow-up turn can reuse them too.
+            all_ids = ids + completion.token_ids
+            self._store_blocks(
+                lm, prefix, hit, all_ids[: hf_cache.cache_length(completion.cache)], completion.cache
+            )
+        finally:
+            prefix.release(hit)
+        return {
+            "result": completion.text,
+            "cache_hit": hit.num_tokens > 0,
+            "response_cached": False,
+            "latency": (time.perf_counter() - started) * 1000,
+            "ttft_ms": ttft_ms,
+            "cached_tokens": hit.num_tokens,
+            "prompt_tokens": len(ids),
+            "completion_tokens": len(completion.token_ids),
+            "finish_reason": completion.finish_reason,
+            "request_id": request.request_id,
+            "model": lm.name,
+        }
+
+    @staticmethod
+    def _store_blocks(lm: LoadedModel, prefix: PrefixCache, hit: Any, ids: list[int], cache: Any) -> None:
+        if lm.supports_block_reuse:
+            prefix.store_blocks(
+                hit, ids, lambda s, e: hf_cache.blocks_from_cache(cache, s, e, prefix.block_size)
+            )

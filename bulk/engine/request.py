@@ -1,0 +1,136 @@
+"""Turning a request dict (the guide's `{"query": ...}` or `{"text": ...}`) into a checked
+`GenerationRequest`. Every way a request can be wrong raises `InvalidRequestError` naming the field."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from bulk.config import KVCacheConfig
+from bulk.errors import InvalidRequestError
+from bulk.generation.sampling import SamplingParams
+
+FIELDS = (
+    "query",
+    "text",
+    "priority",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "session_id",
+    "stop",
+    "response_cache",
+    "request_id",
+)
+MAX_STOP_STRINGS = 8
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    params: SamplingParams
+    priority: int = 1
+    session_id: str | None = None
+    # None: use the response cache only when the request is deterministic.
+    response_cache: bool | None = None
+    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:12]}-{next(_ids)}")
+
+    @property
+    def use_response_cache(self) -> bool:
+        return self.params.deterministic if self.response_cache is None else self.response_cache
+
+
+def parse_request(query: Any, config: KVCacheConfig) -> GenerationRequest:
+    if isinstance(query, GenerationRequest):
+        return query
+    if not isinstance(query, Mapping):
+        raise InvalidRequestError("query", f"a request must be a JSON object, got {type(query).__name__}")
+    unknown = sorted(str(k) for k in query if k not in FIELDS)
+    if unknown:
+        raise InvalidRequestError(unknown[0], f"unknown field (allowed: {', '.join(FIELDS)})")
+    if "query" in query and "text" in query:
+        raise InvalidRequestError("query", "give either 'query' or 'text', not both")
+    name = "text" if "text" in query else "query"
+    prompt = query.get(name)
+    if prompt is None:
+        raise InvalidRequestError("query", "missing: the request needs a 'query' (or 'text') string")
+    if not isinstance(prompt, str):
+        raise InvalidRequestError(name, f"must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise InvalidRequestError(name, "must not be empty")
+
+    max_new_tokens = _int(query, "max_new_tokens", config.default_max_new_tokens)
+    if not 1 <= max_new_tokens <= config.max_new_tokens_limit:
+        raise InvalidRequestError("max_new_tokens", f"must be between 1 and {config.max_new_tokens_limit}")
+    temperature = _number(query, "temperature", 0.0)
+    if not 0.0 <= temperature <= 5.0:
+        raise InvalidRequestError("temperature", "must be between 0 and 5")
+    top_p = _number(query, "top_p", 1.0)
+    if not 0.0 < top_p <= 1.0:
+        raise InvalidRequestError("top_p", "must be in (0, 1]")
+    seed = _int(query, "seed", None)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise InvalidRequestError("seed", "must be a non-negative 64-bit integer")
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=_stop(query.get("stop")),
+    )
+    response_cache = query.get("response_cache")
+    if response_cache is not None and not isinstance(response_cache, bool):
+        raise InvalidRequestError("response_cache", "must be true, false or null")
+    extra: dict[str, Any] = {}
+    if query.get("request_id") is not None:
+        extra["request_id"] = _str(query, "request_id")
+    return GenerationRequest(
+        prompt=prompt,
+        params=params,
+        priority=_int(query, "priority", 1),
+        session_id=_str(query, "session_id") if query.get("session_id") is not None else None,
+        response_cache=response_cache,
+        **extra,
+    )
+
+
+def _int(query: Mapping[str, Any], key: str, default: int | None) -> Any:
+    value = query.get(key)
+    if value is None:
+        return default
+    # bool is an int in Python, but `"priority": true` is a mistake, not a priority.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(key, f"must be an integer, got {type(value).__name__}")
+    return value
+
+
+def _number(query: Mapping[str, Any], key: str, default: float) -> float:
+    value = query.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise InvalidRequestError(key, f"must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _str(query: Mapping[str, Any], key: str) -> str:
+    value = query.get(key)
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise InvalidRequestError(key, "must be a non-empty string of at most 256 characters")
+    return value
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list | tuple) or not all(isinstance(s, str) and s for s in stops):
+        raise InvalidRequestError("stop", "must be a non-empty string or a list of them")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings")
+    return tuple(stops)

@@ -1,0 +1,96 @@
+"""Counters and latency windows behind `engine.get_stats()`."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+WINDOW = 2048  # recent requests kept for percentiles
+
+
+class LatencyWindow:
+    def __init__(self, size: int = WINDOW) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+
+    def add(self, value_ms: float) -> None:
+        self._values.append(value_ms)
+
+    def summary(self) -> dict[str, float | None]:
+        values = sorted(self._values)
+        if not values:
+            return {"p50": None, "p95": None, "p99": None, "mean": None}
+
+        def pct(q: float) -> float:
+            return round(values[min(len(values) - 1, int(q * len(values)))], 3)
+
+        return {
+            "p50": pct(0.50),
+            "p95": pct(0.95),
+            "p99": pct(0.99),
+            "mean": round(sum(values) / len(values), 3),
+        }
+
+
+class EngineStats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.response_cache_hits = 0
+        self.prefix_hits = 0  # requests that reused at least one KV block
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.completion_tokens = 0
+        self.errors = 0
+        self.invalid_requests = 0
+        self.latency = LatencyWindow()
+        self.ttft = LatencyWindow()
+
+    def record(
+        self,
+        *,
+        prompt_tokens: int,
+        cached_tokens: int,
+        completion_tokens: int,
+        latency_ms: float,
+        ttft_ms: float,
+        response_cached: bool,
+    ) -> None:
+        with self._lock:
+            self.requests += 1
+            self.prompt_tokens += prompt_tokens
+            self.cached_tokens += cached_tokens
+            self.completion_tokens += completion_tokens
+            if response_cached:
+                self.response_cache_hits += 1
+            elif cached_tokens:
+                self.prefix_hits += 1
+            self.latency.add(latency_ms)
+            self.ttft.add(ttft_ms)
+
+    def record_error(self, invalid: bool) -> None:
+        with self._lock:
+            if invalid:
+                self.invalid_requests += 1
+            else:
+                self.errors += 1
+
+    def snapshot(self) -> dict[str, object]:
+        with self._lock:
+            hits = self.response_cache_hits + self.prefix_hits
+            return {
+                "requests": self.requests,
+                "cache_hits": hits,
+                "hit_rate": round(hits / self.requests, 4) if self.requests else 0.0,
+                "response_cache_hits": self.response_cache_hits,
+                "prefix_hits": self.prefix_hits,
+                "prompt_tokens": self.prompt_tokens,
+                "cached_tokens": self.cached_tokens,
+                "token_hit_rate": round(self.cached_tokens / self.prompt_tokens, 4)
+                if self.prompt_tokens
+                else 0.0,
+                "completion_tokens": self.completion_tokens,
+                "errors": self.errors,
+                "invalid_requests": self.invalid_requests,
+                "latency_ms": self.latency.summary(),
+                "ttft_ms": self.ttft.summary(),
+            }

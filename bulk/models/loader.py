@@ -1,0 +1,142 @@
+"""Loading a model: the demo networks, or any local Hugging Face causal LM, as a `LoadedModel`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bulk.config import KVCacheConfig
+from bulk.errors import ModelLoadError
+from bulk.models import hf_cache
+from bulk.models.demo import DEMO_SPECS, build_demo_model, is_demo
+from bulk.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any  # a transformers PreTrainedModel, in eval mode
+    tokenizer: Tokenizer
+    # Identifies the weights: part of every block hash, so KV from other weights is never reused.
+    fingerprint: str
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    supports_block_reuse: bool
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # Half precision on CPU is slow and inexact; on a GPU it is the norm.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def load_model(config: KVCacheConfig) -> LoadedModel:
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    try:
+        if is_demo(config.model):
+            model = build_demo_model(config.model, dtype, device)
+            tokenizer: Tokenizer = ByteTokenizer()
+            fingerprint = _weights_fingerprint(config.model, model)
+            context_length = DEMO_SPECS[config.model].context_length
+        else:
+            model, tokenizer, fingerprint = _load_hf(config.model, dtype, device)
+            context_length = int(getattr(model.config, "max_position_embeddings", 2048))
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # transformers raises many kinds; the caller needs one
+        raise ModelLoadError(f"cannot load model {config.model!r}: {exc}") from exc
+    cfg = model.config
+    num_heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+    loaded = LoadedModel(
+        name=config.model,
+        model=model,
+        tokenizer=tokenizer,
+        fingerprint=fingerprint,
+        device=device,
+        dtype=dtype,
+        context_length=context_length,
+        num_layers=cfg.num_hidden_layers,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        supports_block_reuse=hf_cache.supports_block_reuse(model),
+    )
+    if not loaded.supports_block_reuse:
+        log.warning("model %s has non-standard attention layers: KV prefix reuse is off", config.model)
+    log.info(
+        "loaded %s on %s (%s), %.1fM parameters, context %d",
+        config.model,
+        device,
+        loaded.dtype_name,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        context_length,
+    )
+    return loaded
+
+
+def _weights_fingerprint(name: str, model: Any) -> str:
+    """The demo weights come from a seeded RNG whose output could change with a torch or transformers
+    release, so the fingerprint hashes the weights themselves, not the seed."""
+    digest = hashlib.sha256(name.encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return f"{name}:{digest.hexdigest()[:32]}"
+
+
+def _load_hf(path_or_id: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Tokenizer, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(path_or_id).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise ModelLoadError(f"{local} has no config.json: not a Hugging Face model directory")
+    source = str(local) if local.exists() else path_or_id
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
+    tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(source))
+    fingerprint = _directory_fingerprint(local) if local.exists() else f"hub:{path_or_id}"
+    return model, tokenizer, fingerprint
+
+
+def _directory_fingerprint(directory: Path) -> str:
+    """Hashing gigabytes of weights at every start is too slow, so a directory is identified by its
+    config and, per weight file, its name, size and the first and last MiB of its bytes."""
+    digest = hashlib.sha256((directory / "config.json").read_bytes())
+    for weights in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        size = weights.stat().st_size
+        digest.update(json.dumps([weights.name, size]).encode())
+        with weights.open("rb") as fh:
+            digest.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)), os.SEEK_SET)
+            digest.update(fh.read(1 << 20))
+    return f"hf:{digest.hexdigest()[:32]}"

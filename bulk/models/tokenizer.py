@@ -1,0 +1,86 @@
+"""Tokenizers behind one small interface: the demo model's byte-level tokenizer, and a wrapper over a
+Hugging Face tokenizer. The engine only needs `encode`, `decode` and the end-of-sequence ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are tokens 0-255; 256 begins a sequence, 257 ends it, 258 pads.
+
+    Byte-level means any text round-trips and no vocabulary file is needed, so the demo model is built
+    in-process with nothing to download."""
+
+    BOS = 256
+    EOS = 257
+    PAD = 258
+    vocab_size = 259
+    eos_token_ids = frozenset({EOS})
+
+    def encode(self, text: str) -> list[int]:
+        return [self.BOS, *text.encode("utf-8")]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        # A random model can emit byte sequences that are not UTF-8: show them as U+FFFD, never raise.
+        return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer seen through our interface."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        eos = tokenizer.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        self.eos_token_ids = frozenset(i for i in ids if i is not None)
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self._tokenizer, "chat_template", None)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=True))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+class TextStream:
+    """Turns a growing list of token ids into text deltas.
+
+    Decoding the whole completion each time and emitting the difference is the one method that works
+    for every tokenizer (byte-level, BPE with merges across tokens, sentencepiece's leading spaces).
+    A trailing U+FFFD means a multi-byte character is still incomplete, so it is held back."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        text = self._tokenizer.decode(self._ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text[len(self.text) :] if text.startswith(self.text) else ""
+        self.text = text
+        return delta
+
+    def finish(self) -> str:
+        """Flush whatever was held back (an incomplete character at the very end)."""
+        text = self._tokenizer.decode(self._ids)
+        delta = text[len(self.text) :] if text.startswith(self.text) else ""
+        self.text = text
+        return delta

@@ -1,0 +1,342 @@
+"""Eviction policies: capacity and `can_evict` contracts, exact LRU/LFU order against naive reference
+models, ARC's ghost bounds and adaptation, hit ratios on synthetic traces, and the factory."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Hashable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bulk.config import CacheStrategy
+from bulk.kv.policies import (
+    ARCPolicy,
+    EvictionPolicy,
+    LFUPolicy,
+    LRUPolicy,
+    make_policy,
+    simulate,
+)
+
+ALL_POLICIES = [LRUPolicy, LFUPolicy, ARCPolicy]
+SETTINGS = settings(max_examples=150, deadline=None)
+
+keys_st = st.integers(min_value=0, max_value=15)
+# One owner operation: access a key, evict with some keys refused, or discard a key.
+op_st = st.one_of(
+    st.tuples(st.just("access"), keys_st),
+    st.tuples(st.just("evict"), st.frozensets(keys_st, max_size=8)),
+    st.tuples(st.just("discard"), keys_st),
+)
+
+
+def access(policy: EvictionPolicy, key: Hashable, refused: frozenset = frozenset()) -> bool:
+    """What an owner does on one access; returns whether it hit. On a miss with no evictable key the
+    key is simply not cached, as the block manager would do."""
+    if key in policy:
+        policy.touch(key)
+        return True
+    if len(policy) >= policy.capacity and policy.pop_victim(lambda k: k not in refused) is None:
+        return False
+    policy.insert(key)
+    return False
+
+
+# --- contracts every policy keeps ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ALL_POLICIES)
+def test_satisfies_protocol_and_rejects_bad_capacity(cls: type) -> None:
+    assert isinstance(cls(3), EvictionPolicy)
+    with pytest.raises(ValueError, match="capacity"):
+        cls(0)
+
+
+@pytest.mark.parametrize("cls", ALL_POLICIES)
+@SETTINGS
+@given(capacity=st.integers(1, 6), keys=st.lists(keys_st, max_size=120))
+def test_never_exceeds_capacity(cls: type, capacity: int, keys: list[int]) -> None:
+    policy = cls(capacity)
+    for key in keys:
+        access(policy, key)
+        assert key in policy
+        assert len(policy) <= capacity
+
+
+@pytest.mark.parametrize("cls", ALL_POLICIES)
+@SETTINGS
+@given(capacity=st.integers(1, 6), ops=st.lists(op_st, max_size=80))
+def test_pop_victim_respects_can_evict(cls: type, capacity: int, ops: list[tuple]) -> None:
+    policy = cls(capacity)
+    resident: set[int] = set()
+    for op, arg in ops:
+        if op == "access":
+            access(policy, arg)
+            resident = {k for k in range(16) if k in policy}
+        elif op == "discard":
+            policy.discard(arg)
+            resident.discard(arg)
+        else:
+            asked: list[int] = []
+
+            def can_evict(k: int, refused: frozenset = arg, asked: list[int] = asked) -> bool:
+                asked.append(k)
+                return k not in refused
+
+            victim = policy.pop_victim(can_evict)
+            assert set(asked) <= resident  # only resident keys are offered
+            if resident <= arg:
+                assert victim is None
+                assert len(policy) == len(resident)
+            else:
+                assert victim in resident and victim not in arg
+                assert victim not in policy
+                resident.discard(victim)
+        assert len(policy) == len(resident)
+        assert all(k in policy for k in resident)
+
+
+@pytest.mark.parametrize("cls", ALL_POLICIES)
+def test_empty_and_all_refused_return_none(cls: type) -> None:
+    policy = cls(3)
+    assert policy.pop_victim() is None
+    for key in "abc":
+        policy.insert(key)
+    assert policy.pop_victim(lambda _k: False) is None
+    assert len(policy) == 3
+    policy.discard("zzz")  # absent: no-op
+    policy.discard("b")
+    assert "b" not in policy and len(policy) == 2
+
+
+# --- exact order: LRU and LFU against naive models ------------------------------------------------
+
+
+class _Reference:
+    """Brute-force victim choice: min over evictable resident keys of `rank`."""
+
+    def __init__(self, lfu: bool) -> None:
+        self.lfu = lfu
+        self.freq: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.tick = 0
+
+    def use(self, key: int) -> None:
+        self.tick += 1
+        self.freq[key] = self.freq.get(key, 0) + 1
+        self.last[key] = self.tick
+
+    def victim(self, refused: frozenset) -> int | None:
+        allowed = [k for k in self.last if k not in refused]
+        if not allowed:
+            return None
+        if self.lfu:
+            return min(allowed, key=lambda k: (self.freq[k], self.last[k]))
+        return min(allowed, key=lambda k: self.last[k])
+
+    def remove(self, key: int) -> None:
+        self.freq.pop(key, None)  # counts are for resident keys only
+        self.last.pop(key, None)
+
+
+@pytest.mark.parametrize(("cls", "lfu"), [(LRUPolicy, False), (LFUPolicy, True)])
+@SETTINGS
+@given(capacity=st.integers(1, 6), ops=st.lists(op_st, max_size=100))
+def test_matches_reference_model(cls: type, lfu: bool, capacity: int, ops: list[tuple]) -> None:
+    policy, ref = cls(capacity), _Reference(lfu)
+    for op, arg in ops:
+        if op == "access":
+            if arg not in policy and len(policy) >= capacity:
+                expected = ref.victim(frozenset())
+                assert policy.pop_victim() == expected
+                ref.remove(expected)
+            if arg in policy:
+                policy.touch(arg)
+            else:
+                policy.insert(arg)
+            ref.use(arg)
+        elif op == "discard":
+            policy.discard(arg)
+            ref.remove(arg)
+        else:
+            expected = ref.victim(arg)
+            assert policy.pop_victim(lambda k, refused=arg: k not in refused) == expected
+            if expected is not None:
+                ref.remove(expected)
+
+
+def test_lru_hand_worked_order() -> None:
+    policy = LRUPolicy(3)
+    for key in "abc":
+        policy.insert(key)
+    policy.touch("a")  # order now b, c, a
+    assert policy.pop_victim() == "b"
+    assert policy.pop_victim(lambda k: k != "c") == "a"  # c refused, so the next oldest
+    assert policy.pop_victim() == "c"
+
+
+def test_lfu_hand_worked_order() -> None:
+    policy = LFUPolicy(4)
+    for key in "abcd":
+        policy.insert(key)
+    policy.touch("a")
+    policy.touch("a")  # a:3
+    policy.touch("c")  # c:2, b and d stay at 1 with b older
+    assert policy.pop_victim() == "b"
+    assert policy.pop_victim() == "d"
+    assert policy.pop_victim(lambda k: k != "c") == "a"  # c refused: skip to the next bucket up
+    assert policy.pop_victim() == "c"
+    assert policy.pop_victim() is None
+
+
+def test_lfu_constrained_scan_goes_up_by_frequency_not_bucket_age() -> None:
+    policy = LFUPolicy(3)
+    for key in "abc":
+        policy.insert(key)
+    policy.touch("a")
+    policy.touch("a")  # a:3; bucket 2 was emptied and dropped
+    policy.touch("b")  # b:2, so bucket 2 is now newer than bucket 3
+    assert policy.pop_victim(lambda k: k != "c") == "b"
+
+
+def test_lfu_reinserted_key_starts_at_one() -> None:
+    policy = LFUPolicy(2)
+    policy.insert("a")
+    for _ in range(5):
+        policy.touch("a")
+    assert policy.pop_victim() == "a"
+    policy.insert("a")  # back after eviction: its old count of 6 is forgotten
+    policy.insert("b")
+    assert policy.pop_victim() == "a"  # both at 1, a older
+
+
+# --- ARC ------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(capacity=st.integers(1, 6), ops=st.lists(op_st, max_size=150))
+def test_arc_ghost_bounds_and_disjoint_lists(capacity: int, ops: list[tuple]) -> None:
+    policy = ARCPolicy(capacity)
+    for op, arg in ops:
+        if op == "access":
+            access(policy, arg, refused=frozenset(range(0, 16, 3)))  # some keys pinned
+        elif op == "discard":
+            policy.discard(arg)
+        else:
+            policy.pop_victim(lambda k, refused=arg: k not in refused)
+        t1, t2, b1, b2 = policy.list_sizes()
+        assert t1 + t2 == len(policy) <= capacity
+        assert t1 + b1 <= capacity
+        assert t1 + t2 + b1 + b2 <= 2 * capacity
+        assert 0 <= policy.p <= capacity
+        lists = [policy._t1, policy._t2, policy._b1, policy._b2]
+        assert sum(len(x) for x in lists) == len(set().union(*lists))  # each key in one list
+
+
+def test_arc_hand_worked_adaptation() -> None:
+    arc = ARCPolicy(2)
+    arc.insert("a")
+    arc.insert("b")
+    arc.touch("a")  # T1=[b] T2=[a]
+    assert arc.list_sizes() == (1, 1, 0, 0)
+    assert arc.pop_victim() == "b"  # |T1| = 1 > p = 0
+    assert arc.list_sizes() == (0, 1, 1, 0)
+    arc.insert("b")  # B1 hit: p += max(1, 0/1), b goes to T2
+    assert arc.p == 1.0
+    assert arc.list_sizes() == (0, 2, 0, 0)
+    assert arc.pop_victim() == "a"  # T1 empty: LRU of T2, ghost in B2
+    arc.insert("a")  # B2 hit: p -= max(1, 0/1)
+    assert arc.p == 0.0
+    assert arc.list_sizes() == (0, 2, 0, 0)
+
+
+def test_arc_falls_back_to_other_list_when_preferred_is_pinned() -> None:
+    arc = ARCPolicy(3)
+    for key in "abc":
+        arc.insert(key)
+    arc.touch("c")  # T1=[a, b] T2=[c], T1 preferred
+    assert arc.pop_victim(lambda k: k == "c") == "c"
+    assert arc.list_sizes() == (2, 0, 0, 1)  # ghost on the T2 side
+
+
+def test_arc_discard_leaves_no_ghost() -> None:
+    arc = ARCPolicy(2)
+    arc.insert("a")
+    arc.discard("a")
+    assert arc.list_sizes() == (0, 0, 0, 0)
+    arc.insert("a")  # a plain miss: T1, and p does not move
+    assert arc.list_sizes() == (1, 0, 0, 0) and arc.p == 0.0
+
+
+# --- hit ratios on traces -------------------------------------------------------------------------
+
+
+def _hot_set_with_scans(seed: int) -> list[str]:
+    """A hot set of 20 keys read at random, interleaved with one-time scans longer than the cache."""
+    rng = random.Random(seed)
+    hot = [f"h{i}" for i in range(20)]
+    trace: list[str] = []
+    for r in range(200):
+        trace += [rng.choice(hot) for _ in range(40)]
+        trace += [f"s{r}-{i}" for i in range(60)]
+    return trace
+
+
+def _zipf(seed: int, n: int = 2000, length: int = 20_000, s: float = 0.9) -> list[int]:
+    rng = random.Random(seed)
+    return rng.choices(range(n), weights=[1 / (i + 1) ** s for i in range(n)], k=length)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_arc_is_scan_resistant(seed: int) -> None:
+    trace = _hot_set_with_scans(seed)
+    lru, arc = simulate("lru", trace, 40), simulate("adaptive", trace, 40)
+    # Hot reads are 40% of the trace; each scan flushes LRU, while ARC keeps the hot set in T2.
+    assert arc > lru + 0.1
+    assert arc > 0.35
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_arc_not_worse_than_lru_on_zipf(seed: int) -> None:
+    trace = _zipf(seed)
+    assert simulate("adaptive", trace, 100) >= simulate("lru", trace, 100) - 0.02
+
+
+# --- factory and simulator ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("strategy", "cls"),
+    [
+        ("lru", LRUPolicy),
+        ("LFU", LFUPolicy),
+        ("Adaptive", ARCPolicy),
+        (CacheStrategy.ADAPTIVE, ARCPolicy),
+        (CacheStrategy.LRU, LRUPolicy),
+    ],
+)
+def test_make_policy(strategy: CacheStrategy | str, cls: type) -> None:
+    policy = make_policy(strategy, 5)
+    assert type(policy) is cls and policy.capacity == 5
+
+
+@pytest.mark.parametrize("bad", ["fifo", "", None])
+def test_make_policy_rejects_unknown(bad: object) -> None:
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+        make_policy(bad, 5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("strategy", "expected"), [("lru", 1 / 6), ("lfu", 2 / 6), ("adaptive", 2 / 6)])
+def test_simulate_hand_computed(strategy: str, expected: float) -> None:
+    # Capacity 2. LRU: a b a(hit) c(evicts b) b(evicts a) a(evicts c) -> 1 hit.
+    # LFU: c evicts b (count 1 < a's 2), b evicts c, a hits -> 2 hits.
+    # ARC: c evicts b from T1 into B1, b evicts c from T1 and returns to T2, a (in T2) hits -> 2 hits.
+    assert simulate(strategy, list("abacba"), 2) == pytest.approx(expected)
+
+
+def test_simulate_empty_trace_and_all_hits() -> None:
+    assert simulate("lru", [], 3) == 0.0
+    assert simulate("adaptive", iter(["x"] * 4), 1) == pytest.approx(3 / 4)  # any iterable

@@ -36,7 +36,3 @@ class ModelLoadError(BulError):
 
 class EngineClosedError(BulError):
     """The engine was shut down; it accepts no more requests."""
-
-
-class RequestCancelledError(BulError):
-    """The caller went away before the request finished."""

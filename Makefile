@@ -1,0 +1,39 @@
+# BUL KV. `make run` and `make test` are the two commands the README starts with; CI runs `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Reinstall when the dependency declarations change.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+
+SAMPLE := "Create marketing strategy"
+
+.PHONY: run test bench lint services install
+
+run: $(STAMP)
+	$(BIN)/bul query $(SAMPLE) $(SAMPLE) "$(subst ",,$(SAMPLE)) for a small bakery in Madrid"
+
+test: $(STAMP) services
+	OMP_NUM_THREADS=1 $(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/bul bench ttft
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+services:
+	bash scripts/ensure-services.sh
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || { apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+
+# torch first, pinned: a CPU wheel when one is available locally, and never an unpinned download.
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt "torch==2.13.0"
+	$(BIN)/pip install -q -c constraints.txt -e ".[all,dev]"
+	rm -f $(VENV)/.installed-* && touch $@

@@ -1,0 +1,1 @@
+"""BUL KV benchmarks: measurements run in one process, printed as tables and written as JSON."""

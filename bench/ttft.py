@@ -1,0 +1,399 @@
+"""`bul bench ttft`: time to first token, ours against Hugging Face, measured side by side.
+
+For each prompt length N, every run times, in this order (interleaved, so machine noise hits every
+scenario alike; the first run is a warmup and is dropped):
+
+  cold           our engine, a prompt no engine has seen (nothing reused)
+  half_hit       our engine, a fresh prompt whose first N/2 tokens are a prefix cached beforehand
+  hf_generate    `generate()` on N tokens, no reuse
+  hf_deepcopy    Hugging Face's documented prefix pattern: a cache of the first N/2 tokens computed
+                 once, deep-copied per request, then `generate()` on the whole prompt
+  hf_forward     one plain forward over N tokens through `hf_cache.forward` (the miss baseline:
+                 exactly the model work our cold path does, and nothing else)
+  limit_copy     copying the KV bytes a full hit reuses (the concatenation of its blocks)
+  limit_forward  one one-token forward on top of a cache that holds N-1 tokens
+  full_hit       our engine, the prompt `cold` timed earlier in this run, so all of its full blocks
+                 up to N-1 tokens are cached; timed last so the blocks are not hot in the CPU caches
+
+`limit` = median(limit_copy) + median(limit_forward): an estimate of the physical limit of a full hit.
+Our scenarios report the engine's own `ttft_ms` (from accepting the request to the first token,
+tokenizing and the worker hand-off included); Hugging Face ones the wall time of the call, with the
+input tensor built beforehand.
+
+    python -m bench.ttft [--model demo-large] [--lengths 512,1024,2048] [--runs 5] [--threads N]
+    python -m bench.ttft --quick        # tiny settings, for the smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import format_table, median, ratio, time_ms, write_results
+from bulk.config import KVCacheConfig
+from bulk.engine.engine import UltraAdaptiveKVCacheEngine
+from bulk.models import hf_cache
+from bulk.models.loader import LoadedModel, load_model
+
+log = logging.getLogger("bench.ttft")
+
+NAME = "ttft"
+
+# Timed scenarios, in the order each run performs them.
+RUN_ORDER = (
+    "cold",
+    "half_hit",
+    "hf_generate",
+    "hf_deepcopy",
+    "hf_forward",
+    "limit_copy",
+    "limit_forward",
+    "full_hit",
+)
+SCENARIOS = {
+    "cold": "cold prefill (ours)",
+    "full_hit": "full-prefix hit (ours)",
+    "half_hit": "50% prefix hit (ours)",
+    "hf_generate": "HF generate(), no reuse",
+    "hf_deepcopy": "HF deep-copy prefix + generate()",
+    "hf_forward": "plain HF forward (miss baseline)",
+    "limit": "limit estimate (copy + 1-token fwd)",
+    "limit_copy": "  copy of the reused KV",
+    "limit_forward": "  one-token forward on N-1 cached",
+}
+
+# Targets, checked at the largest length: (key, ratio key, description, comparison, threshold).
+TARGETS = (
+    ("full_hit_speedup", "cold_over_full_hit", "full hit: cold / full-hit TTFT", ">=", 30.0),
+    ("full_hit_vs_limit", "full_hit_over_limit", "full hit: full-hit TTFT / limit", "<=", 2.0),
+    ("miss_overhead", "miss_overhead_pct", "miss: cold vs plain HF forward (%)", "<=", 5.0),
+    ("shared_prefix", "half_hit_over_deepcopy", "shared prefix: ours 50% / HF deep-copy", "<=", 1.0),
+)
+
+QUICK = {"model": "demo", "lengths": "64,128", "runs": 2}
+DEFAULTS = {"model": "demo-large", "lengths": "512,1024,2048", "runs": 5}
+
+_FILLER = "The quick brown fox jumps over the lazy dog while the cache keeps every block it saw. "
+_tags = itertools.count()
+
+
+def _unique_text(n_chars: int) -> str:
+    """`n_chars` ASCII characters that begin with a tag no other call in this process returns, so the
+    first block (BOS plus the first block_size - 1 characters) of every prompt is new."""
+    tag = f"<{next(_tags):06x}>"
+    text = tag + _FILLER * (n_chars // len(_FILLER) + 1)
+    return text[:n_chars]
+
+
+def _prompt(n_tokens: int) -> str:
+    """A fresh prompt of exactly `n_tokens` byte-level tokens (BOS plus n_tokens - 1 characters)."""
+    return _unique_text(n_tokens - 1)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+@dataclass
+class LengthResult:
+    length: int
+    runs_ms: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in RUN_ORDER})
+    cached_tokens: dict[str, int] = field(default_factory=dict)
+
+    def medians(self) -> dict[str, float]:
+        out = {k: median(v) for k, v in self.runs_ms.items()}
+        out["limit"] = out["limit_copy"] + out["limit_forward"]
+        return out
+
+    def ratios(self) -> dict[str, float | None]:
+        m = self.medians()
+        overhead = ratio(m["cold"], m["hf_forward"])
+        return {
+            "cold_over_full_hit": ratio(m["cold"], m["full_hit"]),
+            "full_hit_over_limit": ratio(m["full_hit"], m["limit"]),
+            "miss_overhead_pct": None if overhead is None else (overhead - 1.0) * 100.0,
+            "half_hit_over_deepcopy": ratio(m["half_hit"], m["hf_deepcopy"]),
+            "hf_generate_over_forward": ratio(m["hf_generate"], m["hf_forward"]),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "median_ms": self.medians(),
+            "runs_ms": self.runs_ms,
+            "cached_tokens": self.cached_tokens,
+            "ratios": self.ratios(),
+        }
+
+
+def _ids(lm: LoadedModel, text: str) -> torch.Tensor:
+    return torch.tensor([lm.tokenizer.encode(text)], dtype=torch.long, device=lm.device)
+
+
+def _request(engine: UltraAdaptiveKVCacheEngine, prompt: str) -> dict[str, Any]:
+    return engine.process_request_sync({"query": prompt, "max_new_tokens": 1, "response_cache": False})
+
+
+def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_size: int) -> LengthResult:
+    """Every scenario for prompts of `n` tokens: one warmup run, then `runs` timed runs."""
+    config = KVCacheConfig(model=lm.name, max_tokens=max_tokens, block_size=block_size, response_cache=False)
+    half = n // 2
+    reused_full = ((n - 1) // block_size) * block_size  # what a full hit may reuse
+    reused_half = (half // block_size) * block_size
+    result = LengthResult(n)
+    # One engine for cold + full hit (the cold request stores the prompt the full hit then reuses),
+    # another for the 50% hit, so that neither one's stores can evict the other's blocks.
+    with (
+        UltraAdaptiveKVCacheEngine(config, model=lm) as ours,
+        UltraAdaptiveKVCacheEngine(config, model=lm) as ours_half,
+    ):
+        ours.warmup_sync()
+        ours_half.warmup_sync()
+
+        # The shared prefix of the 50% scenario, stored once in our engine and computed once for HF.
+        shared = _unique_text(half - 1)  # BOS + half - 1 characters = `half` tokens
+        stored = _request(ours_half, shared)
+        _check(stored["cached_tokens"] == 0, f"the shared prefix was already cached: {stored}")
+        prefix_ids = _ids(lm, shared)
+        _check(prefix_ids.shape[1] == half, "the shared prefix has the wrong length")
+        _, hf_prefix_cache = hf_cache.forward(lm.model, prefix_ids, None)
+
+        # The physical-limit estimate: the blocks a full hit concatenates, and a cache of N-1 tokens.
+        limit_ids = _ids(lm, _prompt(n))
+        _, limit_base = hf_cache.forward(lm.model, limit_ids[:, : n - 1], None)
+        limit_blocks = hf_cache.blocks_from_cache(limit_base, 0, reused_full, block_size)
+        limit_last = limit_ids[:, n - 1 :]
+
+        for run in range(runs + 1):
+            label = "warmup" if run == 0 else f"run {run}/{runs}"
+            cold_prompt = _prompt(n)
+            cold_ids = _ids(lm, cold_prompt)
+            half_prompt = shared + _unique_text(n - half)
+            half_ids = _ids(lm, half_prompt)
+            _check(cold_ids.shape[1] == n and half_ids.shape[1] == n, "prompt length mismatch")
+            _check(bool(torch.equal(half_ids[:, :half], prefix_ids)), "the 50% prompt lost its prefix")
+
+            def cold(prompt: str = cold_prompt) -> tuple[float, int]:
+                out = _request(ours, prompt)
+                _check(out["prompt_tokens"] == n, f"cold: {out['prompt_tokens']} tokens, not {n}")
+                _check(out["cached_tokens"] == 0, f"cold prefill reused {out['cached_tokens']} tokens")
+                return out["ttft_ms"], out["cached_tokens"]
+
+            def half_hit(prompt: str = half_prompt) -> tuple[float, int]:
+                out = _request(ours_half, prompt)
+                got = out["cached_tokens"]
+                _check(got == reused_half, f"50% hit reused {got} tokens, expected {reused_half}")
+                return out["ttft_ms"], got
+
+            def full_hit(prompt: str = cold_prompt) -> tuple[float, int]:
+                out = _request(ours, prompt)
+                got = out["cached_tokens"]
+                _check(got >= n - block_size, f"full hit reused {got} of {n} tokens")
+                return out["ttft_ms"], got
+
+            def timed(fn: Callable[[], Any]) -> tuple[float, None]:
+                return time_ms(fn)[0], None
+
+            def hf_deepcopy(ids: torch.Tensor = half_ids) -> tuple[float, None]:
+                def call() -> torch.Tensor:
+                    copied = hf_cache.copy_cache(hf_prefix_cache)
+                    return hf_cache.hf_generate(lm.model, ids, 1, cache=copied)
+
+                ms, out = time_ms(call)
+                _check(out.shape[1] == n + 1, "HF deep-copy pattern did not generate one token")
+                return ms, None
+
+            def limit_forward() -> tuple[float, None]:
+                # Deep-copied untimed, so the timed forward never grows the shared base cache.
+                copied = hf_cache.copy_cache(limit_base)
+                return timed(lambda: hf_cache.forward(lm.model, limit_last, copied))
+
+            scenarios: dict[str, Callable[[], tuple[float, int | None]]] = {
+                "cold": cold,
+                "half_hit": half_hit,
+                "hf_generate": lambda ids=cold_ids: timed(lambda: hf_cache.hf_generate(lm.model, ids, 1)),
+                "hf_deepcopy": hf_deepcopy,
+                "hf_forward": lambda ids=cold_ids: timed(lambda: hf_cache.forward(lm.model, ids, None)),
+                "limit_copy": lambda: timed(lambda: torch.cat(limit_blocks, dim=3)),
+                "limit_forward": limit_forward,
+                "full_hit": full_hit,
+            }
+            for key in RUN_ORDER:
+                ms, cached = scenarios[key]()
+                _check(ms > 0, f"{key}: non-positive time {ms}")
+                if cached is not None:
+                    result.cached_tokens[key] = cached
+                if run > 0:
+                    result.runs_ms[key].append(ms)
+                log.info(
+                    "N=%d %-11s %-13s %9.1f ms%s",
+                    n,
+                    label,
+                    key,
+                    ms,
+                    "" if cached is None else f"  (reused {cached} tokens)",
+                )
+    result.cached_tokens["limit_copy"] = reused_full
+    return result
+
+
+def _parse_lengths(text: str) -> list[int]:
+    try:
+        lengths = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise SystemExit(f"--lengths must be integers separated by commas, got {text!r}") from None
+    if not lengths:
+        raise SystemExit("--lengths is empty")
+    return lengths
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bul bench ttft",
+        description="Time to first token: cold prefill, full and 50%% prefix hits, Hugging Face "
+        "generate() and its deep-copy prefix pattern, and the physical limit, side by side.",
+    )
+    parser.add_argument("--model", help=f"model to load (default {DEFAULTS['model']})")
+    parser.add_argument("--lengths", help=f"prompt lengths in tokens (default {DEFAULTS['lengths']})")
+    parser.add_argument("--runs", type=int, help=f"timed runs per scenario (default {DEFAULTS['runs']})")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--block-size", type=int, default=16, help="KV block size (default 16)")
+    parser.add_argument("--quick", action="store_true", help="tiny settings: model demo, 64,128, 2 runs")
+    parser.add_argument("--out", type=Path, help="results directory (default bench/results/)")
+    return parser
+
+
+def _target_rows(results: list[LengthResult]) -> list[dict[str, Any]]:
+    largest = results[-1]
+    ratios = largest.ratios()
+    rows = []
+    for key, ratio_key, description, op, threshold in TARGETS:
+        value = ratios[ratio_key]
+        met = value is not None and (value >= threshold if op == ">=" else value <= threshold)
+        rows.append(
+            {
+                "target": key,
+                "description": description,
+                "length": largest.length,
+                "value": value,
+                "op": op,
+                "threshold": threshold,
+                "met": met,
+            }
+        )
+    return rows
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}{unit}" if abs(value) >= 10 or unit == " %" else f"{value:.2f}{unit}"
+
+
+def render(results: list[LengthResult], targets: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    lengths = [str(r.length) for r in results]
+    medians = [r.medians() for r in results]
+    title = (
+        f"TTFT, median of {settings['runs']} runs (ms): model {settings['model']}, "
+        f"{settings['threads']} torch threads, block size {settings['block_size']}"
+    )
+    rows = [[SCENARIOS[key], *(f"{m[key]:.1f}" for m in medians)] for key in SCENARIOS]
+    rows.append(["reused tokens: full hit", *(str(r.cached_tokens["full_hit"]) for r in results)])
+    rows.append(["reused tokens: 50% hit", *(str(r.cached_tokens["half_hit"]) for r in results)])
+    first = format_table(["scenario", *lengths], rows, title)
+
+    by_ratio = {t["target"]: t for t in targets}
+    ratio_rows = []
+    specs = [
+        ("cold / full hit (x)", "cold_over_full_hit", "", "full_hit_speedup"),
+        ("full hit / limit (x)", "full_hit_over_limit", "", "full_hit_vs_limit"),
+        ("cold vs plain forward", "miss_overhead_pct", " %", "miss_overhead"),
+        ("ours 50% / HF deep-copy (x)", "half_hit_over_deepcopy", "", "shared_prefix"),
+        ("HF generate / plain forward (x)", "hf_generate_over_forward", "", None),
+    ]
+    all_ratios = [r.ratios() for r in results]
+    for label, ratio_key, unit, target_key in specs:
+        target = by_ratio.get(target_key) if target_key else None
+        ratio_rows.append(
+            [
+                label,
+                *(_fmt(r[ratio_key], unit) for r in all_ratios),
+                f"{target['op']} {target['threshold']:g}{unit}" if target else "",
+                ("PASS" if target["met"] else "MISS") if target else "",
+            ]
+        )
+    second = format_table(["ratio", *lengths, "target", f"at {results[-1].length}"], ratio_rows)
+    met = sum(t["met"] for t in targets)
+    summary = [f"targets met at {results[-1].length} tokens: {met} of {len(targets)}"]
+    summary += [
+        f"  {'PASS' if t['met'] else 'MISS'}  {t['description']}: {_fmt(t['value'])} "
+        f"(target {t['op']} {t['threshold']:g})"
+        for t in targets
+    ]
+    return "\n\n".join([first, second, "\n".join(summary)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    base = QUICK if args.quick else DEFAULTS
+    model_name = args.model or base["model"]
+    lengths = _parse_lengths(args.lengths or base["lengths"])
+    runs = args.runs if args.runs is not None else base["runs"]
+    if runs < 1:
+        raise SystemExit("--runs must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    block_size = args.block_size
+    if lengths[0] < 2 * block_size:
+        raise SystemExit(f"every length must be at least two blocks ({2 * block_size} tokens)")
+
+    lm = load_model(KVCacheConfig(model=model_name, block_size=block_size))
+    if lengths[-1] >= lm.context_length:
+        raise SystemExit(f"{lengths[-1]} tokens does not fit the context of {lm.context_length}")
+    if not lm.supports_block_reuse:
+        raise SystemExit(f"model {model_name} does not support KV block reuse: nothing to measure")
+    # Enough for the largest prompt twice over (the cold prompt of the last run and of this one).
+    max_tokens = 2 * lengths[-1] + 8 * block_size
+    settings = {
+        "model": model_name,
+        "lengths": lengths,
+        "runs": runs,
+        "warmup_runs": 1,
+        "threads": torch.get_num_threads(),
+        "threads_requested": args.threads,
+        "block_size": block_size,
+        "max_tokens": max_tokens,
+        "device": str(lm.device),
+        "dtype": lm.dtype_name,
+        "kv_bytes_per_token": lm.kv_bytes_per_token,
+        "quick": args.quick,
+    }
+    log.info("ttft: %s", settings)
+
+    results = [measure_length(lm, n, runs, max_tokens, block_size) for n in lengths]
+    targets = _target_rows(results)
+    payload = {
+        "settings": settings,
+        "scenarios": SCENARIOS,
+        "results": {str(r.length): r.to_json() for r in results},
+        "targets": targets,
+    }
+    path = write_results(NAME, payload, args.out)
+    print(render(results, targets, settings))
+    print(f"\nwritten: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    sys.exit(main())

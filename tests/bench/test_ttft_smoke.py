@@ -1,0 +1,52 @@
+"""Smoke test of `bul bench ttft`: the quick settings run end to end and write complete results.
+
+No timing assertions: the machine running the tests is noisy."""
+
+import json
+import sys
+from pathlib import Path
+
+# `bench` is a top-level directory of the repository, not part of the installed `bulk` package, and
+# --import-mode=importlib does not put the rootdir on sys.path: add the repository root ourselves.
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import ttft  # noqa: E402
+
+
+def test_quick_run_writes_every_scenario(tmp_path, capsys):
+    assert ttft.main(["--quick", "--out", str(tmp_path)]) == 0
+
+    latest = tmp_path / "ttft-latest.json"
+    assert latest.is_file()
+    stamped = [p for p in tmp_path.glob("ttft-*.json") if p.name != latest.name]
+    assert len(stamped) == 1
+    data = json.loads(latest.read_text())
+    assert data == json.loads(stamped[0].read_text())
+
+    assert data["settings"]["model"] == "demo"
+    assert data["settings"]["threads"] >= 1
+    assert data["machine"]["torch"]
+    lengths = data["settings"]["lengths"]
+    assert lengths == [64, 128]
+    assert set(data["results"]) == {str(n) for n in lengths}
+    for n in lengths:
+        result = data["results"][str(n)]
+        for scenario in ttft.SCENARIOS:
+            value = result["median_ms"][scenario]
+            assert isinstance(value, float) and value > 0, (n, scenario, value)
+        for scenario, runs in result["runs_ms"].items():
+            assert len(runs) == data["settings"]["runs"], (n, scenario)
+            assert all(ms > 0 for ms in runs), (n, scenario, runs)
+        assert result["cached_tokens"]["cold"] == 0
+        assert result["cached_tokens"]["full_hit"] > 0
+        assert result["cached_tokens"]["full_hit"] >= n - data["settings"]["block_size"]
+        assert 0 < result["cached_tokens"]["half_hit"] <= n // 2
+        for value in result["ratios"].values():
+            assert value is not None
+    assert {t["target"] for t in data["targets"]} == {t[0] for t in ttft.TARGETS}
+
+    out = capsys.readouterr().out
+    assert "full-prefix hit" in out
+    assert "targets met" in out

@@ -1,0 +1,82 @@
+"""Reused KV must change nothing but speed: same greedy tokens, same logits."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from bulk.config import KVCacheConfig
+from bulk.engine.engine import UltraAdaptiveKVCacheEngine
+from bulk.generation.decode import prefill
+from bulk.kv.prefix_cache import PrefixCache
+from bulk.models import hf_cache
+
+NEW_TOKENS = 24
+
+
+def _text(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ,.") for _ in range(n))
+
+
+def _prompts(share: float, seed: int) -> tuple[str, str]:
+    """A warm-up prompt and a test prompt sharing `share` of the test prompt's text."""
+    rng = random.Random(seed)
+    test = _text(rng, 150)
+    shared = int(len(test) * share)
+    warm = test[:shared] + _text(rng, 150 - shared) if share < 1.0 else test
+    return warm, test
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_greedy_output_identical_with_reused_kv(demo_model, reference, block_size, share):
+    warm, test = _prompts(share, seed=block_size)
+    config = KVCacheConfig(block_size=block_size, response_cache=False, default_max_new_tokens=NEW_TOKENS)
+    with UltraAdaptiveKVCacheEngine(config, model=demo_model) as engine:
+        engine.process_request_sync({"query": warm})
+        result = engine.process_request_sync({"query": test})
+    expected = reference(test, NEW_TOKENS)
+    assert result["result"] == expected.text
+    assert result["completion_tokens"] == len(expected.token_ids)
+    prompt_tokens = result["prompt_tokens"]
+    if share == 0.0:
+        assert result["cached_tokens"] == 0 and not result["cache_hit"]
+    elif share == 0.5:
+        # ~76 shared prompt tokens (BOS + 75 characters), rounded down to whole blocks
+        assert 76 - block_size < result["cached_tokens"] <= 76
+    else:
+        assert result["cached_tokens"] == (prompt_tokens - 1) // block_size * block_size
+        assert result["cache_hit"]
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_final_logits_equal_with_reused_blocks(demo_model, block_size):
+    ids = demo_model.tokenizer.encode(_text(random.Random(7), 200))
+    full_logits, _ = prefill(demo_model, ids, None)
+
+    cache = PrefixCache(KVCacheConfig(block_size=block_size), demo_model.fingerprint, demo_model.dtype_name)
+    first = cache.lookup(ids, max_tokens=len(ids) - 1)
+    _, kv = prefill(demo_model, ids, None)
+    cache.store_blocks(first, ids, lambda s, e: hf_cache.blocks_from_cache(kv, s, e, block_size))
+    cache.release(first)
+
+    hit = cache.lookup(ids, max_tokens=len(ids) - 1)
+    assert hit.num_tokens == (len(ids) - 1) // block_size * block_size
+    reused_logits, _ = prefill(demo_model, ids, hf_cache.cache_from_blocks(demo_model.model, hit.blocks))
+    cache.release(hit)
+    assert torch.allclose(reused_logits, full_logits, atol=1e-4, rtol=0)
+    assert torch.argmax(reused_logits) == torch.argmax(full_logits)
+
+
+def test_multi_turn_reuses_the_previous_answer(demo_model, reference):
+    """Completion blocks are stored too, so a follow-up turn that quotes the answer reuses it."""
+    config = KVCacheConfig(block_size=8, response_cache=False, default_max_new_tokens=40)
+    with UltraAdaptiveKVCacheEngine(config, model=demo_model) as engine:
+        turn1 = "System: you write marketing plans.\nUser: Create marketing strategy\nAssistant:"
+        first = engine.process_request_sync({"query": turn1})
+        turn2 = turn1 + first["result"] + "\nUser: shorter please\nAssistant:"
+        second = engine.process_request_sync({"query": turn2})
+    assert second["cached_tokens"] > first["prompt_tokens"]
+    assert second["result"] == reference(turn2, 40).text

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import torch
+
+from bulk.generation.sampling import SamplingParams, make_generator, sample
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([0.1, 3.0, 2.9])
+    assert sample(logits, SamplingParams(), None) == 1
+
+
+def test_seed_makes_sampling_repeatable():
+    logits = torch.randn(200, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=1.0, seed=11)
+    draws = [
+        [sample(logits, params, g) for _ in range(20)]
+        for g in (make_generator(params), make_generator(params))
+    ]
+    assert draws[0] == draws[1]
+    assert len(set(draws[0])) > 1
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.05, 0.05]))
+    params = SamplingParams(temperature=1.0, top_p=0.8, seed=0)
+    generator = make_generator(params)
+    assert {sample(logits, params, generator) for _ in range(300)} == {0, 1}
+
+
+def test_deterministic_flag():
+    assert SamplingParams().deterministic
+    assert SamplingParams(temperature=0.7, seed=3).deterministic
+    assert not SamplingParams(temperature=0.7).deterministic

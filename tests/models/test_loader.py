@@ -1,0 +1,74 @@
+"""Loading a Hugging Face causal LM from a local directory, through the same engine path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from bulk.config import KVCacheConfig
+from bulk.engine.engine import UltraAdaptiveKVCacheEngine
+from bulk.errors import ModelLoadError
+from bulk.models.loader import load_model
+
+CORPUS = [
+    "Create marketing strategy for a bakery.",
+    "Summarise the quarterly sales report.",
+    "Draft a hiring plan for the engineering team.",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(
+        CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(3)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_loads_a_saved_directory(hf_dir):
+    lm = load_model(KVCacheConfig(model=str(hf_dir)))
+    assert lm.context_length == 512 and lm.num_layers == 2 and lm.num_kv_heads == 2 and lm.head_dim == 16
+    assert lm.fingerprint.startswith("hf:") and lm.supports_block_reuse
+    assert lm.fingerprint == load_model(KVCacheConfig(model=str(hf_dir))).fingerprint
+    assert (
+        lm.tokenizer.decode(lm.tokenizer.encode("Create marketing strategy")).strip()
+        == "Create marketing strategy"
+    )
+
+
+def test_engine_reuses_prefixes_of_a_hf_model(hf_dir):
+    config = KVCacheConfig(model=str(hf_dir), block_size=4, response_cache=False, default_max_new_tokens=10)
+    prompt = "Create marketing strategy for a bakery. Summarise the quarterly sales report."
+    with UltraAdaptiveKVCacheEngine(config) as engine:
+        first = engine.process_request_sync({"query": prompt})
+        second = engine.process_request_sync({"query": prompt})
+    assert first["cached_tokens"] == 0 and second["cached_tokens"] > 0
+    assert first["result"] == second["result"]
+
+
+def test_a_directory_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"config\.json"):
+        load_model(KVCacheConfig(model=str(tmp_path)))

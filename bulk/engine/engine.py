@@ -257,10 +257,12 @@ class UltraAdaptiveKVCacheEngine:
             raise PromptTooLongError(
                 "query", f"the prompt is {len(ids)} tokens; the model's context holds {lm.context_length}"
             )
-        # At least one prompt token is always computed: its logits give the first new token.
-        hit = prefix.lookup(ids if lm.supports_block_reuse else [], max_tokens=len(ids) - 1)
+        # Look up the whole prompt, but reuse at most len - 1 tokens: the last prompt token must be
+        # computed for its logits. A fully cached prompt thus costs a one-token forward.
+        hit = prefix.lookup(ids if lm.supports_block_reuse else [], max_tokens=len(ids))
+        reused = min(hit.num_tokens, len(ids) - 1)
         try:
-            logits, cache = prefill(lm, ids, hf_cache.cache_from_blocks(lm.model, hit.blocks))
+            logits, cache = prefill(lm, ids, hf_cache.cache_from_blocks(lm.model, hit.blocks, reused))
             completion = Completion(token_ids=[], text="", finish_reason="length")
             max_new = min(request.params.max_new_tokens, lm.context_length - len(ids))
             ttft_ms = None
@@ -284,11 +286,11 @@ class UltraAdaptiveKVCacheEngine:
             prefix.release(hit)
         return {
             "result": completion.text,
-            "cache_hit": hit.num_tokens > 0,
+            "cache_hit": reused > 0,
             "response_cached": False,
             "latency": (time.perf_counter() - started) * 1000,
             "ttft_ms": ttft_ms,
-            "cached_tokens": hit.num_tokens,
+            "cached_tokens": reused,
             "prompt_tokens": len(ids),
             "completion_tokens": len(completion.token_ids),
             "finish_reason": completion.finish_reason,

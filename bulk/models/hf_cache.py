@@ -60,16 +60,34 @@ def forward(model: Any, input_ids: torch.Tensor, cache: Any) -> tuple[torch.Tens
     return output.logits[0, -1], _output_cache(output)
 
 
-def cache_from_blocks(model: Any, blocks: Sequence[torch.Tensor]) -> DynamicCache:
-    """A cache holding the concatenation of `blocks`, each (layers, 2, kv_heads, block, head_dim).
+def cache_from_blocks(
+    model: Any, blocks: Sequence[torch.Tensor], num_tokens: int | None = None
+) -> DynamicCache:
+    """A cache holding the first `num_tokens` (default: all) tokens of the concatenated `blocks`,
+    each (layers, 2, kv_heads, block, head_dim).
 
-    One copy: the blocks are concatenated once along the token axis, and each layer's keys/values
-    are views into that tensor."""
+    One copy: the blocks are concatenated once along the token axis, and each layer's keys and values
+    are views into that tensor. (`DynamicCache(ddp_cache_data=...)` would copy everything a second
+    time, by concatenating onto an empty tensor.)"""
+    cache = new_cache(model)
     if not blocks:
-        return new_cache(model)
-    kv = torch.cat(list(blocks), dim=3)  # (layers, 2, kv_heads, tokens, head_dim)
+        return cache
+    blocks = list(blocks)
+    total = sum(b.shape[3] for b in blocks)
+    if num_tokens is not None and num_tokens < total:
+        cut = blocks[-1].shape[3] - (total - num_tokens)
+        if cut < 0:
+            raise ValueError(f"num_tokens={num_tokens} drops more than the last block")
+        blocks[-1] = blocks[-1][:, :, :, :cut]
+    kv = torch.cat(blocks, dim=3)  # (layers, 2, kv_heads, tokens, head_dim)
     per_layer = [(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0)) for i in range(kv.shape[0])]
-    return DynamicCache(ddp_cache_data=per_layer, config=model.config)
+    try:
+        for layer, (keys, values) in zip(cache.layers, per_layer, strict=True):
+            layer.lazy_initialization(keys, values)  # (1, kv_heads, tokens, head_dim)
+            layer.keys, layer.values = keys, values
+    except TypeError:  # a transformers release whose layers initialise differently: take the copy
+        return DynamicCache(ddp_cache_data=per_layer, config=model.config)
+    return cache
 
 
 def blocks_from_cache(cache: Any, start: int, stop: int, block_size: int) -> list[torch.Tensor]:

@@ -47,13 +47,26 @@ def test_greedy_output_identical_with_reused_kv(demo_model, reference, block_siz
         # ~76 shared prompt tokens (BOS + 75 characters), rounded down to whole blocks
         assert 76 - block_size < result["cached_tokens"] <= 76
     else:
-        assert result["cached_tokens"] == (prompt_tokens - 1) // block_size * block_size
+        assert result["cached_tokens"] == min(prompt_tokens // block_size * block_size, prompt_tokens - 1)
         assert result["cache_hit"]
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
+def test_fully_cached_prompt_computes_one_token(demo_model, reference, block_size):
+    """A prompt that is a whole number of blocks, all cached: the last block is reused minus its last
+    token, which is the only one computed."""
+    prompt = _text(random.Random(3), 159)  # BOS + 159 bytes = 160 tokens, a multiple of 4 and 16
+    config = KVCacheConfig(block_size=block_size, response_cache=False, default_max_new_tokens=NEW_TOKENS)
+    with UltraAdaptiveKVCacheEngine(config, model=demo_model) as engine:
+        engine.process_request_sync({"query": prompt})
+        result = engine.process_request_sync({"query": prompt})
+    assert result["prompt_tokens"] == 160 and result["cached_tokens"] == 159
+    assert result["result"] == reference(prompt, NEW_TOKENS).text
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
 def test_final_logits_equal_with_reused_blocks(demo_model, block_size):
-    ids = demo_model.tokenizer.encode(_text(random.Random(7), 200))
+    ids = demo_model.tokenizer.encode(_text(random.Random(7), 207))  # 208 tokens: trims the last block
     full_logits, _ = prefill(demo_model, ids, None)
 
     cache = PrefixCache(KVCacheConfig(block_size=block_size), demo_model.fingerprint, demo_model.dtype_name)
@@ -62,9 +75,12 @@ def test_final_logits_equal_with_reused_blocks(demo_model, block_size):
     cache.store_blocks(first, ids, lambda s, e: hf_cache.blocks_from_cache(kv, s, e, block_size))
     cache.release(first)
 
-    hit = cache.lookup(ids, max_tokens=len(ids) - 1)
-    assert hit.num_tokens == (len(ids) - 1) // block_size * block_size
-    reused_logits, _ = prefill(demo_model, ids, hf_cache.cache_from_blocks(demo_model.model, hit.blocks))
+    hit = cache.lookup(ids, max_tokens=len(ids))
+    assert hit.num_tokens == len(ids) // block_size * block_size
+    reused = min(hit.num_tokens, len(ids) - 1)
+    reused_logits, _ = prefill(
+        demo_model, ids, hf_cache.cache_from_blocks(demo_model.model, hit.blocks, reused)
+    )
     cache.release(hit)
     assert torch.allclose(reused_logits, full_logits, atol=1e-4, rtol=0)
     assert torch.argmax(reused_logits) == torch.argmax(full_logits)

@@ -43,7 +43,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from bench.common import format_table, median, ratio, time_ms, write_results
+from bench.common import median, ratio, time_ms, write_results
+from bench.ttft_report import SCENARIOS, render, target_rows
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.models import hf_cache
@@ -64,25 +65,6 @@ RUN_ORDER = (
     "limit_copy",
     "limit_forward",
     "full_hit",
-)
-SCENARIOS = {
-    "cold": "cold prefill (ours)",
-    "full_hit": "full-prefix hit (ours)",
-    "half_hit": "50% prefix hit (ours)",
-    "hf_generate": "HF generate(), no reuse",
-    "hf_deepcopy": "HF deep-copy prefix + generate()",
-    "hf_forward": "plain HF forward (miss baseline)",
-    "limit": "limit estimate (copy + 1-token fwd)",
-    "limit_copy": "  copy of the reused KV",
-    "limit_forward": "  one-token forward on N-1 cached",
-}
-
-# Targets, checked at the largest length: (key, ratio key, description, comparison, threshold).
-TARGETS = (
-    ("full_hit_speedup", "cold_over_full_hit", "full hit: cold / full-hit TTFT", ">=", 30.0),
-    ("full_hit_vs_limit", "full_hit_over_limit", "full hit: full-hit TTFT / limit", "<=", 2.0),
-    ("miss_overhead", "miss_overhead_pct", "miss: cold over plain HF forward, %", "<=", 5.0),
-    ("shared_prefix", "half_hit_over_deepcopy", "shared prefix: ours 50% / HF deep-copy", "<=", 1.0),
 )
 
 QUICK = {"model": "demo", "lengths": "64,128", "runs": 2}
@@ -153,7 +135,7 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
     """Every scenario for prompts of `n` tokens: one warmup run, then `runs` timed runs."""
     config = KVCacheConfig(model=lm.name, max_tokens=max_tokens, block_size=block_size, response_cache=False)
     half = n // 2
-    reused_full = ((n - 1) // block_size) * block_size  # what a full hit may reuse
+    reused_full = min((n // block_size) * block_size, n - 1)  # what a full hit reuses
     reused_half = (half // block_size) * block_size
     result = LengthResult(n)
     # One engine for cold + full hit (the cold request stores the prompt the full hit then reuses),
@@ -174,10 +156,14 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
         _check(prefix_ids.shape[1] == half, "the shared prefix has the wrong length")
         _, hf_prefix_cache = hf_cache.forward(lm.model, prefix_ids, None)
 
-        # The physical-limit estimate: the blocks a full hit concatenates, and a cache of N-1 tokens.
+        # The physical-limit estimate: copying the KV bytes a full hit reuses (its blocks, the last
+        # one cut to leave one token to compute), and a forward of one token on N-1 cached tokens.
         limit_ids = _ids(lm, _prompt(n))
+        _, limit_full = hf_cache.forward(lm.model, limit_ids, None)
+        limit_blocks = hf_cache.blocks_from_cache(limit_full, 0, (n // block_size) * block_size, block_size)
+        cut = block_size - ((n // block_size) * block_size - reused_full)
+        limit_blocks[-1] = limit_blocks[-1][:, :, :, :cut]
         _, limit_base = hf_cache.forward(lm.model, limit_ids[:, : n - 1], None)
-        limit_blocks = hf_cache.blocks_from_cache(limit_base, 0, reused_full, block_size)
         limit_last = limit_ids[:, n - 1 :]
 
         for run in range(runs + 1):
@@ -204,7 +190,7 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
             def full_hit(prompt: str = cold_prompt) -> tuple[float, int]:
                 out = _request(ours, prompt)
                 got = out["cached_tokens"]
-                _check(got >= n - block_size, f"full hit reused {got} of {n} tokens")
+                _check(got == reused_full, f"full hit reused {got} of {n} tokens, expected {reused_full}")
                 return out["ttft_ms"], got
 
             def on_thread(fn: Callable[[], T]) -> tuple[float, T]:
@@ -282,76 +268,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _target_rows(results: list[LengthResult]) -> list[dict[str, Any]]:
-    largest = results[-1]
-    ratios = largest.ratios()
-    rows = []
-    for key, ratio_key, description, op, threshold in TARGETS:
-        value = ratios[ratio_key]
-        met = value is not None and (value >= threshold if op == ">=" else value <= threshold)
-        rows.append(
-            {
-                "target": key,
-                "description": description,
-                "length": largest.length,
-                "value": value,
-                "op": op,
-                "threshold": threshold,
-                "met": met,
-            }
-        )
-    return rows
-
-
-def _fmt(value: float | None, unit: str = "") -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1f}{unit}" if abs(value) >= 10 or unit == " %" else f"{value:.2f}{unit}"
-
-
-def render(results: list[LengthResult], targets: list[dict[str, Any]], settings: dict[str, Any]) -> str:
-    lengths = [str(r.length) for r in results]
-    medians = [r.medians() for r in results]
-    title = (
-        f"TTFT, median of {settings['runs']} runs (ms): model {settings['model']}, "
-        f"{settings['threads']} torch threads, block size {settings['block_size']}"
-    )
-    rows = [[SCENARIOS[key], *(f"{m[key]:.1f}" for m in medians)] for key in SCENARIOS]
-    rows.append(["reused tokens: full hit", *(str(r.cached_tokens["full_hit"]) for r in results)])
-    rows.append(["reused tokens: 50% hit", *(str(r.cached_tokens["half_hit"]) for r in results)])
-    first = format_table(["scenario", *lengths], rows, title)
-
-    by_ratio = {t["target"]: t for t in targets}
-    ratio_rows = []
-    specs = [
-        ("cold / full hit (x)", "cold_over_full_hit", "", "full_hit_speedup"),
-        ("full hit / limit (x)", "full_hit_over_limit", "", "full_hit_vs_limit"),
-        ("cold vs plain forward", "miss_overhead_pct", " %", "miss_overhead"),
-        ("ours 50% / HF deep-copy (x)", "half_hit_over_deepcopy", "", "shared_prefix"),
-        ("HF generate / plain forward (x)", "hf_generate_over_forward", "", None),
-    ]
-    all_ratios = [r.ratios() for r in results]
-    for label, ratio_key, unit, target_key in specs:
-        target = by_ratio.get(target_key) if target_key else None
-        ratio_rows.append(
-            [
-                label,
-                *(_fmt(r[ratio_key], unit) for r in all_ratios),
-                f"{target['op']} {target['threshold']:g}{unit}" if target else "",
-                ("PASS" if target["met"] else "MISS") if target else "",
-            ]
-        )
-    second = format_table(["ratio", *lengths, "target", f"at {results[-1].length}"], ratio_rows)
-    met = sum(t["met"] for t in targets)
-    summary = [f"targets met at {results[-1].length} tokens: {met} of {len(targets)}"]
-    summary += [
-        f"  {'PASS' if t['met'] else 'MISS'}  {t['description']}: {_fmt(t['value'])} "
-        f"(target {t['op']} {t['threshold']:g})"
-        for t in targets
-    ]
-    return "\n\n".join([first, second, "\n".join(summary)])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     base = QUICK if args.quick else DEFAULTS
@@ -392,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("ttft: %s", settings)
 
     results = [measure_length(lm, n, runs, max_tokens, block_size) for n in lengths]
-    targets = _target_rows(results)
+    targets = target_rows(results)
     payload = {
         "settings": settings,
         "scenarios": SCENARIOS,

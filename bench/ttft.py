@@ -1,7 +1,8 @@
 """`bul bench ttft`: time to first token, ours against Hugging Face, measured side by side.
 
-For each prompt length N, every run times, in this order (interleaved, so machine noise hits every
-scenario alike; the first run is a warmup and is dropped):
+For each prompt length N, every run times these scenarios, interleaved so that machine noise hits
+them alike, comparisons in back-to-back pairs whose order flips every run (see PAIRS); the first run
+is a warmup and is dropped:
 
   cold           our engine, a prompt no engine has seen (nothing reused)
   half_hit       our engine, a fresh prompt whose first N/2 tokens are a prefix cached beforehand
@@ -14,6 +15,9 @@ scenario alike; the first run is a warmup and is dropped):
   limit_forward  one one-token forward on top of a cache that holds N-1 tokens
   full_hit       our engine, the prompt `cold` timed earlier in this run, so all of its full blocks
                  up to N-1 tokens are cached; timed last so the blocks are not hot in the CPU caches
+
+Ratios of ours to a baseline are medians of per-run ratios (each pair timed back to back), which hold
+still on a noisy machine where the ratio of two medians can swing by 10 %.
 
 `limit` = median(limit_copy) + median(limit_forward): an estimate of the physical limit of a full hit.
 Our scenarios report the engine's own `ttft_ms` (from accepting the request to the first token,
@@ -56,19 +60,25 @@ NAME = "ttft"
 T = TypeVar("T")
 
 # Timed scenarios, in the order each run performs them.
-RUN_ORDER = (
-    "cold",
-    "half_hit",
-    "hf_generate",
-    "hf_deepcopy",
-    "hf_forward",
-    "limit_copy",
-    "limit_forward",
-    "full_hit",
+# Timed scenarios, in the order each run performs them. Each comparison is a pair timed back to
+# back, and odd runs time the pair in the opposite order (A B, then B A), so drift and order effects
+# cancel in the per-run ratios. `full_hit` reuses the prompt `cold` stored, so it comes after it.
+PAIRS = (
+    ("cold", "hf_forward"),
+    ("half_hit", "hf_deepcopy"),
+    ("hf_generate",),
+    ("limit_copy", "limit_forward"),
+    ("full_hit",),
 )
+RUN_ORDER = tuple(key for pair in PAIRS for key in pair)
+
+
+def run_order(run: int) -> list[str]:
+    return [key for pair in PAIRS for key in (pair if run % 2 == 0 else pair[::-1])]
+
 
 QUICK = {"model": "demo", "lengths": "64,128", "runs": 2}
-DEFAULTS = {"model": "demo-large", "lengths": "512,1024,2048", "runs": 5}
+DEFAULTS = {"model": "demo-large", "lengths": "512,1024,2048", "runs": 7}
 
 _FILLER = "The quick brown fox jumps over the lazy dog while the cache keeps every block it saw. "
 _tags = itertools.count()
@@ -103,15 +113,21 @@ class LengthResult:
         out["limit"] = out["limit_copy"] + out["limit_forward"]
         return out
 
+    def paired(self, a: str, b: str) -> float | None:
+        """Median over runs of a_i / b_i: each pair was timed back to back, so the ratio of the pair is
+        far steadier than the ratio of two medians on a noisy machine."""
+        per_run = [x / y for x, y in zip(self.runs_ms[a], self.runs_ms[b], strict=True) if y > 0]
+        return median(per_run) if per_run else None
+
     def ratios(self) -> dict[str, float | None]:
         m = self.medians()
-        overhead = ratio(m["cold"], m["hf_forward"])
+        overhead = self.paired("cold", "hf_forward")
         return {
-            "cold_over_full_hit": ratio(m["cold"], m["full_hit"]),
+            "cold_over_full_hit": self.paired("cold", "full_hit"),
             "full_hit_over_limit": ratio(m["full_hit"], m["limit"]),
             "miss_overhead_pct": None if overhead is None else (overhead - 1.0) * 100.0,
-            "half_hit_over_deepcopy": ratio(m["half_hit"], m["hf_deepcopy"]),
-            "hf_generate_over_forward": ratio(m["hf_generate"], m["hf_forward"]),
+            "half_hit_over_deepcopy": self.paired("half_hit", "hf_deepcopy"),
+            "hf_generate_over_forward": self.paired("hf_generate", "hf_forward"),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -223,7 +239,7 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
                 "limit_forward": limit_forward,
                 "full_hit": full_hit,
             }
-            for key in RUN_ORDER:
+            for key in run_order(run):
                 ms, cached = scenarios[key]()
                 _check(ms > 0, f"{key}: non-positive time {ms}")
                 if cached is not None:

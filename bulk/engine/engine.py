@@ -261,10 +261,11 @@ class UltraAdaptiveKVCacheEngine:
         # computed for its logits. A fully cached prompt thus costs a one-token forward.
         hit = prefix.lookup(ids if lm.supports_block_reuse else [], max_tokens=len(ids))
         reused = min(hit.num_tokens, len(ids) - 1)
+        max_new = min(request.params.max_new_tokens, lm.context_length - len(ids))
         try:
-            logits, cache = prefill(lm, ids, hf_cache.cache_from_blocks(lm.model, hit.blocks, reused))
+            cache = hf_cache.cache_from_blocks(lm.model, hit.blocks, reused, capacity=len(ids) + max_new)
+            logits, cache = prefill(lm, ids, cache)
             completion = Completion(token_ids=[], text="", finish_reason="length")
-            max_new = min(request.params.max_new_tokens, lm.context_length - len(ids))
             ttft_ms = None
             for step in decode(lm, logits, cache, request.params, max_new, completion):
                 if ttft_ms is None:

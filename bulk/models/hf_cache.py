@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 # The forward keyword for the cache: "cache" from transformers 5.24 on, "past_key_values" before.
 _kwarg_by_class: dict[type, str] = {}
@@ -42,8 +43,71 @@ def supports_block_reuse(model: Any) -> bool:
     return all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
 
-def new_cache(model: Any) -> DynamicCache:
-    return DynamicCache(config=model.config)
+class _BufferedLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are views into a buffer sized once for the request.
+
+    `DynamicLayer.update` concatenates, copying the layer's whole cache on every forward: at 2048
+    cached tokens that is most of a decode step's memory traffic. Here an update writes only the new
+    tokens. The buffer doubles if a request outgrows it."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        shape = (batch, heads, self.capacity, head_dim)
+        self._adopt(
+            torch.empty(shape, dtype=key_states.dtype, device=key_states.device),
+            torch.empty(shape, dtype=value_states.dtype, device=value_states.device),
+            length=0,
+        )
+
+    def _adopt(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
+        self.device = key_buffer.device
+        self._key_buffer, self._value_buffer = (
+            key_buffer,
+            value_buffer,
+        )  # (batch, kv_heads, capacity, head_dim)
+        self.capacity, self.length = key_buffer.shape[2], length
+        self.keys, self.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            keys, values = self.keys, self.values
+            self.capacity = max(end, 2 * self.capacity)
+            self.lazy_initialization(key_states, value_states)
+            self._key_buffer[:, :, : keys.shape[2]] = keys
+            self._value_buffer[:, :, : values.shape[2]] = values
+            self.length = keys.shape[2]
+        self._key_buffer[:, :, self.length : end] = key_states
+        self._value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.is_initialized:
+            self.length = self.keys.shape[2]
+
+    def reset(self) -> None:
+        super().reset()
+        self.length = 0
+
+
+def new_cache(model: Any, capacity: int = 0) -> DynamicCache:
+    """An empty cache. With `capacity` (prompt plus new tokens), its layers write into buffers of that
+    size instead of growing by concatenation; only for models whose layers are all plain attention."""
+    cache = DynamicCache(config=model.config)
+    if capacity > 0 and supports_block_reuse(model):
+        cache.layers = [_BufferedLayer(capacity) for _ in cache.layers]
+    return cache
 
 
 def cache_length(cache: Any) -> int:
@@ -61,33 +125,38 @@ def forward(model: Any, input_ids: torch.Tensor, cache: Any) -> tuple[torch.Tens
 
 
 def cache_from_blocks(
-    model: Any, blocks: Sequence[torch.Tensor], num_tokens: int | None = None
+    model: Any, blocks: Sequence[torch.Tensor], num_tokens: int | None = None, capacity: int = 0
 ) -> DynamicCache:
-    """A cache holding the first `num_tokens` (default: all) tokens of the concatenated `blocks`,
-    each (layers, 2, kv_heads, block, head_dim).
+    """A cache holding the first `num_tokens` (default: all) tokens of the concatenated `blocks`, each
+    (layers, 2, kv_heads, block, head_dim), with room for `capacity` tokens in all (see `new_cache`).
 
-    One copy: the blocks are concatenated once along the token axis, and each layer's keys and values
-    are views into that tensor. (`DynamicCache(ddp_cache_data=...)` would copy everything a second
-    time, by concatenating onto an empty tensor.)"""
-    cache = new_cache(model)
-    if not blocks:
-        return cache
+    The reused KV is copied once, block by block, into one buffer shared by every layer."""
     blocks = list(blocks)
     total = sum(b.shape[3] for b in blocks)
-    if num_tokens is not None and num_tokens < total:
-        cut = blocks[-1].shape[3] - (total - num_tokens)
-        if cut < 0:
-            raise ValueError(f"num_tokens={num_tokens} drops more than the last block")
-        blocks[-1] = blocks[-1][:, :, :, :cut]
-    kv = torch.cat(blocks, dim=3)  # (layers, 2, kv_heads, tokens, head_dim)
-    per_layer = [(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0)) for i in range(kv.shape[0])]
-    try:
-        for layer, (keys, values) in zip(cache.layers, per_layer, strict=True):
-            layer.lazy_initialization(keys, values)  # (1, kv_heads, tokens, head_dim)
-            layer.keys, layer.values = keys, values
-    except TypeError:  # a transformers release whose layers initialise differently: take the copy
-        return DynamicCache(ddp_cache_data=per_layer, config=model.config)
-    return cache
+    num_tokens = total if num_tokens is None else num_tokens
+    if not 0 <= total - num_tokens < (blocks[-1].shape[3] if blocks else 1):
+        raise ValueError(f"num_tokens={num_tokens} must keep all but part of the last of {total} tokens")
+    cache = new_cache(model, max(capacity, num_tokens))
+    if not blocks:
+        return cache
+    layers, _, kv_heads, _, head_dim = blocks[0].shape
+    capacity = max(capacity, num_tokens)
+    buffer = torch.empty(
+        (layers, 2, 1, kv_heads, capacity, head_dim), dtype=blocks[0].dtype, device=blocks[0].device
+    )
+    start = 0
+    for block in blocks:
+        take = min(block.shape[3], num_tokens - start)
+        buffer[:, :, 0, :, start : start + take] = block[:, :, :, :take]
+        start += take
+    if isinstance(cache.layers[0], _BufferedLayer):
+        for i, layer in enumerate(cache.layers):
+            layer._adopt(buffer[i, 0], buffer[i, 1], length=num_tokens)
+        return cache
+    # A model whose cache layers are not plain attention never gets here (no blocks are stored for
+    # it), but keep the general path correct: hand transformers the tensors.
+    per_layer = [(buffer[i, 0, :, :, :num_tokens], buffer[i, 1, :, :, :num_tokens]) for i in range(layers)]
+    return DynamicCache(ddp_cache_data=per_layer, config=model.config)
 
 
 def blocks_from_cache(cache: Any, start: int, stop: int, block_size: int) -> list[torch.Tensor]:

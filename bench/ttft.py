@@ -24,12 +24,12 @@ Our scenarios report the engine's own `ttft_ms` (from accepting the request to t
 tokenizing and the worker hand-off included); Hugging Face ones the wall time of the call, with the
 input tensor built beforehand.
 
-The engine runs the model on its worker thread, so the Hugging Face and limit scenarios run on a
-worker thread of their own too (timed inside it, so they pay no hand-off): on CPU the same forward is
-measurably slower on the main thread than on a secondary one (about 10 % at 2048 tokens on the
-2-core development machine), which would otherwise flatter our side of every comparison.
+Every scenario runs on one model thread, the engines' shared worker; the Hugging Face ones are
+submitted to it and timed inside it, so they pay no hand-off. On CPU the same forward runs at
+measurably different speeds on different threads (5-20 % on the 2-core development machine), which
+would otherwise bias every comparison one way or the other.
 
-    python -m bench.ttft [--model demo-large] [--lengths 512,1024,2048] [--runs 5] [--threads N]
+    python -m bench.ttft [--model demo-large] [--lengths 512,1024,2048] [--runs 9] [--threads N]
     python -m bench.ttft --quick        # tiny settings, for the smoke test
 """
 
@@ -40,7 +40,6 @@ import itertools
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,6 +50,7 @@ from bench.common import median, ratio, time_ms, write_results
 from bench.ttft_report import SCENARIOS, render, target_rows
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
+from bulk.engine.scheduler import PriorityWorker
 from bulk.models import hf_cache
 from bulk.models.loader import LoadedModel, load_model
 
@@ -78,7 +78,7 @@ def run_order(run: int) -> list[str]:
 
 
 QUICK = {"model": "demo", "lengths": "64,128", "runs": 2}
-DEFAULTS = {"model": "demo-large", "lengths": "512,1024,2048", "runs": 7}
+DEFAULTS = {"model": "demo-large", "lengths": "512,1024,2048", "runs": 9}
 
 _FILLER = "The quick brown fox jumps over the lazy dog while the cache keeps every block it saw. "
 _tags = itertools.count()
@@ -155,11 +155,13 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
     reused_half = (half // block_size) * block_size
     result = LengthResult(n)
     # One engine for cold + full hit (the cold request stores the prompt the full hit then reuses),
-    # another for the 50% hit, so that neither one's stores can evict the other's blocks.
+    # another for the 50% hit, so that neither one's stores can evict the other's blocks. Both
+    # engines and every Hugging Face baseline run on one model thread: on CPU the same forward runs
+    # at measurably different speeds on different threads, which would bias every comparison.
+    model_thread = PriorityWorker(name="bench-model-thread")
     with (
-        UltraAdaptiveKVCacheEngine(config, model=lm) as ours,
-        UltraAdaptiveKVCacheEngine(config, model=lm) as ours_half,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-hf") as hf_thread,
+        UltraAdaptiveKVCacheEngine(config, model=lm, worker=model_thread) as ours,
+        UltraAdaptiveKVCacheEngine(config, model=lm, worker=model_thread) as ours_half,
     ):
         ours.warmup_sync()
         ours_half.warmup_sync()
@@ -210,7 +212,7 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
                 return out["ttft_ms"], got
 
             def on_thread(fn: Callable[[], T]) -> tuple[float, T]:
-                return hf_thread.submit(time_ms, fn).result()
+                return model_thread.submit(lambda: time_ms(fn)).result()
 
             def timed(fn: Callable[[], Any]) -> tuple[float, None]:
                 return on_thread(fn)[0], None
@@ -226,7 +228,7 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
 
             def limit_forward() -> tuple[float, None]:
                 # Deep-copied untimed, so the timed forward never grows the shared base cache.
-                copied = hf_thread.submit(hf_cache.copy_cache, limit_base).result()
+                copied = model_thread.submit(lambda: hf_cache.copy_cache(limit_base)).result()
                 return timed(lambda: hf_cache.forward(lm.model, limit_last, copied))
 
             scenarios: dict[str, Callable[[], tuple[float, int | None]]] = {
@@ -254,6 +256,7 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
                     ms,
                     "" if cached is None else f"  (reused {cached} tokens)",
                 )
+    model_thread.shutdown()
     result.cached_tokens["limit_copy"] = reused_full
     return result
 

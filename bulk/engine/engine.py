@@ -32,13 +32,23 @@ OnStep = Callable[[Step], None]
 
 
 class UltraAdaptiveKVCacheEngine:
-    def __init__(self, config: KVCacheConfig | None = None, *, model: LoadedModel | None = None) -> None:
-        """`model`: an already loaded model to share (tests, benchmarks comparing configurations);
-        by default the engine loads `config.model` itself on first use."""
+    def __init__(
+        self,
+        config: KVCacheConfig | None = None,
+        *,
+        model: LoadedModel | None = None,
+        worker: PriorityWorker | None = None,
+    ) -> None:
+        """`model`: an already loaded model to share (tests, benchmarks comparing configurations); by
+        default the engine loads `config.model` itself on first use. `worker`: a model thread to
+        share; engines sharing a model should share it, since one model runs one request at a time.
+        An engine shuts down only a worker it created."""
         self.config = config if config is not None else KVCacheConfig()
-        self._worker = PriorityWorker()
+        self._owns_worker = worker is None
+        self._worker = worker if worker is not None else PriorityWorker()
         self._model: LoadedModel | None = None
         self._prefix: PrefixCache | None = None
+        self._arena: hf_cache.KVArena | None = None
         if model is not None:
             self._adopt(model)
         self._responses = ResponseCache(self.config.response_cache_size, self.config.response_cache_ttl)
@@ -65,8 +75,10 @@ class UltraAdaptiveKVCacheEngine:
         self._worker.submit(self._warmup_job, WARMUP_PRIORITY).result()
 
     def shutdown(self) -> None:
-        """Fail queued requests, finish the running one, stop the worker. Safe to call twice."""
-        self._worker.shutdown(wait=True)
+        """Fail queued requests, finish the running one, stop the worker (if this engine created it).
+        Safe to call twice."""
+        if self._owns_worker:
+            self._worker.shutdown(wait=True)
 
     def __enter__(self) -> UltraAdaptiveKVCacheEngine:
         return self
@@ -200,6 +212,9 @@ class UltraAdaptiveKVCacheEngine:
 
     def _adopt(self, model: LoadedModel) -> None:
         self._prefix = PrefixCache(self.config, model.fingerprint, model.dtype_name)
+        self._arena = hf_cache.KVArena(
+            model.num_layers, model.num_kv_heads, model.head_dim, model.dtype, model.device
+        )
         self._model = model
 
     def _warmup_job(self) -> None:
@@ -263,7 +278,9 @@ class UltraAdaptiveKVCacheEngine:
         reused = min(hit.num_tokens, len(ids) - 1)
         max_new = min(request.params.max_new_tokens, lm.context_length - len(ids))
         try:
-            cache = hf_cache.cache_from_blocks(lm.model, hit.blocks, reused, capacity=len(ids) + max_new)
+            cache = hf_cache.cache_from_blocks(
+                lm.model, hit.blocks, reused, capacity=len(ids) + max_new, arena=self._arena
+            )
             logits, cache = prefill(lm, ids, cache)
             completion = Completion(token_ids=[], text="", finish_reason="length")
             ttft_ms = None

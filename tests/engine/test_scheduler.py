@@ -35,8 +35,9 @@ def test_a_failing_job_does_not_stop_the_worker():
 
 
 def test_shutdown_fails_queued_jobs_and_refuses_new_ones():
-    worker, gate = PriorityWorker(), threading.Event()
-    running = worker.submit(gate.wait)
+    worker, gate, started = PriorityWorker(), threading.Event(), threading.Event()
+    running = worker.submit(lambda: (started.set(), gate.wait())[1])
+    assert started.wait(5)
     queued = worker.submit(lambda: "never")
     threading.Timer(0.2, gate.set).start()
     worker.shutdown()
@@ -48,8 +49,9 @@ def test_shutdown_fails_queued_jobs_and_refuses_new_ones():
 
 
 def test_cancelled_job_is_skipped():
-    worker, gate, ran = PriorityWorker(), threading.Event(), []
-    worker.submit(gate.wait)
+    worker, gate, started, ran = PriorityWorker(), threading.Event(), threading.Event(), []
+    worker.submit(lambda: (started.set(), gate.wait()))
+    assert started.wait(5)
     skipped = worker.submit(lambda: ran.append(1))
     assert skipped.cancel()
     gate.set()

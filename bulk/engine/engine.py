@@ -11,16 +11,18 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from typing import Any
 
 from bulk.config import KVCacheConfig
+from bulk.engine.generate import OnStep, generate
 from bulk.engine.request import GenerationRequest, parse_request
 from bulk.engine.response_cache import ResponseCache, request_key
 from bulk.engine.scheduler import PriorityWorker
 from bulk.engine.stats import EngineStats
-from bulk.errors import InvalidRequestError, PromptTooLongError
-from bulk.generation.decode import Completion, Step, decode, prefill
+from bulk.errors import InvalidRequestError
+from bulk.generation.decode import Step
 from bulk.kv.prefix_cache import PrefixCache
 from bulk.models import hf_cache
 from bulk.models.loader import LoadedModel, load_model
@@ -28,7 +30,6 @@ from bulk.models.loader import LoadedModel, load_model
 log = logging.getLogger(__name__)
 
 WARMUP_PRIORITY = 2**31  # ahead of any request
-OnStep = Callable[[Step], None]
 
 
 class UltraAdaptiveKVCacheEngine:
@@ -89,24 +90,18 @@ class UltraAdaptiveKVCacheEngine:
     # ---- requests --------------------------------------------------------------------------
 
     async def process_request(self, query: Any) -> dict[str, Any]:
-        request, started = self._parse(query), time.perf_counter()
-        cached = self._cached_response(request, started)
-        if cached is not None:
-            return cached
-        future = self._worker.submit(lambda: self._run(request, started), request.priority)
-        return await asyncio.wrap_future(future)
+        answer = self._answer_or_submit(query)
+        return answer if isinstance(answer, dict) else await asyncio.wrap_future(answer)
 
     def process_request_sync(self, query: Any) -> dict[str, Any]:
-        request, started = self._parse(query), time.perf_counter()
-        cached = self._cached_response(request, started)
-        if cached is not None:
-            return cached
-        return self._worker.submit(lambda: self._run(request, started), request.priority).result()
+        answer = self._answer_or_submit(query)
+        return answer if isinstance(answer, dict) else answer.result()
 
     async def stream_request(self, query: Any) -> AsyncIterator[dict[str, Any]]:
         """Yield `{"token": text}` as tokens come, then the full result with `"done": True`.
         Stopping the iteration early cancels the generation."""
-        request, started = self._parse(query), time.perf_counter()
+        started = time.perf_counter()
+        request = self._parse(query)
         cached = self._cached_response(request, started)
         if cached is not None:
             yield {"token": cached["result"]}
@@ -172,6 +167,15 @@ class UltraAdaptiveKVCacheEngine:
 
     # ---- internals -------------------------------------------------------------------------
 
+    def _answer_or_submit(self, query: Any) -> dict[str, Any] | Future[dict[str, Any]]:
+        """The response cache's answer, or the future of the request queued for the model."""
+        started = time.perf_counter()
+        request = self._parse(query)
+        cached = self._cached_response(request, started)
+        if cached is not None:
+            return cached
+        return self._worker.submit(lambda: self._run(request, started), request.priority)
+
     def _parse(self, query: Any) -> GenerationRequest:
         try:
             return parse_request(query, self.config)
@@ -235,7 +239,9 @@ class UltraAdaptiveKVCacheEngine:
         record: bool = True,
     ) -> dict[str, Any]:
         try:
-            result = self._generate(request, started, on_step, cancelled)
+            lm = self._load()
+            assert self._prefix is not None and self._arena is not None
+            result = generate(lm, self._prefix, self._arena, request, started, on_step, cancelled)
         except Exception as exc:
             if record:
                 self._stats.record_error(invalid=isinstance(exc, InvalidRequestError))
@@ -256,69 +262,3 @@ class UltraAdaptiveKVCacheEngine:
         ):
             self._responses.put(request_key(self._model.fingerprint, request.prompt, request.params), result)
         return result
-
-    def _generate(
-        self,
-        request: GenerationRequest,
-        started: float,
-        on_step: OnStep | None,
-        cancelled: threading.Event | None,
-    ) -> dict[str, Any]:
-        lm = self._load()
-        prefix = self._prefix
-        assert prefix is not None
-        ids = lm.tokenizer.encode(request.prompt)
-        if len(ids) >= lm.context_length:
-            raise PromptTooLongError(
-                "query", f"the prompt is {len(ids)} tokens; the model's context holds {lm.context_length}"
-            )
-        # Look up the whole prompt, but reuse at most len - 1 tokens: the last prompt token must be
-        # computed for its logits. A fully cached prompt thus costs a one-token forward.
-        hit = prefix.lookup(ids if lm.supports_block_reuse else [], max_tokens=len(ids))
-        reused = min(hit.num_tokens, len(ids) - 1)
-        max_new = min(request.params.max_new_tokens, lm.context_length - len(ids))
-        try:
-            cache = hf_cache.cache_from_blocks(
-                lm.model, hit.blocks, reused, capacity=len(ids) + max_new, arena=self._arena
-            )
-            logits, cache = prefill(lm, ids, cache)
-            completion = Completion(token_ids=[], text="", finish_reason="length")
-            ttft_ms = None
-            for step in decode(lm, logits, cache, request.params, max_new, completion):
-                if ttft_ms is None:
-                    ttft_ms = (time.perf_counter() - started) * 1000
-                    self._store_blocks(lm, prefix, hit, ids, cache)  # after the first token: off TTFT
-                if on_step is not None:
-                    on_step(step)
-                if cancelled is not None and cancelled.is_set():
-                    completion.finish_reason = "cancelled"
-                    break
-            if ttft_ms is None:
-                ttft_ms = (time.perf_counter() - started) * 1000
-            # The prompt and the completion fed back so far: a follow-up turn can reuse them too.
-            all_ids = ids + completion.token_ids
-            self._store_blocks(
-                lm, prefix, hit, all_ids[: hf_cache.cache_length(completion.cache)], completion.cache
-            )
-        finally:
-            prefix.release(hit)
-        return {
-            "result": completion.text,
-            "cache_hit": reused > 0,
-            "response_cached": False,
-            "latency": (time.perf_counter() - started) * 1000,
-            "ttft_ms": ttft_ms,
-            "cached_tokens": reused,
-            "prompt_tokens": len(ids),
-            "completion_tokens": len(completion.token_ids),
-            "finish_reason": completion.finish_reason,
-            "request_id": request.request_id,
-            "model": lm.name,
-        }
-
-    @staticmethod
-    def _store_blocks(lm: LoadedModel, prefix: PrefixCache, hit: Any, ids: list[int], cache: Any) -> None:
-        if lm.supports_block_reuse:
-            prefix.store_blocks(
-                hit, ids, lambda s, e: hf_cache.blocks_from_cache(cache, s, e, prefix.block_size)
-            )

@@ -18,6 +18,7 @@ test: $(STAMP) services
 
 bench: $(STAMP)
 	$(BIN)/bul bench ttft
+	$(BIN)/bul bench policies
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

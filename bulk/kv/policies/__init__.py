@@ -5,17 +5,26 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 
 from bulk.config import CacheStrategy
+from bulk.kv.policies.adaptive import AdaptivePolicy
 from bulk.kv.policies.arc import ARCPolicy
 from bulk.kv.policies.base import EvictionPolicy
 from bulk.kv.policies.lfu import LFUPolicy
 from bulk.kv.policies.lru import LRUPolicy
 
-__all__ = ["ARCPolicy", "EvictionPolicy", "LFUPolicy", "LRUPolicy", "make_policy", "simulate"]
+__all__ = [
+    "ARCPolicy",
+    "AdaptivePolicy",
+    "EvictionPolicy",
+    "LFUPolicy",
+    "LRUPolicy",
+    "make_policy",
+    "simulate",
+]
 
 _POLICIES: dict[CacheStrategy, type[EvictionPolicy]] = {
     CacheStrategy.LRU: LRUPolicy,
     CacheStrategy.LFU: LFUPolicy,
-    CacheStrategy.ADAPTIVE: ARCPolicy,
+    CacheStrategy.ADAPTIVE: AdaptivePolicy,
 }
 
 

@@ -301,9 +301,13 @@ def test_adaptive_structures_stay_bounded(capacity: int, period: int, ops: list[
         sizes = policy.sizes()
         assert sizes["window"] + sizes["probation"] + sizes["protected"] == len(policy) <= capacity
         assert sizes["window_ghost"] <= capacity and sizes["main_ghost"] <= capacity
-        # Counts are halved every period x capacity accesses: their total, hence the table, stays
-        # below twice that.
-        assert sizes["freq"] <= 2 * period * capacity
+        # Aging every P = period x capacity misses: a ghost map holds at most `capacity` live
+        # entries after it, plus one per eviction until the next (at most P + capacity).
+        misses = period * capacity
+        assert sizes["ghost_entries"] <= 2 * (2 * capacity + misses)
+        # Counts cap at 15 at each aging, so a key that is not resident leaves the table within 5
+        # agings of its last miss, eviction or discard (at most 2P + capacity of those a period).
+        assert sizes["freq"] <= capacity + 6 * (2 * misses + capacity)
         assert 1 <= policy.window_target <= max(1, capacity - 1)
         lists = [policy._window, policy._probation, policy._protected]
         assert sum(len(x) for x in lists) == len(set().union(*lists))  # each key in one list
@@ -337,6 +341,29 @@ def test_adaptive_window_grows_on_window_ghost_hits() -> None:
     for key in range(100):
         access(policy, key)  # main's evicted keys return: the window gives room back
     assert policy.window_target < shrunk
+
+
+def test_adaptive_only_recent_ghosts_move_the_window() -> None:
+    for later_rejections, grows in ((0, True), (1, False)):
+        policy = AdaptivePolicy(8, horizon=0.25)  # window 1; a ghost counts for 2 rejections
+        for key in "abcdefgh":
+            access(policy, key)  # a-g in main, h in the window
+        access(policy, "i")  # h (count 1) ties with main's a: rejected, a ghost
+        for key in "jk"[:later_rejections]:
+            access(policy, key)  # the window's next key is rejected in turn
+        start = policy.window_target
+        access(policy, "h")  # its own miss rejects one more: h is 2 (stale) or 1 (live) behind
+        assert (policy.window_target > start) is grows
+
+
+def test_adaptive_ages_by_misses_and_caps_counts() -> None:
+    policy = AdaptivePolicy(2, period=1)  # counts are halved every 2 misses
+    access(policy, "a")
+    for _ in range(40):
+        access(policy, "a")  # hits: no aging
+    assert policy._freq["a"] == 41
+    access(policy, "b")  # the second miss ages: 41 caps at 15, b's 1 goes
+    assert dict(policy._freq) == {"a": 15}
 
 
 def test_adaptive_unconstrained_victim_when_only_window_evictable() -> None:

@@ -70,7 +70,7 @@ class BlockManager:
         self.block_size = block_size
         self.namespace = bytes(namespace)
         self._on_evict = on_evict
-        self._policy = make_policy(strategy, capacity_blocks)
+        self._policy = make_policy(strategy, capacity_blocks, chains=True)
         self._blocks: dict[bytes, _Block] = {}
         self._lock = threading.Lock()
         self._evictions = 0

@@ -314,7 +314,7 @@ def test_adaptive_structures_stay_bounded(capacity: int, period: int, ops: list[
 
 
 def test_adaptive_admission_by_frequency() -> None:
-    policy = AdaptivePolicy(3)  # window 1, main 2
+    policy = AdaptivePolicy(3, chains=False)  # window 1, main 2 (`access` passes a predicate)
     for key in "abc":
         access(policy, key)  # a, b go to main (room), c stays in the window
     access(policy, "a")
@@ -345,7 +345,7 @@ def test_adaptive_window_grows_on_window_ghost_hits() -> None:
 
 def test_adaptive_only_recent_ghosts_move_the_window() -> None:
     for later_rejections, grows in ((0, True), (1, False)):
-        policy = AdaptivePolicy(8, horizon=0.25)  # window 1; a ghost counts for 2 rejections
+        policy = AdaptivePolicy(8, horizon=0.25, chains=False)  # window 1; a ghost lives 2 rejections
         for key in "abcdefgh":
             access(policy, key)  # a-g in main, h in the window
         access(policy, "i")  # h (count 1) ties with main's a: rejected, a ghost
@@ -364,6 +364,31 @@ def test_adaptive_ages_by_misses_and_caps_counts() -> None:
     assert policy._freq["a"] == 41
     access(policy, "b")  # the second miss ages: 41 caps at 15, b's 1 goes
     assert dict(policy._freq) == {"a": 15}
+
+
+def test_adaptive_block_cache_mode_is_asked_for_explicitly() -> None:
+    flat = AdaptivePolicy(100)
+    flat.pop_victim(lambda k: True)  # a predicate alone changes nothing
+    assert flat.window_target == 1
+    assert AdaptivePolicy(100, chains=True).window_target == 99  # the window starts almost LRU
+    assert make_policy("adaptive", 100, chains=True).window_target == 99
+    assert make_policy("adaptive", 100).window_target == 1
+
+
+def test_adaptive_block_victim_is_least_counted_of_the_first_scan() -> None:
+    policy = AdaptivePolicy(8, scan=3)  # flat layout first: window 1
+    for key in "abcdefgh":
+        policy.insert(key)  # a-g in probation, oldest first; h in the window
+    policy._freq.update({"a": 5, "b": 2, "c": 3, "d": 1, "e": 1, "f": 0})
+    # Switched to the block cache's mode after the setup (as `chains=True` would be from the start):
+    # the window (1 key) is now under its target, so main gives the victim.
+    policy._to_chains()
+    # a is refused; of the first three evictable (b, c, d), d counts least.
+    assert policy.pop_victim(lambda k: k != "a") == "d"
+    assert policy.pop_victim(lambda k: k != "a") == "e"  # of b, c, e
+    assert policy.pop_victim(lambda k: k != "a") == "f"  # of b, c, f
+    policy._freq["b"] = policy._freq["g"] = 1
+    assert policy.pop_victim(lambda k: k != "a") == "b"  # b, c, g: a tie goes to the oldest
 
 
 def test_adaptive_unconstrained_victim_when_only_window_evictable() -> None:

@@ -28,14 +28,18 @@ _POLICIES: dict[CacheStrategy, type[EvictionPolicy]] = {
 }
 
 
-def make_policy(strategy: CacheStrategy | str, capacity: int) -> EvictionPolicy:
-    """The policy for `strategy` (a `CacheStrategy` or its value, any case) holding `capacity` keys."""
+def make_policy(strategy: CacheStrategy | str, capacity: int, *, chains: bool = False) -> EvictionPolicy:
+    """The policy for `strategy` (a `CacheStrategy` or its value, any case) holding `capacity` keys.
+    `chains`: the keys are prefix-cache blocks (only chain tails are ever offered for eviction), which
+    ADAPTIVE tunes itself for; LRU and LFU need no such hint."""
     try:
         # CacheStrategy is a str enum, so `.lower()` works on members and plain strings alike.
         resolved = CacheStrategy(strategy.lower())
     except (ValueError, AttributeError):
         valid = [s.value for s in CacheStrategy]
         raise ValueError(f"unknown cache strategy {strategy!r}; expected one of {valid}") from None
+    if resolved is CacheStrategy.ADAPTIVE:
+        return AdaptivePolicy(capacity, chains=chains)
     return _POLICIES[resolved](capacity)
 
 

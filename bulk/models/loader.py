@@ -26,7 +26,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 @dataclass
 class LoadedModel:
     name: str
-    model: Any  # a transformers PreTrainedModel, in eval mode
+    model: Any  # a transformers PreTrainedModel, in inference mode (train(False))
     tokenizer: Tokenizer
     # Identifies the weights: part of every block hash, so KV from other weights is never reused.
     fingerprint: str
@@ -122,7 +122,7 @@ def _load_hf(path_or_id: str, dtype: torch.dtype, device: torch.device) -> tuple
     if local.exists() and not (local / "config.json").is_file():
         raise ModelLoadError(f"{local} has no config.json: not a Hugging Face model directory")
     source = str(local) if local.exists() else path_or_id
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).train(False)
     tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(source))
     fingerprint = _directory_fingerprint(local) if local.exists() else f"hub:{path_or_id}"
     return model, tokenizer, fingerprint

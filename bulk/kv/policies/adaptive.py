@@ -104,7 +104,6 @@ class AdaptivePolicy:
         self._block_gain = block_gain
         self._block_scan = max(1, scan)
         self._scan = 1  # main's victim: the lowest count of this many evictable probation keys
-        self._chains = False  # block-cache mode (see the docstring)
         self._period = period * capacity
         self._left = self._period  # misses until the next aging
         self._wt = 0.0
@@ -237,7 +236,7 @@ class AdaptivePolicy:
         return key
 
     def _to_chains(self) -> None:
-        self._chains = True
+        """Block-cache mode (see the docstring): near-LRU window, its own gain, the victim scan."""
         self._gain = self._block_gain
         self._scan = self._block_scan
         self._resize(self._w_max - self._wt)

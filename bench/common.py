@@ -31,15 +31,6 @@ def time_ms(fn: Callable[[], T]) -> tuple[float, T]:
     return (time.perf_counter() - started) * 1000, result
 
 
-def median_ms(fn: Callable[[], Any], runs: int, warmup: int = 1) -> float:
-    """Median wall time of `runs` calls of `fn` in milliseconds, after `warmup` untimed calls."""
-    if runs < 1:
-        raise ValueError(f"runs must be >= 1, got {runs}")
-    for _ in range(warmup):
-        fn()
-    return statistics.median(time_ms(fn)[0] for _ in range(runs))
-
-
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
@@ -75,11 +66,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: s
     out.append("  ".join("-" * w for w in widths))
     out.extend(line(r) for r in text)
     return "\n".join(out)
-
-
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
-    print(format_table(headers, rows, title))
-    print()
 
 
 def machine_info() -> dict[str, Any]:

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
 import sys
 from pathlib import Path
 
 log = logging.getLogger("bulk.cli")
+
+SERVICE_COMMANDS = {
+    "serve": "bulk.server.cli",
+    "worker": "bulk.integrations.celery.cli",
+    "grpc": "bulk.grpc_service.cli",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("name", help="benchmark name: a module under bench/")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
 
+    # Service commands live beside the code they start. Each module exposes `HELP`,
+    # `add_arguments(parser)` and `run(args) -> int`, and imports its framework only inside `run`,
+    # so `bul query` never pays for FastAPI, gRPC or Celery.
+    for name, module_name in SERVICE_COMMANDS.items():
+        if not _module_exists(module_name):
+            continue
+        module = importlib.import_module(module_name)
+        sub = commands.add_parser(name, help=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(service=module)
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -39,7 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "query":
         return _query(args)
-    return _bench(args.name, args.args)
+    if args.command == "bench":
+        return _bench(args.name, args.args)
+    return int(args.service.run(args) or 0)
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its parent package is not there either
+        return False
 
 
 def _query(args: argparse.Namespace) -> int:

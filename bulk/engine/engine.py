@@ -11,7 +11,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -55,6 +55,7 @@ class UltraAdaptiveKVCacheEngine:
         self._responses = ResponseCache(self.config.response_cache_size, self.config.response_cache_ttl)
         self._stats = EngineStats()
         self._warm = threading.Event()
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -141,6 +142,20 @@ class UltraAdaptiveKVCacheEngine:
 
     # ---- stats -----------------------------------------------------------------------------
 
+    def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call `listener(event)` when a request ends: its result dict with `"status": "ok"`, or
+        `{"status": "error", "error": <class name>, "invalid": bool}`. Metrics exporters hook in here
+        so the engine knows nothing of them. It runs on the thread that ended the request, so it
+        must be quick; its exceptions are logged and dropped."""
+        self._listeners.append(listener)
+
+    def _notify(self, event: dict[str, Any]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("engine listener %r failed", listener)
+
     def get_stats(self) -> dict[str, Any]:
         prefix = self._prefix.stats() if self._prefix is not None else {}
         return {
@@ -179,8 +194,9 @@ class UltraAdaptiveKVCacheEngine:
     def _parse(self, query: Any) -> GenerationRequest:
         try:
             return parse_request(query, self.config)
-        except InvalidRequestError:
+        except InvalidRequestError as exc:
             self._stats.record_error(invalid=True)
+            self._notify({"status": "error", "error": type(exc).__name__, "invalid": True})
             raise
 
     def _cached_response(self, request: GenerationRequest, started: float) -> dict[str, Any] | None:
@@ -198,7 +214,7 @@ class UltraAdaptiveKVCacheEngine:
             ttft_ms=latency,
             response_cached=True,
         )
-        return {
+        result = {
             **stored,
             "cache_hit": True,
             "response_cached": True,
@@ -207,6 +223,8 @@ class UltraAdaptiveKVCacheEngine:
             "ttft_ms": latency,
             "request_id": request.request_id,
         }
+        self._notify({**result, "status": "ok"})
+        return result
 
     def _load(self) -> LoadedModel:
         if self._model is None:
@@ -244,7 +262,9 @@ class UltraAdaptiveKVCacheEngine:
             result = generate(lm, self._prefix, self._arena, request, started, on_step, cancelled)
         except Exception as exc:
             if record:
-                self._stats.record_error(invalid=isinstance(exc, InvalidRequestError))
+                invalid = isinstance(exc, InvalidRequestError)
+                self._stats.record_error(invalid=invalid)
+                self._notify({"status": "error", "error": type(exc).__name__, "invalid": invalid})
             raise
         if record:
             self._stats.record(
@@ -255,6 +275,7 @@ class UltraAdaptiveKVCacheEngine:
                 ttft_ms=result["ttft_ms"],
                 response_cached=False,
             )
+            self._notify({**result, "status": "ok"})
         if (
             self.config.response_cache
             and request.use_response_cache

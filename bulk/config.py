@@ -42,8 +42,21 @@ class KVCacheConfig:
     # Tokens per cached block; only full blocks are cached.
     block_size: int = 16
     quantization: str = "none"
+    # Lower tiers. Each has its own budget in tokens and evicts with `cache_strategy`.
+    persistence_max_tokens: int = 1_048_576
     redis_url: str | None = None
+    redis_max_tokens: int = 1_048_576
+    redis_ttl: int = 86_400
     database_url: str | None = None
+    database_schema: str | None = None
+    database_max_tokens: int = 4_194_304
+    # A lower tier slower than this (seconds) counts as failed; a failed tier is skipped for
+    # `tier_retry_seconds`, doubling on each further failure (up to 60 s), then tried again.
+    tier_timeout: float = 0.5
+    tier_retry_seconds: float = 1.0
+    # Key for the HMAC on stored blocks; falls back to the BUL_CACHE_SECRET environment variable.
+    # Without one, blocks carry a plain SHA-256 (catches corruption, not tampering).
+    cache_secret: str | None = dataclasses.field(default=None, repr=False)
     # Response cache: identical deterministic requests are answered without running the model.
     response_cache: bool = True
     response_cache_size: int = 1024
@@ -78,6 +91,18 @@ class KVCacheConfig:
         _check_int(self, "response_cache_size", minimum=0)
         _check_int(self, "default_max_new_tokens", minimum=1)
         _check_int(self, "max_new_tokens_limit", minimum=1)
+        for key in ("persistence_max_tokens", "redis_max_tokens", "database_max_tokens", "redis_ttl"):
+            _check_int(self, key, minimum=1)
+        for key in ("tier_timeout", "tier_retry_seconds"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise InvalidConfigError(key, f"must be a positive number of seconds, got {value!r}")
+        for key in ("cache_secret", "database_schema"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidConfigError(key, "must be a non-empty string or None")
+        if self.database_schema is not None and not self.database_schema.isidentifier():
+            raise InvalidConfigError("database_schema", "must be a plain SQL identifier")
         if self.max_tokens < self.block_size:
             raise InvalidConfigError(
                 "max_tokens", f"{self.max_tokens} is smaller than one block ({self.block_size} tokens)"

@@ -36,3 +36,12 @@ class ModelLoadError(BulError):
 
 class EngineClosedError(BulError):
     """The engine was shut down; it accepts no more requests."""
+
+
+class CorruptBlockError(BulError):
+    """A stored KV block failed its integrity check or does not parse; it is dropped, never used."""
+
+
+class TierError(BulError):
+    """A storage tier (disk, Redis, PostgreSQL) failed or timed out. Raised inside the storage layer
+    only: the tiered store counts it and serves without that tier."""

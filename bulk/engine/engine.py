@@ -26,6 +26,7 @@ from bulk.generation.decode import Step
 from bulk.kv.prefix_cache import PrefixCache
 from bulk.models import hf_cache
 from bulk.models.loader import LoadedModel, load_model
+from bulk.storage.factory import build_lower_tiers
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,13 @@ class UltraAdaptiveKVCacheEngine:
         Safe to call twice."""
         if self._owns_worker:
             self._worker.shutdown(wait=True)
+        if self._prefix is not None:
+            self._prefix.close()  # finishes queued writes to the lower tiers
+
+    def flush_storage(self, timeout: float | None = None) -> bool:
+        """Wait until every block queued for the lower tiers (disk, Redis, PostgreSQL) is written;
+        True when done within `timeout` seconds. Serving never needs this; a handover does."""
+        return self._prefix.flush(timeout) if self._prefix is not None else True
 
     def __enter__(self) -> UltraAdaptiveKVCacheEngine:
         return self
@@ -157,15 +165,15 @@ class UltraAdaptiveKVCacheEngine:
                 log.exception("engine listener %r failed", listener)
 
     def get_stats(self) -> dict[str, Any]:
-        prefix = self._prefix.stats() if self._prefix is not None else {}
+        tiers = self._prefix.stats() if self._prefix is not None else {"memory": {}}
         return {
             **self._stats.snapshot(),
             "model": self.config.model,
             "ready": self.ready,
             "queue_depth": self._worker.queue_depth,
             "running": self._worker.running,
-            "evictions": prefix.get("evictions", 0),
-            "tiers": {"memory": prefix},
+            "evictions": tiers["memory"].get("evictions", 0),
+            "tiers": tiers,
             "response_cache": {
                 "entries": len(self._responses),
                 "hits": self._responses.hits,
@@ -233,7 +241,13 @@ class UltraAdaptiveKVCacheEngine:
         return self._model
 
     def _adopt(self, model: LoadedModel) -> None:
-        self._prefix = PrefixCache(self.config, model.fingerprint, model.dtype_name)
+        self._prefix = PrefixCache(
+            self.config,
+            model.fingerprint,
+            model.dtype,
+            model.block_shape(self.config.block_size),
+            lower=build_lower_tiers(self.config),
+        )
         self._arena = hf_cache.KVArena(
             model.num_layers, model.num_kv_heads, model.head_dim, model.dtype, model.device
         )

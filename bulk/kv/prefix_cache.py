@@ -1,7 +1,14 @@
-"""The prefix cache: the block manager's bookkeeping joined to a store that holds the block tensors.
+"""The prefix cache: the block manager's bookkeeping joined to the stores that hold the blocks.
 
 A request asks for the longest cached prefix of its prompt (`lookup`), runs the model on the rest,
-then offers its full blocks back (`store`). Blocks it holds stay pinned until `release`."""
+then offers its full blocks back (`store_blocks`). Blocks it holds stay pinned until `release`.
+
+Memory is the first tier; when the memory chain ends, the lower tiers (disk, Redis, PostgreSQL) are
+asked for the blocks that follow, and those found are promoted into memory under the same pins.
+Blocks are kept as `BlockRecord`s, quantized when the configuration says so; the memory budget is
+`max_tokens` of KV in the model's dtype, and quantized blocks count their real bytes, so more of
+them fit.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,12 @@ from dataclasses import dataclass, field
 import torch
 
 from bulk.config import KVCacheConfig
+from bulk.kv import quantization
 from bulk.kv.block_manager import BlockManager, PrefixLease
-from bulk.kv.hashing import namespace_digest
+from bulk.kv.hashing import chain_hashes, namespace_digest
 from bulk.storage.memory import MemoryBlockStore
+from bulk.storage.serialization import BlockRecord
+from bulk.storage.tiers import LowerTiers
 
 # Returns copies of the KV for tokens [start, stop), one tensor per block.
 KVSource = Callable[[int, int], list[torch.Tensor]]
@@ -30,26 +40,92 @@ class PrefixHit:
 
 
 class PrefixCache:
-    def __init__(self, config: KVCacheConfig, model_fingerprint: str, dtype_name: str) -> None:
+    def __init__(
+        self,
+        config: KVCacheConfig,
+        model_fingerprint: str,
+        dtype: torch.dtype,
+        block_shape: tuple[int, ...],
+        lower: LowerTiers | None = None,
+    ) -> None:
+        """`block_shape`: (layers, 2, kv_heads, block_size, head_dim) of one block."""
         self.block_size = config.block_size
+        self.quantization = config.quantization
+        self.dtype = dtype
+        self.dtype_name = str(dtype).removeprefix("torch.")
+        self.block_shape = tuple(block_shape)
+        quantization.check_shape(self.block_shape, self.quantization)
         self.namespace = namespace_digest(
-            model_fingerprint, config.block_size, dtype_name, config.quantization
+            model_fingerprint, config.block_size, self.dtype_name, self.quantization
         )
+        self.block_bytes = self._encode(torch.zeros(self.block_shape, dtype=dtype), ()).nbytes
+        full_bytes = torch.zeros((), dtype=dtype).element_size() * torch.Size(self.block_shape).numel()
         self.store = MemoryBlockStore()
+        self.lower = lower
+        self.lower_hits = 0  # blocks promoted from a lower tier
+        self.memory_misses = 0  # lookups whose memory chain ended before the prompt's full blocks
         self.manager = BlockManager(
-            capacity_blocks=config.max_blocks,
+            capacity_blocks=config.max_blocks * full_bytes // self.block_bytes,
             block_size=config.block_size,
             strategy=config.cache_strategy,
             namespace=self.namespace,
-            on_evict=self.store.delete,
+            on_evict=self._evicted,
         )
+
+    # ---- the codec: blocks <-> records ------------------------------------------------------
+
+    def _encode(self, block: torch.Tensor, tokens: tuple[int, ...]) -> BlockRecord:
+        return BlockRecord(
+            tokens=tokens,
+            quantization=self.quantization,
+            dtype=self.dtype_name,
+            shape=self.block_shape,
+            parts=quantization.quantize(block, self.quantization),
+        )
+
+    def _decode(self, record: BlockRecord) -> torch.Tensor:
+        return quantization.dequantize(record.parts, self.quantization, self.dtype, self.block_shape)
+
+    def _fits(self, record: BlockRecord, tokens: Sequence[int]) -> bool:
+        """A lower tier's block is used only for exactly these tokens, in this configuration."""
+        return (
+            record.tokens == tuple(tokens)
+            and record.shape == self.block_shape
+            and record.dtype == self.dtype_name
+            and record.quantization == self.quantization
+        )
+
+    # ---- requests ----------------------------------------------------------------------------
 
     def lookup(self, token_ids: Sequence[int], max_tokens: int) -> PrefixHit:
         lease = self.manager.acquire(token_ids, max_tokens=max_tokens)
-        blocks = self.store.get_many(lease.hashes)
-        # A block admitted by another thread whose tensor is not stored yet ends the usable prefix.
-        usable = next((i for i, b in enumerate(blocks) if b is None), len(blocks))
-        return PrefixHit(lease=lease, blocks=[b for b in blocks[:usable] if b is not None])
+        records = self.store.get_many(lease.hashes)
+        # A block admitted by another thread whose record is not stored yet ends the usable prefix.
+        usable = next((i for i, r in enumerate(records) if r is None), len(records))
+        wanted = min(len(token_ids), max_tokens) // self.block_size
+        if usable == len(lease.hashes) < wanted:
+            self.memory_misses += 1
+            if self.lower is not None:
+                records = records + self._promote(lease, token_ids, wanted)
+                usable = len(records)
+        return PrefixHit(lease=lease, blocks=[self._decode(r) for r in records[:usable] if r is not None])
+
+    def _promote(self, lease: PrefixLease, token_ids: Sequence[int], wanted: int) -> list[BlockRecord]:
+        """Fetch the blocks after the lease's from the lower tiers, admit them into memory, pin them."""
+        assert self.lower is not None
+        bs, start = self.block_size, len(lease.hashes)
+        parent = lease.hashes[-1] if lease.hashes else None
+        keys = chain_hashes(token_ids[start * bs : wanted * bs], bs, self.namespace, parent)
+        found = self.lower.fetch_chain(
+            keys, lambda i, record: self._fits(record, token_ids[(start + i) * bs : (start + i + 1) * bs])
+        )
+        if not found:
+            return []
+        admitted = self.manager.extend(lease, token_ids[: (start + len(found)) * bs])
+        self.store.put_many((digest, found[index - start]) for index, digest in admitted)
+        usable = len(lease.hashes) - start  # the memory budget may have stopped extend early
+        self.lower_hits += usable
+        return found[:usable]
 
     def store_blocks(self, hit: PrefixHit, token_ids: Sequence[int], kv_source: KVSource) -> int:
         """Offer every full block of `token_ids` beyond those `hit` holds; returns how many new blocks
@@ -60,15 +136,52 @@ class PrefixCache:
         bs = self.block_size
         first, last = admitted[0][0], admitted[-1][0]
         tensors = kv_source(first * bs, (last + 1) * bs)
-        self.store.put_many((digest, tensors[index - first]) for index, digest in admitted)
+        items = [
+            (digest, self._encode(tensors[index - first], tuple(token_ids[index * bs : (index + 1) * bs])))
+            for index, digest in admitted
+        ]
+        self.store.put_many(items)
+        if self.lower is not None:
+            self.lower.write(items)
         return len(admitted)
 
     def release(self, hit: PrefixHit) -> None:
         self.manager.release(hit.lease)
 
+    def _evicted(self, digest: bytes) -> None:
+        record = self.store.get(digest)
+        self.store.delete(digest)
+        if self.lower is not None:
+            self.lower.evicted(digest, record)
+
     def clear(self) -> None:
+        """Drop every unpinned block from memory and every block from the lower tiers."""
         for digest in self.manager.clear():
             self.store.delete(digest)
+        if self.lower is not None:
+            self.lower.clear()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return self.lower.flush(timeout) if self.lower is not None else True
+
+    def close(self) -> None:
+        if self.lower is not None:
+            self.lower.close()
 
     def stats(self) -> dict[str, object]:
-        return {**self.manager.stats(), "block_size": self.block_size, "size_bytes": self.store.size_bytes}
+        manager = self.manager.stats()
+        memory = {
+            **manager,
+            "hits": manager["token_hits"] // self.block_size,
+            "misses": self.memory_misses,
+            "errors": 0,
+            "healthy": True,
+            "block_size": self.block_size,
+            "block_bytes": self.block_bytes,
+            "size_bytes": self.store.size_bytes,
+        }
+        tiers = {"memory": memory}
+        if self.lower is not None:
+            tiers.update(self.lower.stats())
+            tiers["memory"]["dropped_writes"] = self.lower.dropped_writes
+        return tiers

@@ -42,6 +42,10 @@ class LoadedModel:
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
+    def block_shape(self, block_size: int) -> tuple[int, int, int, int, int]:
+        """Shape of one cached KV block: (layers, 2, kv_heads, block_size, head_dim)."""
+        return (self.num_layers, 2, self.num_kv_heads, block_size, self.head_dim)
+
     @property
     def kv_bytes_per_token(self) -> int:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize

@@ -1,29 +1,29 @@
-"""The in-memory tier: block tensors in a dict. Its budget is enforced by the block manager, which
-decides what is admitted and evicted; this class only holds the bytes."""
+"""The in-memory tier: blocks (`BlockRecord`s, or anything with `nbytes`) in a dict. Its budget is
+enforced by the block manager, which decides what is admitted and evicted; this class only holds
+the values and counts their real bytes."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Sequence
-
-import torch
+from typing import Any
 
 
 class MemoryBlockStore:
     name = "memory"
 
     def __init__(self) -> None:
-        self._blocks: dict[bytes, torch.Tensor] = {}
+        self._blocks: dict[bytes, Any] = {}
         self._lock = threading.Lock()
         self.size_bytes = 0
 
     def contains(self, key: bytes) -> bool:
         return key in self._blocks
 
-    def get(self, key: bytes) -> torch.Tensor | None:
+    def get(self, key: bytes) -> Any | None:
         return self._blocks.get(key)
 
-    def put(self, key: bytes, block: torch.Tensor) -> None:
+    def put(self, key: bytes, block: Any) -> None:
         with self._lock:
             old = self._blocks.get(key)
             if old is not None:
@@ -45,10 +45,10 @@ class MemoryBlockStore:
     def close(self) -> None:
         self.clear()
 
-    def get_many(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
+    def get_many(self, keys: Sequence[bytes]) -> list[Any | None]:
         return [self._blocks.get(k) for k in keys]
 
-    def put_many(self, items: Iterable[tuple[bytes, torch.Tensor]]) -> None:
+    def put_many(self, items: Iterable[tuple[bytes, Any]]) -> None:
         for key, block in items:
             self.put(key, block)
 

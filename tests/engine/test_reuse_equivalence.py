@@ -69,7 +69,12 @@ def test_final_logits_equal_with_reused_blocks(demo_model, block_size):
     ids = demo_model.tokenizer.encode(_text(random.Random(7), 207))  # 208 tokens: trims the last block
     full_logits, _ = prefill(demo_model, ids, None)
 
-    cache = PrefixCache(KVCacheConfig(block_size=block_size), demo_model.fingerprint, demo_model.dtype_name)
+    cache = PrefixCache(
+        KVCacheConfig(block_size=block_size),
+        demo_model.fingerprint,
+        demo_model.dtype,
+        demo_model.block_shape(block_size),
+    )
     first = cache.lookup(ids, max_tokens=len(ids) - 1)
     _, kv = prefill(demo_model, ids, None)
     cache.store_blocks(first, ids, lambda s, e: hf_cache.blocks_from_cache(kv, s, e, block_size))

@@ -1,0 +1,148 @@
+"""PostgreSQL as a key-value table: the PostgreSQL KV tier (`bul_kv_blocks`, bytea keys) and the
+guide's `PostgresCacheAdapter` (`cache_entries`, text keys) are both this class, so the connection,
+the schema creation, the upsert and the error translation exist once.
+
+A table is `(key, value bytea, created_at, accessed_at)`. Reads touch `accessed_at` in the same
+statement (`UPDATE ... RETURNING`), one round trip for a whole batch; writes are upserts. The schema
+and table are created on first use. SQLAlchemy 2 Core with psycopg 3; any database error becomes
+`TierError` here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import BYTEA, insert
+
+from bulk.errors import TierError
+
+BLOCK_TABLE = "bul_kv_blocks"
+
+
+@contextlib.contextmanager
+def _translate_errors() -> Iterator[None]:
+    try:
+        yield
+    except sa.exc.SQLAlchemyError as exc:
+        raise TierError(f"postgres: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+
+
+def connect(url: str, timeout: float) -> sa.Engine:
+    """An engine on psycopg 3 (plain `postgresql://` URLs would pick psycopg2), with connect and
+    statement timeouts so that a stuck server costs a bounded wait."""
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            url = "postgresql+psycopg://" + url.removeprefix(plain)
+    return sa.create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=2,
+        connect_args={
+            "connect_timeout": max(1, round(timeout)),
+            "options": f"-c statement_timeout={max(1, int(timeout * 1000))}",
+        },
+    )
+
+
+class PostgresTable:
+    name = "postgres"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        table: str = BLOCK_TABLE,
+        text_keys: bool = False,
+        schema: str | None = None,
+        timeout: float = 0.5,
+    ) -> None:
+        self.engine = connect(url, timeout)
+        self.schema = schema
+        self.table = sa.Table(
+            table,
+            sa.MetaData(schema=schema),
+            sa.Column("key", sa.Text if text_keys else BYTEA, primary_key=True),
+            sa.Column("value", BYTEA, nullable=False),
+            sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
+            sa.Column(
+                "accessed_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+            ),
+        )
+        self._created = False
+        self._create_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _begin(self) -> Iterator[sa.Connection]:
+        with _translate_errors(), self.engine.begin() as conn:
+            if not self._created:
+                self._create(conn)
+            yield conn
+
+    def _create(self, conn: sa.Connection) -> None:
+        with self._create_lock:
+            if self.schema:
+                conn.execute(sa.schema.CreateSchema(self.schema, if_not_exists=True))
+            self.table.create(conn, checkfirst=True)
+            self._created = True
+
+    def contains(self, key: bytes | str) -> bool:
+        with self._begin() as conn:
+            return conn.execute(sa.select(1).where(self.table.c.key == key)).first() is not None
+
+    def get(self, key: bytes | str) -> bytes | None:
+        return self.get_many([key])[0]
+
+    def put(self, key: bytes | str, value: bytes) -> None:
+        self.put_many([(key, value)])
+
+    def delete(self, key: bytes | str) -> None:
+        with self._begin() as conn:
+            conn.execute(sa.delete(self.table).where(self.table.c.key == key))
+
+    def clear(self) -> None:
+        with self._begin() as conn:
+            conn.execute(sa.delete(self.table))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def get_many(self, keys: Sequence[bytes | str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        t = self.table
+        with self._begin() as conn:
+            rows = conn.execute(
+                sa.update(t)
+                .where(t.c.key.in_(list(keys)))
+                .values(accessed_at=sa.func.now())
+                .returning(t.c.key, t.c.value)
+            ).all()
+        found = {bytes(k) if isinstance(k, memoryview) else k: bytes(v) for k, v in rows}
+        return [found.get(k) for k in keys]
+
+    def put_many(self, items: Iterable[tuple[bytes | str, bytes]]) -> None:
+        rows = [{"key": k, "value": v} for k, v in items]
+        if not rows:
+            return
+        statement = insert(self.table).values(rows)
+        statement = statement.on_conflict_do_update(
+            index_elements=[self.table.c.key],
+            set_={"value": statement.excluded.value, "accessed_at": sa.func.now()},
+        )
+        with self._begin() as conn:
+            conn.execute(statement)
+
+    def keys(self) -> list[bytes | str]:
+        """Every key, least recently accessed first."""
+        with self._begin() as conn:
+            rows = conn.execute(sa.select(self.table.c.key).order_by(self.table.c.accessed_at)).all()
+        return [bytes(k) if isinstance(k, memoryview) else k for (k,) in rows]
+
+    def drop(self) -> None:
+        """Drop the table (tests and `bul` maintenance); the next call creates it again."""
+        with _translate_errors(), self.engine.begin() as conn:
+            self.table.drop(conn, checkfirst=True)
+        self._created = False

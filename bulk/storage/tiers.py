@@ -1,0 +1,176 @@
+"""The tiers below memory, fastest first: local disk, Redis, PostgreSQL (each optional).
+
+Reads happen on the request path: the chain of blocks the memory tier lacks is asked of each tier in
+turn, one batched call per tier, and the first missing, corrupt or foreign block ends the usable
+prefix (a child is useless without its parent). A block found in a slower tier is also written to
+the faster ones above it.
+
+Writes never happen on the request path. New blocks go to a bounded queue that one writer thread
+drains: it serializes each block once and writes it to every tier (write-through, so a restart or a
+second replica finds it at once); a block whose write failed is written again when the memory tier
+evicts it (write-back). When the queue is full a write is dropped and counted: the block is still
+in memory, and serving never waits on storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bulk.errors import CorruptBlockError
+from bulk.storage.guard import GuardedStore
+from bulk.storage.serialization import BlockRecord, dumps, loads
+
+log = logging.getLogger(__name__)
+
+WRITE_QUEUE_BLOCKS = 4096
+_WRITE_BATCH = 64
+_STOP = object()
+
+# One queued write: the block's key, its record (or already serialized bytes), the tier indices.
+_Write = tuple[bytes, BlockRecord | bytes, tuple[int, ...]]
+
+
+class LowerTiers:
+    def __init__(self, tiers: Sequence[GuardedStore], secret: bytes | None) -> None:
+        self.tiers = list(tiers)
+        self.secret = secret
+        self.dropped_writes = 0
+        self._closed = False
+        self._unwritten: set[bytes] = set()  # queued or failed: to write again on eviction
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=WRITE_QUEUE_BLOCKS)
+        self._writer = threading.Thread(target=self._write_loop, name="bul-tier-writer", daemon=True)
+        self._writer.start()
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tiers]
+
+    # ---- reads (request path) --------------------------------------------------------------
+
+    def fetch_chain(
+        self, keys: Sequence[bytes], accept: Callable[[int, BlockRecord], bool]
+    ) -> list[BlockRecord]:
+        """The longest run of `keys`, from the first, that the tiers hold intact. `accept(i, record)`
+        checks block i's tokens and shape against what the request expects."""
+        found: list[BlockRecord] = []
+        for level, tier in enumerate(self.tiers):
+            if len(found) == len(keys):
+                break
+            start = len(found)
+            wanted = keys[start:]
+            for key, data in zip(wanted, tier.get_many(wanted), strict=True):
+                record = self._decode(tier, key, data)
+                if record is None or not accept(len(found), record):
+                    if record is not None:
+                        tier.count("corrupt")  # a well-formed block for other tokens or shape
+                    break
+                found.append(record)
+            if len(found) > start:
+                tier.count("hits", len(found) - start)
+                if level:  # promote to the faster lower tiers
+                    self._enqueue(
+                        [(k, r, tuple(range(level))) for k, r in zip(wanted, found[start:], strict=False)]
+                    )
+            if len(found) < len(keys):
+                tier.count("misses")
+        return found
+
+    def _decode(self, tier: GuardedStore, key: bytes, data: bytes | None) -> BlockRecord | None:
+        if data is None:
+            return None
+        try:
+            return loads(key, data, self.secret)
+        except CorruptBlockError as exc:
+            log.warning("dropping a corrupt block %s from the %s tier: %s", key.hex()[:16], tier.name, exc)
+            tier.count("corrupt")
+            tier.delete(key)
+            return None
+
+    # ---- writes (writer thread) ------------------------------------------------------------
+
+    def write(self, items: Sequence[tuple[bytes, BlockRecord]]) -> None:
+        """Queue new blocks for every tier; returns at once."""
+        everywhere = tuple(range(len(self.tiers)))
+        self._enqueue([(key, record, everywhere) for key, record in items])
+
+    def evicted(self, key: bytes, record: BlockRecord | None) -> None:
+        """The memory tier dropped `key`: write it down if no tier has it yet."""
+        with self._lock:
+            pending = key in self._unwritten
+            self._unwritten.discard(key)  # last chance: not tracked once it has left memory
+        if pending and record is not None:
+            self._enqueue([(key, record, tuple(range(len(self.tiers))))], track=False)
+
+    def _enqueue(self, writes: list[_Write], track: bool = True) -> None:
+        for write in writes:
+            if track:
+                with self._lock:
+                    self._unwritten.add(write[0])
+            try:
+                self._queue.put_nowait(write)
+            except queue.Full:
+                with self._lock:
+                    self.dropped_writes += 1
+
+    def _write_loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < _WRITE_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                stop = any(item is _STOP for item in batch)
+                self._write_batch([item for item in batch if item is not _STOP])
+            except Exception:
+                log.exception("tier writer failed on a batch of %d blocks", len(batch))
+                stop = False
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+            if stop:
+                return
+
+    def _write_batch(self, batch: list[_Write]) -> None:
+        per_tier: dict[int, list[tuple[bytes, bytes]]] = {}
+        for key, value, levels in batch:
+            data = value if isinstance(value, bytes) else dumps(key, value, self.secret)
+            for level in levels:
+                per_tier.setdefault(level, []).append((key, data))
+        failed: set[bytes] = set()
+        for level, items in per_tier.items():
+            if not self.tiers[level].put_many(items):
+                failed.update(key for key, _ in items)
+        with self._lock:
+            self._unwritten.difference_update(key for key, _, _ in batch if key not in failed)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued write is done (or `timeout` seconds); True when drained."""
+        done = threading.Event()
+        threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True).start()
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish queued writes (up to `timeout` seconds), stop the writer, close every tier. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.flush(timeout)
+        self._queue.put(_STOP)
+        self._writer.join(timeout)
+        for tier in self.tiers:
+            tier.close()
+
+    def clear(self) -> None:
+        self.flush(10.0)
+        for tier in self.tiers:
+            tier.clear()
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {tier.name: tier.stats() for tier in self.tiers}

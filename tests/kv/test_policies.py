@@ -476,3 +476,34 @@ def test_simulate_hand_computed(strategy: str, expected: float) -> None:
 def test_simulate_empty_trace_and_all_hits() -> None:
     assert simulate("lru", [], 3) == 0.0
     assert simulate("adaptive", iter(["x"] * 4), 1) == pytest.approx(3 / 4)  # any iterable
+
+
+def test_adaptive_steps_grow_while_ghost_hits_agree() -> None:
+    policy = AdaptivePolicy(1000, gain=4.0, momentum=3)
+    start = policy.window_target
+    for expected in (4, 8, 12, 12):  # 1, 2, 3, then capped at 3 x gain
+        before = policy._wt
+        policy._wghost["k"] = policy._wn  # a live window ghost
+        policy.insert("k")
+        policy.discard("k")
+        assert policy._wt - before == expected
+    before = policy._wt
+    policy._mghost["m"] = policy._mn  # the other way: the count restarts at one step
+    policy.insert("m")
+    assert before - policy._wt == 4 and policy.window_target > start
+
+
+def test_adaptive_block_mode_one_ghost_vote_per_run_of_misses() -> None:
+    policy = AdaptivePolicy(100, chains=True)
+    policy._resize(-50)  # room to move both ways
+    start = policy._wt
+    for key in ("a", "b", "c"):
+        policy._wghost[key] = policy._wn  # a returning chain: three live window ghosts
+    for key in ("a", "b", "c"):
+        policy.insert(key)  # one run of misses: only the first ghost moves the window
+    assert policy._wt == start + 4.0
+    assert not policy._wghost  # the others were consumed all the same
+    policy.touch("a")  # a hit: the next miss may vote again
+    policy._mghost["d"] = policy._mn
+    policy.insert("d")
+    assert policy._wt == start

@@ -37,6 +37,18 @@ cache it halves the gap to LFU on the KV-prefix trace at 256 blocks (mean over t
 against 0.551); shorter ones lose on moving-hot-set and the larger KV caches. The window ranges over
 [1, capacity - 1], so the policy slides from TinyLFU (small window) to almost LRU (large window).
 
+Step momentum. A ghost hit moves the window by `gain` times the number of ghost hits in a row that
+asked the same way (at most `momentum`, 8); a hit asking the other way restarts the count at one.
+This is the step-size rule of adaptive optimisers (Rprop, M. Riedmiller and H. Braun, ICNN 1993) and
+of Caffeine's hill climber, whose step restarts large when the hit ratio moves: when popularity shifts
+(moving-hot-set's new hot set) the window ghosts agree many times over and the window opens in a few
+dozen misses instead of a few hundred, while on a stationary Zipf trace the two kinds of ghost hits
+alternate and the steps stay at `gain`. Moving-hot-set at 1000 keys goes from -0.33 to -0.04 points
+against LRU (seed 4; seed 5: -0.55 to -0.09), 250 and 500 keys gain 1-1.6 points, the Zipf traces
+lose 0.2-0.5 of their 0.4-2.2 point lead. A larger fixed gain (8, 16) or a step that doubles per
+agreeing hit (capped at 2-6 % of the cache) lose more on Zipf at 100 keys for the same gain on
+moving-hot-set; aging by accesses instead of misses (Caffeine's sample period) loses everywhere.
+
 Under the block cache's `can_evict` (only unpinned leaves of the chain tree may leave) the candidate is
 the window's least recent *evictable* key and the victim main's least recent evictable key; when one
 side has none, the other side's key leaves without a contest, and None comes back only when no
@@ -51,13 +63,34 @@ ago it was written: a finished session's tail outscores a live session's newest 
 window drops live tails (on the KV-prefix trace a fixed 50 % window loses 20-30 points to LRU at 1024
 and 4096 blocks). So in this mode the window restarts at its largest (almost LRU) and moves by
 `block_gain` per ghost hit, shrinking only as main's ghosts ask: against LRU at 1024 and 4096 blocks
-this goes from -0.23 and -0.50 points to -0.00 and -0.02 (with the flat traces' gain of 4 the restart
-alone leaves -0.39 at 1024). And main's victim is the lowest-count key among the first `scan`
-evictable keys of probation (the oldest on ties) rather than strictly the oldest, so a low-count tail
-leaves before a busier one beside it (256 blocks: -1.19 -> -0.88 points to LFU, though that point
-swings by +-0.5 with any parameter). Flat traces never pass a predicate and are unaffected. Also
-tried in this mode, no better: ties to the candidate, other horizons, faster aging, a window
-restarting at 10-75 % of the cache.
+this goes from -0.23 and -0.50 points to -0.00 and -0.02. And main's victim is the lowest-count key
+among the first `scan` evictable keys of probation (the oldest on ties) rather than strictly the
+oldest, so a low-count tail leaves before a busier one beside it (256 blocks: -1.19 -> -0.88 points
+to LFU, though that point swings by +-0.5 with any parameter). Flat traces never pass a predicate
+and are unaffected.
+
+One vote per run of misses (block-cache mode). A request that finds its chain cut re-inserts every
+block after the cut, and those blocks left the cache together, so one request brings a burst of tens
+of ghost hits of one kind: the window swung by a quarter of a 256-block cache on a single returning
+session. But only the first missing block says something about token hits (a later block saves
+prefill only if every block before it is kept too, see `simulate_prefix`). So in this mode only the
+first live ghost hit of each run of misses moves the window (a `touch`, i.e. a hit, starts a new run;
+the other ghosts of the run are still consumed), with `block_gain` 4 and no momentum (a run already
+counts once). KV-prefix, seed 5: 256 blocks 35.41 -> 36.11 % (LFU 36.55), 1024 64.00 -> 63.95
+(LRU 63.93), 4096 ties LRU; seed 6: 29.72 -> 30.01 (LFU 28.16), 59.84 -> 59.97 (LRU 59.87), ties.
+
+Also tried in this mode, no better: ties to the candidate, other horizons, faster aging (a period of
+1-3 x capacity loses 1-3 points at 256; a slower one, 30, gains with a fixed window but not with the
+ghost-driven one), a window restarting at 10-75 % of the cache, fixed windows (0.5-0.95 of the cache
+score 36.6-36.8 % at 256 blocks, above LFU, but 42-58 % at 1024 against LRU's 63.9: the window's
+non-evictable interior blocks are the ancestors of chains whose leaves sit in main, so main's leaves
+hold the window hostage), moving such stuck interior blocks from the window to probation (fixes 1024
+for fixed windows, loses 3 points at 256), Caffeine's hill climber on the token hit ratio instead of
+ghosts (sample 10 x capacity, step 6.25 %, decay 0.98: 36.0 / 61.2 / 85.1 % at 256 / 1024 / 4096, its
+exploration steps are too costly where the response is a cliff near the LRU end), a common eviction
+clock for both ghost maps with ARC's |B2|/|B1| step ratio (the window locks at one extreme or the
+other: 32.4 % at 256, or 53 % at 1024), a window floor at 25-50 % of the cache (35.3-35.4 % at 256:
+the loss is the upper end's cliff, not the lower end).
 
 Cost. One dict maps each resident key to its list, so membership is one lookup; a hit is a count
 increment and one OrderedDict move (a promotion, and maybe a demotion, on a probation hit), with
@@ -83,7 +116,8 @@ class AdaptivePolicy:
         period: int = 10,
         gain: float = 4.0,
         horizon: float = 0.25,
-        block_gain: float = 2.0,
+        momentum: int = 8,
+        block_gain: float = 4.0,
         scan: int = 4,
         chains: bool = False,
     ) -> None:
@@ -101,6 +135,8 @@ class AdaptivePolicy:
         self._freq: defaultdict[Key, int] = defaultdict(int)
         self._share = protected
         self._gain = gain
+        self._momentum = max(1, momentum)
+        self._streak = 0  # consecutive ghost hits asking the same way: > 0 grow, < 0 shrink
         self._block_gain = block_gain
         self._block_scan = max(1, scan)
         self._scan = 1  # main's victim: the lowest count of this many evictable probation keys
@@ -110,6 +146,8 @@ class AdaptivePolicy:
         self._w_max = max(1.0, capacity - 1.0)
         self._w_target = self._p_target = 0
         self._resize(max(1.0, capacity * window))
+        self._chains = chains
+        self._voted = False  # block-cache mode: a ghost has voted in this run of misses already
         if chains:
             self._to_chains()
 
@@ -137,14 +175,18 @@ class AdaptivePolicy:
 
     def insert(self, key: Key) -> None:
         self._freq[key] += 1
-        wghost = self._wghost
+        wghost, mghost = self._wghost, self._mghost
         if key in wghost:  # the window rejected it too early: grow the window
-            if self._wn - wghost.pop(key) < self._live and self._wt < self._w_max:
-                self._resize(self._gain)
-        else:
-            mghost = self._mghost  # main evicted it too early: shrink the window
-            if key in mghost and self._mn - mghost.pop(key) < self._live and self._wt > 1.0:
-                self._resize(-self._gain)
+            if self._wn - wghost.pop(key) < self._live and not self._voted:
+                self._voted = self._chains
+                if self._wt < self._w_max:
+                    streak = self._streak = self._streak + 1 if self._streak > 0 else 1
+                    self._resize(self._gain * min(streak, self._momentum))
+        elif key in mghost and self._mn - mghost.pop(key) < self._live and not self._voted:
+            self._voted = self._chains  # main evicted it too early: shrink the window
+            if self._wt > 1.0:
+                streak = self._streak = self._streak - 1 if self._streak < 0 else -1
+                self._resize(-self._gain * min(-streak, self._momentum))
         window, where = self._window, self._where
         window[key] = None
         where[key] = window
@@ -174,6 +216,11 @@ class AdaptivePolicy:
                 where[demoted] = lst
         else:
             lst.move_to_end(key)
+
+    def _touch_in_chain(self, key: Key) -> None:
+        # Block-cache mode: a hit ends the current run of misses, so the next miss may vote again.
+        self._voted = False
+        AdaptivePolicy.touch(self, key)
 
     def pop_victim(self, can_evict: CanEvict = always) -> Key | None:
         window = self._window
@@ -238,7 +285,9 @@ class AdaptivePolicy:
     def _to_chains(self) -> None:
         """Block-cache mode (see the docstring): near-LRU window, its own gain, the victim scan."""
         self._gain = self._block_gain
+        self._momentum = 1
         self._scan = self._block_scan
+        self.touch = self._touch_in_chain  # type: ignore[method-assign]
         self._resize(self._w_max - self._wt)
 
     def _resize(self, amount: float) -> None:

@@ -1,0 +1,1 @@
+"""BULService over gRPC (`bul grpc`): proto in proto/bul.proto, committed stubs in `generated/`."""

@@ -85,6 +85,12 @@ class UltraAdaptiveKVCacheEngine:
         if self._prefix is not None:
             self._prefix.close()  # finishes queued writes to the lower tiers
 
+    def drop_memory_tier(self) -> None:
+        """Drop the memory tier's unpinned blocks; disk, Redis and PostgreSQL keep theirs, and the
+        next requests promote what they need back (to free memory, or to measure the lower tiers)."""
+        if self._prefix is not None:
+            self._prefix.clear(lower_tiers=False)
+
     def flush_storage(self, timeout: float | None = None) -> bool:
         """Wait until every block queued for the lower tiers (disk, Redis, PostgreSQL) is written;
         True when done within `timeout` seconds. Serving never needs this; a handover does."""

@@ -58,7 +58,7 @@ class PrefixCache:
         self.namespace = namespace_digest(
             model_fingerprint, config.block_size, self.dtype_name, self.quantization
         )
-        self.block_bytes = self._encode(torch.zeros(self.block_shape, dtype=dtype), ()).nbytes
+        self.block_bytes = self.encode(torch.zeros(self.block_shape, dtype=dtype), ()).nbytes
         full_bytes = torch.zeros((), dtype=dtype).element_size() * torch.Size(self.block_shape).numel()
         self.store = MemoryBlockStore()
         self.lower = lower
@@ -74,7 +74,7 @@ class PrefixCache:
 
     # ---- the codec: blocks <-> records ------------------------------------------------------
 
-    def _encode(self, block: torch.Tensor, tokens: tuple[int, ...]) -> BlockRecord:
+    def encode(self, block: torch.Tensor, tokens: tuple[int, ...]) -> BlockRecord:
         return BlockRecord(
             tokens=tokens,
             quantization=self.quantization,
@@ -83,7 +83,7 @@ class PrefixCache:
             parts=quantization.quantize(block, self.quantization),
         )
 
-    def _decode(self, record: BlockRecord) -> torch.Tensor:
+    def decode(self, record: BlockRecord) -> torch.Tensor:
         return quantization.dequantize(record.parts, self.quantization, self.dtype, self.block_shape)
 
     def _fits(self, record: BlockRecord, tokens: Sequence[int]) -> bool:
@@ -108,7 +108,7 @@ class PrefixCache:
             if self.lower is not None:
                 records = records + self._promote(lease, token_ids, wanted)
                 usable = len(records)
-        return PrefixHit(lease=lease, blocks=[self._decode(r) for r in records[:usable] if r is not None])
+        return PrefixHit(lease=lease, blocks=[self.decode(r) for r in records[:usable] if r is not None])
 
     def _promote(self, lease: PrefixLease, token_ids: Sequence[int], wanted: int) -> list[BlockRecord]:
         """Fetch the blocks after the lease's from the lower tiers, admit them into memory, pin them."""
@@ -137,7 +137,7 @@ class PrefixCache:
         first, last = admitted[0][0], admitted[-1][0]
         tensors = kv_source(first * bs, (last + 1) * bs)
         items = [
-            (digest, self._encode(tensors[index - first], tuple(token_ids[index * bs : (index + 1) * bs])))
+            (digest, self.encode(tensors[index - first], tuple(token_ids[index * bs : (index + 1) * bs])))
             for index, digest in admitted
         ]
         self.store.put_many(items)
@@ -154,11 +154,12 @@ class PrefixCache:
         if self.lower is not None:
             self.lower.evicted(digest, record)
 
-    def clear(self) -> None:
-        """Drop every unpinned block from memory and every block from the lower tiers."""
+    def clear(self, lower_tiers: bool = True) -> None:
+        """Drop every unpinned block from memory and, unless told not to, every block from the
+        lower tiers."""
         for digest in self.manager.clear():
             self.store.delete(digest)
-        if self.lower is not None:
+        if lower_tiers and self.lower is not None:
             self.lower.clear()
 
     def flush(self, timeout: float | None = None) -> bool:

@@ -14,7 +14,9 @@ import contextlib
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 
+import psycopg
 import sqlalchemy as sa
+from psycopg import sql
 from sqlalchemy.dialects.postgresql import BYTEA, insert
 
 from bulk.errors import TierError
@@ -26,7 +28,7 @@ BLOCK_TABLE = "bul_kv_blocks"
 def _translate_errors() -> Iterator[None]:
     try:
         yield
-    except sa.exc.SQLAlchemyError as exc:
+    except (sa.exc.SQLAlchemyError, psycopg.Error) as exc:
         raise TierError(f"postgres: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
 
 
@@ -112,15 +114,16 @@ class PostgresTable:
     def get_many(self, keys: Sequence[bytes | str]) -> list[bytes | None]:
         if not keys:
             return []
-        t = self.table
+        # Straight through psycopg with a binary cursor: in SQLAlchemy's default text format every
+        # bytea value would cross the socket hex-encoded, twice its size, and be decoded here
+        # (3x slower for a 2048-token prefix).
+        statement = sql.SQL(
+            "UPDATE {} SET accessed_at = now() WHERE key = ANY(%s) RETURNING key, value"
+        ).format(sql.Identifier(*filter(None, (self.schema, self.table.name))))
         with self._begin() as conn:
-            rows = conn.execute(
-                sa.update(t)
-                .where(t.c.key.in_(list(keys)))
-                .values(accessed_at=sa.func.now())
-                .returning(t.c.key, t.c.value)
-            ).all()
-        found = {bytes(k) if isinstance(k, memoryview) else k: bytes(v) for k, v in rows}
+            with conn.connection.driver_connection.cursor(binary=True) as cursor:
+                rows = cursor.execute(statement, (list(keys),)).fetchall()
+        found = {bytes(k) if isinstance(k, bytes | memoryview) else k: bytes(v) for k, v in rows}
         return [found.get(k) for k in keys]
 
     def put_many(self, items: Iterable[tuple[bytes | str, bytes]]) -> None:

@@ -92,20 +92,26 @@ def loads(key: bytes, data: bytes, secret: bytes | None) -> BlockRecord:
 def _record(header: dict, body: memoryview) -> BlockRecord:
     if header["format"] != FORMAT_VERSION or header["dtype"] not in _DTYPES:
         raise ValueError("bad format or dtype")
-    parts: dict[str, torch.Tensor] = {}
+    layout = []
     offset = 0
     for name, dtype_name, shape in header["parts"]:
         dtype = _DTYPES[dtype_name]
         if not isinstance(name, str) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise ValueError("bad part")
         size = math.prod(shape) * dtype.itemsize
-        if offset + size > len(body):
-            raise ValueError("part overruns the block")
-        raw = torch.frombuffer(bytearray(body[offset : offset + size]), dtype=torch.uint8)
-        parts[name] = raw.view(dtype).reshape(shape)
+        layout.append((name, dtype, shape, offset, size))
         offset += size
     if offset != len(body):
-        raise ValueError("trailing bytes")
+        raise ValueError("part sizes do not match the block's length")
+    # One copy of the body into memory torch may own (the stored bytes are read-only); every part
+    # is a view into it.
+    buffer = torch.frombuffer(bytearray(body) or bytearray(1), dtype=torch.uint8)  # frombuffer needs 1 byte
+    parts = {}
+    for name, dtype, shape, start, size in layout:
+        raw = buffer[start : start + size]
+        if start % dtype.itemsize:  # a view must start on an element boundary
+            raw = raw.clone()
+        parts[name] = raw.view(dtype).reshape(shape)
     tokens = tuple(header["tokens"])
     if not all(isinstance(t, int) for t in tokens):
         raise ValueError("bad tokens")

@@ -68,7 +68,7 @@ def _tamper(name: str, fields: dict) -> int:
         client.close()
         return len(keys[::2])
     engine = sa.create_engine(DATABASE_URL.replace("postgresql://", "postgresql+psycopg://"))
-    table = f"\"{fields['database_schema']}\".bul_kv_blocks"
+    table = f'"{fields["database_schema"]}".bul_kv_blocks'
     with engine.begin() as conn:
         keys = [k for (k,) in conn.execute(sa.text(f"SELECT key FROM {table} ORDER BY key"))][::2]
         flip = f"UPDATE {table} SET value = overlay(value placing '\\xff'::bytea from 200) WHERE key = :k"

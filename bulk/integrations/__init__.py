@@ -1,0 +1,4 @@
+"""Thin shims that run the engine inside other frameworks: Celery workers, Django and Flask apps.
+
+Each subpackage imports its framework, so nothing here is imported by the engine core; import the one
+you use (`bulk.integrations.celery.app`, `bulk.integrations.django`, `bulk.integrations.flask`)."""

@@ -1,0 +1,121 @@
+"""A Prometheus collector that reads `engine.get_stats()` when Prometheus scrapes.
+
+Counters and gauges come from the engine's own counters at scrape time rather than being bumped on
+every request: the request path pays nothing for them, and they can never drift from `/api/stats`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+TIER_LABELS = ("tier",)
+
+
+class EngineStatsCollector(Collector):
+    def __init__(self, engine: Any, prefix: str = "kv_cache") -> None:
+        self._engine = engine
+        self._prefix = prefix
+
+    def _name(self, name: str) -> str:
+        return f"{self._prefix}_{name}"
+
+    def describe(self) -> list[Metric]:
+        # Empty: the registry then calls collect() for names only when needed, not at registration
+        # (the engine may still be loading).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._engine.get_stats()
+        requests = int(stats.get("requests", 0))
+        hits = int(stats.get("cache_hits", 0))
+
+        # The guide's counter: a request is a hit when it reused anything (whole answer or KV blocks).
+        by_status = CounterMetricFamily(
+            self._name("requests"), "Requests answered, by cache outcome", labels=["status"]
+        )
+        by_status.add_metric(["hit"], hits)
+        by_status.add_metric(["miss"], max(requests - hits, 0))
+        yield by_status
+
+        yield self._counter(
+            "response_cache_hits",
+            "Requests answered whole from the response cache",
+            stats.get("response_cache_hits", 0),
+        )
+        yield self._counter(
+            "prefix_hit_requests",
+            "Requests that reused at least one cached KV block",
+            stats.get("prefix_hits", 0),
+        )
+        # Token-level prefix cache counters (vLLM's prefix_cache_queries / prefix_cache_hits).
+        yield self._counter(
+            "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            stats.get("prompt_tokens", 0),
+        )
+        yield self._counter(
+            "prefix_cache_hits", "Prompt tokens served from cached KV", stats.get("cached_tokens", 0)
+        )
+        yield self._counter("completion_tokens", "Tokens generated", stats.get("completion_tokens", 0))
+        yield self._counter("evictions", "KV blocks evicted from memory", stats.get("evictions", 0))
+
+        errors = CounterMetricFamily(self._name("errors"), "Failed requests, by kind", labels=["kind"])
+        errors.add_metric(["invalid"], stats.get("invalid_requests", 0))
+        errors.add_metric(["internal"], stats.get("errors", 0))
+        yield errors
+
+        yield self._gauge("requests_running", "Requests on the model now", stats.get("running", 0))
+        yield self._gauge("requests_waiting", "Requests queued for the model", stats.get("queue_depth", 0))
+        yield self._gauge("ready", "1 once the model is loaded and warm", 1 if stats.get("ready") else 0)
+        yield from self._tiers(stats.get("tiers") or {})
+
+        responses = stats.get("response_cache") or {}
+        yield self._gauge(
+            "response_cache_entries", "Answers held by the response cache", responses.get("entries", 0)
+        )
+        yield self._gauge(
+            "response_cache_size_bytes", "Bytes held by the response cache", responses.get("size_bytes", 0)
+        )
+
+    def _tiers(self, tiers: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+        memory = tiers.get("memory") or {}
+        # The guide's gauge: the KV bytes held in memory, the tier `max_tokens` bounds.
+        yield self._gauge(
+            "size_bytes", "Bytes of KV state held in the memory tier", memory.get("size_bytes", 0)
+        )
+        families = {
+            "hits": CounterMetricFamily(
+                self._name("tier_hits"), "Block lookups found, by tier", labels=TIER_LABELS
+            ),
+            "misses": CounterMetricFamily(
+                self._name("tier_misses"), "Block lookups not found, by tier", labels=TIER_LABELS
+            ),
+            "errors": CounterMetricFamily(
+                self._name("tier_errors"), "Tier operations that failed, by tier", labels=TIER_LABELS
+            ),
+        }
+        size = GaugeMetricFamily(self._name("tier_size_bytes"), "Bytes held, by tier", labels=TIER_LABELS)
+        healthy = GaugeMetricFamily(
+            self._name("tier_healthy"), "1 while the tier answers, by tier", labels=TIER_LABELS
+        )
+        for name, tier in sorted(tiers.items()):
+            for key, family in families.items():
+                family.add_metric([name], _number(tier.get(key, 0)))
+            size.add_metric([name], _number(tier.get("size_bytes", 0)))
+            healthy.add_metric([name], 1 if tier.get("healthy", True) else 0)
+        yield from families.values()
+        yield size
+        yield healthy
+
+    def _counter(self, name: str, doc: str, value: Any) -> CounterMetricFamily:
+        return CounterMetricFamily(self._name(name), doc, value=_number(value))
+
+    def _gauge(self, name: str, doc: str, value: Any) -> GaugeMetricFamily:
+        return GaugeMetricFamily(self._name(name), doc, value=_number(value))
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0

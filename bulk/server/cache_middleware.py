@@ -1,0 +1,109 @@
+"""The integration guide's `CacheMiddleware` (optional, `BUL_CACHE_MIDDLEWARE=true`).
+
+Whole HTTP answers are kept in the engine's response cache (`engine.store_in_cache`), keyed by method,
+path and a SHA-256 of the body, so two different queries to one path never share an answer (the
+guide's key had no body). Only 200 JSON answers are stored; `/health`, `/metrics`, stats, task status
+and streams are never cached. A cached answer carries `X-BUL-Cache: hit`; it is the stored bytes, so
+its `latency` is the first request's.
+
+It is written as pure ASGI rather than the guide's `BaseHTTPMiddleware`, which runs every request in
+an extra task and cannot pass streaming answers through untouched."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+CACHED_PATHS = ("/api/query", "/v1/completions", "/v1/chat/completions")
+
+
+class CacheMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        get_engine: Any,
+        ttl: float,
+        max_body_bytes: int,
+        paths: tuple[str, ...] = CACHED_PATHS,
+    ):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.get_engine = get_engine  # the engine exists only once the lifespan has built it
+        self.ttl = ttl
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        body, more = await _read_body(receive, self.max_body_bytes)
+        if body is None:
+            await _send_json(send, b'{"detail":"request body too large"}', hit=False, status=413)
+            return
+        engine = self.get_engine()
+        key = f"http:{scope['method']}:{scope['path']}:{hashlib.sha256(body).hexdigest()}"
+        cached = await engine.get_from_cache(key)
+        if isinstance(cached, bytes | bytearray):
+            await _send_json(send, bytes(cached), hit=True)
+            return
+
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": more}
+            return await receive()
+
+        status = 0
+        is_json = False
+        chunks: list[bytes] = []
+
+        async def capture(message: Message) -> None:
+            nonlocal status, is_json
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = dict(message.get("headers", []))
+                is_json = headers.get(b"content-type", b"").startswith(b"application/json")
+            elif message["type"] == "http.response.body" and status == 200 and is_json:
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await engine.store_in_cache(key, b"".join(chunks), ttl=self.ttl)
+            await send(message)
+
+        await self.app(scope, replay, capture)
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes | None, bool]:
+    """The whole request body, or None past `limit` bytes (it is read here, before FastAPI's own
+    limit could apply)."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(parts), False
+        parts.append(message.get("body", b""))
+        size += len(parts[-1])
+        if size > limit:
+            return None, False
+        if not message.get("more_body", False):
+            return b"".join(parts), False
+
+
+async def _send_json(send: Send, body: bytes, hit: bool, status: int = 200) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-bul-cache", b"hit" if hit else b"miss"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

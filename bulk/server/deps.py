@@ -1,0 +1,56 @@
+"""FastAPI dependencies: what the lifespan built, handed to routes with `Depends`.
+
+The engine, settings, metrics and task registry live on `app.state`, set once by the lifespan; a
+route never builds or looks up anything global. The getters are `async def` on purpose: FastAPI runs
+a plain `def` dependency in a thread pool, a hand-off that cost more than a whole cached answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends
+from starlette.requests import HTTPConnection
+
+from bulk.engine.engine import UltraAdaptiveKVCacheEngine
+from bulk.metrics import PrometheusExporter
+from bulk.server.settings import ServerSettings
+from bulk.server.tasks import TaskRegistry
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """Everything the lifespan built, in one object: the hot path (`POST /api/query`) resolves one
+    dependency instead of four (each resolution costs FastAPI some microseconds)."""
+
+    engine: UltraAdaptiveKVCacheEngine
+    settings: ServerSettings
+    metrics: PrometheusExporter
+    tasks: TaskRegistry
+
+
+async def get_state(conn: HTTPConnection) -> ServerState:
+    return conn.app.state.bul
+
+
+async def get_engine(conn: HTTPConnection) -> UltraAdaptiveKVCacheEngine:
+    return conn.app.state.engine
+
+
+async def get_settings(conn: HTTPConnection) -> ServerSettings:
+    return conn.app.state.settings
+
+
+async def get_metrics(conn: HTTPConnection) -> PrometheusExporter:
+    return conn.app.state.metrics
+
+
+async def get_tasks(conn: HTTPConnection) -> TaskRegistry:
+    return conn.app.state.tasks
+
+
+State = Annotated[ServerState, Depends(get_state)]
+Engine = Annotated[UltraAdaptiveKVCacheEngine, Depends(get_engine)]
+Settings = Annotated[ServerSettings, Depends(get_settings)]
+Metrics = Annotated[PrometheusExporter, Depends(get_metrics)]
+Tasks = Annotated[TaskRegistry, Depends(get_tasks)]

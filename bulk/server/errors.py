@@ -1,0 +1,75 @@
+"""Error translation at the HTTP boundary: bad input is a 422 naming the field, never a 500.
+
+Every error body carries both FastAPI's `detail` list and an OpenAI-style `error` object, so that
+REST clients and the `openai` package each find the message where they look for it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from bulk.errors import BulError, EngineClosedError, InvalidRequestError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# Engine field names -> the names the OpenAI API uses for them.
+OPENAI_FIELDS = {"max_new_tokens": "max_tokens", "query": "prompt", "text": "prompt"}
+
+
+def error_body(status: int, message: str, field: str | None = None, detail: Any = None) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if detail is None:
+        detail = [{"loc": ["body", field], "msg": message, "type": "value_error"}] if field else message
+    return {"detail": detail, "error": {"message": message, "type": kind, "param": field, "code": status}}
+
+
+def invalid_request_response(exc: InvalidRequestError, path: str = "") -> JSONResponse:
+    field = exc.field
+    if path.startswith("/v1/"):
+        field = OPENAI_FIELDS.get(field, field)
+    return JSONResponse(error_body(422, f"{field}: {exc.message}", field), status_code=422)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Only loc/msg/type: `input` may be undecodable bytes and `ctx` may hold exception objects.
+        errors = [
+            {
+                "loc": [str(p) for p in e.get("loc", ())],
+                "msg": str(e.get("msg", "")),
+                "type": str(e.get("type")),
+            }
+            for e in exc.errors()
+        ]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        field = ".".join(p for p in first["loc"] if p != "body") or "body"
+        return JSONResponse(error_body(422, f"{field}: {first['msg']}", field, errors), status_code=422)
+
+    @app.exception_handler(InvalidRequestError)
+    async def invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
+        return invalid_request_response(exc, request.url.path)
+
+    @app.exception_handler(EngineClosedError)
+    async def engine_closed(request: Request, exc: EngineClosedError) -> JSONResponse:
+        return JSONResponse(error_body(503, "the server is shutting down"), status_code=503)
+
+    @app.exception_handler(ModelLoadError)
+    async def model_failed(request: Request, exc: ModelLoadError) -> JSONResponse:
+        log.error("model load failed: %s", exc)
+        return JSONResponse(error_body(503, f"the model could not be loaded: {exc}"), status_code=503)
+
+    @app.exception_handler(BulError)
+    async def other_engine_error(request: Request, exc: BulError) -> JSONResponse:
+        log.error("engine error on %s: %s", request.url.path, exc)
+        return JSONResponse(error_body(503, str(exc)), status_code=503)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not bad input: answer in the same JSON shape so clients can show it.
+        log.error("unexpected %s on %s: %s", type(exc).__name__, request.url.path, exc)
+        return JSONResponse(error_body(500, f"internal error ({type(exc).__name__})"), status_code=500)

@@ -1,0 +1,124 @@
+"""API keys and rate limits, as one pure ASGI middleware (no per-request task or body copy).
+
+- Keys: off when `BUL_API_KEYS` is empty. Otherwise every request except `/health` and `/metrics`
+  needs `Authorization: Bearer <key>` (WebSockets may pass `?api_key=` instead, since browsers
+  cannot set headers on them); a missing or wrong key is a 401.
+- Rate limit: a token bucket per key (per client address without keys): `rate_limit_burst`
+  requests at once, refilled at `rate_limit_per_minute`. Over it: 429 with `Retry-After`.
+The request body size limit is FastAPI's own (`max_body_size`, 413), set by the app factory."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import time
+from urllib.parse import parse_qs
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+MAX_BUCKETS = 100_000  # client addresses remembered; the oldest are dropped beyond it
+
+
+class TokenBuckets:
+    def __init__(self, per_minute: int, burst: int) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str) -> float:
+        """0 when the request may go, else the seconds until it could."""
+        now = time.monotonic()
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens >= 1.0:
+            if key not in self._buckets and len(self._buckets) >= MAX_BUCKETS:
+                self._buckets.pop(next(iter(self._buckets)))
+            self._buckets[key] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+
+class ProtectionMiddleware:
+    def __init__(self, app: ASGIApp, api_keys: list[str], rate_limit_per_minute: int, rate_limit_burst: int):
+        self.app = app
+        self.keys = [key.encode() for key in api_keys]
+        self.buckets = (
+            TokenBuckets(rate_limit_per_minute, rate_limit_burst) if rate_limit_per_minute else None
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        identity: str | None = None
+        if self.keys:
+            key = _presented_key(scope)
+            if key is None or not any(hmac.compare_digest(key, k) for k in self.keys):
+                await _refuse(
+                    scope,
+                    receive,
+                    send,
+                    401,
+                    "a valid API key is required (Authorization: Bearer <key>)",
+                    [(b"www-authenticate", b"Bearer")],
+                )
+                return
+            identity = "key:" + key.decode(errors="replace")
+        if self.buckets is not None:
+            if identity is None:
+                client = scope.get("client")
+                identity = "addr:" + (client[0] if client else "unknown")
+            wait = self.buckets.take(identity)
+            if wait > 0:
+                await _refuse(
+                    scope,
+                    receive,
+                    send,
+                    429,
+                    "rate limit exceeded; retry later",
+                    [(b"retry-after", str(max(1, math.ceil(wait))).encode())],
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+def _presented_key(scope: Scope) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" and token.strip() else None
+    if scope["type"] == "websocket":
+        values = parse_qs(scope.get("query_string", b"").decode(errors="replace")).get("api_key")
+        return values[0].encode() if values else None
+    return None
+
+
+async def _refuse(
+    scope: Scope, receive: Receive, send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    if scope["type"] == "websocket":
+        # Closing before accepting answers the handshake with a 403.
+        await receive()  # websocket.connect
+        await send({"type": "websocket.close", "code": 1008, "reason": message[:100]})
+        return
+    body = json.dumps(
+        {
+            "detail": message,
+            "error": {"message": message, "type": "invalid_request_error", "param": None, "code": status},
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

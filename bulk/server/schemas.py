@@ -1,0 +1,73 @@
+"""Request bodies of the guide's routes, and the field limits the server enforces on every API.
+
+Types are checked by pydantic (a 422 naming the field); the engine checks values against its own
+configuration (`max_new_tokens`, prompt length) and raises `InvalidRequestError`, which the error
+handlers turn into the same 422 shape. Limits that depend on settings are checked in `check_limits`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from bulk.errors import InvalidRequestError
+from bulk.server.settings import ServerSettings
+
+Number = StrictInt | StrictFloat
+
+
+class QueryRequest(BaseModel):
+    """One query, as the guide sends it (`{"query", "priority"}`; `text` is accepted instead of
+    `query`), with the engine's optional generation parameters."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"query": "Create marketing strategy", "priority": 1}]},
+    )
+
+    query: StrictStr | None = Field(None, description="The prompt (or give `text`).")
+    text: StrictStr | None = Field(None, description="The prompt, the guide's other name for it.")
+    priority: StrictInt | None = Field(None, description="Higher runs first; default 1.")
+    max_new_tokens: StrictInt | None = None
+    temperature: Number | None = Field(None, description="0 (the default) decodes greedily.")
+    top_p: Number | None = None
+    seed: StrictInt | None = None
+    session_id: StrictStr | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    response_cache: StrictBool | None = Field(
+        None, description="Answer from the response cache; default: only when the request is deterministic."
+    )
+    request_id: StrictStr | None = None
+
+    def to_engine(self, settings: ServerSettings) -> dict[str, Any]:
+        payload = self.model_dump(exclude_none=True)
+        check_limits(payload, settings)
+        return payload
+
+
+def check_limits(payload: dict[str, Any], settings: ServerSettings, prefix: str = "") -> None:
+    """The server's field limits on an engine request dict; raises `InvalidRequestError`."""
+    for name in ("query", "text"):
+        value = payload.get(name)
+        if isinstance(value, str) and len(value) > settings.max_query_chars:
+            raise InvalidRequestError(
+                prefix + name, f"longer than {settings.max_query_chars} characters (BUL_MAX_QUERY_CHARS)"
+            )
+    priority = payload.get("priority")
+    if isinstance(priority, int) and not settings.min_priority <= priority <= settings.max_priority:
+        raise InvalidRequestError(
+            prefix + "priority", f"must be between {settings.min_priority} and {settings.max_priority}"
+        )
+
+
+class BatchAccepted(BaseModel):
+    status: str = "processing"
+    count: int
+    task_ids: list[str]
+
+
+class TaskStatus(BaseModel):
+    task_id: str
+    status: str = Field(description="processing, completed or failed")
+    result: Any | None = None
+    error: str | None = None

@@ -1,0 +1,87 @@
+"""WebSocket `/ws/query`: many queries per socket, answered in order.
+
+In: `{"query": "..."}` (or the guide's `{"text": ..., "priority": 1}`), plus any engine parameter,
+an optional `"stream": true` and an optional `"id"` echoed back. Out: `{"result", "cache_hit",
+"latency", ...}`; when streaming, `{"token": "..."}` messages first and the result with `"done": true`.
+A malformed message gets `{"error": {"message", "field"}}` and the socket stays open."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from bulk.errors import BulError, InvalidRequestError
+from bulk.server.deps import Engine, Metrics, Settings
+from bulk.server.schemas import check_limits
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+ANSWER_FIELDS = (
+    "result",
+    "cache_hit",
+    "latency",
+    "response_cached",
+    "cached_tokens",
+    "prompt_tokens",
+    "completion_tokens",
+    "ttft_ms",
+    "finish_reason",
+    "request_id",
+)
+
+
+@router.websocket("/ws/query")
+async def websocket_query(websocket: WebSocket, engine: Engine, settings: Settings, metrics: Metrics) -> None:
+    await websocket.accept()
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            raw = message.get("text")
+            if raw is None and message.get("bytes") is not None:
+                raw = message["bytes"].decode("utf-8", errors="replace")
+            await _answer(websocket, raw or "", engine, settings, metrics)
+    except WebSocketDisconnect:
+        return
+
+
+async def _answer(websocket: WebSocket, raw: str, engine: Any, settings: Any, metrics: Any) -> None:
+    started = time.perf_counter()
+    echo: dict[str, Any] = {}
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise InvalidRequestError("message", 'must be a JSON object such as {"query": "..."}')
+        if "id" in data:
+            echo["id"] = data.pop("id")
+        stream = data.pop("stream", False)
+        if not isinstance(stream, bool):
+            raise InvalidRequestError("stream", "must be true or false")
+        check_limits(data, settings)
+        if stream:
+            async for event in engine.stream_request(data):
+                if event.get("done"):
+                    await websocket.send_json({**echo, **_answer_fields(event), "done": True})
+                else:
+                    await websocket.send_json({**echo, "token": event["token"]})
+        else:
+            result = await engine.process_request(data)
+            await websocket.send_json({**echo, **_answer_fields(result)})
+        metrics.observe_e2e("websocket", time.perf_counter() - started)
+    except json.JSONDecodeError as exc:
+        await websocket.send_json({**echo, "error": {"message": f"not JSON: {exc.msg}", "field": "message"}})
+    except InvalidRequestError as exc:
+        await websocket.send_json({**echo, "error": {"message": str(exc), "field": exc.field}})
+    except BulError as exc:
+        log.error("websocket query failed: %s", exc)
+        await websocket.send_json({**echo, "error": {"message": str(exc), "field": None}})
+
+
+def _answer_fields(result: dict[str, Any]) -> dict[str, Any]:
+    return {key: result[key] for key in ANSWER_FIELDS if key in result}

@@ -6,19 +6,24 @@ BIN := $(VENV)/bin
 # Reinstall when the dependency declarations change.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 
-SAMPLE := "Create marketing strategy"
+.PHONY: run test bench lint services install proto
 
-.PHONY: run test bench lint services install
-
+# The API on :8002 with the demo model and the embedded defaults (memory tier; no Redis, no PostgreSQL).
 run: $(STAMP)
-	$(BIN)/bul query $(SAMPLE) $(SAMPLE) "$(subst ",,$(SAMPLE)) for a small bakery in Madrid"
+	$(BIN)/bul serve
 
 test: $(STAMP) services
 	OMP_NUM_THREADS=1 $(BIN)/pytest
 
-bench: $(STAMP)
+bench: $(STAMP) services
 	$(BIN)/bul bench ttft
+	$(BIN)/bul bench tiers
+	$(BIN)/bul bench http
 	$(BIN)/bul bench policies
+
+# Regenerate the gRPC stubs after editing proto/bul.proto (a test fails while they drift).
+proto: $(STAMP)
+	$(BIN)/python -m bulk.grpc_service.regenerate
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any
 from bulk.config import CacheStrategy, KVCacheConfig
 from bulk.errors import (
     BulError,
+    CorruptBlockError,
     EngineClosedError,
     InvalidConfigError,
     InvalidRequestError,
     ModelLoadError,
     PromptTooLongError,
+    TierError,
 )
 
 if TYPE_CHECKING:
@@ -25,12 +27,14 @@ __version__ = "0.1.0"
 __all__ = [
     "BulError",
     "CacheStrategy",
+    "CorruptBlockError",
     "EngineClosedError",
     "InvalidConfigError",
     "InvalidRequestError",
     "KVCacheConfig",
     "ModelLoadError",
     "PromptTooLongError",
+    "TierError",
     "UltraAdaptiveKVCacheEngine",
     "__version__",
 ]

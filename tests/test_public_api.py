@@ -12,12 +12,14 @@ def test_all_is_pinned():
     assert sorted(bulk.__all__) == [
         "BulError",
         "CacheStrategy",
+        "CorruptBlockError",
         "EngineClosedError",
         "InvalidConfigError",
         "InvalidRequestError",
         "KVCacheConfig",
         "ModelLoadError",
         "PromptTooLongError",
+        "TierError",
         "UltraAdaptiveKVCacheEngine",
         "__version__",
     ]
@@ -46,19 +48,19 @@ def _loaded_after(statement: str, modules: tuple[str, ...]) -> str:
 WEB = ("fastapi", "starlette", "flask", "django", "celery", "grpc")
 
 
-WEB = ("fastapi", "starlette", "flask", "django", "celery", "grpc")
-
-
-def _loaded_after(statement: str, modules: tuple[str, ...]) -> str:
-    code = f"import sys; {statement}; print(sorted(m for m in {modules!r} if m in sys.modules))"
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.strip()
-
-
 def test_importing_the_config_does_not_load_torch_or_web_frameworks():
     assert _loaded_after("import bulk, bulk.config", ("torch", *WEB)) == "[]"
 
 
 def test_engine_core_imports_no_web_framework():
     assert _loaded_after("import bulk.engine.engine", WEB) == "[]"
+
+
+def test_storage_clients_load_only_when_configured():
+    backends = ("redis", "sqlalchemy", "psycopg")
+    assert _loaded_after("import bulk.engine.engine, bulk.storage.factory", backends) == "[]"
+    configured = (
+        "from bulk.config import KVCacheConfig; from bulk.storage.factory import build_lower_tiers; "
+        "build_lower_tiers(KVCacheConfig(redis_url='redis://127.0.0.1:1/0')).close()"
+    )
+    assert _loaded_after(configured, backends) == "['redis']"

@@ -62,6 +62,8 @@ class PrefixCache:
         full_bytes = torch.zeros((), dtype=dtype).element_size() * torch.Size(self.block_shape).numel()
         self.store = MemoryBlockStore()
         self.lower = lower
+        if lower is not None:
+            lower.source = self.store.get  # for retrying writes that failed
         self.lower_hits = 0  # blocks promoted from a lower tier
         self.memory_misses = 0  # lookups whose memory chain ended before the prompt's full blocks
         self.manager = BlockManager(

@@ -52,4 +52,4 @@ def build_lower_tiers(config: KVCacheConfig) -> LowerTiers | None:
             PostgresTable(config.database_url, schema=config.database_schema, timeout=config.tier_timeout),
             config.database_max_tokens,
         )
-    return LowerTiers(tiers, cache_secret(config)) if tiers else None
+    return LowerTiers(tiers, cache_secret(config), config.tier_retry_seconds) if tiers else None

@@ -120,9 +120,8 @@ class PostgresTable:
         statement = sql.SQL(
             "UPDATE {} SET accessed_at = now() WHERE key = ANY(%s) RETURNING key, value"
         ).format(sql.Identifier(*filter(None, (self.schema, self.table.name))))
-        with self._begin() as conn:
-            with conn.connection.driver_connection.cursor(binary=True) as cursor:
-                rows = cursor.execute(statement, (list(keys),)).fetchall()
+        with self._begin() as conn, conn.connection.driver_connection.cursor(binary=True) as cursor:
+            rows = cursor.execute(statement, (list(keys),)).fetchall()
         found = {bytes(k) if isinstance(k, bytes | memoryview) else k: bytes(v) for k, v in rows}
         return [found.get(k) for k in keys]
 

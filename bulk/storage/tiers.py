@@ -7,9 +7,11 @@ the faster ones above it.
 
 Writes never happen on the request path. New blocks go to a bounded queue that one writer thread
 drains: it serializes each block once and writes it to every tier (write-through, so a restart or a
-second replica finds it at once); a block whose write failed is written again when the memory tier
-evicts it (write-back). When the queue is full a write is dropped and counted: the block is still
-in memory, and serving never waits on storage.
+second replica finds it at once). A block whose write failed (a tier down) stays on an "unwritten"
+list: when idle, the writer retries those still in memory (read back through `source`), and a block
+that memory evicts before that is held, up to `HELD_BYTES`, until a retry succeeds (write-back).
+When the queue is full a write is dropped and counted: the block is still in memory, and serving
+never waits on storage.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +30,7 @@ from bulk.storage.serialization import BlockRecord, dumps, loads
 log = logging.getLogger(__name__)
 
 WRITE_QUEUE_BLOCKS = 4096
+HELD_BYTES = 64 << 20  # evicted blocks kept for a tier that is down
 _WRITE_BATCH = 64
 _STOP = object()
 
@@ -35,12 +39,20 @@ _Write = tuple[bytes, BlockRecord | bytes, tuple[int, ...]]
 
 
 class LowerTiers:
-    def __init__(self, tiers: Sequence[GuardedStore], secret: bytes | None) -> None:
+    def __init__(
+        self, tiers: Sequence[GuardedStore], secret: bytes | None, retry_seconds: float = 1.0
+    ) -> None:
         self.tiers = list(tiers)
         self.secret = secret
+        self.retry_seconds = retry_seconds
         self.dropped_writes = 0
         self._closed = False
-        self._unwritten: set[bytes] = set()  # queued or failed: to write again on eviction
+        # Blocks not yet in every tier (queued, or their write failed), in insertion order, and the
+        # evicted ones among them, held with their records.
+        self._unwritten: OrderedDict[bytes, None] = OrderedDict()
+        self._held: OrderedDict[bytes, BlockRecord] = OrderedDict()
+        self._held_bytes = 0
+        self.source: Callable[[bytes], BlockRecord | None] = lambda _key: None
         self._lock = threading.Lock()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=WRITE_QUEUE_BLOCKS)
         self._writer = threading.Thread(target=self._write_loop, name="bul-tier-writer", daemon=True)
@@ -99,18 +111,25 @@ class LowerTiers:
         self._enqueue([(key, record, everywhere) for key, record in items])
 
     def evicted(self, key: bytes, record: BlockRecord | None) -> None:
-        """The memory tier dropped `key`: write it down if no tier has it yet."""
+        """The memory tier dropped `key`: hold it for a retry if no tier has it yet."""
         with self._lock:
-            pending = key in self._unwritten
-            self._unwritten.discard(key)  # last chance: not tracked once it has left memory
-        if pending and record is not None:
-            self._enqueue([(key, record, tuple(range(len(self.tiers))))], track=False)
+            if key not in self._unwritten:
+                return
+            if record is None:
+                self._unwritten.pop(key, None)
+                return
+            self._held[key] = record
+            self._held_bytes += record.nbytes
+            while self._held_bytes > HELD_BYTES:
+                old_key, old = self._held.popitem(last=False)
+                self._held_bytes -= old.nbytes
+                self._unwritten.pop(old_key, None)
+                self.dropped_writes += 1
 
-    def _enqueue(self, writes: list[_Write], track: bool = True) -> None:
+    def _enqueue(self, writes: list[_Write]) -> None:
         for write in writes:
-            if track:
-                with self._lock:
-                    self._unwritten.add(write[0])
+            with self._lock:
+                self._unwritten[write[0]] = None
             try:
                 self._queue.put_nowait(write)
             except queue.Full:
@@ -119,7 +138,11 @@ class LowerTiers:
 
     def _write_loop(self) -> None:
         while True:
-            batch = [self._queue.get()]
+            try:
+                batch = [self._queue.get(timeout=self.retry_seconds)]
+            except queue.Empty:
+                self._retry_unwritten()
+                continue
             while len(batch) < _WRITE_BATCH:
                 try:
                     batch.append(self._queue.get_nowait())
@@ -137,6 +160,24 @@ class LowerTiers:
             if stop:
                 return
 
+    def _retry_unwritten(self) -> None:
+        """Idle: write again, to every tier, blocks whose earlier write failed."""
+        with self._lock:
+            keys = list(self._unwritten)[:_WRITE_BATCH]
+        everywhere = tuple(range(len(self.tiers)))
+        batch: list[_Write] = []
+        for key in keys:
+            record = self._held.get(key) or self.source(key)
+            if record is None:  # gone from memory and not held: nothing left to write
+                with self._lock:
+                    self._unwritten.pop(key, None)
+            else:
+                batch.append((key, record, everywhere))
+        try:
+            self._write_batch(batch)
+        except Exception:
+            log.exception("tier writer failed retrying %d blocks", len(batch))
+
     def _write_batch(self, batch: list[_Write]) -> None:
         per_tier: dict[int, list[tuple[bytes, bytes]]] = {}
         for key, value, levels in batch:
@@ -148,7 +189,13 @@ class LowerTiers:
             if not self.tiers[level].put_many(items):
                 failed.update(key for key, _ in items)
         with self._lock:
-            self._unwritten.difference_update(key for key, _, _ in batch if key not in failed)
+            for key, _, _ in batch:
+                if key in failed:
+                    continue
+                self._unwritten.pop(key, None)
+                held = self._held.pop(key, None)
+                if held is not None:
+                    self._held_bytes -= held.nbytes
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued write is done (or `timeout` seconds); True when drained."""

@@ -92,6 +92,15 @@ clock for both ghost maps with ARC's |B2|/|B1| step ratio (the window locks at o
 other: 32.4 % at 256, or 53 % at 1024), a window floor at 25-50 % of the cache (35.3-35.4 % at 256:
 the loss is the upper end's cliff, not the lower end).
 
+Chain-aware ordering, tried and lost (the manager told the policy when a block gained its first cached
+child or lost its last; interior blocks left the lists and came back at the old end when leaves again).
+Ghost window counted in leaves: plain LRU (main never evicts, so it never shrinks); fixed 1-2 leaf
+windows: 36.2 / 64.05 / 88.2 % at 256 / 1024 / 4096. No window, victim the least counted of the `d`
+least recent evictable leaves: d = 6 scores 36.72 / 63.23, d = 4 36.13 / 64.06. Tuning d by ARC-like
+ghost kinds drives it to its maximum at 1024 (51-54 %); judging each frequency override by the victim's
+return (d down) against a hit on the older leaf it spared (d up) wins seed 5 only with the down step
+about half the up one (36.45 / 63.98 / 89.41) and then loses seed 6 at 1024 (59.82 vs LRU 59.87).
+
 Cost. One dict maps each resident key to its list, so membership is one lookup; a hit is a count
 increment and one OrderedDict move (a promotion, and maybe a demotion, on a probation hit), with
 no aging counter; a miss adds two ghost lookups and one ghost write to the list work.

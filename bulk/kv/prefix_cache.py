@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bulk.config import KVCacheConfig
+from bulk.errors import InvalidConfigError
 from bulk.kv import quantization
 from bulk.kv.block_manager import BlockManager, PrefixLease
 from bulk.kv.hashing import chain_hashes, namespace_digest
@@ -54,7 +55,10 @@ class PrefixCache:
         self.dtype = dtype
         self.dtype_name = str(dtype).removeprefix("torch.")
         self.block_shape = tuple(block_shape)
-        quantization.check_shape(self.block_shape, self.quantization)
+        try:
+            quantization.check_shape(self.block_shape, self.quantization)
+        except ValueError as exc:
+            raise InvalidConfigError("quantization", f"{exc} (this model's KV blocks)") from None
         self.namespace = namespace_digest(
             model_fingerprint, config.block_size, self.dtype_name, self.quantization
         )

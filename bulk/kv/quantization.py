@@ -16,9 +16,11 @@ attention code never sees it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-VALUE_GROUP = 32
+VALUE_GROUP = 32  # channels per value group, or the largest divisor of head_dim below it
 SCALE_DTYPE = torch.float16
 BITS = {"int8": 8, "int4": 4}
 
@@ -50,7 +52,7 @@ def dequantize(parts: Parts, quantization: str, dtype: torch.dtype, shape: tuple
         return parts["kv"]
     bits = BITS[quantization]
     layers, _, heads, tokens, head_dim = shape
-    group = min(VALUE_GROUP, head_dim)
+    group = value_group(head_dim)
     k_q = _unpack(parts["k_q"], bits, (layers, heads, tokens, head_dim))
     v_q = _unpack(parts["v_q"], bits, (layers, heads, tokens, head_dim // group, group))
     keys = k_q.float() * parts["k_scale"].float() + parts["k_min"].float()
@@ -65,13 +67,18 @@ def check_shape(shape: tuple[int, ...], quantization: str) -> None:
     if quantization == "none":
         return
     head_dim = shape[-1]
-    if head_dim % min(VALUE_GROUP, head_dim) or head_dim % 2:
-        raise ValueError(f"head_dim {head_dim} does not split into groups of {VALUE_GROUP} or pairs")
+    if head_dim % 2:  # int4 packs channel pairs; every model we know has an even head_dim
+        raise ValueError(f"head_dim {head_dim} is odd: blocks cannot be quantized")
+
+
+def value_group(head_dim: int) -> int:
+    """Channels per value group: 32 when it divides head_dim (64, 128, 96...), else a divisor (80: 16)."""
+    return math.gcd(VALUE_GROUP, head_dim)
 
 
 def _value_groups(values: torch.Tensor) -> torch.Tensor:
     layers, heads, tokens, head_dim = values.shape
-    group = min(VALUE_GROUP, head_dim)
+    group = value_group(head_dim)
     return values.reshape(layers, heads, tokens, head_dim // group, group)
 
 

@@ -121,3 +121,13 @@ def test_seeded_sampling_agreement(demo_model, reference, mode):
     agreement = _agreement(demo_model, reference, mode, temperature=1.0)
     log.warning("%s seeded-sampling agreement over 3 x 128 tokens: %.2f%%", mode, agreement * 100)
     assert agreement >= (0.95 if mode == "int8" else 0.3)
+
+
+@pytest.mark.parametrize("head_dim", [80, 96, 128, 16])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_head_dims_of_common_models_round_trip(head_dim, mode):
+    shape = (2, 2, 2, 16, head_dim)
+    block = torch.randn(shape)
+    back = dequantize(quantize(block, mode), mode, torch.float32, shape)
+    assert back.shape == shape
+    assert (back - block).abs().max() < block.abs().max() * (0.05 if mode == "int8" else 0.3)

@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from bulk.config import KVCacheConfig
     from bulk.engine.engine import UltraAdaptiveKVCacheEngine
+    from bulk.engine_settings import EngineSettings
     from bulk.errors import BulError
     from bulk.grpc_service.server import serve
     from bulk.grpc_service.settings import GrpcSettings
@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     flags = {name: getattr(args, name, None) for name in ("host", "port", "model", "grace_seconds")}
     try:
         settings = GrpcSettings(**{name: value for name, value in flags.items() if value is not None})
-        engine = UltraAdaptiveKVCacheEngine(KVCacheConfig(model=settings.model))
+        # Every other engine option comes from its BUL_<FIELD> variable, as for `bul serve`.
+        engine = UltraAdaptiveKVCacheEngine(EngineSettings().engine_config(model=settings.model))
     except (ValidationError, BulError) as exc:
         log.error("bad gRPC settings: %s", exc)
         return 2

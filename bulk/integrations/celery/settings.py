@@ -1,7 +1,7 @@
 """Configuration of the Celery integration, read from `BUL_*` environment variables.
 
-Two groups: where Celery talks (`CelerySettings`) and which engine a worker builds (`EngineSettings`,
-one optional variable per `KVCacheConfig` field: unset means the field's default)."""
+Two groups: where Celery talks (`CelerySettings`) and which engine a worker builds (the shared
+`bulk.engine_settings.EngineSettings`: one `BUL_<FIELD>` variable per `KVCacheConfig` field)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from functools import lru_cache
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bulk.config import KVCacheConfig
-from bulk.errors import InvalidConfigError
+from bulk.engine_settings import EngineSettings
 
 DEFAULT_REDIS = "redis://localhost:6379/0"
 
@@ -30,36 +30,6 @@ class CelerySettings(BaseSettings):
     worker_alive_timeout: float = 300.0  # BUL_WORKER_ALIVE_TIMEOUT
 
 
-class EngineSettings(BaseSettings):
-    """`BUL_<FIELD>` for each `KVCacheConfig` field, e.g. `BUL_MODEL`, `BUL_MAX_TOKENS`."""
-
-    model_config = SettingsConfigDict(env_prefix="BUL_", extra="ignore")
-
-    max_tokens: int | None = None
-    cache_strategy: str | None = None
-    enable_persistence: bool | None = None
-    persistence_path: str | None = None
-    model: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    block_size: int | None = None
-    quantization: str | None = None
-    redis_url: str | None = None
-    database_url: str | None = None
-    response_cache: bool | None = None
-    response_cache_size: int | None = None
-    response_cache_ttl: float | None = None
-    default_max_new_tokens: int | None = None
-    max_new_tokens_limit: int | None = None
-
-    def to_config(self) -> KVCacheConfig:
-        try:
-            return KVCacheConfig(**self.model_dump(exclude_none=True))
-        except InvalidConfigError as exc:
-            # Name the variable the operator has to fix, not the dataclass field.
-            raise InvalidConfigError(f"BUL_{exc.key.upper()}", exc.message) from None
-
-
 @lru_cache(maxsize=1)
 def celery_settings() -> CelerySettings:
     return CelerySettings()
@@ -68,4 +38,4 @@ def celery_settings() -> CelerySettings:
 @lru_cache(maxsize=1)
 def engine_config() -> KVCacheConfig:
     """The engine configuration workers build, and the API uses to check requests before enqueuing."""
-    return EngineSettings().to_config()
+    return EngineSettings().engine_config()

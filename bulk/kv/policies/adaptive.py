@@ -79,27 +79,7 @@ the other ghosts of the run are still consumed), with `block_gain` 4 and no mome
 counts once). KV-prefix, seed 5: 256 blocks 35.41 -> 36.11 % (LFU 36.55), 1024 64.00 -> 63.95
 (LRU 63.93), 4096 ties LRU; seed 6: 29.72 -> 30.01 (LFU 28.16), 59.84 -> 59.97 (LRU 59.87), ties.
 
-Also tried in this mode, no better: ties to the candidate, other horizons, faster aging (a period of
-1-3 x capacity loses 1-3 points at 256; a slower one, 30, gains with a fixed window but not with the
-ghost-driven one), a window restarting at 10-75 % of the cache, fixed windows (0.5-0.95 of the cache
-score 36.6-36.8 % at 256 blocks, above LFU, but 42-58 % at 1024 against LRU's 63.9: the window's
-non-evictable interior blocks are the ancestors of chains whose leaves sit in main, so main's leaves
-hold the window hostage), moving such stuck interior blocks from the window to probation (fixes 1024
-for fixed windows, loses 3 points at 256), Caffeine's hill climber on the token hit ratio instead of
-ghosts (sample 10 x capacity, step 6.25 %, decay 0.98: 36.0 / 61.2 / 85.1 % at 256 / 1024 / 4096, its
-exploration steps are too costly where the response is a cliff near the LRU end), a common eviction
-clock for both ghost maps with ARC's |B2|/|B1| step ratio (the window locks at one extreme or the
-other: 32.4 % at 256, or 53 % at 1024), a window floor at 25-50 % of the cache (35.3-35.4 % at 256:
-the loss is the upper end's cliff, not the lower end).
-
-Chain-aware ordering, tried and lost (the manager told the policy when a block gained its first cached
-child or lost its last; interior blocks left the lists and came back at the old end when leaves again).
-Ghost window counted in leaves: plain LRU (main never evicts, so it never shrinks); fixed 1-2 leaf
-windows: 36.2 / 64.05 / 88.2 % at 256 / 1024 / 4096. No window, victim the least counted of the `d`
-least recent evictable leaves: d = 6 scores 36.72 / 63.23, d = 4 36.13 / 64.06. Tuning d by ARC-like
-ghost kinds drives it to its maximum at 1024 (51-54 %); judging each frequency override by the victim's
-return (d down) against a hit on the older leaf it spared (d up) wins seed 5 only with the down step
-about half the up one (36.45 / 63.98 / 89.41) and then loses seed 6 at 1024 (59.82 vs LRU 59.87).
+What was tried and lost, with the figures, is kept in `docs/adaptive-policy.md`.
 
 Cost. One dict maps each resident key to its list, so membership is one lookup; a hit is a count
 increment and one OrderedDict move (a promotion, and maybe a demotion, on a probation hit), with

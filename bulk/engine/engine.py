@@ -18,7 +18,7 @@ from typing import Any
 from bulk.config import KVCacheConfig
 from bulk.engine.generate import OnStep, generate
 from bulk.engine.request import GenerationRequest, parse_request
-from bulk.engine.response_cache import ResponseCache, request_key
+from bulk.engine.response_cache import ResponseCache, StoredAnswer, json_bytes, request_key
 from bulk.engine.scheduler import PriorityWorker
 from bulk.engine.stats import EngineStats
 from bulk.errors import InvalidRequestError
@@ -111,6 +111,31 @@ class UltraAdaptiveKVCacheEngine:
     def process_request_sync(self, query: Any) -> dict[str, Any]:
         answer = self._answer_or_submit(query)
         return answer if isinstance(answer, dict) else answer.result()
+
+    async def process_request_json(self, query: Any) -> bytes:
+        """`process_request`'s answer as compact UTF-8 JSON, for HTTP layers: same fields, stats and
+        listener events. An answer from the response cache is assembled from the stored JSON text
+        instead of being decoded and encoded again per request."""
+        started = time.perf_counter()
+        request = self._parse(query)
+        if self.config.response_cache and request.use_response_cache and self._model is not None:
+            key = request_key(self._model.fingerprint, request.prompt, request.params)
+            stored = self._responses.get_derived(key, StoredAnswer.from_stored)
+            if stored is not None:
+                latency = (time.perf_counter() - started) * 1000
+                self._stats.record(
+                    prompt_tokens=stored.prompt_tokens,
+                    cached_tokens=stored.prompt_tokens,
+                    completion_tokens=stored.completion_tokens,
+                    latency_ms=latency,
+                    ttft_ms=latency,
+                    response_cached=True,
+                )
+                if self._listeners:
+                    self._notify(stored.answer(latency, request.request_id, status="ok"))
+                return stored.answer_json(latency, request.request_id)
+        future = self._worker.submit(lambda: self._run(request, started), request.priority)
+        return json_bytes(await asyncio.wrap_future(future))
 
     async def stream_request(self, query: Any) -> AsyncIterator[dict[str, Any]]:
         """Yield `{"token": text}` as tokens come, then the full result with `"done": True`.

@@ -11,9 +11,14 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable, Mapping
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from types import MappingProxyType
+from typing import Any, NamedTuple, TypeVar
 
 _JSON, _BYTES = b"j", b"b"
+_NOT_DERIVED = object()
+T = TypeVar("T")
 
 
 def encode_value(value: Any) -> bytes:
@@ -36,12 +41,33 @@ class ResponseCache:
     def __init__(self, max_entries: int, ttl_seconds: float) -> None:
         self.max_entries = max_entries
         self.ttl_seconds = ttl_seconds
-        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        # key -> (expires, stored bytes, what `get_derived` computed from them or _NOT_DERIVED)
+        self._entries: OrderedDict[str, tuple[float, bytes, Any]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     def get(self, key: str) -> Any | None:
+        data = self._lookup(key)
+        return None if data is None else decode_value(data[1])
+
+    def get_derived(self, key: str, derive: Callable[[bytes], T]) -> T | None:
+        """`derive(stored bytes)` for the entry at `key` (None when absent), computed once per stored
+        entry and kept with it, so a hot entry is not decoded again on every hit. Counts a hit or a
+        miss like `get`. `derive` must return immutable data (it is shared by every later caller)
+        and must always be the same function for a given key space."""
+        entry = self._lookup(key)
+        if entry is None:
+            return None
+        expires, data, derived = entry
+        if derived is _NOT_DERIVED:
+            derived = derive(data)
+            with self._lock:
+                if self._entries.get(key) is entry:
+                    self._entries[key] = (expires, data, derived)
+        return derived
+
+    def _lookup(self, key: str) -> tuple[float, bytes, Any] | None:
         now = time.monotonic()
         with self._lock:
             entry = self._entries.get(key)
@@ -52,8 +78,7 @@ class ResponseCache:
                 return None
             self._entries.move_to_end(key)
             self.hits += 1
-            data = entry[1]
-        return decode_value(data)
+            return entry
 
     def put(self, key: str, value: Any, ttl_seconds: float | None = None) -> None:
         if self.max_entries == 0:
@@ -61,7 +86,7 @@ class ResponseCache:
         data = encode_value(value)
         expires = time.monotonic() + (self.ttl_seconds if ttl_seconds is None else ttl_seconds)
         with self._lock:
-            self._entries[key] = (expires, data)
+            self._entries[key] = (expires, data, _NOT_DERIVED)
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
@@ -79,21 +104,79 @@ class ResponseCache:
 
     @property
     def size_bytes(self) -> int:
-        return sum(len(data) for _, data in list(self._entries.values()))
+        return sum(len(entry[1]) for entry in list(self._entries.values()))
 
 
 def request_key(model_fingerprint: str, prompt: str, params: Any) -> str:
-    """What makes two requests the same answer: the weights, the prompt and every sampling knob."""
-    canonical = json.dumps(
-        {
-            "model": model_fingerprint,
-            "prompt": prompt,
-            "max_new_tokens": params.max_new_tokens,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "seed": params.seed,
-            "stop": list(params.stop),
-        },
-        sort_keys=True,
+    """What makes two requests the same answer: the weights, the prompt and every sampling knob.
+
+    The `repr` of a tuple of strings, numbers and None is unambiguous and several times cheaper
+    than canonical JSON; keys live only in this process's memory, so their text never has to be
+    stable across versions."""
+    canonical = (
+        model_fingerprint,
+        prompt,
+        params.max_new_tokens,
+        params.temperature,
+        params.top_p,
+        params.seed,
+        tuple(params.stop),
     )
-    return "req:" + hashlib.sha256(canonical.encode()).hexdigest()
+    return "req:" + hashlib.sha256(repr(canonical).encode()).hexdigest()
+
+
+# ---- answers as JSON bytes (`engine.process_request_json`) ------------------------------------------
+
+# The fields of an answer from the response cache that belong to the request, not to the stored answer.
+PER_REQUEST_FIELDS = frozenset(
+    ("cache_hit", "response_cached", "cached_tokens", "latency", "ttft_ms", "request_id")
+)
+
+
+class StoredAnswer(NamedTuple):
+    """A stored engine result, split once (`ResponseCache.get_derived`) for answering hits as JSON:
+    its token counts, its fields that do not depend on the request (a read-only view: it is shared by
+    every hit; engine results hold only strings, numbers and booleans) and the JSON text of those
+    fields, ready to be appended to the per-request ones."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    fields: Mapping[str, Any]
+    tail: bytes
+
+    @classmethod
+    def from_stored(cls, data: bytes) -> StoredAnswer:
+        stored = decode_value(data)
+        fields = MappingProxyType({k: v for k, v in stored.items() if k not in PER_REQUEST_FIELDS})
+        text = json_bytes(dict(fields))
+        # '{"result":...}' -> ',"result":...}' so that it follows the per-request fields.
+        tail = b"," + text[1:] if fields else b"}"
+        return cls(stored["prompt_tokens"], stored["completion_tokens"], fields, tail)
+
+    def answer_json(self, latency_ms: float, request_id: str) -> bytes:
+        """The answer's JSON: the per-request fields as `engine._cached_response` sets them, then the
+        stored ones. Floats are written as `json` writes them (`repr`)."""
+        head = (
+            f'{{"cache_hit":true,"response_cached":true,"cached_tokens":{self.prompt_tokens},'
+            f'"latency":{latency_ms!r},"ttft_ms":{latency_ms!r},'
+            f'"request_id":{encode_basestring(request_id)}'
+        )
+        return head.encode() + self.tail
+
+    def answer(self, latency_ms: float, request_id: str, **extra: Any) -> dict[str, Any]:
+        """The same answer as a new dict, plus `extra` (listeners get it with `status="ok"`)."""
+        return {
+            **self.fields,
+            "cache_hit": True,
+            "response_cached": True,
+            "cached_tokens": self.prompt_tokens,
+            "latency": latency_ms,
+            "ttft_ms": latency_ms,
+            "request_id": request_id,
+            **extra,
+        }
+
+
+def json_bytes(value: Any) -> bytes:
+    """Compact UTF-8 JSON, the encoding of `engine.process_request_json`."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_TEMPERATURE = 1e-6
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -37,7 +39,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     device the model runs on."""
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    # Below ~1e-38 a float32 temperature is 0, and tiny ones overflow the scaled logits: NaN
+    # probabilities. A temperature this small is greedy in effect.
+    temperature = max(params.temperature, MIN_TEMPERATURE)
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p; the first token always stays.

@@ -41,6 +41,7 @@ class HFTokenizer:
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
+        self._bos_text: str | None = getattr(tokenizer, "bos_token", None) or None
         self.vocab_size = len(tokenizer)
         eos = tokenizer.eos_token_id
         ids = eos if isinstance(eos, list) else [eos]
@@ -50,8 +51,22 @@ class HFTokenizer:
     def chat_template(self) -> str | None:
         return getattr(self._tokenizer, "chat_template", None)
 
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], **kw: Any) -> str:
+        """Chat `messages` rendered by the model's own chat template, as text ending with an open
+        assistant turn (`tokenize=False, add_generation_prompt=True` unless `kw` says otherwise;
+        other `kw` go to the Hugging Face tokenizer's `apply_chat_template`). Templates write the
+        BOS text themselves, and `encode` adds no second one (see there). Raises `ValueError` when
+        the tokenizer has no chat template."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template")
+        options = {"tokenize": False, "add_generation_prompt": True, **kw}
+        return self._tokenizer.apply_chat_template(list(messages), **options)
+
     def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=True))
+        # Text that already starts with the BOS text (a rendered chat template, or a prompt written
+        # with it) carries its special tokens; adding them again would start it with two BOS tokens.
+        add_special = not (self._bos_text and text.startswith(self._bos_text))
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special))
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)

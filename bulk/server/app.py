@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.metrics import PrometheusExporter
 from bulk.server import openai_routes, routes_api, routes_metrics, websocket
+from bulk.server.body_limit import BodyLimitMiddleware
 from bulk.server.cache_middleware import CacheMiddleware
 from bulk.server.deps import ServerState
 from bulk.server.errors import install_error_handlers
@@ -62,10 +63,10 @@ def create_app(
         description=DESCRIPTION,
         version="0.1.0",
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
     )
     app.state.settings = settings
     install_error_handlers(app)
+    routes_api.add_query_route(app)
     app.include_router(routes_api.router)
     app.include_router(websocket.router)
     app.include_router(openai_routes.router)
@@ -76,7 +77,8 @@ def create_app(
 
         app.include_router(celery_router)
 
-    # Middleware added last runs first: protection, then the optional answer cache, then the routes.
+    # Middleware added last runs first: protection, the body limit, the optional answer cache, then
+    # the routes. All are pure ASGI: a BaseHTTPMiddleware would cost more than a cached answer.
     if settings.cache_middleware:
         app.add_middleware(
             CacheMiddleware,
@@ -84,6 +86,7 @@ def create_app(
             ttl=settings.cache_middleware_ttl,
             max_body_bytes=settings.max_body_bytes,
         )
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.api_keys or settings.rate_limit_per_minute:
         app.add_middleware(
             ProtectionMiddleware,

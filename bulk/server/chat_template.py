@@ -1,6 +1,6 @@
 """Turning chat messages into one prompt.
 
-A Hugging Face model with a chat template gets its tokenizer's own `apply_chat_template`. The demo
+A Hugging Face model with a chat template gets its own template (`HFTokenizer.apply_chat_template`). The demo
 models (byte-level tokenizer, no template) and models without one get this simple, documented
 template, one block per message and an open assistant block at the end:
 
@@ -26,20 +26,15 @@ def render_simple(messages: Sequence[dict[str, str]]) -> str:
     return "".join(parts) + ASSISTANT_HEADER
 
 
-def _hf_template(tokenizer: Any) -> Any:
-    """The tokenizer's `apply_chat_template` when it has a template, else None. Our `HFTokenizer`
-    wraps the Hugging Face tokenizer, so look through it too."""
-    for candidate in (tokenizer, getattr(tokenizer, "_tokenizer", None)):
-        if candidate is None:
-            continue
-        apply = getattr(candidate, "apply_chat_template", None)
-        if callable(apply) and getattr(candidate, "chat_template", None):
-            return apply
-    return None
+def has_chat_template(tokenizer: Any | None) -> bool:
+    """True for a tokenizer with its own chat template (our `HFTokenizer` over a model that has one)."""
+    return callable(getattr(tokenizer, "apply_chat_template", None)) and bool(
+        getattr(tokenizer, "chat_template", None)
+    )
 
 
 def render_chat(messages: Sequence[dict[str, str]], tokenizer: Any | None) -> str:
-    apply = _hf_template(tokenizer) if tokenizer is not None else None
-    if apply is None:
+    if not has_chat_template(tokenizer):
         return render_simple(messages)
-    return apply(list(messages), tokenize=False, add_generation_prompt=True)
+    # The rendered text starts with the template's BOS text; `HFTokenizer.encode` adds no second one.
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)

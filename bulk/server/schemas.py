@@ -40,7 +40,8 @@ class QueryRequest(BaseModel):
     request_id: StrictStr | None = None
 
     def to_engine(self, settings: ServerSettings) -> dict[str, Any]:
-        payload = self.model_dump(exclude_none=True)
+        # `model_dump(exclude_none=True)` for this flat model, at a fraction of its cost (hot path).
+        payload = {name: value for name, value in self.__dict__.items() if value is not None}
         check_limits(payload, settings)
         return payload
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bulk.generation.sampling import SamplingParams, make_generator, sample
@@ -32,3 +33,10 @@ def test_deterministic_flag():
     assert SamplingParams().deterministic
     assert SamplingParams(temperature=0.7, seed=3).deterministic
     assert not SamplingParams(temperature=0.7).deterministic
+
+
+@pytest.mark.parametrize("temperature", [5.9e-294, 1e-40, 1e-9])
+def test_a_tiny_temperature_is_greedy_not_nan(temperature):
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    params = SamplingParams(temperature=temperature, seed=1)
+    assert sample(logits, params, torch.Generator().manual_seed(1)) == 1

@@ -1,0 +1,113 @@
+"""A real Hugging Face model with its own chat template: the chat prompt is rendered by the template
+(`HFTokenizer.apply_chat_template`) and starts with exactly one BOS token once the engine encodes it,
+directly and through `/v1/chat/completions` over a real socket."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from bulk.config import KVCacheConfig
+from bulk.engine.engine import UltraAdaptiveKVCacheEngine
+from bulk.models.loader import load_model
+from bulk.server.app import create_app
+from bulk.server.chat_template import render_chat
+from bulk.server.settings import ServerSettings
+from tests.server.conftest import wait_ready
+from tests.server.live_server import LiveServer
+
+CORPUS = ["Create marketing strategy for a bakery.", "You are terse. Summarise the sales report."] * 20
+# Like Llama's: the template writes the BOS text itself.
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Create marketing strategy"},
+]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny Llama whose tokenizer adds BOS on `encode` (a post-processor, as Llama's does)."""
+    path = tmp_path_factory.mktemp("tiny-chat-llama")
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(
+        CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    raw.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(5)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def bos_count(ids: list[int], bos: int) -> int:
+    count = 0
+    while count < len(ids) and ids[count] == bos:
+        count += 1
+    return count
+
+
+def test_a_rendered_chat_prompt_gets_one_bos(hf_dir):
+    tokenizer = load_model(KVCacheConfig(model=str(hf_dir))).tokenizer
+    bos = tokenizer._tokenizer.bos_token_id
+    # Plain text still gets the BOS the tokenizer adds.
+    assert bos_count(tokenizer.encode("Create marketing strategy"), bos) == 1
+    prompt = render_chat(MESSAGES, tokenizer)
+    assert prompt == tokenizer.apply_chat_template(MESSAGES)
+    assert prompt.startswith("<s>[system] You are terse.\n") and prompt.endswith("[assistant] ")
+    ids = tokenizer.encode(prompt)
+    assert bos_count(ids, bos) == 1 and ids.count(bos) == 1
+    # The engine counts exactly those tokens.
+    config = KVCacheConfig(model=str(hf_dir), default_max_new_tokens=3, max_new_tokens_limit=8)
+    with UltraAdaptiveKVCacheEngine(config) as engine:
+        assert engine.process_request_sync({"query": prompt})["prompt_tokens"] == len(ids)
+
+
+def test_apply_chat_template_without_a_template_is_a_clear_error(hf_dir):
+    tokenizer = load_model(KVCacheConfig(model=str(hf_dir))).tokenizer
+    tokenizer._tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        tokenizer.apply_chat_template(MESSAGES)
+    # ... and the server falls back to the simple documented template.
+    assert render_chat(MESSAGES, tokenizer).startswith("<|system|>\nYou are terse.\n")
+
+
+def test_chat_completions_use_the_models_template(hf_dir):
+    settings = ServerSettings(
+        model=str(hf_dir), device="cpu", default_max_new_tokens=3, max_new_tokens_limit=8
+    )
+    with LiveServer(create_app(settings)) as live:
+        wait_ready(live.url)
+        answer = requests.post(
+            f"{live.url}/v1/chat/completions", json={"model": "m", "messages": MESSAGES}, timeout=60
+        )
+    assert answer.status_code == 200, answer.text
+    tokenizer = load_model(KVCacheConfig(model=str(hf_dir))).tokenizer
+    expected = tokenizer.encode(tokenizer.apply_chat_template(MESSAGES))
+    assert bos_count(expected, tokenizer._tokenizer.bos_token_id) == 1
+    assert answer.json()["usage"]["prompt_tokens"] == len(expected)

@@ -50,16 +50,16 @@ def test_websocket_client_sample(live, monkeypatch):
 
 
 def test_prometheus_sample_counts_engine_requests(demo_model):
-    for name in ("kv_cache_requests", "kv_cache_latency_seconds", "kv_cache_size_bytes"):
-        collector = prometheus_client.REGISTRY._names_to_collectors.get(name)
-        if collector is not None:  # a re-run in one process: the guide registers globally
-            prometheus_client.REGISTRY.unregister(collector)
-    guide = _load("prometheus_guide")
-    with UltraAdaptiveKVCacheEngine(KVCacheConfig(**ENGINE), model=demo_model) as engine:
-        guide.connect(engine)
-        engine.process_request_sync({"query": "Create marketing strategy"})
-        engine.process_request_sync({"query": "Create marketing strategy"})
-    text = prometheus_client.generate_latest().decode()
+    guide = _load("prometheus_guide")  # registers the guide's metrics on the default registry
+    try:
+        with UltraAdaptiveKVCacheEngine(KVCacheConfig(**ENGINE), model=demo_model) as engine:
+            guide.connect(engine)
+            engine.process_request_sync({"query": "Create marketing strategy"})
+            engine.process_request_sync({"query": "Create marketing strategy"})
+        text = prometheus_client.generate_latest().decode()
+    finally:  # leave the default registry as we found it
+        for metric in (guide.cache_requests, guide.cache_latency, guide.cache_size):
+            prometheus_client.REGISTRY.unregister(metric)
     assert 'kv_cache_requests_total{status="hit"} 1.0' in text
     assert 'kv_cache_requests_total{status="miss"} 1.0' in text
     assert "kv_cache_latency_seconds_count 2.0" in text

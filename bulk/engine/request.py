@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,8 +27,16 @@ FIELDS = (
     "response_cache",
     "request_id",
 )
+_KNOWN = frozenset(FIELDS)
 MAX_STOP_STRINGS = 8
 _ids = itertools.count()
+# Unique across processes (the pid: forked workers share what was imported before the fork) and
+# restarts (a random part), without a uuid4 per request on the hot path.
+_ID_PREFIX = uuid.uuid4().hex[:8]
+
+
+def _request_id() -> str:
+    return f"req-{_ID_PREFIX}{os.getpid():x}-{next(_ids)}"
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,7 @@ class GenerationRequest:
     session_id: str | None = None
     # None: use the response cache only when the request is deterministic.
     response_cache: bool | None = None
-    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:12]}-{next(_ids)}")
+    request_id: str = field(default_factory=_request_id)
 
     @property
     def use_response_cache(self) -> bool:
@@ -50,8 +59,8 @@ def parse_request(query: Any, config: KVCacheConfig) -> GenerationRequest:
         return query
     if not isinstance(query, Mapping):
         raise InvalidRequestError("query", f"a request must be a JSON object, got {type(query).__name__}")
-    unknown = sorted(str(k) for k in query if k not in FIELDS)
-    if unknown:
+    if not _KNOWN.issuperset(query):
+        unknown = sorted(str(k) for k in query if k not in _KNOWN)
         raise InvalidRequestError(unknown[0], f"unknown field (allowed: {', '.join(FIELDS)})")
     if "query" in query and "text" in query:
         raise InvalidRequestError("query", "give either 'query' or 'text', not both")

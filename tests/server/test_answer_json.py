@@ -140,3 +140,11 @@ def test_request_key_tells_every_sampling_knob_apart():
     }
     assert len(keys) == 9
     assert request_key("fp", "prompt", base) == request_key("fp", "prompt", SamplingParams(max_new_tokens=8))
+
+
+def test_a_long_prompt_is_keyed_by_its_digest():
+    base = SamplingParams(max_new_tokens=8)
+    long_a, long_b = "a" * 5000, "a" * 4999 + "b"
+    key = request_key("fp", long_a, base)
+    assert key == request_key("fp", "a" * 5000, base) and key != request_key("fp", long_b, base)
+    assert all(len(part) < 100 for part in key if isinstance(part, str | bytes))

@@ -20,7 +20,7 @@ from bulk.engine.generate import OnStep, generate
 from bulk.engine.request import GenerationRequest, parse_request
 from bulk.engine.response_cache import ResponseCache, StoredAnswer, json_bytes, request_key
 from bulk.engine.scheduler import PriorityWorker
-from bulk.engine.stats import EngineStats
+from bulk.engine.stats import EngineStats, Listeners, config_summary
 from bulk.errors import InvalidRequestError
 from bulk.generation.decode import Step
 from bulk.kv.prefix_cache import PrefixCache
@@ -56,7 +56,7 @@ class UltraAdaptiveKVCacheEngine:
         self._responses = ResponseCache(self.config.response_cache_size, self.config.response_cache_ttl)
         self._stats = EngineStats()
         self._warm = threading.Event()
-        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._listeners = Listeners()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -118,22 +118,10 @@ class UltraAdaptiveKVCacheEngine:
         instead of being decoded and encoded again per request."""
         started = time.perf_counter()
         request = self._parse(query)
-        if self.config.response_cache and request.use_response_cache and self._model is not None:
-            key = request_key(self._model.fingerprint, request.prompt, request.params)
-            stored = self._responses.get_derived(key, StoredAnswer.from_stored)
-            if stored is not None:
-                latency = (time.perf_counter() - started) * 1000
-                self._stats.record(
-                    prompt_tokens=stored.prompt_tokens,
-                    cached_tokens=stored.prompt_tokens,
-                    completion_tokens=stored.completion_tokens,
-                    latency_ms=latency,
-                    ttft_ms=latency,
-                    response_cached=True,
-                )
-                if self._listeners:
-                    self._notify(stored.answer(latency, request.request_id, status="ok"))
-                return stored.answer_json(latency, request.request_id)
+        hit = self._cached_answer(request, started)
+        if hit is not None:
+            stored, latency = hit
+            return stored.answer_json(latency, request.request_id)
         future = self._worker.submit(lambda: self._run(request, started), request.priority)
         return json_bytes(await asyncio.wrap_future(future))
 
@@ -188,13 +176,6 @@ class UltraAdaptiveKVCacheEngine:
         must be quick; its exceptions are logged and dropped."""
         self._listeners.append(listener)
 
-    def _notify(self, event: dict[str, Any]) -> None:
-        for listener in self._listeners:
-            try:
-                listener(event)
-            except Exception:
-                log.exception("engine listener %r failed", listener)
-
     def get_stats(self) -> dict[str, Any]:
         tiers = self._prefix.stats() if self._prefix is not None else {"memory": {}}
         return {
@@ -205,18 +186,8 @@ class UltraAdaptiveKVCacheEngine:
             "running": self._worker.running,
             "evictions": tiers["memory"].get("evictions", 0),
             "tiers": tiers,
-            "response_cache": {
-                "entries": len(self._responses),
-                "hits": self._responses.hits,
-                "misses": self._responses.misses,
-                "size_bytes": self._responses.size_bytes,
-            },
-            "config": {
-                "max_tokens": self.config.max_tokens,
-                "block_size": self.config.block_size,
-                "cache_strategy": self.config.cache_strategy.value,
-                "quantization": self.config.quantization,
-            },
+            "response_cache": self._responses.stats(),
+            "config": config_summary(self.config),
         }
 
     # ---- internals -------------------------------------------------------------------------
@@ -235,35 +206,34 @@ class UltraAdaptiveKVCacheEngine:
             return parse_request(query, self.config)
         except InvalidRequestError as exc:
             self._stats.record_error(invalid=True)
-            self._notify({"status": "error", "error": type(exc).__name__, "invalid": True})
+            self._listeners.notify({"status": "error", "error": type(exc).__name__, "invalid": True})
             raise
 
     def _cached_response(self, request: GenerationRequest, started: float) -> dict[str, Any] | None:
+        hit = self._cached_answer(request, started)
+        return None if hit is None else hit[0].answer(hit[1], request.request_id)
+
+    def _cached_answer(self, request: GenerationRequest, started: float) -> tuple[StoredAnswer, float] | None:
+        """The response cache's stored answer and this request's latency (ms), stats and listeners
+        done; None on a miss or when the request may not be answered from the cache."""
         if not (self.config.response_cache and request.use_response_cache and self._model is not None):
             return None
-        stored = self._responses.get(request_key(self._model.fingerprint, request.prompt, request.params))
+        key = request_key(self._model.fingerprint, request.prompt, request.params)
+        stored = self._responses.get_derived(key, StoredAnswer.from_stored)
         if stored is None:
             return None
         latency = (time.perf_counter() - started) * 1000
         self._stats.record(
-            prompt_tokens=stored["prompt_tokens"],
-            cached_tokens=stored["prompt_tokens"],
-            completion_tokens=stored["completion_tokens"],
+            prompt_tokens=stored.prompt_tokens,
+            cached_tokens=stored.prompt_tokens,
+            completion_tokens=stored.completion_tokens,
             latency_ms=latency,
             ttft_ms=latency,
             response_cached=True,
         )
-        result = {
-            **stored,
-            "cache_hit": True,
-            "response_cached": True,
-            "cached_tokens": stored["prompt_tokens"],
-            "latency": latency,
-            "ttft_ms": latency,
-            "request_id": request.request_id,
-        }
-        self._notify({**result, "status": "ok"})
-        return result
+        if self._listeners:
+            self._listeners.notify(stored.answer(latency, request.request_id, status="ok"))
+        return stored, latency
 
     def _load(self) -> LoadedModel:
         if self._model is None:
@@ -309,7 +279,7 @@ class UltraAdaptiveKVCacheEngine:
             if record:
                 invalid = isinstance(exc, InvalidRequestError)
                 self._stats.record_error(invalid=invalid)
-                self._notify({"status": "error", "error": type(exc).__name__, "invalid": invalid})
+                self._listeners.notify({"status": "error", "error": type(exc).__name__, "invalid": invalid})
             raise
         if record:
             self._stats.record(
@@ -320,7 +290,7 @@ class UltraAdaptiveKVCacheEngine:
                 ttft_ms=result["ttft_ms"],
                 response_cached=False,
             )
-            self._notify({**result, "status": "ok"})
+            self._listeners.notify({**result, "status": "ok"})
         if (
             self.config.response_cache
             and request.use_response_cache

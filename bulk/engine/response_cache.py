@@ -103,6 +103,9 @@ class ResponseCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def stats(self) -> dict[str, int]:
+        return {"entries": len(self), "hits": self.hits, "misses": self.misses, "size_bytes": self.size_bytes}
+
     @property
     def size_bytes(self) -> int:
         return sum(len(entry[1]) for entry in list(self._entries.values()))

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from bulk.config import KVCacheConfig
+
+log = logging.getLogger(__name__)
 
 WINDOW = 2048  # recent requests kept for percentiles
 
@@ -94,3 +101,28 @@ class EngineStats:
                 "latency_ms": self.latency.summary(),
                 "ttft_ms": self.ttft.summary(),
             }
+
+
+def config_summary(config: KVCacheConfig) -> dict[str, object]:
+    """The settings that explain the numbers, for `get_stats()`."""
+    return {
+        "max_tokens": config.max_tokens,
+        "block_size": config.block_size,
+        "cache_strategy": config.cache_strategy.value,
+        "quantization": config.quantization,
+        "tiers": ["memory"]
+        + (["disk"] if config.enable_persistence else [])
+        + (["redis"] if config.redis_url else [])
+        + (["postgres"] if config.database_url else []),
+    }
+
+
+class Listeners(list[Callable[[dict[str, Any]], None]]):
+    """The engine's request listeners (`engine.add_listener`)."""
+
+    def notify(self, event: dict[str, Any]) -> None:
+        for listener in self:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("engine listener %r failed", listener)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,32 @@ from bulk.config import KVCacheConfig
 log = logging.getLogger(__name__)
 
 WINDOW = 2048  # recent requests kept for percentiles
+# Bounds (seconds) of the cumulative latency histograms in `get_stats()["histograms"]`, which metrics
+# exporters publish as they are: the integration guide's (0.001 ... 1.0), then more above (a model on
+# a CPU often takes seconds).
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class BucketCounts:
+    """A cumulative histogram since start: counts per bound (`le`, inclusive), a sum and a count.
+    Kept by the engine so that exporting it costs the request path one bisect, no listener call."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    def snapshot(self) -> dict[str, object]:
+        cumulative, buckets = 0, []
+        for bound, count in zip((*self.bounds, "+Inf"), self.counts, strict=True):
+            cumulative += count
+            buckets.append([bound, cumulative])
+        return {"buckets": buckets, "sum": self.sum, "count": cumulative}
 
 
 class LatencyWindow:
@@ -51,6 +78,8 @@ class EngineStats:
         self.invalid_requests = 0
         self.latency = LatencyWindow()
         self.ttft = LatencyWindow()
+        self.latency_buckets = BucketCounts(LATENCY_BUCKETS)
+        self.ttft_buckets = BucketCounts(TTFT_BUCKETS)
 
     def record(
         self,
@@ -73,6 +102,8 @@ class EngineStats:
                 self.prefix_hits += 1
             self.latency.add(latency_ms)
             self.ttft.add(ttft_ms)
+            self.latency_buckets.add(latency_ms / 1000)
+            self.ttft_buckets.add(ttft_ms / 1000)
 
     def record_error(self, invalid: bool) -> None:
         with self._lock:
@@ -100,6 +131,10 @@ class EngineStats:
                 "invalid_requests": self.invalid_requests,
                 "latency_ms": self.latency.summary(),
                 "ttft_ms": self.ttft.summary(),
+                "histograms": {
+                    "latency_seconds": self.latency_buckets.snapshot(),
+                    "ttft_seconds": self.ttft_buckets.snapshot(),
+                },
             }
 
 

@@ -8,10 +8,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 TIER_LABELS = ("tier",)
+# (metric name, key in get_stats()["histograms"], help)
+HISTOGRAMS = (
+    ("latency_seconds", "latency_seconds", "Engine latency of a request, from acceptance to the last token"),
+    ("time_to_first_token_seconds", "ttft_seconds", "Time from accepting a request to its first token"),
+)
 
 
 class EngineStatsCollector(Collector):
@@ -39,6 +45,11 @@ class EngineStatsCollector(Collector):
         by_status.add_metric(["hit"], hits)
         by_status.add_metric(["miss"], max(requests - hits, 0))
         yield by_status
+
+        histograms = stats.get("histograms", {})
+        for name, key, documentation in HISTOGRAMS:
+            if key in histograms:
+                yield self._histogram(name, documentation, histograms[key])
 
         yield self._counter(
             "response_cache_hits",
@@ -115,6 +126,12 @@ class EngineStatsCollector(Collector):
 
     def _gauge(self, name: str, doc: str, value: Any) -> GaugeMetricFamily:
         return GaugeMetricFamily(self._name(name), doc, value=_number(value))
+
+    def _histogram(self, name: str, documentation: str, data: dict[str, Any]) -> HistogramMetricFamily:
+        buckets = [
+            (bound if bound == "+Inf" else floatToGoString(bound), count) for bound, count in data["buckets"]
+        ]
+        return HistogramMetricFamily(self._name(name), documentation, buckets=buckets, sum_value=data["sum"])
 
 
 def _number(value: Any) -> float:

@@ -6,7 +6,7 @@ a plain `def` dependency in a thread pool, a hand-off that cost more than a whol
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends
@@ -14,6 +14,7 @@ from starlette.requests import HTTPConnection
 
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.metrics import PrometheusExporter
+from bulk.server.json_body import ParsedBodies
 from bulk.server.settings import ServerSettings
 from bulk.server.tasks import TaskRegistry
 
@@ -27,6 +28,7 @@ class ServerState:
     settings: ServerSettings
     metrics: PrometheusExporter
     tasks: TaskRegistry
+    parsed_bodies: ParsedBodies = field(default_factory=ParsedBodies)
 
 
 async def get_state(conn: HTTPConnection) -> ServerState:

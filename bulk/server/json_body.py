@@ -39,7 +39,11 @@ def json_body_openapi(model: type[BaseModel]) -> dict[str, Any]:
 
 
 async def read_json_body(request: Request, model: type[Model]) -> Model:
-    body = await _read_body(request)
+    return parse_json_body(request, await read_body(request), model)
+
+
+def parse_json_body(request: Request, body: bytes, model: type[Model]) -> Model:
+    """Validate `body` (already read) as `model`; FastAPI's 422 on a missing, non-JSON or invalid body."""
     if not body:
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
     content_type = _header(request, b"content-type")
@@ -61,7 +65,32 @@ async def read_json_body(request: Request, model: type[Model]) -> Model:
         ) from None
 
 
-async def _read_body(request: Request) -> bytes:
+class ParsedBodies:
+    """Engine payloads of recently seen request bodies, so an identical body (what the response
+    cache answers) is validated once, not on every request. Only small bodies sent as plain
+    `application/json` are kept; a body is keyed by its exact bytes, so anything that differs is
+    validated afresh. Bounded; the oldest entry leaves first."""
+
+    MAX_BODY = 4096
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self._entries: dict[bytes, dict[str, Any]] = {}
+
+    def get(self, request: Request, body: bytes) -> dict[str, Any] | None:
+        if _header(request, b"content-type") != b"application/json":
+            return None
+        return self._entries.get(body)
+
+    def put(self, request: Request, body: bytes, payload: dict[str, Any]) -> None:
+        if len(body) > self.MAX_BODY or _header(request, b"content-type") != b"application/json":
+            return
+        if len(self._entries) >= self.size:
+            del self._entries[next(iter(self._entries))]
+        self._entries[body] = payload
+
+
+async def read_body(request: Request) -> bytes:
     """The whole body, straight from `receive` (`Request.body()` goes through an async generator,
     a measurable share of a cached answer). The body size limit applies: see `body_limit.py`."""
     message = await request.receive()

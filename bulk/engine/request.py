@@ -48,6 +48,17 @@ class GenerationRequest:
     # None: use the response cache only when the request is deterministic.
     response_cache: bool | None = None
     request_id: str = field(default_factory=_request_id)
+    # True when the caller chose `request_id`; a `renewed` copy keeps it then.
+    request_id_given: bool = False
+
+    def renewed(self) -> GenerationRequest:
+        """This request again, with a fresh request id unless the caller chose one: a parsed request
+        reused for an identical body (the API's hot path) instead of parsing it again."""
+        if self.request_id_given:
+            return self
+        copy = object.__new__(GenerationRequest)
+        copy.__dict__.update(self.__dict__, request_id=_request_id())
+        return copy
 
     @property
     def use_response_cache(self) -> bool:
@@ -98,6 +109,7 @@ def parse_request(query: Any, config: KVCacheConfig) -> GenerationRequest:
     extra: dict[str, Any] = {}
     if query.get("request_id") is not None:
         extra["request_id"] = _str(query, "request_id")
+        extra["request_id_given"] = True
     return GenerationRequest(
         prompt=prompt,
         params=params,

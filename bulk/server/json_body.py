@@ -66,8 +66,9 @@ def parse_json_body(request: Request, body: bytes, model: type[Model]) -> Model:
 
 
 class ParsedBodies:
-    """Engine payloads of recently seen request bodies, so an identical body (what the response
-    cache answers) is validated once, not on every request. Only small bodies sent as plain
+    """Parsed engine requests of recently seen request bodies, so an identical body (what the
+    response cache answers) is validated once, not on every request (each use gets a fresh request
+    id: `GenerationRequest.renewed`). Only small bodies sent as plain
     `application/json` are kept; a body is keyed by its exact bytes, so anything that differs is
     validated afresh. Bounded; the oldest entry leaves first."""
 
@@ -75,19 +76,19 @@ class ParsedBodies:
 
     def __init__(self, size: int = 1024) -> None:
         self.size = size
-        self._entries: dict[bytes, dict[str, Any]] = {}
+        self._entries: dict[bytes, Any] = {}
 
-    def get(self, request: Request, body: bytes) -> dict[str, Any] | None:
+    def get(self, request: Request, body: bytes) -> Any | None:
         if _header(request, b"content-type") != b"application/json":
             return None
         return self._entries.get(body)
 
-    def put(self, request: Request, body: bytes, payload: dict[str, Any]) -> None:
+    def put(self, request: Request, body: bytes, parsed: Any) -> None:
         if len(body) > self.MAX_BODY or _header(request, b"content-type") != b"application/json":
             return
         if len(self._entries) >= self.size:
             del self._entries[next(iter(self._entries))]
-        self._entries[body] = payload
+        self._entries[body] = parsed
 
 
 async def read_body(request: Request) -> bytes:

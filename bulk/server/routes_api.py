@@ -13,6 +13,7 @@ from fastapi import APIRouter, Body, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from bulk.engine.request import parse_request
 from bulk.errors import InvalidRequestError
 from bulk.server.deps import Engine, ServerState, Settings, Tasks
 from bulk.server.errors import error_body
@@ -50,11 +51,13 @@ async def process_query(request: Request) -> Response:
     started = _perf()
     state: ServerState = request.app.state.bul
     body = await read_body(request)
-    payload = state.parsed_bodies.get(request, body)
-    if payload is None:
+    parsed = state.parsed_bodies.get(request, body)
+    if parsed is not None:
+        answer = await state.engine.process_request_json(parsed.renewed())
+    else:
         payload = parse_json_body(request, body, QueryRequest).to_engine(state.settings)
-        state.parsed_bodies.put(request, body, payload)
-    answer = await state.engine.process_request_json(payload)
+        answer = await state.engine.process_request_json(payload)  # the engine's checks, stats, errors
+        state.parsed_bodies.put(request, body, parse_request(payload, state.engine.config))
     response = Response(answer, media_type="application/json")
     state.metrics.observe_e2e("rest", _perf() - started)
     return response

@@ -78,3 +78,24 @@ def test_the_body_limit_applies_to_chunked_bodies_too(server):
     assert small.status_code == 200, small.text
     declared = requests.post(f"{server.url}/v1/completions", json={"prompt": "x" * 20_000}, timeout=10)
     assert declared.status_code == 413 and "BUL_MAX_BODY_BYTES" in declared.json()["detail"]
+
+
+def test_identical_bodies_get_their_own_request_ids(server):
+    body = b'{"query": "same body twice", "max_new_tokens": 2}'
+    headers = {"content-type": "application/json"}
+    answers = [
+        requests.post(f"{server.url}/api/query", data=body, headers=headers, timeout=60).json()
+        for _ in range(3)
+    ]
+    assert len({a["request_id"] for a in answers}) == 3
+    assert answers[1]["response_cached"] and answers[1]["result"] == answers[0]["result"]
+    mine = b'{"query": "same body twice", "max_new_tokens": 2, "request_id": "mine-1"}'
+    again = [
+        requests.post(f"{server.url}/api/query", data=mine, headers=headers, timeout=60).json()
+        for _ in range(2)
+    ]
+    assert [a["request_id"] for a in again] == ["mine-1", "mine-1"]
+    plain = requests.post(
+        f"{server.url}/api/query", data=body, headers={"content-type": "text/plain"}, timeout=60
+    )
+    assert plain.status_code == 422  # a remembered body is still checked for its content type

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import pytest
 import requests
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
@@ -18,6 +15,7 @@ from bulk.server.chat_template import render_chat
 from bulk.server.settings import ServerSettings
 from tests.server.conftest import wait_ready
 from tests.server.live_server import LiveServer
+from tests.tiny_hf_model import save_tiny_llama
 
 CORPUS = ["Create marketing strategy for a bakery.", "You are terse. Summarise the sales report."] * 20
 # Like Llama's: the template writes the BOS text itself.
@@ -35,34 +33,7 @@ MESSAGES = [
 def hf_dir(tmp_path_factory):
     """A tiny Llama whose tokenizer adds BOS on `encode` (a post-processor, as Llama's does)."""
     path = tmp_path_factory.mktemp("tiny-chat-llama")
-    raw = Tokenizer(models.BPE(unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(
-        CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
-    )
-    raw.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(path)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(5)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return save_tiny_llama(path, CORPUS, seed=5, adds_bos=True, chat_template=TEMPLATE)
 
 
 def bos_count(ids: list[int], bos: int) -> int:

@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from bulk.client.errors import BULAPIError, error_from_response
+from bulk.client.errors import BULAPIError, answer_or_raise
 
 
 class AsyncBULAPIClient:
@@ -48,10 +48,4 @@ class AsyncBULAPIClient:
             response = await self._http.request(method, path, json=body)
         except httpx.HTTPError as exc:
             raise BULAPIError(0, f"cannot reach {self.base_url}: {exc}") from exc
-        try:
-            data = response.json()
-        except ValueError:
-            data = None
-        if response.status_code >= 400:
-            raise error_from_response(response.status_code, response.text, data)
-        return data
+        return answer_or_raise(response.status_code, response.text, response.json)

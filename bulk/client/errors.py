@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -15,6 +16,17 @@ class BULAPIError(Exception):
         self.message = message
         self.field = field
         self.body = body
+
+
+def answer_or_raise(status_code: int, text: str, read_json: Callable[[], Any]) -> Any:
+    """The decoded JSON of an answer (None when it is not JSON), or `BULAPIError` for a 4xx/5xx."""
+    try:
+        data = read_json()
+    except ValueError:
+        data = None
+    if status_code >= 400:
+        raise error_from_response(status_code, text, data)
+    return data
 
 
 def error_from_response(status_code: int, text: str, body: Any) -> BULAPIError:

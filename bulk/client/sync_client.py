@@ -6,7 +6,7 @@ from typing import Any
 
 import requests
 
-from bulk.client.errors import BULAPIError, error_from_response
+from bulk.client.errors import BULAPIError, answer_or_raise
 
 
 class BULAPIClient:
@@ -53,10 +53,4 @@ class BULAPIClient:
             response = self.session.request(method, self.base_url + path, json=body, timeout=self.timeout)
         except requests.RequestException as exc:
             raise BULAPIError(0, f"cannot reach {self.base_url}: {exc}") from exc
-        try:
-            data = response.json()
-        except ValueError:
-            data = None
-        if response.status_code >= 400:
-            raise error_from_response(response.status_code, response.text, data)
-        return data
+        return answer_or_raise(response.status_code, response.text, response.json)

@@ -68,7 +68,6 @@ class PrefixCache:
         self.lower = lower
         if lower is not None:
             lower.source = self.store.get  # for retrying writes that failed
-        self.lower_hits = 0  # blocks promoted from a lower tier
         self.memory_misses = 0  # lookups whose memory chain ended before the prompt's full blocks
         self.manager = BlockManager(
             capacity_blocks=config.max_blocks * full_bytes // self.block_bytes,
@@ -130,7 +129,6 @@ class PrefixCache:
         admitted = self.manager.extend(lease, token_ids[: (start + len(found)) * bs])
         self.store.put_many((digest, found[index - start]) for index, digest in admitted)
         usable = len(lease.hashes) - start  # the memory budget may have stopped extend early
-        self.lower_hits += usable
         return found[:usable]
 
     def store_blocks(self, hit: PrefixHit, token_ids: Sequence[int], kv_source: KVSource) -> int:

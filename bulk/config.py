@@ -30,7 +30,8 @@ QUANTIZATIONS = ("none", "int8", "int4")
 
 @dataclass(frozen=True)
 class KVCacheConfig:
-    # Tokens of KV state the in-memory tier may hold; a hard budget, never exceeded.
+    # The memory tier's budget, never exceeded: this many tokens of KV in the model's dtype. Quantized
+    # blocks count their real bytes, so more tokens fit under int8 / int4.
     max_tokens: int = 8192
     cache_strategy: CacheStrategy = CacheStrategy.ADAPTIVE
     enable_persistence: bool = False

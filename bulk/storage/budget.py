@@ -30,7 +30,10 @@ class BudgetedStore:
         self._policy = make_policy(strategy, capacity_blocks)
         self._lock = threading.Lock()
         self.evictions = 0
-        self._sizes: dict[bytes, int] = {}  # bytes of the values this process saw, by key
+        # Bytes of the values this process saw, by key, for backends that keep no count of their own
+        # (disk does).
+        self._counts_sizes = not hasattr(store, "size_bytes")
+        self._sizes: dict[bytes, int] = {}
         self._learn_existing_keys()
 
     def _learn_existing_keys(self) -> None:
@@ -51,14 +54,13 @@ class BudgetedStore:
     @property
     def size_bytes(self) -> int:
         """The backend's own count where it keeps one (disk), else the bytes of the keys we know."""
-        own = getattr(self.store, "size_bytes", None)
-        return own if own is not None else sum(self._sizes.values())
+        return sum(self._sizes.values()) if self._counts_sizes else self.store.size_bytes
 
     def _admit(self, key: bytes, size: int | None = None) -> None:
         """Make `key` resident in the policy, deleting victims from the backend to keep the budget."""
         victims = []
         with self._lock:
-            if size is not None:
+            if size is not None and self._counts_sizes:
                 self._sizes[key] = size
             if key in self._policy:
                 self._policy.touch(key)

@@ -5,91 +5,50 @@ Policy", ACM Transactions on Storage 2017, and Caffeine's W-TinyLFU):
 
 * a *window*, an LRU that every new key enters;
 * a *main* cache, a segmented LRU: `probation` (admitted, not yet hit there) and `protected` (hit in
-  main; at most `protected` of main's room, its LRU is demoted back to probation). A single main LRU
-  was tried and loses 2-4 points on every Zipf trace: probation is what lets a hot key outlive a
-  burst of admissions;
-* a *frequency table* counting every access to every recently seen key, resident or not. Exact
-  counts in a dict, aged like TinyLFU's reset: every `period` x capacity *misses* all counts are
-  halved, counts of 32 and more cap at 15 (as a 4-bit counter would), and zeros are dropped. Aging
-  by misses rather than accesses keeps the hit path free of bookkeeping and scores better (hit-heavy
-  phases keep their history). So a key not resident stays in the table at most ~5 periods after its
-  last miss or eviction. Exact counts, because a count-min sketch's row hashing would cost more per
-  access, in pure Python, than the whole LRU path.
+  main; at most `protected` of main's room, its LRU is demoted back to probation), so that a hot key
+  outlives a burst of admissions;
+* a *frequency table* counting every access to every recently seen key, resident or not: exact
+  counts in a dict (a count-min sketch's hashing costs more in pure Python than the whole LRU path),
+  aged like TinyLFU's reset: every `period` x capacity *misses* all counts are halved, counts of 32
+  and more cap at 15 (a 4-bit counter), zeros are dropped. Aging by misses keeps the hit path free of
+  bookkeeping, and hit-heavy phases keep their history.
 
-Admission. The owner calls `pop_victim` before it inserts the new key, so the newcomer cannot be
-compared with the victim at that moment. Instead, when the window is at its target size, the window's
-LRU key (the *candidate*) competes with main's victim (probation's LRU, else protected's): the one
-with the higher count stays (the candidate moves to probation), the other leaves; ties keep main's key.
-A one-time scan or a key seen once never displaces a key with history (zipf-scan, loop: LRU, LFU and
-ARC all score 0 on the loop, TinyLFU keeps a stable part of it), and counts kept for evicted keys let
-a truly popular key win its way back in (Zipf traces, where this beats in-cache LFU).
+Admission. The owner calls `pop_victim` before it inserts the new key, so when the window is at its
+target size the window's LRU key (the *candidate*) competes with main's victim: the higher count
+stays (the candidate moves to probation), the other leaves; ties keep main's key. A one-time scan
+never displaces a key with history (zipf-scan; the loop, where LRU, LFU and ARC score 0), and counts
+kept for evicted keys let a popular key win its way back in (Zipf, where this beats in-cache LFU).
 
-Window sizing. A fixed 1 % window loses to LRU when popularity drifts (moving-hot-set) and on the
-KV-prefix sessions, where a block is reused a few dozen requests after it is written. Caffeine tunes
-the window by hill climbing on the hit ratio; here, as in ARC (N. Megiddo and D. S. Modha, "ARC: A
-Self-Tuning, Low Overhead Replacement Cache", USENIX FAST 2003), two ghost maps of keys only give a
-faster and less noisy signal: a miss on a key the window evicted (a rejected candidate) means the
-window was too small, and grows it by `gain`; a miss on a key main evicted shrinks it. A ghost counts
-only while it is recent: fewer than `horizon` x capacity evictions of its own kind since it left
-(each ghost stores its eviction's number, so the hot path never trims a list; expired ghosts go at
-each aging). A quarter of the cache scored best of 0.05-4 x capacity: against a horizon of one
-cache it halves the gap to LFU on the KV-prefix trace at 256 blocks (mean over the benchmark 0.554
-against 0.551); shorter ones lose on moving-hot-set and the larger KV caches. The window ranges over
-[1, capacity - 1], so the policy slides from TinyLFU (small window) to almost LRU (large window).
+Window sizing, as in ARC (N. Megiddo and D. S. Modha, "ARC: A Self-Tuning, Low Overhead Replacement
+Cache", USENIX FAST 2003) rather than Caffeine's hill climber: a miss on a key the window rejected
+grows the window by `gain`, a miss on a key main evicted shrinks it. A ghost counts only while fewer
+than `horizon` x capacity evictions of its own kind have happened since it left (it stores its
+eviction's number, so the hot path never trims a list; expired ghosts go at each aging). The window
+ranges over [1, capacity - 1], from TinyLFU to almost LRU. Step momentum: a ghost hit moves the window
+by `gain` times the number of ghost hits in a row that asked the same way (at most `momentum`), the
+step rule of Rprop (M. Riedmiller and H. Braun, ICNN 1993): when popularity shifts the window ghosts
+agree many times over and the window opens in a few dozen misses; on a stationary trace the two kinds
+alternate and steps stay at `gain`.
 
-Step momentum. A ghost hit moves the window by `gain` times the number of ghost hits in a row that
-asked the same way (at most `momentum`, 8); a hit asking the other way restarts the count at one.
-This is the step-size rule of adaptive optimisers (Rprop, M. Riedmiller and H. Braun, ICNN 1993) and
-of Caffeine's hill climber, whose step restarts large when the hit ratio moves: when popularity shifts
-(moving-hot-set's new hot set) the window ghosts agree many times over and the window opens in a few
-dozen misses instead of a few hundred, while on a stationary Zipf trace the two kinds of ghost hits
-alternate and the steps stay at `gain`. Moving-hot-set at 1000 keys goes from -0.33 to -0.04 points
-against LRU (seed 4; seed 5: -0.55 to -0.09), 250 and 500 keys gain 1-1.6 points, the Zipf traces
-lose 0.2-0.5 of their 0.4-2.2 point lead. A larger fixed gain (8, 16) or a step that doubles per
-agreeing hit (capped at 2-6 % of the cache) lose more on Zipf at 100 keys for the same gain on
-moving-hot-set; aging by accesses instead of misses (Caffeine's sample period) loses everywhere.
+Block-cache mode (`chains=True`, which the block manager asks for through `make_policy`), where only
+unpinned leaves of the chain tree may leave (`can_evict`) and the score is tokens reused:
 
-Under the block cache's `can_evict` (only unpinned leaves of the chain tree may leave) the candidate is
-the window's least recent *evictable* key and the victim main's least recent evictable key; when one
-side has none, the other side's key leaves without a contest, and None comes back only when no
-resident key may leave. A block's count is never above its parent's (a child is reached only through
-its parent), so the frequency contest naturally keeps shallow, shared blocks (system prompts) and
-gives up deep session tails first. Weighting the contest by a block's depth in its chain (ties to the
-shallower block, or counts divided by depth) was tried and scores lower on the KV-prefix trace.
+* the window starts at its largest (almost LRU) and moves by `block_gain`: a returning session
+  re-touches its whole chain, so a deep block's count only says how many turns ago it was written,
+  and a small window would drop live session tails;
+* one vote per run of misses: a request that finds its chain cut re-inserts every block after the
+  cut, a burst of ghost hits of one kind, but only the first missing block says something about
+  token hits (a later block saves prefill only if every block before it is kept). A `touch` starts
+  a new run;
+* main's victim is the lowest count among main's first `scan` evictable keys, probation's oldest
+  first, then protected's. With a small window the blocks a request adds are pinned by it, so most
+  evictions find no evictable candidate and main's choice is the policy: among idle session tails
+  and the last blocks of system prompts no live session hangs under, the count keeps a rarely used
+  system prompt (a block's count is never above its parent's) as LFU does;
+* counts age every `block_period` x capacity misses: a prompt's count must outlive the gaps between
+  its sessions.
 
-Block-cache mode (`chains=True`, which the block manager asks for through `make_policy`). There a returning
-session re-touches its whole chain on every request, so a deep block's count only says how many turns
-ago it was written: a finished session's tail outscores a live session's newest block, and a small
-window drops live tails (on the KV-prefix trace a fixed 50 % window loses 20-30 points to LRU at 1024
-and 4096 blocks). So in this mode the window restarts at its largest (almost LRU) and moves by
-`block_gain` per ghost hit, shrinking only as main's ghosts ask: against LRU at 1024 and 4096 blocks
-this goes from -0.23 and -0.50 points to -0.00 and -0.02.
-
-Main's victim in block-cache mode. With a small window every block a request adds is pinned by
-that request, so most evictions find no evictable candidate in the window and main's victim leaves
-without a contest: main's choice is the policy. It is the lowest-count key among main's first `scan`
-(8) evictable keys, probation's oldest first and then protected's, rather than strictly the oldest.
-Only leaves may leave, so these are idle session tails and the last blocks of system prompts that no
-live session hangs under; the count tells them apart, and letting protected keys into the comparison
-is what keeps a rarely used system prompt (one request in twenty) cached as LFU does: on the KV-prefix
-trace at 256 blocks the loss to LFU was in exactly those prompts. Counts are halved every 15 x capacity
-misses here, not 10: a prompt's count must outlive the gaps between its sessions. KV-prefix at
-256 / 1024 / 4096 blocks, against max(LRU, LFU), seeds 5 to 9: from -0.44 / +0.02 / 0, +1.85 / +0.11 /
-0, +0.76 / +0.12 / 0, +0.96 / -0.04 / 0, +1.16 / -0.01 / 0 to +0.38 / +0.00 / 0, +1.83 / +0.09 / 0,
-+1.00 / +0.16 / 0, +1.35 / +0.05 / 0, +1.56 / +0.01 / 0 (scan 4-16 and periods 12-15 all pass the
-15 cells). Flat traces never pass a predicate and are unaffected.
-
-One vote per run of misses (block-cache mode). A request that finds its chain cut re-inserts every
-block after the cut, and those blocks left the cache together, so one request brings a burst of tens
-of ghost hits of one kind: the window swung by a quarter of a 256-block cache on a single returning
-session. But only the first missing block says something about token hits (a later block saves
-prefill only if every block before it is kept too, see `simulate_prefix`). So in this mode only the
-first live ghost hit of each run of misses moves the window (a `touch`, i.e. a hit, starts a new run;
-the other ghosts of the run are still consumed), with `block_gain` 4 and no momentum (a run already
-counts once). KV-prefix, seed 5: 256 blocks 35.41 -> 36.11 % (LFU 36.55), 1024 64.00 -> 63.95
-(LRU 63.93), 4096 ties LRU; seed 6: 29.72 -> 30.01 (LFU 28.16), 59.84 -> 59.97 (LRU 59.87), ties.
-
-What was tried and lost, with the figures, is kept in `docs/adaptive-policy.md`.
+The figures behind each part, and what was tried and lost, are in `docs/adaptive-policy.md`.
 
 Cost. One dict maps each resident key to its list, so membership is one lookup; a hit is a count
 increment and one OrderedDict move (a promotion, and maybe a demotion, on a probation hit), with

@@ -31,6 +31,7 @@ context. The target compares ADAPTIVE's mean cost with LRU's, both measured in t
 
     python -m bench.policies [--traces zipf-0.9,loop] [--repeats 3] [--max-accesses N]
     python -m bench.policies --quick        # reduced traces, one capacity each: the smoke test
+    python -m bench.policies --seed-offset 1  # fresh traces of the same shapes (robustness)
 """
 
 from __future__ import annotations
@@ -249,6 +250,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick", action="store_true", help="5000 accesses / 200 requests, one capacity each"
     )
+    parser.add_argument(
+        "--seed-offset",
+        type=int,
+        default=0,
+        help="add this to every trace's seed: fresh traces of the same shapes (default 0)",
+    )
     parser.add_argument("--out", type=Path, help="results directory (default bench/results/)")
     return parser
 
@@ -259,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_accesses = args.max_accesses or base["max_accesses"]
     max_requests = args.max_requests or base["max_requests"]
     repeats = args.repeats or base["repeats"]
-    traces = all_traces()
+    traces = all_traces(args.seed_offset)
     if args.traces:
         wanted = [name.strip() for name in args.traces.split(",") if name.strip()]
         known = {t.name: t for t in traces}
@@ -274,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_accesses": max_accesses,
         "max_requests": max_requests,
         "quick": args.quick,
+        "seed_offset": args.seed_offset,
         "libcachesim": lcs.__version__,
         "object_size": 1,
     }

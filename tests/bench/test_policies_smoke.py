@@ -73,3 +73,15 @@ def test_trace_selection_and_reduction(tmp_path):
     data = json.loads((tmp_path / "policies-latest.json").read_text())
     assert list(data["traces"]) == ["loop"]
     assert data["traces"]["loop"]["accesses"] == 5_000
+
+
+def test_seed_offset_draws_fresh_traces_of_the_same_shapes(tmp_path):
+    base, shifted = all_traces(), all_traces(seed_offset=1)
+    assert [t.name for t in base] == [t.name for t in shifted]
+    for a, b in zip(base, shifted, strict=True):
+        assert a.capacities == b.capacities and a.keys != b.keys, a.name
+        if a.requests is None:  # KV-prefix sessions draw their lengths: only flat traces keep theirs
+            assert len(a.keys) == len(b.keys), a.name
+    assert policies.main(["--quick", "--traces", "loop", "--seed-offset", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "policies-latest.json").read_text())
+    assert data["settings"]["seed_offset"] == 1

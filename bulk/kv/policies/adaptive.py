@@ -1,34 +1,37 @@
-"""W-TinyLFU with ghost-driven window sizing: the policy behind `CacheStrategy.ADAPTIVE`.
+"""The policy behind `CacheStrategy.ADAPTIVE`: LRU while LRU is enough, then W-TinyLFU with a
+ghost-driven window; and a mode of its own for the prefix block cache.
 
-Layout (after G. Einziger, R. Friedman and B. Manes, "TinyLFU: A Highly Efficient Cache Admission
-Policy", ACM Transactions on Storage 2017, and Caffeine's W-TinyLFU):
+W-TinyLFU (G. Einziger, R. Friedman and B. Manes, "TinyLFU: A Highly Efficient Cache Admission
+Policy", ACM Transactions on Storage 2017, and Caffeine): every new key enters a *window* (an LRU);
+*main* is a segmented LRU, `probation` (admitted, not yet hit there) and `protected` (hit in main, at
+most `protected` of main's room), so a hot key outlives a burst of admissions. A *frequency table*
+counts every access to every recently seen key, resident or not, in a dict (a count-min sketch's
+hashing costs more in pure Python than the whole LRU path); every `period` x capacity *misses* all
+counts are halved, counts of 32 and more cap at 15, zeros go (aging by misses keeps the hit path free
+of bookkeeping). Admission: the owner calls `pop_victim` before it inserts, so when the window is at
+its target the window's LRU key (the *candidate*) competes with main's victim; the higher count stays,
+ties keep main's key. A one-time scan never displaces a key with history, and counts kept for evicted
+keys let a popular key win its way back in.
 
-* a *window*, an LRU that every new key enters;
-* a *main* cache, a segmented LRU: `probation` (admitted, not yet hit there) and `protected` (hit in
-  main; at most `protected` of main's room, its LRU is demoted back to probation), so that a hot key
-  outlives a burst of admissions;
-* a *frequency table* counting every access to every recently seen key, resident or not: exact
-  counts in a dict (a count-min sketch's hashing costs more in pure Python than the whole LRU path),
-  aged like TinyLFU's reset: every `period` x capacity *misses* all counts are halved, counts of 32
-  and more cap at 15 (a 4-bit counter), zeros are dropped. Aging by misses keeps the hit path free of
-  bookkeeping, and hit-heavy phases keep their history.
+Window sizing, as in ARC (N. Megiddo and D. S. Modha, USENIX FAST 2003) rather than Caffeine's hill
+climber: a miss on a key the window rejected grows the window by `gain`, a miss on a key main evicted
+shrinks it; a ghost counts while fewer than `horizon` x capacity evictions of its own kind followed
+it (it stores its eviction's number, so no list is trimmed on the hot path). The window ranges over
+[1, capacity - 1]. A ghost hit moves it by `gain` times the number of ghost hits in a row that asked
+the same way (at most `momentum`), Rprop's step rule (M. Riedmiller and H. Braun, ICNN 1993): after a
+shift in popularity the window ghosts agree many times over and the window opens in a few dozen
+misses; on a stationary trace the two kinds alternate and steps stay at `gain`.
 
-Admission. The owner calls `pop_victim` before it inserts the new key, so when the window is at its
-target size the window's LRU key (the *candidate*) competes with main's victim: the higher count
-stays (the candidate moves to probation), the other leaves; ties keep main's key. A one-time scan
-never displaces a key with history (zipf-scan; the loop, where LRU, LFU and ARC score 0), and counts
-kept for evicted keys let a popular key win its way back in (Zipf, where this beats in-cache LFU).
-
-Window sizing, as in ARC (N. Megiddo and D. S. Modha, "ARC: A Self-Tuning, Low Overhead Replacement
-Cache", USENIX FAST 2003) rather than Caffeine's hill climber: a miss on a key the window rejected
-grows the window by `gain`, a miss on a key main evicted shrinks it. A ghost counts only while fewer
-than `horizon` x capacity evictions of its own kind have happened since it left (it stores its
-eviction's number, so the hot path never trims a list; expired ghosts go at each aging). The window
-ranges over [1, capacity - 1], from TinyLFU to almost LRU. Step momentum: a ghost hit moves the window
-by `gain` times the number of ghost hits in a row that asked the same way (at most `momentum`), the
-step rule of Rprop (M. Riedmiller and H. Braun, ICNN 1993): when popularity shifts the window ghosts
-agree many times over and the window opens in a few dozen misses; on a stationary trace the two kinds
-alternate and steps stay at `gain`.
+LRU mode (flat keys). The policy starts as exactly LRU: the window is the whole cache, main is empty.
+LRU is the best online policy when the keys it evicts do not come back with a history (a hot set that
+fits plus traffic that does not repeat: moving-hot-set at 1000 keys, where LRU is within 2.3 points of
+Bélády and any filter only pays for exploring), and a filter pays when LRU evicts keys used before
+that then return. So every half cache of misses a verdict counts the misses on keys LRU evicted fewer
+than 1.25 caches of evictions ago and accessed at least twice before; when they are more than
+`lru_exit` (6 %) of the verdict's misses, the policy leaves LRU mode for good: the window's older part
+becomes probation, the window restarts at `window` (1 %), and LRU's ghosts, which would all ask for a
+larger window, are dropped. ARC likewise starts with all its room on the recency side (p = 0).
+`lru_exit=None` starts as W-TinyLFU.
 
 Block-cache mode (`chains=True`, which the block manager asks for through `make_policy`), where only
 unpinned leaves of the chain tree may leave (`can_evict`) and the score is tokens reused:
@@ -48,11 +51,9 @@ unpinned leaves of the chain tree may leave (`can_evict`) and the score is token
 * counts age every `block_period` x capacity misses: a prompt's count must outlive the gaps between
   its sessions.
 
-The figures behind each part, and what was tried and lost, are in `docs/adaptive-policy.md`.
-
-Cost. One dict maps each resident key to its list, so membership is one lookup; a hit is a count
-increment and one OrderedDict move (a promotion, and maybe a demotion, on a probation hit), with
-no aging counter; a miss adds two ghost lookups and one ghost write to the list work.
+The figures behind each part, and what was tried and lost, are in `docs/adaptive-policy.md`. Cost: a
+hit is a count increment and one OrderedDict move (a promotion, maybe a demotion, on a probation hit);
+a miss adds two ghost lookups and one ghost write to the list work.
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ from __future__ import annotations
 from collections import OrderedDict, defaultdict
 
 from bulk.kv.policies.base import CanEvict, Key, always
+
+# LRU mode: a verdict every half cache of misses; an LRU victim "comes back with a history" within
+# 1.25 caches of evictions, having been accessed at least twice before.
+_RETURN_HORIZON = 1.25
+_RETURN_COUNT = 2
+
+
+def _verdict_period(capacity: int) -> int:
+    return max(1, capacity // 2)
+
 
 # Every list is an OrderedDict used as an ordered set: LRU end first, MRU end last.
 _List = OrderedDict[Key, None]
@@ -78,6 +89,7 @@ class AdaptivePolicy:
         block_gain: float = 4.0,
         scan: int = 8,
         block_period: int = 15,
+        lru_exit: float | None = 0.06,
         chains: bool = False,
     ) -> None:
         if capacity < 1:
@@ -93,23 +105,31 @@ class AdaptivePolicy:
         self._live = max(1, int(horizon * capacity))  # a ghost counts for this many evictions
         self._freq: defaultdict[Key, int] = defaultdict(int)
         self._share = protected
-        self._gain = gain
-        self._momentum = max(1, momentum)
         self._streak = 0  # consecutive ghost hits asking the same way: > 0 grow, < 0 shrink
-        self._block_gain = block_gain
-        self._block_scan = max(1, scan)
-        self._block_period = block_period * capacity
-        self._scan = 1  # main's victim: the lowest count of this many evictable keys
-        self._period = period * capacity
-        self._left = self._period  # misses until the next aging
         self._wt = 0.0
-        self._w_max = max(1.0, capacity - 1.0)
         self._w_target = self._p_target = 0
-        self._resize(max(1.0, capacity * window))
         self._chains = chains
         self._voted = False  # block-cache mode: a ghost has voted in this run of misses already
-        if chains:
-            self._to_chains()
+        # At most 29 attributes: past 30 CPython stops sharing instance dict keys, and every
+        # attribute access on the hot path gets slower (about a tenth of the policy's cost).
+        self._check = self._score = 0  # LRU mode: misses to the next verdict, and the evidence
+        self._exit_weight = 1.0 / lru_exit if lru_exit else 0.0
+        self._window_start = max(1.0, capacity * window)
+        self._w_max = max(1.0, capacity - 1.0)
+        if chains:  # block-cache mode (see the docstring): near-LRU window, the victim scan
+            self._gain, self._momentum, self._scan = block_gain, 1, max(1, scan)
+            self._period = self._left = block_period * capacity
+            self.touch = self._touch_in_chain  # type: ignore[method-assign]
+            self._resize(self._w_max)
+            return
+        self._gain, self._momentum, self._scan = gain, max(1, momentum), 1
+        self._period = self._left = period * capacity  # misses until the next aging
+        if lru_exit:  # LRU mode (the window is the whole cache) until keys with a history return
+            self._w_max = float(capacity)
+            self._check = _verdict_period(capacity)
+            self._resize(self._w_max)
+        else:
+            self._resize(self._window_start)
 
     @property
     def window_target(self) -> int:
@@ -137,7 +157,10 @@ class AdaptivePolicy:
         self._freq[key] += 1
         wghost, mghost = self._wghost, self._mghost
         if key in wghost:  # the window rejected it too early: grow the window
-            if self._wn - wghost.pop(key) < self._live and not self._voted:
+            age = self._wn - wghost.pop(key)
+            if self._check and age < _RETURN_HORIZON * self.capacity and self._freq[key] > _RETURN_COUNT:
+                self._score += self._exit_weight  # LRU evicted a key seen twice before, it is back
+            if age < self._live and not self._voted:
                 self._voted = self._chains
                 if self._wt < self._w_max:
                     streak = self._streak = self._streak + 1 if self._streak > 0 else 1
@@ -160,6 +183,11 @@ class AdaptivePolicy:
         self._left -= 1
         if not self._left:
             self._age()
+        if self._check:  # LRU mode: every miss is evidence for staying, unless it is a return
+            self._score -= 1
+            self._check -= 1
+            if not self._check:
+                self._lru_verdict()
 
     def touch(self, key: Key) -> None:
         self._freq[key] += 1
@@ -176,6 +204,23 @@ class AdaptivePolicy:
                 where[demoted] = lst
         else:
             lst.move_to_end(key)
+
+    def _lru_verdict(self) -> None:
+        if self._score <= 0:  # LRU's victims rarely come back with a history: stay LRU
+            self._check, self._score = _verdict_period(self.capacity), 0
+            return
+        # Leave for good: main takes the window's older part, the window starts small, and the
+        # ghosts LRU left (which would all ask for a larger window) are forgotten.
+        self._check = self._score = self._streak = 0
+        self._w_max = max(1.0, self.capacity - 1.0)
+        self._resize(self._window_start - self._wt)
+        self._wghost.clear()
+        self._mghost.clear()
+        window, probation, where = self._window, self._probation, self._where
+        while len(window) > self._w_target:
+            moved, _ = window.popitem(last=False)
+            probation[moved] = None
+            where[moved] = probation
 
     def _touch_in_chain(self, key: Key) -> None:
         # Block-cache mode: a hit ends the current run of misses, so the next miss may vote again.
@@ -242,15 +287,6 @@ class AdaptivePolicy:
         self._mn += 1
         self._mghost[key] = self._mn
         return key
-
-    def _to_chains(self) -> None:
-        """Block-cache mode (see the docstring): near-LRU window, its own gain, the victim scan."""
-        self._gain = self._block_gain
-        self._momentum = 1
-        self._scan = self._block_scan
-        self._period = self._left = self._block_period
-        self.touch = self._touch_in_chain  # type: ignore[method-assign]
-        self._resize(self._w_max - self._wt)
 
     def _resize(self, amount: float) -> None:
         wt = self._wt + amount

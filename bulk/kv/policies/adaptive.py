@@ -51,9 +51,8 @@ unpinned leaves of the chain tree may leave (`can_evict`) and the score is token
 * counts age every `block_period` x capacity misses: a prompt's count must outlive the gaps between
   its sessions.
 
-The figures behind each part, and what was tried and lost, are in `docs/adaptive-policy.md`. Cost: a
-hit is a count increment and one OrderedDict move (a promotion, maybe a demotion, on a probation hit);
-a miss adds two ghost lookups and one ghost write to the list work.
+Figures, and what was tried and lost: `docs/adaptive-policy.md`. Cost: a hit is a count increment and
+an OrderedDict move; a miss adds two ghost lookups and one ghost write to the list work.
 """
 
 from __future__ import annotations
@@ -110,8 +109,7 @@ class AdaptivePolicy:
         self._w_target = self._p_target = 0
         self._chains = chains
         self._voted = False  # block-cache mode: a ghost has voted in this run of misses already
-        # At most 29 attributes: past 30 CPython stops sharing instance dict keys, and every
-        # attribute access on the hot path gets slower (about a tenth of the policy's cost).
+        # At most 29 attributes: past 30, CPython's attribute access slows (docs/adaptive-policy.md).
         self._check = self._score = 0  # LRU mode: misses to the next verdict, and the evidence
         self._exit_weight = 1.0 / lru_exit if lru_exit else 0.0
         self._window_start = max(1.0, capacity * window)

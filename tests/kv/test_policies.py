@@ -46,6 +46,16 @@ def access(policy: EvictionPolicy, key: Hashable, refused: frozenset = frozenset
     return False
 
 
+def apply(policy: EvictionPolicy, op: str, arg: object) -> None:
+    """One generated operation: an access (some keys pinned), a discard, or an eviction refusing `arg`."""
+    if op == "access":
+        access(policy, arg, refused=frozenset(range(0, 16, 3)))
+    elif op == "discard":
+        policy.discard(arg)
+    else:
+        policy.pop_victim(lambda k: k not in arg)
+
+
 # --- contracts every policy keeps ---------------------------------------------------------------
 
 
@@ -222,12 +232,7 @@ def test_lfu_reinserted_key_starts_at_one() -> None:
 def test_arc_ghost_bounds_and_disjoint_lists(capacity: int, ops: list[tuple]) -> None:
     policy = ARCPolicy(capacity)
     for op, arg in ops:
-        if op == "access":
-            access(policy, arg, refused=frozenset(range(0, 16, 3)))  # some keys pinned
-        elif op == "discard":
-            policy.discard(arg)
-        else:
-            policy.pop_victim(lambda k, refused=arg: k not in refused)
+        apply(policy, op, arg)
         t1, t2, b1, b2 = policy.list_sizes()
         assert t1 + t2 == len(policy) <= capacity
         assert t1 + b1 <= capacity
@@ -295,12 +300,7 @@ def test_adaptive_structures_stay_bounded(
 ) -> None:
     policy = AdaptivePolicy(capacity, period=period, lru_exit=lru_exit)
     for op, arg in ops:
-        if op == "access":
-            access(policy, arg, refused=frozenset(range(0, 16, 3)))  # some keys pinned
-        elif op == "discard":
-            policy.discard(arg)
-        else:
-            policy.pop_victim(lambda k, refused=arg: k not in refused)
+        apply(policy, op, arg)
         sizes = policy.sizes()
         assert sizes["window"] + sizes["probation"] + sizes["protected"] == len(policy) <= capacity
         assert sizes["window_ghost"] <= capacity and sizes["main_ghost"] <= capacity

@@ -11,10 +11,10 @@ router and each route (three layers on every call, measured as a tenth of a cach
 
 from __future__ import annotations
 
-import json
-
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bulk.server.asgi_json import send_error
 
 
 class BodyTooLargeError(HTTPException):
@@ -77,17 +77,4 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _too_large(send: Send, message: str) -> None:
-    body = json.dumps(
-        {
-            "detail": message,
-            "error": {"message": message, "type": "invalid_request_error", "param": None, "code": 413},
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, 413, message)

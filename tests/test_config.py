@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from bulk.config import CacheStrategy, KVCacheConfig
 from bulk.errors import InvalidConfigError
+from bulk.models import registry
 
 
 def test_the_guides_django_settings_dict():
@@ -20,13 +23,21 @@ def test_the_guides_django_settings_dict():
 
 def test_defaults():
     config = KVCacheConfig()
-    assert (config.max_tokens, config.cache_strategy, config.model, config.block_size) == (
-        8192,
-        CacheStrategy.ADAPTIVE,
-        "demo",
-        16,
-    )
+    assert (config.max_tokens, config.cache_strategy, config.block_size) == (8192, CacheStrategy.ADAPTIVE, 16)
     assert config.max_blocks == 512
+    assert config.system_prompt is None and config.model_cache_path == "~/.cache/bul/models"
+
+
+def test_the_default_model_is_the_real_one_when_installed_else_the_demo(monkeypatch):
+    # `make test` installs the real model's wheel, so the plain default is the real model here.
+    assert registry.is_installed(registry.SMOLLM2_135M)
+    assert KVCacheConfig().model == KVCacheConfig(model="auto").model == "smollm2-135m"
+    # Without the wheel (a package name that is not installed), `auto` is the demo model.
+    missing = dataclasses.replace(registry.SMOLLM2_135M, package="bul_no_such_package_for_tests")
+    monkeypatch.setattr(registry, "DEFAULT_NAMED_MODEL", missing)
+    assert KVCacheConfig().model == "demo"
+    # A model named explicitly is kept as it is.
+    assert KVCacheConfig(model="demo-large").model == "demo-large"
 
 
 @pytest.mark.parametrize("strategy", ["lru", "LFU", "Adaptive", CacheStrategy.LRU])
@@ -50,6 +61,9 @@ def test_strategies_as_strings_or_members(strategy):
         ({"enable_persistence": "yes"}, "enable_persistence"),
         ({"redis_url": "localhost"}, "redis_url"),
         ({"model": ""}, "model"),
+        ({"model_cache_path": ""}, "model_cache_path"),
+        ({"system_prompt": ""}, "system_prompt"),
+        ({"system_prompt": 3}, "system_prompt"),
         ({"response_cache_ttl": -1}, "response_cache_ttl"),
     ],
 )

@@ -61,6 +61,6 @@ def test_storage_clients_load_only_when_configured():
     assert _loaded_after("import bulk.engine.engine, bulk.storage.factory", backends) == "[]"
     configured = (
         "from bulk.config import KVCacheConfig; from bulk.storage.factory import build_lower_tiers; "
-        "build_lower_tiers(KVCacheConfig(redis_url='redis://127.0.0.1:1/0')).close()"
+        "build_lower_tiers(KVCacheConfig(redis_url='redis://127.0.0.1:1/0', cache_secret='test')).close()"
     )
     assert _loaded_after(configured, backends) == "['redis']"

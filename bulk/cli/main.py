@@ -27,7 +27,12 @@ def main(argv: list[str] | None = None) -> int:
 
     query = commands.add_parser("query", help="answer one or more queries with one engine, in order")
     query.add_argument("queries", nargs="+", help="query text; later queries reuse earlier ones' KV")
-    query.add_argument("--model", default="demo", help="demo, demo-large or a Hugging Face model directory")
+    query.add_argument(
+        "--model",
+        default="auto",
+        help="auto (smollm2-135m when installed, else demo), smollm2-135m, demo, demo-large, a .gguf file "
+        "or a Hugging Face model directory",
+    )
     query.add_argument("--max-new-tokens", type=int, default=32)
     query.add_argument("--temperature", type=float, default=0.0)
     query.add_argument("--seed", type=int)

@@ -1,36 +1,42 @@
 """`UltraAdaptiveKVCacheEngine`: requests in, answers out, with every reusable KV block reused.
 
 A request goes: parse and check (caller's thread) -> response cache (caller's thread, no queue) ->
-priority queue -> model worker: tokenize, take the longest cached prefix, prefill the rest, decode,
-store the new full blocks. The model is loaded lazily on the worker, so building an engine at import
-time (as the guide's examples do) is free, and `warmup()` only makes the first request fast."""
+the step loop on the model thread (`bulk.engine.loop`): queued by priority, admitted when it fits,
+its prompt computed after the longest cached prefix, then decoded together with every other running
+request, one token per step, its new full blocks stored. The model is loaded lazily on the model
+thread, so building an engine at import time (as the guide's examples do) is free, and `warmup()`
+only makes the first request fast. This module is the public face: parsing, the response cache,
+futures and streams, stats; it imports no web framework."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
 from typing import Any
 
 from bulk.config import KVCacheConfig
-from bulk.engine.generate import OnStep, generate
+from bulk.engine.loop import EngineLoop, LogitsObserver
+from bulk.engine.model_runner import ModelRunner
+from bulk.engine.model_thread import ModelThread
 from bulk.engine.request import GenerationRequest, parse_request
 from bulk.engine.response_cache import ResponseCache, StoredAnswer, json_bytes, request_key
-from bulk.engine.scheduler import PriorityWorker
+from bulk.engine.sequence import OnToken, Sequence
 from bulk.engine.stats import EngineStats, Listeners, config_summary
-from bulk.errors import InvalidRequestError
-from bulk.generation.decode import Step
+from bulk.errors import EngineClosedError, InvalidRequestError
 from bulk.kv.prefix_cache import PrefixCache
-from bulk.models import hf_cache
 from bulk.models.loader import LoadedModel, load_model
 from bulk.storage.factory import build_lower_tiers
 
 log = logging.getLogger(__name__)
 
 WARMUP_PRIORITY = 2**31  # ahead of any request
+SHUTDOWN_PRIORITY = 2**32  # ahead of everything
+STEP_PRIORITY = 0  # the step loop's job; requests' own priorities are the scheduler's business
 
 
 class UltraAdaptiveKVCacheEngine:
@@ -39,24 +45,33 @@ class UltraAdaptiveKVCacheEngine:
         config: KVCacheConfig | None = None,
         *,
         model: LoadedModel | None = None,
-        worker: PriorityWorker | None = None,
+        model_thread: ModelThread | None = None,
+        logits_observer: LogitsObserver | None = None,
     ) -> None:
         """`model`: an already loaded model to share (tests, benchmarks comparing configurations); by
-        default the engine loads `config.model` itself on first use. `worker`: a model thread to
-        share; engines sharing a model should share it, since one model runs one request at a time.
-        An engine shuts down only a worker it created."""
+        default the engine loads `config.model` itself on first use. `model_thread`: a model thread to
+        share; engines sharing a model should share it, since a model runs one forward at a time (their
+        step loops then take turns). An engine shuts down only a thread it created.
+        `logits_observer(sequence, logits)`: called on the model thread with the logits each token was
+        sampled from (tests and tools)."""
         self.config = config if config is not None else KVCacheConfig()
-        self._owns_worker = worker is None
-        self._worker = worker if worker is not None else PriorityWorker()
+        self._owns_thread = model_thread is None
+        self._thread = model_thread if model_thread is not None else ModelThread()
+        self._logits_observer = logits_observer
         self._model: LoadedModel | None = None
         self._prefix: PrefixCache | None = None
-        self._arena: hf_cache.KVArena | None = None
-        if model is not None:
-            self._adopt(model)
+        self._loop: EngineLoop | None = None
+        self._inbox: deque[Sequence] = deque()  # submitted, not yet taken in by the step loop
+        self._lock = threading.Lock()  # guards `_driving` and `_closed`
+        self._load_lock = threading.Lock()  # held while the model loads (seconds): never by `_submit`
+        self._driving = False  # a step-loop job is queued or running
+        self._closed = False
         self._responses = ResponseCache(self.config.response_cache_size, self.config.response_cache_ttl)
         self._stats = EngineStats()
         self._warm = threading.Event()
         self._listeners = Listeners()
+        if model is not None:
+            self._adopt(model)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -72,16 +87,27 @@ class UltraAdaptiveKVCacheEngine:
 
     async def warmup(self) -> None:
         """Load the model and run one request; idempotent."""
-        await asyncio.wrap_future(self._worker.submit(self._warmup_job, WARMUP_PRIORITY))
+        await asyncio.wrap_future(self._thread.submit(self._warmup_job, WARMUP_PRIORITY))
 
     def warmup_sync(self) -> None:
-        self._worker.submit(self._warmup_job, WARMUP_PRIORITY).result()
+        self._thread.submit(self._warmup_job, WARMUP_PRIORITY).result()
 
     def shutdown(self) -> None:
-        """Fail queued requests, finish the running one, stop the worker (if this engine created it).
-        Safe to call twice."""
-        if self._owns_worker:
-            self._worker.shutdown(wait=True)
+        """Fail the requests still waiting, finish the running ones, stop the model thread (if this
+        engine created it). Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if not self._thread.is_current:
+            with contextlib.suppress(EngineClosedError):  # a shared thread already stopped
+                self._thread.submit(self._drain, SHUTDOWN_PRIORITY).result()
+            if self._owns_thread:
+                self._thread.shutdown(wait=True)
+        # Whatever is left (the thread stopped before it could drain) fails rather than hangs.
+        closed = EngineClosedError("the engine was shut down")
+        for seq in self._abandoned():
+            self._retired(seq, closed)
         if self._prefix is not None:
             self._prefix.close()  # finishes queued writes to the lower tiers
 
@@ -104,60 +130,68 @@ class UltraAdaptiveKVCacheEngine:
 
     # ---- requests --------------------------------------------------------------------------
 
+    def parse(self, query: Any) -> GenerationRequest:
+        """Check a request dict once (an `InvalidRequestError` names the field, and counts as an
+        invalid request); the result can be passed to every `process_*` method instead of the
+        dict, so a layer that must check a request before answering does not parse it twice."""
+        try:
+            return parse_request(query, self.config)
+        except InvalidRequestError as exc:
+            self._stats.record_error(invalid=True)
+            self._listeners.notify({"status": "error", "error": type(exc).__name__, "invalid": True})
+            raise
+
     async def process_request(self, query: Any) -> dict[str, Any]:
-        answer = self._answer_or_submit(query)
-        return answer if isinstance(answer, dict) else await asyncio.wrap_future(answer)
+        started = time.perf_counter()
+        request = self.parse(query)
+        cached = self._cached_response(request, started)
+        if cached is not None:
+            return cached
+        return await asyncio.wrap_future(self._submit(request, started).future)
 
     def process_request_sync(self, query: Any) -> dict[str, Any]:
-        answer = self._answer_or_submit(query)
-        return answer if isinstance(answer, dict) else answer.result()
+        started = time.perf_counter()
+        request = self.parse(query)
+        cached = self._cached_response(request, started)
+        if cached is not None:
+            return cached
+        return self._submit(request, started).future.result()
 
     async def process_request_json(self, query: Any) -> bytes:
         """`process_request`'s answer as compact UTF-8 JSON, for HTTP layers: same fields, stats and
         listener events. An answer from the response cache is assembled from the stored JSON text
         instead of being decoded and encoded again per request."""
         started = time.perf_counter()
-        request = self._parse(query)
+        request = self.parse(query)
         hit = self._cached_answer(request, started)
         if hit is not None:
             stored, latency = hit
             return stored.answer_json(latency, request.request_id)
-        future = self._worker.submit(lambda: self._run(request, started), request.priority)
-        return json_bytes(await asyncio.wrap_future(future))
+        return json_bytes(await asyncio.wrap_future(self._submit(request, started).future))
 
     async def stream_request(self, query: Any) -> AsyncIterator[dict[str, Any]]:
         """Yield `{"token": text}` as tokens come, then the full result with `"done": True`.
-        Stopping the iteration early cancels the generation."""
+        Stopping the iteration early cancels the generation (its slot is free at the next step)."""
         started = time.perf_counter()
-        request = self._parse(query)
+        request = self.parse(query)
         cached = self._cached_response(request, started)
         if cached is not None:
             yield {"token": cached["result"]}
             yield {**cached, "done": True}
             return
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Step] = asyncio.Queue()
-        cancelled = threading.Event()
-        future = self._worker.submit(
-            lambda: self._run(
-                request, started, lambda s: loop.call_soon_threadsafe(events.put_nowait, s), cancelled
-            ),
-            request.priority,
-        )
-        done = asyncio.wrap_future(future)
+        texts: asyncio.Queue[str | None] = asyncio.Queue()
+        seq = self._submit(request, started, lambda text: loop.call_soon_threadsafe(texts.put_nowait, text))
+        done = asyncio.wrap_future(seq.future)
+        # The model thread hands over each token, then the result, in that order; the None after
+        # the result ends the token stream.
+        done.add_done_callback(lambda _: texts.put_nowait(None))
         try:
-            while not done.done() or not events.empty():
-                getter = asyncio.ensure_future(events.get())
-                await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    if getter.result().text:
-                        yield {"token": getter.result().text}
-                else:
-                    getter.cancel()
+            while (text := await texts.get()) is not None:
+                yield {"token": text}
             yield {**done.result(), "done": True}
         finally:
-            cancelled.set()
-            done.cancel()
+            seq.cancel()  # a no-op once it has finished
 
     # ---- the guide's key-value API (response cache) ------------------------------------------
 
@@ -172,42 +206,37 @@ class UltraAdaptiveKVCacheEngine:
     def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
         """Call `listener(event)` when a request ends: its result dict with `"status": "ok"`, or
         `{"status": "error", "error": <class name>, "invalid": bool}`. Metrics exporters hook in here
-        so the engine knows nothing of them. It runs on the thread that ended the request, so it
-        must be quick; its exceptions are logged and dropped."""
+        so the engine knows nothing of them. It runs on the thread that ended the request (the model
+        thread, for a generated answer), so it must be quick; its exceptions are logged and
+        dropped."""
         self._listeners.append(listener)
 
     def get_stats(self) -> dict[str, Any]:
         tiers = self._prefix.stats() if self._prefix is not None else {"memory": {}}
+        stats = self._stats.snapshot()
+        if self._loop is not None:
+            batching = self._loop.snapshot()
+        else:
+            batching = {
+                "running": 0,
+                "waiting": len(self._inbox),
+                "kv_tokens_in_use": 0,
+                "kv_bytes_in_use": 0,
+            }
         return {
-            **self._stats.snapshot(),
+            **stats,
             "model": self.config.model,
             "ready": self.ready,
-            "queue_depth": self._worker.queue_depth,
-            "running": self._worker.running,
+            "queue_depth": batching.pop("waiting"),
+            "running": batching.pop("running"),
+            "batch": {**stats["batch"], **batching, "batch_invariant": self.config.batch_invariant},
             "evictions": tiers["memory"].get("evictions", 0),
             "tiers": tiers,
             "response_cache": self._responses.stats(),
             "config": config_summary(self.config),
         }
 
-    # ---- internals -------------------------------------------------------------------------
-
-    def _answer_or_submit(self, query: Any) -> dict[str, Any] | Future[dict[str, Any]]:
-        """The response cache's answer, or the future of the request queued for the model."""
-        started = time.perf_counter()
-        request = self._parse(query)
-        cached = self._cached_response(request, started)
-        if cached is not None:
-            return cached
-        return self._worker.submit(lambda: self._run(request, started), request.priority)
-
-    def _parse(self, query: Any) -> GenerationRequest:
-        try:
-            return parse_request(query, self.config)
-        except InvalidRequestError as exc:
-            self._stats.record_error(invalid=True)
-            self._listeners.notify({"status": "error", "error": type(exc).__name__, "invalid": True})
-            raise
+    # ---- internals: the response cache -------------------------------------------------------
 
     def _cached_response(self, request: GenerationRequest, started: float) -> dict[str, Any] | None:
         hit = self._cached_answer(request, started)
@@ -235,53 +264,115 @@ class UltraAdaptiveKVCacheEngine:
             self._listeners.notify(stored.answer(latency, request.request_id, status="ok"))
         return stored, latency
 
-    def _load(self) -> LoadedModel:
-        if self._model is None:
-            self._adopt(load_model(self.config))
-        assert self._model is not None
-        return self._model
+    # ---- internals: the model thread ---------------------------------------------------------
 
-    def _adopt(self, model: LoadedModel) -> None:
-        self._prefix = PrefixCache(
-            self.config,
-            model.fingerprint,
-            model.dtype,
-            model.block_shape(self.config.block_size),
-            lower=build_lower_tiers(self.config),
-        )
-        self._arena = hf_cache.KVArena(
-            model.num_layers, model.num_kv_heads, model.head_dim, model.dtype, model.device
-        )
-        self._model = model
+    def _submit(
+        self, request: GenerationRequest, started: float, on_token: OnToken | None = None, record: bool = True
+    ) -> Sequence:
+        """Queue `request` for the step loop; its answer arrives on `sequence.future`."""
+        seq = Sequence(request, started, on_token, record=record)
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is shut down")
+        self._inbox.append(seq)
+        self._kick()
+        return seq
+
+    def _kick(self) -> None:
+        """Make sure a step-loop job is queued or running on the model thread."""
+        with self._lock:
+            if self._driving:
+                return
+            self._driving = True
+        try:
+            self._thread.submit(self._drive, STEP_PRIORITY)
+        except EngineClosedError:
+            with self._lock:
+                self._driving = False
+            raise
+
+    def _drive(self) -> None:
+        """The step-loop job: step while there is work. When other jobs wait for the thread (another
+        engine's loop, a warmup, a benchmark's baseline), queue this job again and let them run."""
+        try:
+            loop = self._ensure_loop()
+        except Exception as exc:
+            log.exception("cannot load model %s", self.config.model)
+            with self._lock:
+                self._driving = False
+            for seq in self._abandoned():
+                self._retired(seq, exc)
+            return
+        while True:
+            try:
+                loop.step()
+            except Exception as exc:  # a bug in the loop itself: fail what it held, keep serving
+                log.exception("the step loop failed; failing its %d requests", len(loop.scheduler.running))
+                for seq in self._abandoned():
+                    self._retired(seq, exc)
+            with self._lock:
+                if not loop.has_work:
+                    self._driving = False
+                    return
+            if self._thread.queue_depth:
+                self._thread.submit(self._drive, STEP_PRIORITY)
+                return
+
+    def _drain(self) -> None:
+        """Shutdown, on the model thread: fail what waits, finish what runs."""
+        closed = EngineClosedError("the engine was shut down")
+        if self._loop is None:
+            return
+        for seq in self._loop.drain_waiting():
+            self._retired(seq, closed)
+        while self._loop.has_work:
+            self._loop.step()
+
+    def _abandoned(self) -> list[Sequence]:
+        """Every request not answered yet, taken out of the loop (which no longer runs)."""
+        pending = list(self._inbox)
+        self._inbox.clear()
+        if self._loop is not None:
+            pending += self._loop.drain_waiting()
+            for seq in list(self._loop.scheduler.running):
+                self._loop.runner.release(seq)
+                self._loop.scheduler.finish(seq)
+                pending.append(seq)
+        return pending
 
     def _warmup_job(self) -> None:
-        if not self._warm.is_set():
-            self._run(
-                parse_request({"query": "warmup", "max_new_tokens": 1, "response_cache": False}, self.config),
-                time.perf_counter(),
-                record=False,
-            )
-            self._warm.set()
+        if self._warm.is_set():
+            return
+        loop = self._ensure_loop()
+        request = parse_request(
+            {"query": "warmup", "max_new_tokens": 1, "response_cache": False}, self.config
+        )
+        seq = self._submit_direct(request)
+        while not seq.future.done():
+            loop.step()
+        seq.future.result()
+        self._warm.set()
 
-    def _run(
-        self,
-        request: GenerationRequest,
-        started: float,
-        on_step: OnStep | None = None,
-        cancelled: threading.Event | None = None,
-        record: bool = True,
-    ) -> dict[str, Any]:
-        try:
-            lm = self._load()
-            assert self._prefix is not None and self._arena is not None
-            result = generate(lm, self._prefix, self._arena, request, started, on_step, cancelled)
-        except Exception as exc:
-            if record:
-                invalid = isinstance(exc, InvalidRequestError)
+    def _submit_direct(self, request: GenerationRequest) -> Sequence:
+        """Queue an unrecorded request from the model thread itself (no step-loop job needed)."""
+        seq = Sequence(request, time.perf_counter(), record=False)
+        self._inbox.append(seq)
+        return seq
+
+    def _retired(self, seq: Sequence, error: BaseException | None) -> None:
+        """The step loop is done with `seq`: record it, answer it."""
+        if seq.future.done():
+            return  # cancelled by its caller, who no longer waits
+        if error is not None:
+            if seq.record:
+                invalid = isinstance(error, InvalidRequestError)
                 self._stats.record_error(invalid=invalid)
-                self._listeners.notify({"status": "error", "error": type(exc).__name__, "invalid": invalid})
-            raise
-        if record:
+                self._listeners.notify({"status": "error", "error": type(error).__name__, "invalid": invalid})
+            _settle(seq, error=error)
+            return
+        assert self._model is not None
+        result = seq.result(self._model.name)
+        if seq.record:
             self._stats.record(
                 prompt_tokens=result["prompt_tokens"],
                 cached_tokens=result["cached_tokens"],
@@ -291,10 +382,47 @@ class UltraAdaptiveKVCacheEngine:
                 response_cached=False,
             )
             self._listeners.notify({**result, "status": "ok"})
-        if (
-            self.config.response_cache
-            and request.use_response_cache
-            and result["finish_reason"] != "cancelled"
-        ):
+        request = seq.request
+        if self.config.response_cache and request.use_response_cache and seq.finish_reason != "cancelled":
             self._responses.put(request_key(self._model.fingerprint, request.prompt, request.params), result)
-        return result
+        _settle(seq, result=result)
+
+    # ---- internals: the model ----------------------------------------------------------------
+
+    def _load(self) -> LoadedModel:
+        with self._load_lock:
+            if self._model is None:
+                self._adopt(load_model(self.config))
+            assert self._model is not None
+            return self._model
+
+    def _ensure_loop(self) -> EngineLoop:
+        self._load()
+        assert self._loop is not None
+        return self._loop
+
+    def _adopt(self, model: LoadedModel) -> None:
+        self._prefix = PrefixCache(
+            self.config,
+            model.fingerprint,
+            model.dtype,
+            model.block_shape(self.config.block_size),
+            lower=build_lower_tiers(self.config),
+        )
+        runner = ModelRunner(model, self._prefix, self.config)
+        self._loop = EngineLoop(runner, self._inbox, self._stats, self._retired, self._logits_observer)
+        self._model = model
+
+
+def _settle(
+    seq: Sequence, *, result: dict[str, Any] | None = None, error: BaseException | None = None
+) -> None:
+    """Answer `seq`'s future, unless its caller cancelled it meanwhile (a race with `_retired`'s
+    check: the future may be cancelled from another thread at any time)."""
+    try:
+        if error is not None:
+            seq.future.set_exception(error)
+        else:
+            seq.future.set_result(result)  # type: ignore[arg-type]
+    except Exception:  # InvalidStateError: cancelled by the caller
+        log.debug("request %s was cancelled before its answer", seq.request.request_id)

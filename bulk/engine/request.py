@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bulk.config import KVCacheConfig
+from bulk.engine import chat
 from bulk.errors import InvalidRequestError
 from bulk.generation.sampling import SamplingParams
 
@@ -26,6 +27,8 @@ FIELDS = (
     "stop",
     "response_cache",
     "request_id",
+    "raw",
+    "messages",
 )
 _KNOWN = frozenset(FIELDS)
 MAX_STOP_STRINGS = 8
@@ -41,6 +44,9 @@ def _request_id() -> str:
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    # The request's input as one string, on which the response cache keys answers: a query's own
+    # text, a tagged form for a raw prompt or a conversation (`chat.request_prompt`). The model is
+    # given `prompt_text(tokenizer)`.
     prompt: str
     params: SamplingParams
     priority: int = 1
@@ -50,6 +56,16 @@ class GenerationRequest:
     request_id: str = field(default_factory=_request_id)
     # True when the caller chose `request_id`; a `renewed` copy keeps it then.
     request_id_given: bool = False
+    # What the model is given (`bulk.engine.chat`): `query` as a user turn after `system_prompt`
+    # through the chat template; `query` as it is when `raw`; or the conversation `messages`.
+    query: str = ""
+    raw: bool = False
+    messages: tuple[chat.Turn, ...] = ()
+    system_prompt: str | None = None
+
+    def prompt_text(self, tokenizer: Any) -> str:
+        """The text the model is given, rendered with the model's `tokenizer` (its chat template)."""
+        return chat.render_prompt(self, tokenizer)
 
     def renewed(self) -> GenerationRequest:
         """This request again, with a fresh request id unless the caller chose one: a parsed request
@@ -77,11 +93,22 @@ def parse_request(query: Any, config: KVCacheConfig) -> GenerationRequest:
         raise InvalidRequestError("query", "give either 'query' or 'text', not both")
     name = "text" if "text" in query else "query"
     prompt = query.get(name)
-    if prompt is None:
+    messages: tuple[chat.Turn, ...] = ()
+    raw = query.get("raw", False)
+    if not isinstance(raw, bool):
+        raise InvalidRequestError("raw", "must be true or false")
+    if query.get("messages") is not None:
+        if prompt is not None:
+            raise InvalidRequestError("messages", f"give either 'messages' or '{name}', not both")
+        if raw:
+            raise InvalidRequestError("raw", "a conversation ('messages') is always rendered as a chat")
+        messages = chat.parse_messages(query["messages"])
+        prompt = ""
+    elif prompt is None:
         raise InvalidRequestError("query", "missing: the request needs a 'query' (or 'text') string")
-    if not isinstance(prompt, str):
+    elif not isinstance(prompt, str):
         raise InvalidRequestError(name, f"must be a string, got {type(prompt).__name__}")
-    if not prompt.strip():
+    elif not prompt.strip():
         raise InvalidRequestError(name, "must not be empty")
 
     max_new_tokens = _int(query, "max_new_tokens", config.default_max_new_tokens)
@@ -111,11 +138,15 @@ def parse_request(query: Any, config: KVCacheConfig) -> GenerationRequest:
         extra["request_id"] = _str(query, "request_id")
         extra["request_id_given"] = True
     return GenerationRequest(
-        prompt=prompt,
+        prompt=chat.request_prompt(prompt, raw=raw, messages=messages),
         params=params,
         priority=_int(query, "priority", 1),
         session_id=_str(query, "session_id") if query.get("session_id") is not None else None,
         response_cache=response_cache,
+        query=prompt,
+        raw=raw,
+        messages=messages,
+        system_prompt=config.system_prompt,
         **extra,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
@@ -19,6 +20,11 @@ WINDOW = 2048  # recent requests kept for percentiles
 # a CPU often takes seconds).
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Inter-token latency: the time between two tokens of one request, as the model thread emits them.
+ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Requests decoded together in one step.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+THROUGHPUT_WINDOW = 10.0  # seconds over which generated tokens per second are averaged
 
 
 class BucketCounts:
@@ -65,6 +71,34 @@ class LatencyWindow:
         }
 
 
+class RateMeter:
+    """Events per second over the last `window` seconds (or since the first event, if sooner)."""
+
+    def __init__(self, window: float = THROUGHPUT_WINDOW) -> None:
+        self.window = window
+        self._events: deque[tuple[float, int]] = deque()  # (time, count), oldest first
+        self._total = 0
+        self._first: float | None = None
+
+    def add(self, count: int, now: float) -> None:
+        self._events.append((now, count))
+        self._total += count
+        if self._first is None:
+            self._first = now
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        while self._events and self._events[0][0] < now - self.window:
+            self._total -= self._events.popleft()[1]
+
+    def rate(self, now: float) -> float:
+        self._expire(now)
+        if self._first is None or not self._events:
+            return 0.0
+        span = min(self.window, max(now - self._first, 1e-3))
+        return self._total / span
+
+
 class EngineStats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -80,6 +114,14 @@ class EngineStats:
         self.ttft = LatencyWindow()
         self.latency_buckets = BucketCounts(LATENCY_BUCKETS)
         self.ttft_buckets = BucketCounts(TTFT_BUCKETS)
+        # Batching, recorded by the step loop.
+        self.decode_steps = 0
+        self.decode_rows = 0  # sum of batch sizes: decode_rows / decode_steps is the mean batch
+        self.last_batch_size = 0
+        self.batch_size_buckets = BucketCounts(BATCH_SIZE_BUCKETS)
+        self.itl = LatencyWindow()
+        self.itl_buckets = BucketCounts(ITL_BUCKETS)
+        self.generated = RateMeter()
 
     def record(
         self,
@@ -104,6 +146,22 @@ class EngineStats:
             self.ttft.add(ttft_ms)
             self.latency_buckets.add(latency_ms / 1000)
             self.ttft_buckets.add(ttft_ms / 1000)
+
+    def record_decode_step(self, rows: int) -> None:
+        with self._lock:
+            self.decode_steps += 1
+            self.decode_rows += rows
+            self.last_batch_size = rows
+            self.batch_size_buckets.add(rows)
+
+    def record_token_interval(self, seconds: float) -> None:
+        with self._lock:
+            self.itl.add(seconds * 1000)
+            self.itl_buckets.add(seconds)
+
+    def record_generated(self, tokens: int, now: float) -> None:
+        with self._lock:
+            self.generated.add(tokens, now)
 
     def record_error(self, invalid: bool) -> None:
         with self._lock:
@@ -131,15 +189,26 @@ class EngineStats:
                 "invalid_requests": self.invalid_requests,
                 "latency_ms": self.latency.summary(),
                 "ttft_ms": self.ttft.summary(),
+                "itl_ms": self.itl.summary(),
+                "batch": {
+                    "decode_steps": self.decode_steps,
+                    "decode_rows": self.decode_rows,
+                    "mean_size": round(self.decode_rows / self.decode_steps, 3) if self.decode_steps else 0.0,
+                    "last_size": self.last_batch_size,
+                },
+                "generated_tokens_per_second": round(self.generated.rate(time.monotonic()), 3),
                 "histograms": {
                     "latency_seconds": self.latency_buckets.snapshot(),
                     "ttft_seconds": self.ttft_buckets.snapshot(),
+                    "itl_seconds": self.itl_buckets.snapshot(),
+                    "batch_size": self.batch_size_buckets.snapshot(),
                 },
             }
 
 
 def config_summary(config: KVCacheConfig) -> dict[str, object]:
     """The settings that explain the numbers, for `get_stats()`."""
+    signed = config.signing_secret() is not None
     return {
         "max_tokens": config.max_tokens,
         "block_size": config.block_size,
@@ -149,6 +218,10 @@ def config_summary(config: KVCacheConfig) -> dict[str, object]:
         + (["disk"] if config.enable_persistence else [])
         + (["redis"] if config.redis_url else [])
         + (["postgres"] if config.database_url else []),
+        # How stored blocks are tagged: "hmac-sha256" (keyed: forgeries are refused) or "sha256"
+        # (corruption only); true below only under the explicit allow_unsigned_shared_tiers opt-out.
+        "block_tag": "hmac-sha256" if signed else "sha256",
+        "unsigned_shared_tiers": bool(config.shared_tiers) and not signed,
     }
 
 

@@ -47,6 +47,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p; the first token always stays.
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        # Stated, not left to the comparison: a top_p below float32's smallest number reads as 0.
+        outside[0] = False
         sorted_probs[outside] = 0.0
         choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
         return int(order[choice])

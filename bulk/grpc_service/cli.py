@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="interface to bind (env BUL_GRPC_HOST, default [::])")
     parser.add_argument("--port", type=int, help="port to bind, 0 for any (env BUL_GRPC_PORT, default 50051)")
     parser.add_argument(
-        "--model", help="demo, demo-large or a Hugging Face model directory (env BUL_MODEL, default demo)"
+        "--model",
+        help="auto, smollm2-135m, demo, demo-large, a .gguf file or a Hugging Face model directory "
+        "(env BUL_MODEL, default auto: smollm2-135m when installed, else demo)",
     )
     parser.add_argument(
         "--grace-seconds",

@@ -14,7 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
-from bulk.grpc_service.generated import bul_pb2, bul_pb2_grpc
+from bulk.grpc_service.generated import bul_pb2
+from bulk.grpc_service.handlers import add_bul_service
 from bulk.grpc_service.servicer import BULServicer
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ async def start_server(
     NOT_SERVING until `warm_up()`."""
     # No SO_REUSEPORT: a second server on a taken port must fail, not silently share the traffic.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    bul_pb2_grpc.add_BULServiceServicer_to_server(BULServicer(engine), server)
+    # Not the generated add_BULServiceServicer_to_server: undecodable requests get INVALID_ARGUMENT.
+    add_bul_service(BULServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

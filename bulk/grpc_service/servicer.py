@@ -19,11 +19,11 @@ from bulk.errors import (
 )
 from bulk.grpc_service.convert import request_to_engine, result_to_response, stats_to_response
 from bulk.grpc_service.generated import bul_pb2, bul_pb2_grpc
+from bulk.grpc_service.handlers import FIELD_METADATA_KEY
 
 log = logging.getLogger(__name__)
 
-# Trailing metadata key naming the offending request field on INVALID_ARGUMENT.
-FIELD_METADATA_KEY = "bul-field"
+__all__ = ["FIELD_METADATA_KEY", "BULServicer", "engine_errors", "status_for"]
 
 
 def status_for(exc: BulError) -> grpc.StatusCode:

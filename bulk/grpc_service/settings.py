@@ -12,5 +12,5 @@ class GrpcSettings(BaseSettings):
     host: str = "[::]"
     port: int = Field(default=50051, ge=0, le=65535)
     # BUL_MODEL is shared with the other services, so one variable picks the model everywhere.
-    model: str = Field(default="demo", validation_alias=AliasChoices("BUL_GRPC_MODEL", "BUL_MODEL"))
+    model: str = Field(default="auto", validation_alias=AliasChoices("BUL_GRPC_MODEL", "BUL_MODEL"))
     grace_seconds: float = Field(default=5.0, ge=0.0)

@@ -17,6 +17,8 @@ TIER_LABELS = ("tier",)
 HISTOGRAMS = (
     ("latency_seconds", "latency_seconds", "Engine latency of a request, from acceptance to the last token"),
     ("time_to_first_token_seconds", "ttft_seconds", "Time from accepting a request to its first token"),
+    ("inter_token_latency_seconds", "itl_seconds", "Time between two tokens of one request"),
+    ("batch_size", "batch_size", "Requests decoded together in one step"),
 )
 
 
@@ -78,8 +80,24 @@ class EngineStatsCollector(Collector):
         errors.add_metric(["internal"], stats.get("errors", 0))
         yield errors
 
-        yield self._gauge("requests_running", "Requests on the model now", stats.get("running", 0))
-        yield self._gauge("requests_waiting", "Requests queued for the model", stats.get("queue_depth", 0))
+        yield self._gauge("requests_running", "Requests admitted to the batch now", stats.get("running", 0))
+        yield self._gauge("requests_waiting", "Requests queued for the batch", stats.get("queue_depth", 0))
+        batch = stats.get("batch") or {}
+        yield self._gauge(
+            "running_kv_tokens", "KV tokens reserved by running requests", batch.get("kv_tokens_in_use", 0)
+        )
+        yield self._gauge(
+            "running_kv_bytes", "KV bytes reserved by running requests", batch.get("kv_bytes_in_use", 0)
+        )
+        yield self._gauge(
+            "max_batch_tokens", "KV tokens the running requests may reserve", batch.get("max_batch_tokens", 0)
+        )
+        yield self._counter("decode_steps", "Batched decode steps run", batch.get("decode_steps", 0))
+        yield self._gauge(
+            "generated_tokens_per_second",
+            "Tokens generated per second over the last 10 s",
+            stats.get("generated_tokens_per_second", 0),
+        )
         yield self._gauge("ready", "1 once the model is loaded and warm", 1 if stats.get("ready") else 0)
         yield from self._tiers(stats.get("tiers") or {})
 
@@ -107,8 +125,31 @@ class EngineStatsCollector(Collector):
             "errors": CounterMetricFamily(
                 self._name("tier_errors"), "Tier operations that failed, by tier", labels=TIER_LABELS
             ),
+            # The fault counters of /api/stats, so that alerts can watch them (deploy/alerts.yml).
+            "corrupt": CounterMetricFamily(
+                self._name("tier_corrupt"),
+                "Blocks refused (bad tag, unparsable, other tokens) and deleted, by tier",
+                labels=TIER_LABELS,
+            ),
+            "skipped": CounterMetricFamily(
+                self._name("tier_bypassed"),
+                "Tier calls skipped while the tier was bypassed after a failure, by tier",
+                labels=TIER_LABELS,
+            ),
+            "writes": CounterMetricFamily(
+                self._name("tier_writes"), "Blocks written, by tier", labels=TIER_LABELS
+            ),
+            "evictions": CounterMetricFamily(
+                self._name("tier_evictions"), "Blocks evicted to keep the budget, by tier", labels=TIER_LABELS
+            ),
+            "resynced_away": CounterMetricFamily(
+                self._name("tier_resynced_away"),
+                "Blocks found gone from the backend (restart, expiry, another replica) and forgotten",
+                labels=TIER_LABELS,
+            ),
         }
         size = GaugeMetricFamily(self._name("tier_size_bytes"), "Bytes held, by tier", labels=TIER_LABELS)
+        blocks = GaugeMetricFamily(self._name("tier_blocks"), "Blocks held, by tier", labels=TIER_LABELS)
         healthy = GaugeMetricFamily(
             self._name("tier_healthy"), "1 while the tier answers, by tier", labels=TIER_LABELS
         )
@@ -116,9 +157,11 @@ class EngineStatsCollector(Collector):
             for key, family in families.items():
                 family.add_metric([name], _number(tier.get(key, 0)))
             size.add_metric([name], _number(tier.get("size_bytes", 0)))
+            blocks.add_metric([name], _number(tier.get("blocks", 0)))
             healthy.add_metric([name], 1 if tier.get("healthy", True) else 0)
         yield from families.values()
         yield size
+        yield blocks
         yield healthy
 
     def _counter(self, name: str, doc: str, value: Any) -> CounterMetricFamily:

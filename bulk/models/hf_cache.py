@@ -124,46 +124,23 @@ def forward(model: Any, input_ids: torch.Tensor, cache: Any) -> tuple[torch.Tens
     return output.logits[0, -1], _output_cache(output)
 
 
-class KVArena:
-    """Scratch KV memory for the requests of one model thread, reused from one request to the next.
-
-    A request's cache needs (prompt + new tokens) x KV bytes per token: 32 MiB for 2048 tokens of
-    the 50M demo model. Freshly allocated, that memory is mapped and faulted in page by page on every
-    request, which costs about as much as copying it; reused, it is already there. Requests on one
-    model thread run one at a time, so one arena serves them all. It grows to the largest request
-    seen and never shrinks (at most the model's context)."""
-
-    def __init__(
-        self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
-    ):
-        self._shape = (num_layers, 2, 1, kv_heads, head_dim)
-        self._dtype, self._device = dtype, device
-        self._buffer: torch.Tensor | None = None
-
-    def take(self, capacity: int) -> torch.Tensor:
-        """(layers, 2, 1, kv_heads, capacity, head_dim), valid until the next `take`."""
-        if self._buffer is None or self._buffer.shape[4] < capacity:
-            layers, two, batch, heads, head_dim = self._shape
-            rounded = -(-capacity // 256) * 256
-            self._buffer = None  # free the old one before allocating the new
-            self._buffer = torch.empty(
-                (layers, two, batch, heads, rounded, head_dim), dtype=self._dtype, device=self._device
-            )
-        return self._buffer[:, :, :, :, :capacity]
+def cache_on_buffer(model: Any, buffer: torch.Tensor, length: int) -> DynamicCache:
+    """A cache whose layers read and write `buffer` in place, (layers, 2, kv_heads, capacity,
+    head_dim) (a request's range of the KV pool), holding its first `length` tokens already."""
+    cache = new_cache(model, capacity=buffer.shape[3])
+    for i, layer in enumerate(cache.layers):
+        layer._adopt(buffer[i, 0].unsqueeze(0), buffer[i, 1].unsqueeze(0), length=length)
+    return cache
 
 
 def cache_from_blocks(
-    model: Any,
-    blocks: Sequence[torch.Tensor],
-    num_tokens: int | None = None,
-    capacity: int = 0,
-    arena: KVArena | None = None,
+    model: Any, blocks: Sequence[torch.Tensor], num_tokens: int | None = None, capacity: int = 0
 ) -> DynamicCache:
     """A cache holding the first `num_tokens` (default: all) tokens of the concatenated `blocks`, each
-    (layers, 2, kv_heads, block, head_dim), with room for `capacity` tokens in all (see `new_cache`),
-    in memory from `arena` when one is given.
+    (layers, 2, kv_heads, block, head_dim), with room for `capacity` tokens in all (see `new_cache`).
 
-    The reused KV is copied once, block by block, into one buffer shared by every layer."""
+    The reused KV is copied once, block by block, into one buffer shared by every layer. (The engine
+    copies into its KV pool instead; this serves tests and benchmarks.)"""
     blocks = list(blocks)
     total = sum(b.shape[3] for b in blocks)
     num_tokens = total if num_tokens is None else num_tokens
@@ -172,14 +149,11 @@ def cache_from_blocks(
     capacity = max(capacity, num_tokens)
     cache = new_cache(model, capacity)
     buffered = bool(cache.layers) and isinstance(cache.layers[0], _BufferedLayer)
-    if not blocks and not (arena is not None and buffered):
+    if not blocks:
         return cache  # the layers allocate on their first update
-    if arena is not None and buffered:
-        buffer = arena.take(capacity)
-    else:
-        layers, _, kv_heads, _, head_dim = blocks[0].shape
-        shape = (layers, 2, 1, kv_heads, capacity, head_dim)
-        buffer = torch.empty(shape, dtype=blocks[0].dtype, device=blocks[0].device)
+    layers, _, kv_heads, _, head_dim = blocks[0].shape
+    shape = (layers, 2, 1, kv_heads, capacity, head_dim)
+    buffer = torch.empty(shape, dtype=blocks[0].dtype, device=blocks[0].device)
     start = 0
     for block in blocks:
         take = min(block.shape[3], num_tokens - start)
@@ -228,3 +202,39 @@ def hf_generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int, cache:
         kwargs[_cache_kwarg(model)] = cache
     attention_mask = torch.ones_like(input_ids)
     return model.generate(input_ids, attention_mask=attention_mask, **kwargs)
+
+
+@torch.inference_mode()
+def hf_generate_batch(
+    model: Any,
+    inputs: list[list[int]],
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    num_blocks: int,
+    max_batch_tokens: int,
+) -> list[list[int]]:
+    """Greedy answers from transformers' own continuous batching (`generate_batch`), for the
+    benchmarks' offline baseline; the engine never calls it. On a CPU it needs `num_blocks` (its KV
+    pool, in pages of 256 tokens) and `max_batch_tokens` set: it would otherwise size its pool from
+    GPU memory. It leaves state behind on the model, so run it in a process of its own."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    generation = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+    )
+    batching = ContinuousBatchingConfig(
+        num_blocks=num_blocks,
+        max_batch_tokens=max_batch_tokens,
+        use_cuda_graph=False,
+        use_async_batching=False,
+    )
+    outputs = model.generate_batch(
+        inputs=inputs, generation_config=generation, continuous_batching_config=batching, progress_bar=False
+    )
+    failed = [o.error for o in outputs.values() if o.error]
+    if failed:
+        raise RuntimeError(f"generate_batch failed: {failed[0]}")
+    by_id = {o.request_id: o.generated_tokens for o in outputs.values()}
+    return [by_id[f"req_{i}"] for i in range(len(inputs))]

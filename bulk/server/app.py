@@ -21,6 +21,7 @@ from bulk.server.body_limit import BodyLimitMiddleware
 from bulk.server.cache_middleware import CacheMiddleware
 from bulk.server.deps import ServerState
 from bulk.server.errors import install_error_handlers
+from bulk.server.openapi import install_openapi
 from bulk.server.protection import ProtectionMiddleware
 from bulk.server.settings import ServerSettings
 from bulk.server.tasks import TaskRegistry
@@ -76,6 +77,8 @@ def create_app(
         from bulk.integrations.celery.router import router as celery_router
 
         app.include_router(celery_router)
+    # /openapi.json states the limits that the engine and these settings enforce.
+    install_openapi(app, settings, (engine.config if engine is not None else config).max_new_tokens_limit)
 
     # Middleware added last runs first: protection, the body limit, the optional answer cache, then
     # the routes. All are pure ASGI: a BaseHTTPMiddleware would cost more than a cached answer.
@@ -93,6 +96,8 @@ def create_app(
             api_keys=settings.api_keys,
             rate_limit_per_minute=settings.rate_limit_per_minute,
             rate_limit_burst=settings.rate_limit_burst,
+            unauthenticated_per_minute=settings.unauthenticated_rate_limit_per_minute,
+            unauthenticated_burst=settings.unauthenticated_rate_limit_burst,
         )
     return app
 

@@ -16,7 +16,11 @@ log = logging.getLogger("bulk.server")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address to bind (BUL_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind (BUL_PORT, default 8002)")
-    parser.add_argument("--model", help="demo, demo-large or a Hugging Face model directory (BUL_MODEL)")
+    parser.add_argument(
+        "--model",
+        help="auto (default: smollm2-135m when installed, else demo), smollm2-135m, demo, demo-large, "
+        "a .gguf file or a Hugging Face model directory (BUL_MODEL)",
+    )
     parser.add_argument("--log-level", help="uvicorn log level (BUL_LOG_LEVEL, default info)")
     parser.add_argument(
         "--api-key",

@@ -48,6 +48,11 @@ def install_error_handlers(app: FastAPI) -> None:
         ]
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         field = ".".join(p for p in first["loc"] if p != "body") or "body"
+        if first.get("type") == "json_invalid":
+            # FastAPI locates bad JSON at ("body", <offset>): the field is the body; say what is wrong.
+            field, reason = "body", (exc.errors()[0].get("ctx") or {}).get("error")
+            if isinstance(reason, str) and reason not in first["msg"]:
+                first["msg"] = f"{first['msg']}: {reason}"
         return JSONResponse(error_body(422, f"{field}: {first['msg']}", field, errors), status_code=422)
 
     @app.exception_handler(InvalidRequestError)

@@ -16,9 +16,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bulk.errors import BulError, InvalidRequestError
-from bulk.models.demo import is_demo
-from bulk.server.chat_template import render_chat
 from bulk.server.deps import Engine, Metrics, Settings
+from bulk.server.json_input import JSONRoute
 from bulk.server.openai_schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -29,7 +28,7 @@ from bulk.server.openai_schemas import (
 from bulk.server.schemas import check_limits
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONRoute)
 
 
 @router.get("/models")
@@ -47,7 +46,8 @@ async def completions(
     prompt = body.prompt_text()
     if prompt is None:
         raise InvalidRequestError("prompt", "give one prompt (a string, or a list holding exactly one)")
-    payload = {"query": prompt, **body.engine_params()}
+    # Raw completion: the prompt goes to the model as it is, without the chat template.
+    payload = {"query": prompt, "raw": True, **body.engine_params()}
     check_limits(payload, settings)
     return await _answer(engine, settings, metrics, body, payload, chat=False)
 
@@ -56,17 +56,18 @@ async def completions(
 async def chat_completions(
     body: ChatCompletionRequest, engine: Engine, settings: Settings, metrics: Metrics
 ) -> Response:
+    # The engine renders the conversation with the model's chat template (`bulk.engine.chat`).
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    tokenizer = None
-    if not is_demo(settings.model):
-        if not engine.ready:
-            await engine.warmup()  # loads the model on its own thread
-        tokenizer = engine.model.tokenizer
-    payload = {"query": render_chat(messages, tokenizer), **body.engine_params()}
-    try:
-        check_limits(payload, settings)
-    except InvalidRequestError as exc:
-        raise InvalidRequestError("messages", exc.message) from None
+    payload = {"messages": messages, **body.engine_params()}
+    check_limits(payload, settings)
+    limit = engine.config.max_new_tokens_limit
+    if (
+        body.max_completion_tokens is not None
+        and body.max_tokens is not None
+        and not 1 <= body.max_tokens <= limit
+    ):
+        # The newer name wins, but the older one, given too, must still be valid (the schema says so).
+        raise InvalidRequestError("max_tokens", f"must be between 1 and {limit}")
     return await _answer(engine, settings, metrics, body, payload, chat=True)
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
-Number = StrictInt | StrictFloat
+from bulk.server.schemas import Integer, Number
 
 
 class StreamOptions(BaseModel):
@@ -22,14 +22,12 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: StrictStr | None = None
-    max_tokens: StrictInt | None = Field(
-        None, description="Default: the server's BUL_DEFAULT_MAX_NEW_TOKENS."
-    )
+    max_tokens: Integer | None = Field(None, description="Default: the server's BUL_DEFAULT_MAX_NEW_TOKENS.")
     temperature: Number | None = Field(None, description="Default 1.0, as OpenAI; 0 decodes greedily.")
     top_p: Number | None = None
     n: Literal[1] = Field(1, description="Only one choice per request is served.")
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    seed: Integer | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
 
@@ -77,7 +75,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: StrictInt | None = Field(None, description="The newer name of max_tokens.")
+    max_completion_tokens: Integer | None = Field(None, description="The newer name of max_tokens.")
 
     def engine_params(self) -> dict[str, Any]:
         params = super().engine_params()

@@ -5,7 +5,11 @@
   cannot set headers on them); a missing or wrong key is a 401.
 - Rate limit: a token bucket per key (per client address without keys): `rate_limit_burst`
   requests at once, refilled at `rate_limit_per_minute`. Over it: 429 with `Retry-After`.
-The request body size limit is FastAPI's own (`max_body_size`, 413), set by the app factory."""
+- With keys on, requests without a valid key have a bucket per client address of their own
+  (`unauthenticated_*`): a flood of them gets 429 with `Retry-After`, like any other, instead of an
+  endless stream of 401s. It is consulted only once a key has failed, so a valid key is never
+  refused because another client behind the same address (a proxy, a NAT) floods.
+The request body size limit is `body_limit.py`'s (413)."""
 
 from __future__ import annotations
 
@@ -43,11 +47,24 @@ class TokenBuckets:
 
 
 class ProtectionMiddleware:
-    def __init__(self, app: ASGIApp, api_keys: list[str], rate_limit_per_minute: int, rate_limit_burst: int):
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_keys: list[str],
+        rate_limit_per_minute: int,
+        rate_limit_burst: int,
+        unauthenticated_per_minute: int = 0,
+        unauthenticated_burst: int = 20,
+    ):
         self.app = app
         self.keys = [key.encode() for key in api_keys]
         self.buckets = (
             TokenBuckets(rate_limit_per_minute, rate_limit_burst) if rate_limit_per_minute else None
+        )
+        self.refusals = (
+            TokenBuckets(unauthenticated_per_minute, unauthenticated_burst)
+            if api_keys and unauthenticated_per_minute
+            else None
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -58,6 +75,17 @@ class ProtectionMiddleware:
         if self.keys:
             key = _presented_key(scope)
             if key is None or not any(hmac.compare_digest(key, k) for k in self.keys):
+                wait = self.refusals.take(_address(scope)) if self.refusals is not None else 0.0
+                if wait > 0:
+                    await _refuse(
+                        scope,
+                        receive,
+                        send,
+                        429,
+                        "too many requests without a valid API key",
+                        _retry_after(wait),
+                    )
+                    return
                 await _refuse(
                     scope,
                     receive,
@@ -69,21 +97,24 @@ class ProtectionMiddleware:
                 return
             identity = "key:" + key.decode(errors="replace")
         if self.buckets is not None:
-            if identity is None:
-                client = scope.get("client")
-                identity = "addr:" + (client[0] if client else "unknown")
-            wait = self.buckets.take(identity)
+            wait = self.buckets.take(identity or _address(scope))
             if wait > 0:
                 await _refuse(
-                    scope,
-                    receive,
-                    send,
-                    429,
-                    "rate limit exceeded; retry later",
-                    [(b"retry-after", str(max(1, math.ceil(wait))).encode())],
+                    scope, receive, send, 429, "rate limit exceeded; retry later", _retry_after(wait)
                 )
                 return
         await self.app(scope, receive, send)
+
+
+def _address(scope: Scope) -> str:
+    # The peer's address as the server sees it: behind a proxy, run uvicorn with --proxy-headers
+    # and --forwarded-allow-ips so that this is the client's, not the proxy's.
+    client = scope.get("client")
+    return "addr:" + (client[0] if client else "unknown")
+
+
+def _retry_after(wait: float) -> list[tuple[bytes, bytes]]:
+    return [(b"retry-after", str(max(1, math.ceil(wait))).encode())]
 
 
 def _presented_key(scope: Scope) -> bytes | None:

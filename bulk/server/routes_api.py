@@ -13,15 +13,15 @@ from fastapi import APIRouter, Body, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from bulk.engine.request import parse_request
 from bulk.errors import InvalidRequestError
 from bulk.server.deps import Engine, ServerState, Settings, Tasks
 from bulk.server.errors import error_body
 from bulk.server.json_body import VALIDATION_ERROR_RESPONSE, json_body_openapi, parse_json_body, read_body
+from bulk.server.json_input import JSONRoute
 from bulk.server.schemas import BatchAccepted, QueryRequest, TaskStatus, check_limits
 from bulk.server.tasks import RegistryFullError
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)  # deeply nested JSON is a 422, as any bad JSON
 _perf = time.perf_counter
 
 
@@ -56,8 +56,9 @@ async def process_query(request: Request) -> Response:
         answer = await state.engine.process_request_json(parsed.renewed())
     else:
         payload = parse_json_body(request, body, QueryRequest).to_engine(state.settings)
-        answer = await state.engine.process_request_json(payload)  # the engine's checks, stats, errors
-        state.parsed_bodies.put(request, body, parse_request(payload, state.engine.config))
+        parsed = state.engine.parse(payload)  # the engine's checks (and stats of invalid requests)
+        answer = await state.engine.process_request_json(parsed)
+        state.parsed_bodies.put(request, body, parsed)
     response = Response(answer, media_type="application/json")
     state.metrics.observe_e2e("rest", _perf() - started)
     return response
@@ -74,9 +75,9 @@ async def process_batch(
     """Start every query in the background; returns at once with one task id per query."""
     if not queries:
         raise InvalidRequestError("queries", "the batch is empty")
-    if len(queries) > settings.max_batch_size:
+    if len(queries) > settings.max_batch_queries:
         raise InvalidRequestError(
-            "queries", f"at most {settings.max_batch_size} queries (BUL_MAX_BATCH_SIZE)"
+            "queries", f"at most {settings.max_batch_queries} queries (BUL_MAX_BATCH_QUERIES)"
         )
     payloads = []
     for index, query in enumerate(queries):
@@ -84,6 +85,12 @@ async def process_batch(
         check_limits(payload, settings, prefix=f"{index}.")
         if "query" not in payload and "text" not in payload:
             raise InvalidRequestError(f"{index}.query", "missing: each query needs a 'query' (or 'text')")
+        try:
+            # The engine's own checks now (max_new_tokens, temperature, ...): a bad query is this
+            # request's 422 naming it, not a task that fails later.
+            engine.parse(payload)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"{index}.{exc.field}", exc.message) from None
         payloads.append(payload)
     try:
         task_ids = tasks.submit(engine, payloads)

@@ -6,14 +6,33 @@ handlers turn into the same 422 shape. Limits that depend on settings are checke
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
 
+from bulk.engine.chat import messages_chars
 from bulk.errors import InvalidRequestError
 from bulk.server.settings import ServerSettings
 
 Number = StrictInt | StrictFloat
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer, as JSON Schema's "integer" means it: 3 or 3.0, never 3.5, "3" or true. The published
+# schema says "integer", and JSON does not tell 3.0 from 3, so the API must take both.
+Integer = Annotated[StrictInt, BeforeValidator(_integral)]
 
 
 class QueryRequest(BaseModel):
@@ -27,15 +46,20 @@ class QueryRequest(BaseModel):
 
     query: StrictStr | None = Field(None, description="The prompt (or give `text`).")
     text: StrictStr | None = Field(None, description="The prompt, the guide's other name for it.")
-    priority: StrictInt | None = Field(None, description="Higher runs first; default 1.")
-    max_new_tokens: StrictInt | None = None
+    priority: Integer | None = Field(None, description="Higher runs first; default 1.")
+    max_new_tokens: Integer | None = None
     temperature: Number | None = Field(None, description="0 (the default) decodes greedily.")
     top_p: Number | None = None
-    seed: StrictInt | None = None
+    seed: Integer | None = None
     session_id: StrictStr | None = None
     stop: StrictStr | list[StrictStr] | None = None
     response_cache: StrictBool | None = Field(
         None, description="Answer from the response cache; default: only when the request is deterministic."
+    )
+    raw: StrictBool | None = Field(
+        None,
+        description="Send the query to the model as it is; default: as a user turn through the model's "
+        "chat template, after the server's system prompt (BUL_SYSTEM_PROMPT).",
     )
     request_id: StrictStr | None = None
 
@@ -54,6 +78,12 @@ def check_limits(payload: dict[str, Any], settings: ServerSettings, prefix: str 
             raise InvalidRequestError(
                 prefix + name, f"longer than {settings.max_query_chars} characters (BUL_MAX_QUERY_CHARS)"
             )
+    messages = payload.get("messages")
+    if isinstance(messages, list) and messages_chars(messages) > settings.max_query_chars:
+        raise InvalidRequestError(
+            prefix + "messages",
+            f"longer than {settings.max_query_chars} characters in all (BUL_MAX_QUERY_CHARS)",
+        )
     priority = payload.get("priority")
     if isinstance(priority, int) and not settings.min_priority <= priority <= settings.max_priority:
         raise InvalidRequestError(

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationInfo, create_model, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bulk.config import KVCacheConfig
+from bulk.models.registry import AUTO, resolve_model_name
 
 
 class ServerOptions(BaseSettings):
@@ -38,11 +39,16 @@ class ServerOptions(BaseSettings):
     rate_limit_per_minute: int = Field(0, ge=0)
     # Requests a key may send at once before the per-minute rate applies.
     rate_limit_burst: int = Field(20, ge=1)
+    # With API keys on: requests without a valid key, per client address (429 past it, not 401), so
+    # that a flood of them is slowed like any other; 0 turns it off. A valid key is never refused by it.
+    unauthenticated_rate_limit_per_minute: int = Field(60, ge=0)
+    unauthenticated_rate_limit_burst: int = Field(20, ge=1)
     max_body_bytes: int = Field(1_048_576, ge=1024)
     max_query_chars: int = Field(100_000, ge=1)
     min_priority: int = -1000
     max_priority: int = 1000
-    max_batch_size: int = Field(256, ge=1)
+    # Queries per POST /api/batch (the engine's own `max_batch_size` bounds requests decoded at once).
+    max_batch_queries: int = Field(256, ge=1)
     # Batch tasks kept for /api/task/{id}; the oldest finished ones are forgotten first.
     task_registry_size: int = Field(10_000, ge=1)
 
@@ -72,7 +78,8 @@ class ServerOptions(BaseSettings):
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or getattr(self, "model", "demo")
+        # `auto` is shown as what it resolves to (the real model when installed, else `demo`).
+        return self.served_model_name or resolve_model_name(getattr(self, "model", AUTO))
 
 
 def _engine_fields() -> dict[str, Any]:

@@ -16,6 +16,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from bulk.errors import BulError, InvalidRequestError
 from bulk.server.deps import Engine, Metrics, Settings
+from bulk.server.json_input import loads
 from bulk.server.schemas import check_limits
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ async def _answer(websocket: WebSocket, raw: str, engine: Any, settings: Any, me
     started = time.perf_counter()
     echo: dict[str, Any] = {}
     try:
-        data = json.loads(raw)
+        data = loads(raw)  # bounded nesting: 50,000 `[` is bad JSON here, not a RecursionError
         if not isinstance(data, dict):
             raise InvalidRequestError("message", 'must be a JSON object such as {"query": "..."}')
         if "id" in data:
@@ -81,6 +82,13 @@ async def _answer(websocket: WebSocket, raw: str, engine: Any, settings: Any, me
     except BulError as exc:
         log.error("websocket query failed: %s", exc)
         await websocket.send_json({**echo, "error": {"message": str(exc), "field": None}})
+    except WebSocketDisconnect:
+        raise
+    except Exception as exc:
+        # A bug, not bad input: logged with its traceback, answered, and the socket stays usable.
+        log.exception("websocket query failed unexpectedly")
+        message = f"internal error ({type(exc).__name__})"
+        await websocket.send_json({**echo, "error": {"message": message, "field": None}})
 
 
 def _answer_fields(result: dict[str, Any]) -> dict[str, Any]:

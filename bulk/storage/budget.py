@@ -5,6 +5,13 @@ The policy sees the keys this process wrote or read, plus those the backend list
 files, PostgreSQL rows). Blocks other replicas write to a shared Redis are bounded by the Redis TTL
 instead. Lower tiers hold whole chains only as far as their budget allows: a child whose parent was
 evicted is never reached (lookups walk from the first block) and ages out like any cold key.
+
+What a backend holds can change behind our back: a Redis restarted without persistence lost its
+keys, a TTL expired, another replica deleted a row. `resync()` asks the backend for the stored size
+of every key the policy holds (per batch of 1,000: one pipelined round trip on Redis, one query on
+PostgreSQL), forgets the keys it no longer has and takes the sizes it reports, so that the reported
+size and the eviction decisions rest on what is really there. The tiered store runs it off the
+request path, after a reconnect and every `tier_resync_seconds`.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from bulk.kv.policies import make_policy
 
 log = logging.getLogger(__name__)
 
+RESYNC_BATCH = 1000  # keys per round trip when resynchronising
+
 
 class BudgetedStore:
     def __init__(self, store: Any, capacity_blocks: int, strategy: CacheStrategy | str) -> None:
@@ -30,10 +39,16 @@ class BudgetedStore:
         self._policy = make_policy(strategy, capacity_blocks)
         self._lock = threading.Lock()
         self.evictions = 0
-        # Bytes of the values this process saw, by key, for backends that keep no count of their own
-        # (disk does).
+        self.resynced_away = 0  # keys forgotten because the backend no longer held them
+        # Every key the policy holds, with the bytes of its value (0 until seen or resynchronised):
+        # the size figure for backends that keep no count of their own (disk does), and the list of
+        # keys a resync checks.
         self._counts_sizes = not hasattr(store, "size_bytes")
         self._sizes: dict[bytes, int] = {}
+        self._bytes = 0
+        # While a resync runs: keys admitted or deleted meanwhile, whose backend answer may be stale.
+        self._changed: set[bytes] | None = None
+        self._connections_seen = 0  # the backend's `connections_opened` at the last resync
         self._learn_existing_keys()
 
     def _learn_existing_keys(self) -> None:
@@ -54,14 +69,23 @@ class BudgetedStore:
     @property
     def size_bytes(self) -> int:
         """The backend's own count where it keeps one (disk), else the bytes of the keys we know."""
-        return sum(self._sizes.values()) if self._counts_sizes else self.store.size_bytes
+        return self._bytes if self._counts_sizes else self.store.size_bytes
+
+    def _set_size(self, key: bytes, size: int) -> None:
+        self._bytes += size - self._sizes.get(key, 0)
+        self._sizes[key] = size
+
+    def _forget(self, key: bytes) -> None:
+        self._bytes -= self._sizes.pop(key, 0)
 
     def _admit(self, key: bytes, size: int | None = None) -> None:
         """Make `key` resident in the policy, deleting victims from the backend to keep the budget."""
         victims = []
         with self._lock:
-            if size is not None and self._counts_sizes:
-                self._sizes[key] = size
+            if self._changed is not None:
+                self._changed.add(key)
+            if size is not None or key not in self._sizes:
+                self._set_size(key, size or 0)
             if key in self._policy:
                 self._policy.touch(key)
                 return
@@ -70,7 +94,7 @@ class BudgetedStore:
                 if victim is None:
                     break
                 victims.append(victim)
-                self._sizes.pop(victim, None)
+                self._forget(victim)
             self._policy.insert(key)
             self.evictions += len(victims)
         for victim in victims:
@@ -100,15 +124,64 @@ class BudgetedStore:
 
     def delete(self, key: bytes) -> None:
         with self._lock:
+            if self._changed is not None:
+                self._changed.add(key)
             self._policy.discard(key)
-            self._sizes.pop(key, None)
+            self._forget(key)
         self.store.delete(key)
 
     def clear(self) -> None:
         with self._lock:
+            if self._changed is not None:
+                self._changed.update(self._sizes)
             self._policy = make_policy(self._strategy, self.capacity_blocks)
             self._sizes.clear()
+            self._bytes = 0
         self.store.clear()
+
+    @property
+    def reconnected(self) -> bool:
+        """The backend opened a connection since the last resync: it may have restarted empty."""
+        return getattr(self.store, "connections_opened", 0) > self._connections_seen
+
+    def resync(self) -> int:
+        """Forget the keys the backend no longer holds and take the sizes it reports for the others;
+        returns how many were forgotten. A no-op for backends that cannot say (`sizes`); raises
+        `TierError` when the backend fails (the tier's guard counts it)."""
+        sizes_of = getattr(self.store, "sizes", None)
+        if sizes_of is None:
+            return 0
+        self._connections_seen = getattr(self.store, "connections_opened", 0)
+        with self._lock:
+            keys = list(self._sizes)
+            self._changed = set()
+        gone = 0
+        try:
+            for start in range(0, len(keys), RESYNC_BATCH):
+                batch = keys[start : start + RESYNC_BATCH]
+                sizes = sizes_of(batch)  # outside the lock: requests keep admitting keys meanwhile
+                with self._lock:
+                    for key, size in zip(batch, sizes, strict=True):
+                        if key in self._changed or key not in self._sizes:
+                            continue  # written, read or deleted since the snapshot: not our answer
+                        if size is None:
+                            self._policy.discard(key)
+                            self._forget(key)
+                            gone += 1
+                        else:
+                            self._set_size(key, size)
+        finally:
+            with self._lock:
+                self._changed = None
+                self.resynced_away += gone
+        if gone:
+            log.info(
+                "%s tier: %d of %d known blocks were gone from the backend, forgotten",
+                self.name,
+                gone,
+                len(keys),
+            )
+        return gone
 
     def close(self) -> None:
         self.store.close()

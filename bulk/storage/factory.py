@@ -4,28 +4,36 @@ imported only when configured, so the embedded default (memory + disk) needs nei
 from __future__ import annotations
 
 import logging
-import os
 
-from bulk.config import KVCacheConfig
-from bulk.errors import TierError
+from bulk.config import SECRET_ENV, SECRET_REQUIRED, KVCacheConfig
+from bulk.errors import InvalidConfigError, TierError
 from bulk.storage.budget import BudgetedStore
 from bulk.storage.guard import GuardedStore
 from bulk.storage.tiers import LowerTiers
 
 log = logging.getLogger(__name__)
 
-SECRET_ENV = "BUL_CACHE_SECRET"  # noqa: S105 (the variable name, not a secret)
-
 
 def cache_secret(config: KVCacheConfig) -> bytes | None:
-    secret = config.cache_secret or os.environ.get(SECRET_ENV)
-    return secret.encode() if secret else None
+    return config.signing_secret()
 
 
 def build_lower_tiers(config: KVCacheConfig) -> LowerTiers | None:
     """Disk (when persistence is on), Redis, PostgreSQL, in that order; None when none is configured.
     A backend that cannot be reached now is still built: its guard retries it later."""
     tiers: list[GuardedStore] = []
+    secret = cache_secret(config)
+    if config.shared_tiers and secret is None:
+        if not config.allow_unsigned_shared_tiers:  # BUL_CACHE_SECRET was unset after the config was built
+            raise InvalidConfigError("cache_secret", SECRET_REQUIRED)
+        # The explicit opt-out: say what it costs every time it takes effect.
+        log.warning(
+            "allow_unsigned_shared_tiers is set and %s is empty: blocks read from the %s tier(s) carry a "
+            "plain SHA-256, so whoever can write there can have forged KV served. Set %s to sign them.",
+            SECRET_ENV,
+            " and ".join(config.shared_tiers),
+            SECRET_ENV,
+        )
 
     def add(store: object, max_tokens: int) -> None:
         budget = BudgetedStore(store, max(1, max_tokens // config.block_size), config.cache_strategy)
@@ -52,4 +60,6 @@ def build_lower_tiers(config: KVCacheConfig) -> LowerTiers | None:
             PostgresTable(config.database_url, schema=config.database_schema, timeout=config.tier_timeout),
             config.database_max_tokens,
         )
-    return LowerTiers(tiers, cache_secret(config), config.tier_retry_seconds) if tiers else None
+    if not tiers:
+        return None
+    return LowerTiers(tiers, secret, config.tier_retry_seconds, config.tier_resync_seconds)

@@ -5,7 +5,9 @@ lower tier: a read from a tier that is down is a miss (the request computes), a 
 
 Back-off starts at `retry_seconds` and doubles with each consecutive failure, up to 16 times that
 (and never past a minute); the first call after it is a probe, and its success makes the tier
-healthy again."""
+healthy again. A tier that comes back may have lost what it held (a Redis restarted empty), so
+after its recovery, or a new connection to its backend, it is `resync_due`: the tiered store then
+checks its budget against the backend."""
 
 from __future__ import annotations
 
@@ -33,10 +35,15 @@ class GuardedStore:
         self._failures = 0
         self._retry_at = 0.0
         self.counters = {"hits": 0, "misses": 0, "errors": 0, "corrupt": 0, "writes": 0, "skipped": 0}
+        self._recovered = False
 
     @property
     def healthy(self) -> bool:
         return self._failures == 0
+
+    @property
+    def resync_due(self) -> bool:
+        return self._recovered or bool(getattr(self.store, "reconnected", False))
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -55,6 +62,7 @@ class GuardedStore:
             log.info("%s tier is back after %d failed calls", self.name, self._failures)
             with self._lock:
                 self._failures = 0
+            self._recovered = True
         return result
 
     def _failed(self, action: str, exc: Exception) -> None:
@@ -85,6 +93,15 @@ class GuardedStore:
     def clear(self) -> None:
         self._call("clear", self.store.clear, None)
 
+    def resync(self) -> None:
+        """Check the budget against the backend (`BudgetedStore.resync`). Not tried while the tier is
+        bypassed: its recovery asks for one anyway."""
+        resync = getattr(self.store, "resync", None)
+        if resync is None or not self.healthy:
+            return
+        self._recovered = False
+        self._call("resync", resync, 0)
+
     def close(self) -> None:
         try:
             self.store.close()
@@ -100,4 +117,5 @@ class GuardedStore:
             "blocks": len(self.store),
             "size_bytes": self.store.size_bytes,
             "evictions": self.store.evictions,
+            "resynced_away": getattr(self.store, "resynced_away", 0),
         }

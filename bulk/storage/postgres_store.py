@@ -62,6 +62,10 @@ class PostgresTable:
         timeout: float = 0.5,
     ) -> None:
         self.engine = connect(url, timeout)
+        # A new connection (the pool's pre-ping replaces dead ones by itself) may mean a restarted or
+        # restored server: the tiered store resynchronises the budget when this grows.
+        self.connections_opened = 0
+        sa.event.listen(self.engine, "connect", self._opened)
         self.schema = schema
         self.table = sa.Table(
             table,
@@ -75,6 +79,9 @@ class PostgresTable:
         )
         self._created = False
         self._create_lock = threading.Lock()
+
+    def _opened(self, *_: object) -> None:
+        self.connections_opened += 1
 
     @contextlib.contextmanager
     def _begin(self) -> Iterator[sa.Connection]:
@@ -136,6 +143,19 @@ class PostgresTable:
         )
         with self._begin() as conn:
             conn.execute(statement)
+
+    def sizes(self, keys: Sequence[bytes | str]) -> list[int | None]:
+        """The stored length of each key, None where absent, in one query (no value crosses the
+        socket, and `accessed_at` is left alone)."""
+        if not keys:
+            return []
+        statement = sql.SQL("SELECT key, octet_length(value) FROM {} WHERE key = ANY(%s)").format(
+            sql.Identifier(*filter(None, (self.schema, self.table.name)))
+        )
+        with self._begin() as conn, conn.connection.driver_connection.cursor(binary=True) as cursor:
+            rows = cursor.execute(statement, (list(keys),)).fetchall()
+        found = {bytes(k) if isinstance(k, bytes | memoryview) else k: int(n) for k, n in rows}
+        return [found.get(k) for k in keys]
 
     def keys(self) -> list[bytes | str]:
         """Every key, least recently accessed first."""

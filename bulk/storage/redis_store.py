@@ -11,7 +11,7 @@ back-off loop on the request path; the tiered store owns retrying).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import redis
 from redis.backoff import NoBackoff
@@ -31,13 +31,21 @@ def _translate_errors() -> Iterator[None]:
         raise TierError(f"redis: {type(exc).__name__}: {exc}") from exc
 
 
-def connect(url: str, timeout: float) -> redis.Redis:
+def connect(url: str, timeout: float, on_connect: Callable[[], None] | None = None) -> redis.Redis:
+    """A client that fails fast; `on_connect` is called for every connection it opens."""
+
+    def opened(connection: redis.connection.AbstractConnection) -> None:
+        connection.on_connect()  # what redis-py does when no function is given
+        if on_connect is not None:
+            on_connect()
+
     return redis.Redis.from_url(
         url,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=30,
+        redis_connect_func=opened,
     )
 
 
@@ -47,7 +55,13 @@ class RedisStore:
     def __init__(self, url: str, *, prefix: str = BLOCK_PREFIX, ttl: int | None = None, timeout: float = 0.5):
         self.prefix = prefix
         self.ttl = ttl
-        self.client = connect(url, timeout)
+        # redis-py replaces a dead connection by itself, so a Redis restarted empty between two calls
+        # never shows up as a failed call: a new connection is the only sign that it may have been.
+        self.connections_opened = 0
+        self.client = connect(url, timeout, self._opened)
+
+    def _opened(self) -> None:
+        self.connections_opened += 1
 
     def _key(self, key: bytes | str) -> str:
         return self.prefix + (key.hex() if isinstance(key, bytes) else key)
@@ -99,6 +113,17 @@ class RedisStore:
             for key, value in items:
                 pipe.set(self._key(key), value, ex=self.ttl)
             pipe.execute()
+
+    def sizes(self, keys: Sequence[bytes | str]) -> list[int | None]:
+        """The stored length of each key, None where absent: one pipelined round trip, and unlike a
+        read it leaves the TTL alone. A stored value is never empty, so STRLEN's 0 means absent."""
+        if not keys:
+            return []
+        with _translate_errors():
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.strlen(self._key(key))
+            return [size or None for size in pipe.execute()]
 
     def ping(self) -> bool:
         with _translate_errors():

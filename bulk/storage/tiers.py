@@ -12,6 +12,9 @@ list: when idle, the writer retries those still in memory (read back through `so
 that memory evicts before that is held, up to `HELD_BYTES`, until a retry succeeds (write-back).
 When the queue is full a write is dropped and counted: the block is still in memory, and serving
 never waits on storage.
+
+The writer thread also keeps each tier's budget true to its backend (`BudgetedStore.resync`): soon
+after start, every `resync_seconds`, and after a tier comes back from a failure.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,11 +44,19 @@ _Write = tuple[bytes, BlockRecord | bytes, tuple[int, ...]]
 
 class LowerTiers:
     def __init__(
-        self, tiers: Sequence[GuardedStore], secret: bytes | None, retry_seconds: float = 1.0
+        self,
+        tiers: Sequence[GuardedStore],
+        secret: bytes | None,
+        retry_seconds: float = 1.0,
+        resync_seconds: float = 60.0,
     ) -> None:
         self.tiers = list(tiers)
         self.secret = secret
         self.retry_seconds = retry_seconds
+        self.resync_seconds = resync_seconds
+        # The first resync comes at once: keys a backend listed at start get their sizes.
+        self._next_resync = time.monotonic()
+        self._last_resync = [0.0] * len(self.tiers)
         self.dropped_writes = 0
         self._closed = False
         # Blocks not yet in every tier (queued, or their write failed), in insertion order, and the
@@ -138,8 +150,9 @@ class LowerTiers:
 
     def _write_loop(self) -> None:
         while True:
+            self._resync_when_due()  # here too, not only when idle: a busy writer is never idle
             try:
-                batch = [self._queue.get(timeout=self.retry_seconds)]
+                batch = [self._queue.get(timeout=min(self.retry_seconds, self.resync_seconds))]
             except queue.Empty:
                 self._retry_unwritten()
                 continue
@@ -159,6 +172,18 @@ class LowerTiers:
                     self._queue.task_done()
             if stop:
                 return
+
+    def _resync_when_due(self) -> None:
+        now = time.monotonic()
+        periodic = now >= self._next_resync
+        if periodic:
+            self._next_resync = now + self.resync_seconds
+        for level, tier in enumerate(self.tiers):
+            # A reconnect asks for one at once, but no more often than retries: a pool that opens
+            # connections under load must not turn resyncs into a steady cost.
+            if periodic or (tier.resync_due and now - self._last_resync[level] >= self.retry_seconds):
+                self._last_resync[level] = now
+                tier.resync()  # its guard counts and logs a failure, as for any tier call
 
     def _retry_unwritten(self) -> None:
         """Idle: write again, to every tier, blocks whose earlier write failed."""

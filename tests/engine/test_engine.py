@@ -14,7 +14,7 @@ SHARED = "You are BUL, an assistant for business documents. Answer briefly.\n"
 
 @pytest.fixture
 def engine(demo_model):
-    config = KVCacheConfig(default_max_new_tokens=6, max_tokens=2048)
+    config = KVCacheConfig(model="demo", default_max_new_tokens=6, max_tokens=2048)
     with UltraAdaptiveKVCacheEngine(config, model=demo_model) as engine:
         yield engine
 
@@ -169,7 +169,7 @@ async def test_abandoned_stream_cancels_generation(engine):
 
 
 async def test_warmup_is_idempotent_and_sets_ready(demo_model):
-    with UltraAdaptiveKVCacheEngine(KVCacheConfig(), model=demo_model) as engine:
+    with UltraAdaptiveKVCacheEngine(KVCacheConfig(model="demo"), model=demo_model) as engine:
         assert not engine.ready
         await engine.warmup()
         await engine.warmup()
@@ -178,7 +178,7 @@ async def test_warmup_is_idempotent_and_sets_ready(demo_model):
 
 
 def test_shutdown_refuses_new_work(demo_model):
-    engine = UltraAdaptiveKVCacheEngine(KVCacheConfig(), model=demo_model)
+    engine = UltraAdaptiveKVCacheEngine(KVCacheConfig(model="demo"), model=demo_model)
     engine.process_request_sync({"query": "one", "max_new_tokens": 1})
     engine.shutdown()
     engine.shutdown()

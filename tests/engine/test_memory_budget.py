@@ -21,7 +21,12 @@ prompts = st.lists(
 @given(stream=prompts, strategy=st.sampled_from(["lru", "lfu", "adaptive"]))
 def test_memory_tier_never_exceeds_max_tokens(demo_model, reference, stream, strategy):
     config = KVCacheConfig(
-        max_tokens=64, block_size=8, cache_strategy=strategy, response_cache=False, default_max_new_tokens=3
+        model="demo",
+        max_tokens=64,
+        block_size=8,
+        cache_strategy=strategy,
+        response_cache=False,
+        default_max_new_tokens=3,
     )
     with UltraAdaptiveKVCacheEngine(config, model=demo_model) as engine:
         for stem, tail in stream:

@@ -1,60 +1,79 @@
+"""The scheduler alone, on sequences that never touch a model: admission by priority within both
+limits, head-of-line order, chunk budgets, cancellation."""
+
 from __future__ import annotations
 
-import threading
-
-import pytest
-
-from bulk.engine.scheduler import PriorityWorker
-from bulk.errors import EngineClosedError
-
-
-def test_higher_priority_first_fifo_within_a_priority():
-    worker, gate, started, order = PriorityWorker(), threading.Event(), threading.Event(), []
-    worker.submit(
-        lambda: (started.set(), gate.wait()), priority=0
-    )  # holds the worker while the rest queue up
-    assert started.wait(5)
-    futures = [
-        worker.submit(lambda n=n: order.append(n), priority=p)
-        for n, p in [("a", 1), ("b", 3), ("c", 1), ("d", 3), ("e", 2)]
-    ]
-    assert worker.queue_depth == 5
-    gate.set()
-    for f in futures:
-        f.result(timeout=5)
-    assert order == ["b", "d", "e", "a", "c"]
-    worker.shutdown()
+from bulk.config import KVCacheConfig
+from bulk.engine.request import parse_request
+from bulk.engine.scheduler import Scheduler
+from bulk.engine.sequence import Sequence, Status
+from bulk.models.tokenizer import ByteTokenizer
 
 
-def test_a_failing_job_does_not_stop_the_worker():
-    worker = PriorityWorker()
-    with pytest.raises(ZeroDivisionError):
-        worker.submit(lambda: 1 / 0).result(timeout=5)
-    assert worker.submit(lambda: 7).result(timeout=5) == 7
-    worker.shutdown()
+def _seq(prompt_tokens: int, max_new: int = 8, priority: int = 1) -> Sequence:
+    request = parse_request({"query": "x", "priority": priority}, KVCacheConfig())
+    seq = Sequence(request, 0.0)
+    seq.start([0] * prompt_tokens, max_new, ByteTokenizer())
+    return seq
 
 
-def test_shutdown_fails_queued_jobs_and_refuses_new_ones():
-    worker, gate, started = PriorityWorker(), threading.Event(), threading.Event()
-    running = worker.submit(lambda: (started.set(), gate.wait())[1])
-    assert started.wait(5)
-    queued = worker.submit(lambda: "never")
-    threading.Timer(0.2, gate.set).start()
-    worker.shutdown()
-    assert running.result(timeout=5) is True
-    with pytest.raises(EngineClosedError):
-        queued.result(timeout=5)
-    with pytest.raises(EngineClosedError):
-        worker.submit(lambda: None)
+def test_admission_follows_priority_then_arrival():
+    scheduler = Scheduler(max_batch_size=2, max_batch_tokens=1000, prefill_chunk_tokens=64)
+    low, high, mid, high2 = (
+        _seq(10, priority=1),
+        _seq(10, priority=9),
+        _seq(10, priority=5),
+        _seq(10, priority=9),
+    )
+    for seq in (low, high, mid, high2):
+        scheduler.add(seq)
+    step = scheduler.schedule()
+    assert step.admitted == [high, high2] and step.prefill is high
+    scheduler.finish(high)
+    assert scheduler.schedule().admitted == [mid]
 
 
-def test_cancelled_job_is_skipped():
-    worker, gate, started, ran = PriorityWorker(), threading.Event(), threading.Event(), []
-    worker.submit(lambda: (started.set(), gate.wait()))
-    assert started.wait(5)
-    skipped = worker.submit(lambda: ran.append(1))
-    assert skipped.cancel()
-    gate.set()
-    worker.submit(lambda: None).result(timeout=5)
-    assert ran == []
-    worker.shutdown()
+def test_the_head_of_the_queue_is_never_skipped():
+    scheduler = Scheduler(max_batch_size=8, max_batch_tokens=100, prefill_chunk_tokens=64)
+    running = _seq(50, max_new=10)
+    scheduler.add(running)
+    scheduler.schedule()
+    big, small = _seq(60, max_new=10), _seq(5, max_new=5)
+    scheduler.add(big)
+    scheduler.add(small)
+    # 40 tokens are free: `small` would fit, but `big` is first in line.
+    assert scheduler.schedule().admitted == []
+    scheduler.finish(running)
+    assert scheduler.schedule().admitted == [big, small]
+    assert scheduler.kv_tokens_in_use == 80
+
+
+def test_a_prompt_is_chunked_only_while_others_decode():
+    scheduler = Scheduler(max_batch_size=8, max_batch_tokens=1000, prefill_chunk_tokens=64)
+    first = _seq(300)
+    scheduler.add(first)
+    step = scheduler.schedule()
+    assert step.prefill is first and step.prefill_budget is None  # alone: all of it
+    first.status = Status.DECODE
+    second = _seq(300)
+    scheduler.add(second)
+    step = scheduler.schedule()
+    assert step.prefill is second and step.prefill_budget == 64 and step.decode == [first]
+    always = Scheduler(max_batch_size=8, max_batch_tokens=1000, prefill_chunk_tokens=64, always_chunk=True)
+    always.add(_seq(300))
+    assert always.schedule().prefill_budget == 64
+
+
+def test_cancelled_requests_leave_the_queue_and_the_batch():
+    scheduler = Scheduler(max_batch_size=1, max_batch_tokens=1000, prefill_chunk_tokens=64)
+    running, waiting = _seq(10), _seq(10)
+    scheduler.add(running)
+    scheduler.add(waiting)
+    scheduler.schedule()
+    running.cancel()
+    waiting.cancel()
+    gone_waiting, gone_running = scheduler.take_cancelled()
+    assert gone_waiting == [waiting] and gone_running == [running]
+    assert scheduler.waiting == [] and scheduler.running == [running]  # freed by `finish`
+    scheduler.finish(running)
+    assert not scheduler.has_work and scheduler.kv_tokens_in_use == 0

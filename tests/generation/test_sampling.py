@@ -40,3 +40,12 @@ def test_a_tiny_temperature_is_greedy_not_nan(temperature):
     logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
     params = SamplingParams(temperature=temperature, seed=1)
     assert sample(logits, params, torch.Generator().manual_seed(1)) == 1
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-45, 1e-9])
+def test_a_tiny_top_p_keeps_the_most_likely_token(top_p):
+    # 5e-324 is a float64 that float32 reads as 0: every token would be cut, and the probabilities NaN.
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    params = SamplingParams(temperature=1.0, top_p=top_p, seed=1)
+    generator = make_generator(params)
+    assert {sample(logits, params, generator) for _ in range(20)} == {1}

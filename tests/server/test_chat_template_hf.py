@@ -1,6 +1,6 @@
 """A real Hugging Face model with its own chat template: the chat prompt is rendered by the template
-(`HFTokenizer.apply_chat_template`) and starts with exactly one BOS token once the engine encodes it,
-directly and through `/v1/chat/completions` over a real socket."""
+(`bulk.engine.chat`, through `HFTokenizer.apply_chat_template`) and starts with exactly one BOS token
+once the engine encodes it, directly and through `/v1/chat/completions` over a real socket."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import requests
 
 from bulk.config import KVCacheConfig
+from bulk.engine.chat import render_chat
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.models.loader import load_model
 from bulk.server.app import create_app
-from bulk.server.chat_template import render_chat
 from bulk.server.settings import ServerSettings
 from tests.server.conftest import wait_ready
 from tests.server.live_server import LiveServer
@@ -27,6 +27,7 @@ MESSAGES = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Create marketing strategy"},
 ]
+TURNS = [(m["role"], m["content"]) for m in MESSAGES]
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +49,26 @@ def test_a_rendered_chat_prompt_gets_one_bos(hf_dir):
     bos = tokenizer._tokenizer.bos_token_id
     # Plain text still gets the BOS the tokenizer adds.
     assert bos_count(tokenizer.encode("Create marketing strategy"), bos) == 1
-    prompt = render_chat(MESSAGES, tokenizer)
+    prompt = render_chat(TURNS, tokenizer)
     assert prompt == tokenizer.apply_chat_template(MESSAGES)
     assert prompt.startswith("<s>[system] You are terse.\n") and prompt.endswith("[assistant] ")
     ids = tokenizer.encode(prompt)
     assert bos_count(ids, bos) == 1 and ids.count(bos) == 1
-    # The engine counts exactly those tokens.
-    config = KVCacheConfig(model=str(hf_dir), default_max_new_tokens=3, max_new_tokens_limit=8)
+    # The engine counts exactly those tokens, for the rendered text sent raw, for the conversation,
+    # and for the query, sent as a user turn after the configured system prompt.
+    config = KVCacheConfig(
+        model=str(hf_dir),
+        default_max_new_tokens=3,
+        max_new_tokens_limit=8,
+        system_prompt="You are terse.",
+        response_cache=False,
+    )
     with UltraAdaptiveKVCacheEngine(config) as engine:
-        assert engine.process_request_sync({"query": prompt})["prompt_tokens"] == len(ids)
+        assert engine.process_request_sync({"query": prompt, "raw": True})["prompt_tokens"] == len(ids)
+        assert engine.process_request_sync({"messages": MESSAGES})["prompt_tokens"] == len(ids)
+        assert engine.process_request_sync({"query": "Create marketing strategy"})["prompt_tokens"] == len(
+            ids
+        )
 
 
 def test_apply_chat_template_without_a_template_is_a_clear_error(hf_dir):
@@ -65,7 +77,7 @@ def test_apply_chat_template_without_a_template_is_a_clear_error(hf_dir):
     with pytest.raises(ValueError, match="no chat template"):
         tokenizer.apply_chat_template(MESSAGES)
     # ... and the server falls back to the simple documented template.
-    assert render_chat(MESSAGES, tokenizer).startswith("<|system|>\nYou are terse.\n")
+    assert render_chat(TURNS, tokenizer).startswith("<|system|>\nYou are terse.\n")
 
 
 def test_chat_completions_use_the_models_template(hf_dir):

@@ -6,6 +6,10 @@ import openai
 import pytest
 import requests
 
+from bulk.errors import InvalidRequestError
+from bulk.server.schemas import check_limits
+from bulk.server.settings import ServerSettings
+
 CHAT = [
     {"role": "system", "content": "You write short business plans for small shops."},
     {"role": "user", "content": "Create marketing strategy for a bakery"},
@@ -88,3 +92,11 @@ def test_bad_input_is_a_422_naming_the_openai_field(client, server):
         response = requests.post(server.url + path, json=body, timeout=30)
         assert response.status_code == 422, (body, response.text)
         assert response.json()["error"]["param"].startswith(field)
+
+
+def test_a_conversation_counts_against_the_query_size_limit():
+    settings = ServerSettings(model="demo", max_query_chars=10)
+    check_limits({"messages": [{"role": "user", "content": "x" * 5}] * 2}, settings)
+    with pytest.raises(InvalidRequestError) as caught:
+        check_limits({"messages": [{"role": "user", "content": "x" * 6}] * 2}, settings)
+    assert caught.value.field == "messages"

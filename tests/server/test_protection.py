@@ -11,7 +11,7 @@ import websockets
 
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
-from bulk.engine.scheduler import PriorityWorker
+from bulk.engine.model_thread import ModelThread
 from bulk.server.app import create_app
 from tests.server.conftest import ENGINE, settings
 from tests.server.live_server import LiveServer
@@ -60,10 +60,10 @@ def test_websocket_needs_a_key_too(protected_server):
 
 def test_health_is_503_while_the_model_loads(demo_model):
     # The model thread is busy with another job, so the warmup queued behind it cannot finish yet.
-    worker = PriorityWorker(name="busy-model-thread")
+    worker = ModelThread(name="busy-model-thread")
     release = threading.Event()
     worker.submit(release.wait, 0)
-    engine = UltraAdaptiveKVCacheEngine(KVCacheConfig(**ENGINE), model=demo_model, worker=worker)
+    engine = UltraAdaptiveKVCacheEngine(KVCacheConfig(**ENGINE), model=demo_model, model_thread=worker)
     try:
         with LiveServer(create_app(settings(), engine=engine)) as live:
             loading = requests.get(f"{live.url}/health", timeout=5)

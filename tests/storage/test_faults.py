@@ -56,10 +56,11 @@ def _ask(engine, i):
     )
 
 
-def test_redis_killed_mid_stream_costs_no_request_and_comes_back(redis_server, demo_model):
+def test_redis_killed_mid_stream_costs_no_request_and_comes_back(redis_server, cache_secret, demo_model):
     port, servers = redis_server
     config = KVCacheConfig(
         response_cache=False,
+        cache_secret=cache_secret,
         redis_url=f"redis://127.0.0.1:{port}/0",
         tier_retry_seconds=0.1,
         tier_timeout=0.5,
@@ -91,10 +92,14 @@ def test_redis_killed_mid_stream_costs_no_request_and_comes_back(redis_server, d
     assert redis.Redis(port=port).dbsize() > 0
 
 
-def test_frozen_redis_times_out_instead_of_hanging(redis_server, demo_model):
+def test_frozen_redis_times_out_instead_of_hanging(redis_server, cache_secret, demo_model):
     port, servers = redis_server
     config = KVCacheConfig(
-        response_cache=False, redis_url=f"redis://127.0.0.1:{port}/0", tier_timeout=0.3, tier_retry_seconds=5
+        response_cache=False,
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        tier_timeout=0.3,
+        tier_retry_seconds=5,
+        cache_secret=cache_secret,
     )
     with UltraAdaptiveKVCacheEngine(config, model=demo_model) as engine:
         _ask(engine, 0)
@@ -107,11 +112,12 @@ def test_frozen_redis_times_out_instead_of_hanging(redis_server, demo_model):
             os.kill(servers[0].pid, signal.SIGCONT)
 
 
-def test_unreachable_postgres_and_unusable_disk_path(tmp_path, demo_model):
+def test_unreachable_postgres_and_unusable_disk_path(tmp_path, cache_secret, demo_model):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     config = KVCacheConfig(
         response_cache=False,
+        cache_secret=cache_secret,
         database_url=f"postgresql://postgres@127.0.0.1:{_free_port()}/test",
         enable_persistence=True,
         persistence_path=str(blocker / "kv"),

@@ -11,8 +11,8 @@ from tests.storage.test_faults import _free_port, _start_redis
 REQUEST = {"query": PROMPT, "max_new_tokens": 4}
 
 
-def test_a_block_found_in_redis_is_promoted_to_memory_and_disk(tmp_path, redis_url, demo_model):
-    base = KVCacheConfig(response_cache=False, redis_url=redis_url)
+def test_a_block_found_in_redis_is_promoted_to_memory_and_disk(tmp_path, redis_url, cache_secret, demo_model):
+    base = KVCacheConfig(response_cache=False, redis_url=redis_url, cache_secret=cache_secret)
     with UltraAdaptiveKVCacheEngine(base, model=demo_model) as first:
         cold = first.process_request_sync(REQUEST)
     both = base.replace(enable_persistence=True, persistence_path=str(tmp_path))
@@ -31,10 +31,14 @@ def test_a_block_found_in_redis_is_promoted_to_memory_and_disk(tmp_path, redis_u
         assert third.get_stats()["tiers"]["disk"]["hits"] == blocks  # disk answers before Redis
 
 
-def test_a_block_whose_write_failed_is_written_when_memory_evicts_it(demo_model):
+def test_a_block_whose_write_failed_is_written_when_memory_evicts_it(cache_secret, demo_model):
     port = _free_port()
     config = KVCacheConfig(
-        response_cache=False, redis_url=f"redis://127.0.0.1:{port}/0", max_tokens=256, tier_retry_seconds=0.05
+        response_cache=False,
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        max_tokens=256,
+        tier_retry_seconds=0.05,
+        cache_secret=cache_secret,
     )
     server = None
     try:

@@ -25,11 +25,12 @@ from bulk.integrations.celery.app import bul_tasks
 from bulk.integrations.celery.settings import engine_config
 from bulk.integrations.celery.tasks import process_document_task
 from bulk.server.errors import invalid_request_response
+from bulk.server.json_input import JSONRoute
 
 SENT_MARKER_PREFIX = "bul-task-sent-"
 PROCESSING_STATES = frozenset({states.PENDING, states.RECEIVED, states.STARTED, states.RETRY})
 
-router = APIRouter(tags=["tasks"])
+router = APIRouter(tags=["tasks"], route_class=JSONRoute)
 task_status_router = APIRouter(tags=["tasks"])
 
 

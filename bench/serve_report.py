@@ -1,0 +1,169 @@
+"""The tables and the plot of `bul bench serve`."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+from bench.common import format_table
+
+LABELS = {"ours": "ours", "batch1": "ours, max_batch_size=1", "invariant": "ours, batch_invariant"}
+
+
+def render(result: dict[str, Any]) -> str:
+    options, servers = result["options"], result["servers"]
+    hf = result["generate_batch"]
+    parts = []
+
+    rows = []
+    for name, server in servers.items():
+        for clients, f in server.get("distinct", {}).items():
+            rows.append(
+                [
+                    f"{LABELS[name]}, {clients} clients",
+                    f["tokens_per_s"],
+                    f["ttft_p50_ms"],
+                    f["ttft_p95_ms"],
+                    f["itl_p50_ms"],
+                    f["itl_p99_ms"],
+                    f["requests_completed"],
+                ]
+            )
+    rows.append(
+        [
+            f"generate_batch, {hf['prompts']} prompts offline",
+            hf["tokens_per_s"],
+            None,
+            None,
+            None,
+            None,
+            hf["prompts"],
+        ]
+    )
+    parts.append(
+        format_table(
+            ["distinct prompts", "tok/s", "TTFT p50", "TTFT p95", "ITL p50", "ITL p99", "done"],
+            rows,
+            f"Distinct prompts of {options['prompt_chars']} tokens, {options['max_tokens']} new tokens each, "
+            f"{options['seconds']:.0f} s per level (model {options['model']}; times in ms)",
+        )
+    )
+
+    rows = []
+    for name in ("ours", "batch1"):
+        f = servers[name]["shared"]
+        hit = f["token_hit_rate"]
+        rows.append(
+            [
+                LABELS[name],
+                f["tokens_per_s"],
+                f["ttft_p50_ms"],
+                f["ttft_p95_ms"],
+                None if hit is None else hit * 100,
+            ]
+        )
+    parts.append(
+        format_table(
+            ["shared prefixes", "tok/s", "TTFT p50", "TTFT p95", "token hit %"],
+            rows,
+            f"{options['system_prompts']} system prompts of {options['system_chars']} tokens, "
+            f"{options['shared_requests']} questions from {options['shared_clients']} clients",
+        )
+    )
+
+    rows = []
+    for name in ("ours", "batch1"):
+        f = servers[name]["long"]
+        rows.append(
+            [
+                LABELS[name],
+                f["long_prompt_ttft_ms"],
+                f["streams_itl_p50_ms"],
+                f["streams_itl_p99_ms"],
+                f["streams_itl_max_during_prefill_ms"],
+            ]
+        )
+    parts.append(
+        format_table(
+            ["long prompt", "its TTFT", "streams ITL p50", "ITL p99", "max ITL in prefill"],
+            rows,
+            f"A {options['long_prompt_tokens']}-token prompt arriving while "
+            f"{options['long_streams']} streams decode",
+        )
+    )
+
+    rows = [[LABELS[name], server.get("peak_rss_mib")] for name, server in servers.items()]
+    rows.append(["generate_batch", hf.get("peak_rss_mib")])
+    parts.append(format_table(["process", "peak RSS MiB"], rows, "Peak memory"))
+
+    rows = []
+    v = result["verdicts"]
+    names = {
+        "scaling_16_over_1": "ours: 16 clients / 1 client tok/s (x)",
+        "ours_over_generate_batch": "ours 16 clients / generate_batch tok/s (x)",
+        "long_itl_p99_over_p50": "long prefill: streams' ITL p99 / p50 (x)",
+        "shared_hit_rate_points": "shared: token hit rate, |ours - batch 1| (points)",
+    }
+    for key, label in names.items():
+        check = v[key]
+        value = check["value"]
+        bound = (">= " if check["at_least"] else "<= ") + f"{check['target']:g}"
+        rows.append(
+            [label, None if value is None else round(value, 2), bound, "PASS" if check["met"] else "MISS"]
+        )
+    parts.append(format_table(["target", "value", "target", "verdict"], rows, "Targets"))
+    cost = ", ".join(
+        f"{c} clients: {r * 100:.0f} % of ours"
+        for c, r in v["invariant_tokens_per_s_ratio"].items()
+        if r is not None
+    )
+    parts.append(f"batch_invariant tokens/s: {cost or '-'}")
+    return "\n\n".join(parts)
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    servers = result["servers"]
+    fig, (throughput, ttft, timeline) = plt.subplots(1, 3, figsize=(16, 4.8))
+    for name, server in servers.items():
+        levels = sorted(server.get("distinct", {}), key=int)
+        x = [int(c) for c in levels]
+        throughput.plot(
+            x, [server["distinct"][c]["tokens_per_s"] for c in levels], marker="o", label=LABELS[name]
+        )
+        ttft.plot(
+            x, [server["distinct"][c]["ttft_p50_ms"] or 0 for c in levels], marker="o", label=LABELS[name]
+        )
+    throughput.axhline(
+        result["generate_batch"]["tokens_per_s"], color="grey", linestyle="--", label="generate_batch"
+    )
+    throughput.set(
+        xscale="log", xlabel="concurrent clients", ylabel="completion tokens/s", title="Throughput"
+    )
+    ttft.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms", title="TTFT p50")
+    for ax in (throughput, ttft):
+        ax.set_xticks([int(c) for c in result["options"]["concurrency"]])
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.legend(fontsize=8)
+    line = servers["ours"]["long"]["timeline"]
+    for tokens in line["streams"]:
+        times = [t - line["start"] for t in tokens]
+        gaps = [(b - a) * 1000 for a, b in itertools.pairwise(tokens)]
+        timeline.plot(times[1:], gaps, linewidth=0.8)
+    timeline.axvspan(
+        line["long_sent"] - line["start"], line["long_first_token"] - line["start"], color="orange", alpha=0.2
+    )
+    timeline.set(
+        xlabel="s",
+        ylabel="inter-token latency, ms",
+        title="Streams while a long prompt is prefilled (shaded)",
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,157 @@
+"""One request's state on the model thread, from the queue to its answer: a `Sequence`.
+
+The engine creates it (caller's thread), the step loop fills it in: the prompt's token ids at
+intake, its KV range and cached prefix at admission and prefill, one token per decode step, and its
+result when it retires. Everything but `cancel()` and the future is touched by the model thread
+only."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from bulk.engine.request import GenerationRequest
+from bulk.generation.sampling import make_generator
+from bulk.models.tokenizer import TextStream, Tokenizer
+
+if TYPE_CHECKING:
+    from bulk.kv.prefix_cache import PrefixHit
+
+OnToken = Callable[[str], None]  # called on the model thread with each piece of text, in order
+
+_arrivals = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued: no KV range yet
+    PREFILL = "prefill"  # admitted: its prompt is being computed, a chunk per step
+    DECODE = "decode"  # one token per step
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(
+        self,
+        request: GenerationRequest,
+        started: float,
+        on_token: OnToken | None = None,
+        record: bool = True,
+    ) -> None:
+        self.request = request
+        self.record = record  # counted in the stats and seen by listeners (not a warmup)
+        self.params = request.params
+        self.started = started  # time.perf_counter() when the engine accepted the request
+        self.on_token = on_token
+        self.future: Future[dict[str, Any]] = Future()
+        self.arrival = next(_arrivals)  # FIFO within a priority
+        self.status = Status.WAITING
+        self._cancelled = False
+        # Filled in at intake (`ModelRunner.tokenize`).
+        self.prompt_ids: list[int] = []
+        self.max_new_tokens = 0
+        self.capacity = 0  # KV tokens reserved: prompt + max_new_tokens
+        self.eos_ids: frozenset[int] = frozenset()
+        self.stream: TextStream | None = None
+        # Filled in at admission and prefill.
+        self.slot: int | None = None  # start of its range in the KV pool
+        self.hit: PrefixHit | None = None  # the cached prefix, pinned until retirement
+        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
+        self.num_computed = 0  # tokens whose KV its range holds
+        self.cache: Any = None  # transformers' cache over its range (prefill; solo decode)
+        # Generation.
+        self.generator = make_generator(self.params)
+        self.output_ids: list[int] = []
+        self.text = ""
+        self.next_token: int | None = None  # sampled, not yet fed to the model
+        self.finish_reason: str | None = None
+        self.ttft_ms: float | None = None
+        self.last_token_at: float | None = None
+
+    # ---- any thread --------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Stop generating (a client gone): the loop retires it at its next step."""
+        self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled or self.future.cancelled()
+
+    # ---- the model thread --------------------------------------------------------------------
+
+    def start(self, prompt_ids: list[int], max_new_tokens: int, tokenizer: Tokenizer) -> None:
+        self.prompt_ids = prompt_ids
+        self.max_new_tokens = max_new_tokens
+        self.capacity = len(prompt_ids) + max_new_tokens
+        self.eos_ids = tokenizer.eos_token_ids
+        self.stream = TextStream(tokenizer)
+
+    @property
+    def priority(self) -> int:
+        return self.request.priority
+
+    @property
+    def prompt_left(self) -> int:
+        """Prompt tokens still to compute."""
+        return len(self.prompt_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Prompt and answer so far."""
+        return self.prompt_ids + self.output_ids
+
+    def append(self, token: int) -> str:
+        """Take the token sampled for this sequence; return the text it completes ("" while a
+        character is incomplete, or when the token ends the answer). Sets `finish_reason` on EOS, on
+        a stop string (the text ends before it, as OpenAI's API does) and at `max_new_tokens`."""
+        assert self.stream is not None
+        now = time.perf_counter()
+        if self.ttft_ms is None:
+            self.ttft_ms = (now - self.started) * 1000
+        self.last_token_at = now
+        if token in self.eos_ids:
+            self.finish_reason = "stop"
+            return ""
+        self.output_ids.append(token)
+        delta = self.stream.push(token)
+        cut = _stop_index(self.stream.text, self.params.stop)
+        if cut is not None:
+            emitted = len(self.text)
+            self.text = self.stream.text[:cut]
+            self.finish_reason = "stop"
+            return self.text[emitted:]
+        if len(self.output_ids) >= self.max_new_tokens:
+            self.finish_reason = "length"
+            delta += self.stream.finish()  # a character left incomplete at the very end
+        self.text = self.stream.text
+        self.next_token = token
+        return delta
+
+    def result(self, model_name: str) -> dict[str, Any]:
+        now = time.perf_counter()
+        return {
+            "result": self.text,
+            "cache_hit": self.cached_tokens > 0,
+            "response_cached": False,
+            "latency": (now - self.started) * 1000,
+            "ttft_ms": self.ttft_ms if self.ttft_ms is not None else (now - self.started) * 1000,
+            "cached_tokens": self.cached_tokens,
+            "prompt_tokens": len(self.prompt_ids),
+            "completion_tokens": len(self.output_ids),
+            "finish_reason": self.finish_reason,
+            "request_id": self.request.request_id,
+            "model": model_name,
+        }
+
+
+def _stop_index(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None

@@ -1,0 +1,129 @@
+"""GGUF (llama.cpp) model files, converted once into an ordinary Hugging Face folder.
+
+transformers reads a GGUF file (`from_pretrained(folder, gguf_file=name)`, with the `gguf` and
+`accelerate` packages) by dequantizing every tensor, which takes seconds to minutes. So the first
+load converts the file into a folder of safetensors weights (float32: dequantized values are not
+exact in half precision), tokenizer files and chat template, named by the file's SHA-256 under the
+model cache (`model_cache_path`); later loads find that folder and load it like any model directory,
+without the GGUF packages. A model loaded from GGUF refuses `save_pretrained`, so its state dict is
+copied into a fresh model built from the same configuration without its `quantization_config`.
+
+The folder appears under its final name only once complete (written under a temporary name, then
+renamed), so two processes converting the same file at once both end with one good folder."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from bulk.errors import ModelLoadError
+from bulk.models.progress import quiet_progress_bars
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+# Written into every converted folder: what it was converted from, and by which transformers.
+MANIFEST = "bul-gguf.json"
+_CHUNK = 8 << 20
+
+
+def is_gguf_path(name: str) -> bool:
+    return name.lower().endswith(".gguf")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def missing_packages() -> list[str]:
+    """The packages a GGUF conversion needs (the `gguf` extra) that are not installed."""
+    return [name for name in ("gguf", "accelerate") if not _installed(name)]
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # ValueError: blocked in sys.modules (set to None)
+        return False
+
+
+def converted_folder(path: Path, cache_root: Path, expected_sha256: str | None = None) -> Path:
+    """The Hugging Face folder converted from the GGUF file `path`, converting it on first use.
+    `expected_sha256`: the file must have this SHA-256 (a named model's file). Raises
+    `ModelLoadError` for a missing, corrupted or unexpected file and when a conversion needs the
+    `gguf` extra and it is not installed."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such GGUF file")
+    with path.open("rb") as fh:
+        if fh.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            raise ModelLoadError(f"{path} is not a GGUF file (it does not start with {GGUF_MAGIC!r})")
+    started = time.perf_counter()
+    digest = file_sha256(path)
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise ModelLoadError(
+            f"{path} has SHA-256 {digest}, expected {expected_sha256}: the file is corrupted or not "
+            "the one this model name stands for; reinstall it"
+        )
+    folder = cache_root / digest
+    if (folder / "config.json").is_file():
+        log.info(
+            "GGUF %s (sha256 %s, hashed in %.1f s): using %s",
+            path.name,
+            digest[:12],
+            time.perf_counter() - started,
+            folder,
+        )
+        return folder
+    missing = missing_packages()
+    if missing:
+        raise ModelLoadError(
+            f"loading the GGUF model {path} needs the {' and '.join(missing)} package(s): "
+            "pip install 'bulk[gguf]'"
+        )
+    log.info("converting GGUF %s into %s, once (later starts load the folder)", path, folder)
+    with quiet_progress_bars():
+        _convert(path, folder, digest)
+    log.info("converted %s in %.1f s", path.name, time.perf_counter() - started)
+    return folder
+
+
+def _convert(path: Path, folder: Path, digest: str) -> None:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.parent / f".{digest[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        model.generation_config = loaded.generation_config
+        del loaded
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        manifest = {"source": path.name, "sha256": digest, "transformers": transformers.__version__}
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        try:
+            partial.rename(folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+            log.info("another process converted %s meanwhile; using its folder", path.name)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

@@ -1,0 +1,98 @@
+"""The published OpenAPI schema states the limits the API enforces, so that generated clients and
+fuzzers see the API as it is (tests/server/test_schemathesis.py fails on any request generated from
+the schema that the API rejects, and on any it accepts that the schema forbids).
+
+FastAPI writes the types from the pydantic models. The limits are enforced elsewhere: by the engine
+(`bulk/engine/request.py`: `max_new_tokens` up to `max_new_tokens_limit`, `temperature`, `top_p`,
+`seed`, `stop`, the ids, a query that is not blank, `query` or `text` but not both) and by the
+server's settings (`schemas.check_limits`: prompt length, priority range; the batch size). They are
+written into the schema here, from the same settings, once, when it is first built. JSON Schema
+applies `minimum`, `maxLength`, `maxItems`, `items` only to values of their type, so each limit sits
+on its property beside the property's `anyOf` of types, and null stays allowed where it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from bulk.engine.request import MAX_STOP_STRINGS
+from bulk.server.settings import ServerSettings
+
+# The engine's own limits (bulk/engine/request.py).
+TEMPERATURE = {"minimum": 0, "maximum": 5}
+TOP_P = {"exclusiveMinimum": 0, "maximum": 1}
+SEED = {"minimum": 0, "maximum": 2**63 - 1}
+ID = {"minLength": 1, "maxLength": 256}
+STOP = {"minLength": 1, "maxItems": MAX_STOP_STRINGS, "items": {"type": "string", "minLength": 1}}
+# A prompt that is only whitespace is refused ("must not be empty": `str.strip()`), so a prompt must
+# hold one character outside Python's whitespace. Spelled out: a regex `\S` means other sets in
+# other dialects (ECMA's leaves out U+001C-U+001F and U+0085, and adds U+FEFF).
+NOT_BLANK = r"[^\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+
+
+def install_openapi(app: FastAPI, settings: ServerSettings, max_new_tokens_limit: int) -> None:
+    """Make `app.openapi()` (and `/openapi.json`, `/docs`) state the limits of these settings."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            state_limits(build(), settings, max_new_tokens_limit)  # FastAPI caches what it built
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def state_limits(schema: dict[str, Any], settings: ServerSettings, max_new_tokens_limit: int) -> None:
+    """Add the limits to `schema` in place. Models or properties absent from it are skipped."""
+    components = schema.get("components", {}).get("schemas", {})
+    prompt = {"maxLength": settings.max_query_chars, "pattern": NOT_BLANK}
+    tokens = {"minimum": 1, "maximum": max_new_tokens_limit}
+    sampling = {"temperature": TEMPERATURE, "top_p": TOP_P, "seed": SEED, "stop": STOP}
+
+    query = components.get("QueryRequest")
+    _constrain(
+        query,
+        {
+            "query": prompt,
+            "text": prompt,
+            "priority": {"minimum": settings.min_priority, "maximum": settings.max_priority},
+            "max_new_tokens": tokens,
+            "session_id": ID,
+            "request_id": ID,
+            **sampling,
+        },
+    )
+    if query is not None:
+        # Exactly one of the two names carries the prompt (a null one counts as absent).
+        query["oneOf"] = [
+            {"required": [name], "properties": {name: {"type": "string"}}} for name in ("query", "text")
+        ]
+    completion_prompt = {**prompt, "minItems": 1, "maxItems": 1, "items": {"type": "string", **prompt}}
+    _constrain(
+        components.get("CompletionRequest"), {"prompt": completion_prompt, "max_tokens": tokens, **sampling}
+    )
+    _constrain(
+        components.get("ChatCompletionRequest"),
+        {"max_tokens": tokens, "max_completion_tokens": tokens, **sampling},
+    )
+    # The whole conversation's text is limited to max_query_chars; each message's text at least is.
+    _constrain(components.get("ChatMessage"), {"content": {"maxLength": settings.max_query_chars}})
+    _constrain(components.get("TextPart"), {"text": {"maxLength": settings.max_query_chars}})
+
+    batch = _json_body(schema, "/api/batch")
+    if batch is not None:
+        batch.update(minItems=1, maxItems=settings.max_batch_queries)
+
+
+def _constrain(model: dict[str, Any] | None, limits: dict[str, dict[str, Any]]) -> None:
+    properties = (model or {}).get("properties", {})
+    for name, keywords in limits.items():
+        if name in properties:
+            properties[name].update(keywords)
+
+
+def _json_body(schema: dict[str, Any], path: str) -> dict[str, Any] | None:
+    operation = schema.get("paths", {}).get(path, {}).get("post", {})
+    return operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")

@@ -54,7 +54,8 @@ NAME = "serve"
 DEFAULTS: dict[str, Any] = {
     "model": "demo-large",
     "concurrency": [1, 4, 16, 32],
-    "seconds": 12.0,
+    "seconds": 15.0,
+    "warmup": 5.0,
     "prompt_chars": 48,
     "max_tokens": 128,
     "shared_clients": 16,
@@ -72,6 +73,7 @@ QUICK: dict[str, Any] = {
     "model": "demo",
     "concurrency": [1, 4],
     "seconds": 1.5,
+    "warmup": 0.5,
     "prompt_chars": 40,
     "max_tokens": 12,
     "shared_clients": 4,
@@ -224,12 +226,13 @@ def run_server(name: str, options: dict[str, Any], workloads: list[str]) -> dict
                 log.info("%s: distinct prompts, %d clients", name, clients)
 
                 def prompt(client: int, n: int, c: int = clients) -> tuple[str, int]:
-                    return distinct_prompt(options["prompt_chars"], f"{c}.{client}.{n}", rng), options[
-                        "max_tokens"
-                    ]
+                    # Answers of different lengths (mean `max_tokens`), as real ones are: clients
+                    # that all finish together would all arrive together again.
+                    tokens = rng.randint(options["max_tokens"] // 2, options["max_tokens"] * 3 // 2)
+                    return distinct_prompt(options["prompt_chars"], f"{c}.{client}.{n}", rng), tokens
 
                 streams, start, end = asyncio.run(
-                    closed_loop(url, clients, prompt, seconds=options["seconds"])
+                    closed_loop(url, clients, prompt, seconds=options["seconds"], warmup=options["warmup"])
                 )
                 result["distinct"][str(clients)] = figures(streams, start, end)
                 wait_idle(url)

@@ -83,12 +83,14 @@ async def closed_loop(
     next_prompt: Callable[[int, int], tuple[str, int]],
     seconds: float | None = None,
     requests: int | None = None,
+    warmup: float = 0.0,
 ) -> tuple[list[Stream], float, float]:
     """`clients` clients, each sending `next_prompt(client, n)` -> (prompt, max_tokens) requests one
-    after another, for `seconds` (what still streams then is cut off) or until `requests` requests
-    in all have been answered; returns every stream and the window (start, end)."""
+    after another, for `warmup` + `seconds` (what still streams then is cut off) or until `requests`
+    requests in all have been answered; returns every stream and the measured window (start, end),
+    which leaves out the `warmup` (clients that all start at once first queue up together)."""
     streams: list[Stream] = []
-    start = time.perf_counter()
+    start = time.perf_counter() + warmup
     end = start + seconds if seconds is not None else float("inf")
     tickets = iter(range(requests)) if requests is not None else None
 
@@ -101,7 +103,7 @@ async def closed_loop(
                 n += 1
 
     tasks = [asyncio.ensure_future(client(i)) for i in range(clients)]
-    await asyncio.wait(tasks, timeout=seconds)
+    await asyncio.wait(tasks, timeout=None if seconds is None else warmup + seconds)
     for task in tasks:
         task.cancel()  # streams still running are cut off: the server cancels them
     await asyncio.gather(*tasks, return_exceptions=True)

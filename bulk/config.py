@@ -85,9 +85,11 @@ class KVCacheConfig:
     # prompt and its max_new_tokens, so the running set never needs preempting (separate from the
     # prefix cache's `max_tokens`).
     max_batch_tokens: int = 16384
-    # While other requests decode, a prompt is computed in chunks of this many tokens, one chunk a
-    # step, so their next tokens never wait for a whole long prompt. Alone, a prompt runs in one go.
-    prefill_chunk_tokens: int = 128
+    # While other requests decode, a prompt is computed a chunk per step, so their next tokens never
+    # wait for a whole long prompt: a chunk of at most this many tokens, fewer when measured costs
+    # say it would hold them up more than about 1.5 decode steps. Alone, a prompt runs in one go.
+    # In batch-invariant mode every prompt is cut into chunks of exactly this many tokens.
+    prefill_chunk_tokens: int = 256
     # A greedy request's tokens and logits are bit-identical whatever runs beside it (decode rows
     # padded to shapes whose kernels agree; prompts always chunked). Costs speed at small batches.
     batch_invariant: bool = False

@@ -3,9 +3,10 @@
     step()
       intake      tokenize the requests that arrived since the last step, queue them by priority
       cancel      retire the cancelled ones (a client gone): their KV range is free for this step
-      schedule    admit what fits; pick one prefill chunk and the decode rows (`Scheduler`)
-      prefill     one chunk of one prompt; when the prompt is done, sample its first token
-      decode      one batched forward for every request past its prompt, one token each
+      schedule    admit what fits; pick the prompt chunks and the decode rows (`Scheduler`)
+      forward     one forward for all of them (`ModelRunner`): a token for every request past its
+                  prompt, the first token of every request whose prompt it finished
+      post        sample and stream each token; store the prompt blocks of finished prompts
       retire      answer the finished ones: blocks stored, lease released, KV range freed
 
 A request's prompt blocks are offered to the prefix cache right after its first token is streamed
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from bulk.engine.model_runner import ModelRunner
+from bulk.engine.model_runner import Chunk, ModelRunner
 from bulk.engine.scheduler import Scheduler
 from bulk.engine.sequence import Sequence, Status
 from bulk.engine.stats import EngineStats
@@ -64,12 +65,12 @@ class EngineLoop:
         self._intake()
         self._retire_cancelled()
         step = self.scheduler.schedule()
-        decode = step.decode
-        if step.prefill is not None and self._prefill(step.prefill, step.prefill_budget):
-            decode = [*decode, step.prefill]  # its first token is out: it decodes from now on
-        decode = [s for s in decode if not s.finished]
-        if decode:
-            self._decode(decode)
+        if step.separate:  # batch invariance: the prompt chunk and the decode rows apart
+            self._forward(step.prefill, [], None)
+            pad_rows = self.runner.pad_rows
+            self._forward([], step.decode, pad_rows(len(step.decode)) if pad_rows and step.decode else None)
+        else:
+            self._forward(step.prefill, step.decode, None)
         for seq in [s for s in self.scheduler.running if s.finished]:
             self._retire(seq)
 
@@ -96,35 +97,33 @@ class EngineLoop:
             seq.finish_reason = "cancelled"
             self._retire(seq)
 
-    def _prefill(self, seq: Sequence, budget: int | None) -> bool:
-        """One chunk of `seq`'s prompt; True when the prompt is done and its first token sampled."""
+    def _forward(self, chunks: list[Chunk], decode: list[Sequence], pad_to: int | None) -> None:
+        """One forward, its tokens sampled and streamed; then the prompt blocks of the requests
+        whose prompt it finished are stored (off their TTFT: their first token is already out)."""
+        if not chunks and not decode:
+            return
         try:
-            logits = self.runner.prefill(seq, budget)
-            if logits is None:
-                return False
-            self._emit(seq, self.runner.sample([seq], logits.unsqueeze(0))[0], logits)
-            self.stats.record_generated(1, time.monotonic())
-            # Off TTFT: the first token is already on its way to the client.
-            self.runner.store(seq)
+            started = time.perf_counter()
+            rows = self.runner.forward(chunks, decode, pad_to)
+            prompt_tokens = sum(take for _, take in chunks)
+            self.scheduler.observe_step(prompt_tokens, len(decode), time.perf_counter() - started)
+            tokens = self.runner.sample(rows)
         except Exception as exc:
-            log.exception("prefill failed for %s", seq.request.request_id)
-            self._retire(seq, exc)
-            return False
-        return True
-
-    def _decode(self, seqs: list[Sequence]) -> None:
-        try:
-            logits = self.runner.decode(seqs)
-            tokens = self.runner.sample(seqs, logits)
-        except Exception as exc:
-            log.exception("decode step failed for %d requests", len(seqs))
-            for seq in seqs:
+            log.exception("a forward failed for %d requests", len(chunks) + len(decode))
+            for seq in [s for s, _ in chunks] + list(decode):
                 self._retire(seq, exc)
             return
-        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            self._emit(seq, token, logits[i])
-        self.stats.record_decode_step(len(seqs))
-        self.stats.record_generated(len(seqs), time.monotonic())
+        for (seq, logits), token in zip(rows, tokens, strict=True):
+            self._emit(seq, token, logits)
+        if decode:
+            self.stats.record_decode_step(len(decode))
+        self.stats.record_generated(len(rows), time.monotonic())
+        for seq, _ in chunks:
+            if seq.prompt_left == 0:
+                try:
+                    self.runner.store(seq)
+                except Exception:
+                    log.exception("storing the prompt blocks of %s failed", seq.request.request_id)
 
     def _emit(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
         if self.logits_observer is not None:

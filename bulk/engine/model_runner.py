@@ -1,18 +1,21 @@
 """The model runner: the model work of a step, as the scheduler asked for it.
 
     tokenize       a request's prompt ids and its KV reservation (at intake)
-    prefill        one chunk of one request's prompt, starting with its prefix lookup
-    decode         one token for every decoding request, in one batched forward
+    forward        one forward for the step: a chunk of prompt for each request being prefilled
+                   (starting with its prefix lookup) and one token for each decoding request
     sample         each row with its own parameters and generator
     store / free   a request's full blocks offered to the prefix cache, its lease released
 
 Each running request computes into its own range of the KV pool (`bulk.models.kv_pool`); the
 prefix cache's blocks are copied into that range once, when its prefill starts. Everything that
-knows transformers sits behind `bulk.models`."""
+knows transformers sits behind `bulk.models`. A model that cannot batch this way (see
+`batched_attention.enable`) runs each request through transformers' own cache instead, one at a
+time."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence as Seq
 
 import torch
 
@@ -21,12 +24,16 @@ from bulk.engine.sequence import Sequence, Status
 from bulk.errors import InvalidRequestError, PromptTooLongError
 from bulk.generation.decode import decode_one, prefill
 from bulk.generation.sampling import sample
+from bulk.kv.hashing import chain_hashes
 from bulk.kv.prefix_cache import PrefixCache
 from bulk.models import batched_attention, hf_cache
+from bulk.models.batched_attention import Segment
 from bulk.models.kv_pool import KVPool, blocks_out, copy_blocks_in
 from bulk.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
+
+Chunk = tuple[Sequence, int]  # a request being prefilled, and how many prompt tokens to compute now
 
 
 class ModelRunner:
@@ -82,6 +89,11 @@ class ModelRunner:
                 f"max_batch_tokens ({self.config.max_batch_tokens}) holds",
             )
         seq.start(ids, max_new, lm.tokenizer)
+        bs = self.prefix.block_size
+        if len(ids) >= bs and lm.supports_block_reuse:
+            # Requests whose first blocks agree may share a prefix: the scheduler starts their
+            # prefills one after another, so the later one finds the earlier one's blocks.
+            seq.prefix_key = chain_hashes(ids[:bs], bs, self.prefix.namespace)[0]
 
     # ---- prefill ------------------------------------------------------------------------------
 
@@ -97,51 +109,81 @@ class ModelRunner:
             assert seq.slot is not None
             slot = self.pool.slot(seq.slot, seq.capacity)
             copy_blocks_in(slot, seq.hit.blocks, reused)
-            seq.cache = hf_cache.cache_on_buffer(lm.model, slot, reused)
+            if not self.batched:  # transformers' own cache, over the same range
+                seq.cache = hf_cache.cache_on_buffer(lm.model, slot, reused)
         else:
             seq.cache = hf_cache.new_cache(lm.model)
         seq.hit.blocks = []  # copied: the pool holds them now
 
-    def prefill(self, seq: Sequence, budget: int | None) -> torch.Tensor | None:
-        """Compute the next chunk of the prompt (all of what is left when `budget` is None); the
-        last position's logits (vocab,) once the prompt is done, else None."""
-        if seq.hit is None:
-            self.begin_prefill(seq)
-        take = seq.prompt_left if budget is None else min(budget, seq.prompt_left)
-        logits, seq.cache = prefill(self.lm, seq.prompt_ids[: seq.num_computed + take], seq.cache)
-        seq.num_computed += take
-        if seq.prompt_left:
-            return None
-        seq.status = Status.DECODE
-        return logits
-
-    # ---- decode -------------------------------------------------------------------------------
-
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Feed each request its last sampled token; their next logits (len(seqs), vocab)."""
-        tokens = [s.next_token for s in seqs]
-        assert all(t is not None for t in tokens)
+    def forward(
+        self, chunks: Seq[Chunk], decode: Seq[Sequence], pad_to: int | None = None
+    ) -> list[tuple[Sequence, torch.Tensor]]:
+        """One forward for the step: `chunks` of prompts and one token for each of `decode`. Returns
+        (request, logits (vocab,)) for every request that now has a next token to sample: those whose
+        prompt this step finished, then the decoding ones. `pad_to`: see `forward_step`."""
+        for seq, _ in chunks:
+            if seq.hit is None:
+                self.begin_prefill(seq)
+        # The scheduler counted from before the prefix lookup: what is cached needs no computing.
+        chunks = [(seq, min(take, seq.prompt_left)) for seq, take in chunks]
         if not self.batched:
-            (seq,) = seqs
-            logits, seq.cache = decode_one(self.lm, seq.next_token, seq.cache)  # type: ignore[arg-type]
-            seq.num_computed += 1
-            return logits.unsqueeze(0)
-        starts = [s.slot for s in seqs]
-        assert all(start is not None for start in starts)
-        batch = batched_attention.decode_batch(self.pool.buffer, starts, [s.num_computed for s in seqs])  # type: ignore[arg-type]
-        rows = self.pad_rows(len(seqs)) if self.pad_rows is not None else None
-        logits = batched_attention.decode_step(self.lm.model, tokens, batch, rows)  # type: ignore[arg-type]
-        for seq in seqs:
-            seq.num_computed += 1
-        return logits
+            return self._forward_one_by_one(chunks, decode)
+        segments: list[Segment] = []
+        tokens: list[int] = []
+        logits_at: list[int] = []
+        ready: list[Sequence] = []
+        for seq, take in chunks:
+            assert seq.slot is not None
+            segments.append(Segment(seq.slot, seq.num_computed, take))
+            tokens.extend(seq.prompt_ids[seq.num_computed : seq.num_computed + take])
+            if seq.num_computed + take == len(seq.prompt_ids):
+                logits_at.append(len(tokens) - 1)
+                ready.append(seq)
+        for seq in decode:
+            assert seq.slot is not None and seq.next_token is not None
+            segments.append(Segment(seq.slot, seq.num_computed, 1))
+            tokens.append(seq.next_token)
+            logits_at.append(len(tokens) - 1)
+            ready.append(seq)
+        batch = batched_attention.step_batch(self.pool.buffer, segments)
+        logits = batched_attention.forward_step(self.lm.model, tokens, batch, logits_at, pad_to)
+        self._advance(chunks, decode)
+        return list(zip(ready, logits, strict=True))
 
-    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """One token per row of `logits` (rows, vocab), each with its request's parameters and
-        generator: a seeded request samples the same tokens whatever runs beside it."""
-        greedy = logits.argmax(dim=-1).tolist() if any(s.params.temperature == 0.0 for s in seqs) else []
+    def _forward_one_by_one(
+        self, chunks: Seq[Chunk], decode: Seq[Sequence]
+    ) -> list[tuple[Sequence, torch.Tensor]]:
+        """The fallback: transformers' own cache per request, a forward each."""
+        out = []
+        for seq, take in chunks:
+            logits, seq.cache = prefill(self.lm, seq.prompt_ids[: seq.num_computed + take], seq.cache)
+            if seq.num_computed + take == len(seq.prompt_ids):
+                out.append((seq, logits))
+        for seq in decode:
+            assert seq.next_token is not None
+            logits, seq.cache = decode_one(self.lm, seq.next_token, seq.cache)
+            out.append((seq, logits))
+        self._advance(chunks, decode)
+        return out
+
+    @staticmethod
+    def _advance(chunks: Seq[Chunk], decode: Seq[Sequence]) -> None:
+        for seq, take in chunks:
+            seq.num_computed += take
+            if seq.num_computed == len(seq.prompt_ids):
+                seq.status = Status.DECODE
+        for seq in decode:
+            seq.num_computed += 1
+
+    def sample(self, rows: Seq[tuple[Sequence, torch.Tensor]]) -> list[int]:
+        """One token per (request, logits) row, each with its request's parameters and generator: a
+        seeded request samples the same tokens whatever runs beside it."""
+        if not rows:
+            return []
+        greedy = torch.stack([logits for _, logits in rows]).argmax(dim=-1).tolist()
         return [
-            greedy[i] if seq.params.temperature == 0.0 else sample(logits[i], seq.params, seq.generator)
-            for i, seq in enumerate(seqs)
+            greedy[i] if seq.params.temperature == 0.0 else sample(logits, seq.params, seq.generator)
+            for i, (seq, logits) in enumerate(rows)
         ]
 
     # ---- retirement ---------------------------------------------------------------------------

@@ -9,13 +9,22 @@ the `max_batch_tokens` pool. Because every running request already holds all the
 need, nothing is ever preempted. Admission is strictly in priority order: when the head of the
 queue does not fit, nothing behind it jumps ahead (a long prompt is never starved by short ones).
 
-Then the step computes at most one prefill chunk, for the oldest admitted request whose prompt is
-not done, and one decode token for every request past its prompt. While others decode, the chunk is
-`prefill_chunk_tokens`, so their next token waits for one chunk rather than a whole long prompt; a
-request prefilling alone runs its prompt in one go (in batch-invariant mode it is always chunked,
-so a prompt is computed the same way whatever runs beside it). Prompts are computed one at a time:
-a request's prefix lookup happens when its prefill starts, after the requests ahead of it have
-stored their prompt blocks, so requests arriving together still share a common system prompt."""
+Then the step picks the model work of its one forward: one token for every request past its
+prompt, and prompt tokens for the admitted requests still prefilling, oldest first, within a token
+budget. With nothing decoding, the budget is `PREFILL_STEP_TOKENS` (or the whole first prompt, if
+longer: a prompt alone runs in one go). While others decode, it is sized so that the prompt work
+delays their next token by about `CHUNK_STALL` decode steps: the step loop reports what a prompt
+token and a decode step cost (`observe_step`), and the budget is that many decode steps' worth of
+prompt tokens, between `MIN_CHUNK` and `prefill_chunk_tokens`. Sarathi-Serve sizes its token budget
+from the inter-token latency it allows in the same way; a fixed token count would stall a large
+model's streams far longer than a small one's. In batch-invariant mode at most one prompt is
+computed per step, in chunks of exactly `prefill_chunk_tokens` and in a forward of its own (the
+loop runs the decode rows in another), so that a prompt is computed the same way whatever runs
+beside it.
+
+Requests that may share a prefix (their first blocks agree) are prefilled one after another: a
+request's prefix lookup happens when its prefill starts, after the one ahead of it has stored its
+prompt blocks, so requests arriving together still share a common system prompt."""
 
 from __future__ import annotations
 
@@ -25,13 +34,21 @@ from dataclasses import dataclass, field
 from bulk.engine.sequence import Sequence, Status
 from bulk.kv.slots import SlotAllocator
 
+# A prefill chunk beside decoding requests costs about this many of their decode steps: their
+# inter-token latency during a long prefill stays near (1 + CHUNK_STALL) times its usual value.
+CHUNK_STALL = 1.5
+MIN_CHUNK = 16  # tokens: a long prompt always progresses
+# Prompt tokens a step computes when nothing decodes (more when the first prompt alone is longer).
+PREFILL_STEP_TOKENS = 2048
+_SMOOTHING = 0.3  # weight of the newest measurement in the running cost estimates
+
 
 @dataclass
 class ScheduledStep:
     admitted: list[Sequence] = field(default_factory=list)
-    prefill: Sequence | None = None
-    prefill_budget: int | None = None  # tokens of its prompt to compute now; None: all of them
+    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (request, prompt tokens now)
     decode: list[Sequence] = field(default_factory=list)
+    separate: bool = False  # run the prefill and the decode rows in two forwards (batch invariance)
 
 
 class Scheduler:
@@ -48,6 +65,8 @@ class Scheduler:
         self.slots = SlotAllocator(max_batch_tokens)
         self.waiting: list[tuple[int, int, Sequence]] = []  # (-priority, arrival, sequence)
         self.running: list[Sequence] = []
+        self._prefill_seconds_per_token: float | None = None
+        self._decode_step_seconds: float | None = None
 
     def add(self, seq: Sequence) -> None:
         """Queue a request whose prompt is tokenized (its `capacity` known)."""
@@ -86,10 +105,54 @@ class Scheduler:
             step.admitted.append(seq)
 
         step.decode = [s for s in self.running if s.status is Status.DECODE]
-        step.prefill = next((s for s in self.running if s.status is Status.PREFILL), None)
-        if step.prefill is not None and (step.decode or self.always_chunk):
-            step.prefill_budget = self.prefill_chunk_tokens
+        prefilling = [s for s in self.running if s.status is Status.PREFILL]
+        if self.always_chunk:
+            step.separate = True
+            if prefilling:
+                seq = prefilling[0]
+                step.prefill = [(seq, min(seq.prompt_left, self.prefill_chunk_tokens))]
+            return step
+        if step.decode:
+            budget = self.chunk_beside_decode()
+        else:
+            budget = max(PREFILL_STEP_TOKENS, prefilling[0].prompt_left) if prefilling else 0
+        started = {s.prefix_key for s in prefilling if s.prefill_started and s.prefix_key is not None}
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            if not seq.prefill_started and seq.prefix_key is not None:
+                if seq.prefix_key in started:
+                    continue  # after the request ahead with the same first block has stored it
+                started.add(seq.prefix_key)
+            take = min(seq.prompt_left, budget)
+            step.prefill.append((seq, take))
+            budget -= take
         return step
+
+    def chunk_beside_decode(self) -> int:
+        """Prompt tokens to compute in a step that also decodes (see the module's docstring)."""
+        if self._prefill_seconds_per_token is None or self._decode_step_seconds is None:
+            return self.prefill_chunk_tokens  # nothing measured yet
+        tokens = int(CHUNK_STALL * self._decode_step_seconds / self._prefill_seconds_per_token)
+        return max(min(MIN_CHUNK, self.prefill_chunk_tokens), min(tokens, self.prefill_chunk_tokens))
+
+    def observe_step(self, prompt_tokens: int, decode_rows: int, seconds: float) -> None:
+        """What one forward cost: the running estimates behind `chunk_beside_decode`. A forward
+        that did both charges the prompt tokens what is left after a decode step's cost."""
+        if prompt_tokens == 0:
+            if decode_rows:
+                self._decode_step_seconds = _smooth(self._decode_step_seconds, seconds)
+            return
+        prompt_seconds = seconds
+        if decode_rows:
+            if self._decode_step_seconds is None:
+                return
+            prompt_seconds = seconds - self._decode_step_seconds
+            if prompt_seconds <= 0:
+                return
+        self._prefill_seconds_per_token = _smooth(
+            self._prefill_seconds_per_token, prompt_seconds / prompt_tokens
+        )
 
     def finish(self, seq: Sequence) -> None:
         """Take a running request out and free its KV range."""
@@ -104,3 +167,7 @@ class Scheduler:
         waiting = [s for _, _, s in sorted(self.waiting)]
         self.waiting.clear()
         return waiting
+
+
+def _smooth(previous: float | None, value: float) -> float:
+    return value if previous is None else (1 - _SMOOTHING) * previous + _SMOOTHING * value

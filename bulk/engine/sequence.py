@@ -56,6 +56,7 @@ class Sequence:
         self.capacity = 0  # KV tokens reserved: prompt + max_new_tokens
         self.eos_ids: frozenset[int] = frozenset()
         self.stream: TextStream | None = None
+        self.prefix_key: bytes | None = None  # its first block's hash, when it has a full block
         # Filled in at admission and prefill.
         self.slot: int | None = None  # start of its range in the KV pool
         self.hit: PrefixHit | None = None  # the cached prefix, pinned until retirement
@@ -93,6 +94,11 @@ class Sequence:
     @property
     def priority(self) -> int:
         return self.request.priority
+
+    @property
+    def prefill_started(self) -> bool:
+        """Its prefix lookup is done (it holds its cached prefix, copied into its KV range)."""
+        return self.hit is not None
 
     @property
     def prompt_left(self) -> int:

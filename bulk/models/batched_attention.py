@@ -1,29 +1,32 @@
-"""One decode step for many requests: input (B, 1), a position per row, each row attending to its own
-KV range of the pool. The only place that plugs into transformers' attention.
+"""One forward for a whole step of many requests: their tokens side by side in one sequence
+`(1, N)`, each with its own position, each request attending to its own KV range of the pool. The
+only place that plugs into transformers' attention.
 
-transformers computes projections, rotary embeddings, norms and the MLP for the whole (B, 1) batch,
-one GEMM per weight for all rows, which is where batching pays: decode reads every weight once per
-step instead of once per request. Attention is the one part that differs per row (each request has
-its own length), so a custom function registered through `AttentionInterface` takes it over: it
-writes each row's new key and value into the pool (one `index_copy_` per layer) and runs one SDPA
-per row over that row's contiguous keys and values. One SDPA per row was faster on CPU than one
-padded, masked SDPA over all rows, and it is the same call a request running alone makes, so a
-row's attention is exactly its solo attention. (On CUDA, `flash_attn_with_kvcache` over the pool
-would do all rows in one kernel: a later step.)
+A step holds segments: one token for each decoding request, and a chunk of prompt for each request
+being prefilled. transformers computes projections, rotary embeddings, norms and the MLP for all N
+tokens at once, one GEMM per weight, which is where batching pays: a step reads every weight once,
+however many requests it serves (as vLLM and SGLang lay out their batches). Attention is the one
+part that differs per segment, so a custom function registered through `AttentionInterface` takes
+it over: it writes every new key and value into the pool (one `index_copy_` per layer) and runs one
+SDPA per segment over that request's contiguous keys and values, with a causal mask offset by the
+tokens it already holds. One SDPA per segment was faster on CPU than one padded, masked SDPA over
+all rows, and it is the same call a request running alone makes, so a request's attention is
+exactly its solo attention. (On CUDA, `flash_attn_with_kvcache` over the pool would do all decode
+rows in one kernel: a later step.)
 
-Calls that carry no `DecodeBatch` (prefill, transformers' own `generate`) go to transformers' SDPA
-attention unchanged, with the SDPA mask function registered beside ours: an implementation
-registered without a mask function gets no causal mask at all.
+Calls that carry no `StepBatch` (transformers' own `generate`, the benchmarks' baselines) go to
+transformers' SDPA attention unchanged, with the SDPA mask function registered beside ours: an
+implementation registered without a mask function gets no causal mask at all.
 
     pool    # (layers, 2, kv_heads, pool_tokens, head_dim)
-    query   # (rows, heads, 1, head_dim), after rotary
-    key     # (rows, kv_heads, 1, head_dim), after rotary: the new token's
+    query   # (1, heads, N, head_dim), after rotary
+    key     # (1, kv_heads, N, head_dim), after rotary: the step's new tokens
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,19 +41,50 @@ from bulk.models import hf_cache
 log = logging.getLogger(__name__)
 
 ATTENTION = "bul_rows"
-_BATCH_KWARG = "bul_decode_batch"
+_BATCH_KWARG = "bul_step_batch"
 # Implementations whose numerics ours reproduces for prefill (it delegates to SDPA).
 _REPLACEABLE = ("sdpa", "eager", None)
 
 
 @dataclass(frozen=True)
-class DecodeBatch:
-    """What the attention function needs to know about the rows of one decode step."""
+class Segment:
+    """One request's tokens in a step: `length` new tokens after the `cached` its range holds."""
+
+    start: int  # its range's start in the pool
+    cached: int  # tokens its range holds before this step (the first new token's position)
+    length: int  # new tokens in this step: 1 for a decode row, a chunk for a prefill
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What the attention function needs to know about the segments of one step."""
 
     pool: torch.Tensor  # (layers, 2, kv_heads, pool_tokens, head_dim)
-    starts: list[int]  # each real row's range start in the pool
-    lengths: list[int]  # tokens each row holds before this step: the new token's position
-    write_at: torch.Tensor  # (rows,) long, starts + lengths: where the new keys and values go
+    segments: Sequence[Segment]
+    write_at: torch.Tensor  # (tokens,) long: the pool position of each new key and value
+    masks: tuple[torch.Tensor | None, ...]  # per segment: its causal mask, or None (SDPA's own)
+
+
+def step_batch(pool: torch.Tensor, segments: Sequence[Segment]) -> StepBatch:
+    positions: list[int] = []
+    masks: list[torch.Tensor | None] = []
+    for seg in segments:
+        first = seg.start + seg.cached
+        positions.extend(range(first, first + seg.length))
+        masks.append(_offset_causal_mask(seg, pool.device))
+    write_at = torch.tensor(positions, dtype=torch.long, device=pool.device)
+    return StepBatch(pool, segments, write_at, tuple(masks))
+
+
+def _offset_causal_mask(seg: Segment, device: torch.device) -> torch.Tensor | None:
+    """(1, 1, length, cached + length) bool, True where a new token may attend: the mask
+    transformers builds for a chunk on top of a cache. None where SDPA needs none: one token sees
+    everything, and a chunk with nothing cached is plainly causal (SDPA's `is_causal`)."""
+    if seg.length == 1 or seg.cached == 0:
+        return None
+    rows = torch.arange(seg.length, device=device).unsqueeze(1) + seg.cached
+    cols = torch.arange(seg.cached + seg.length, device=device).unsqueeze(0)
+    return (cols <= rows).view(1, 1, seg.length, seg.cached + seg.length)
 
 
 def _attention(
@@ -61,30 +95,32 @@ def _attention(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    batch: DecodeBatch | None = kwargs.pop(_BATCH_KWARG, None)
+    batch: StepBatch | None = kwargs.pop(_BATCH_KWARG, None)
     if batch is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     layer = batch.pool[module.layer_idx]  # (2, kv_heads, pool_tokens, head_dim)
-    rows = len(batch.starts)
-    layer[0].index_copy_(1, batch.write_at, key[:rows, :, 0].transpose(0, 1))
-    layer[1].index_copy_(1, batch.write_at, value[:rows, :, 0].transpose(0, 1))
+    tokens = batch.write_at.shape[0]
+    layer[0].index_copy_(1, batch.write_at, key[0, :, :tokens])
+    layer[1].index_copy_(1, batch.write_at, value[0, :, :tokens])
     outputs = []
-    for row, (start, length) in enumerate(zip(batch.starts, batch.lengths, strict=True)):
-        end = start + length + 1
+    offset = 0
+    for seg, mask in zip(batch.segments, batch.masks, strict=True):
+        end = seg.start + seg.cached + seg.length
         out, _ = sdpa_attention_forward(
             module,
-            query[row : row + 1],
-            layer[0, :, start:end].unsqueeze(0),
-            layer[1, :, start:end].unsqueeze(0),
-            None,
+            query[:, :, offset : offset + seg.length],
+            layer[0, :, seg.start : end].unsqueeze(0),
+            layer[1, :, seg.start : end].unsqueeze(0),
+            mask,
             **kwargs,
         )
-        outputs.append(out)  # (1, 1, heads, head_dim)
-    padding = query.shape[0] - rows
+        outputs.append(out)  # (1, length, heads, head_dim)
+        offset += seg.length
+    padding = query.shape[2] - tokens
     if padding:
-        # Rows added only to fix the GEMM shape (batch-invariant mode): their output is never read.
-        outputs.append(outputs[0].new_zeros((padding, *outputs[0].shape[1:])))
-    return torch.cat(outputs), None
+        # Tokens added only to fix the GEMM shape (batch-invariant mode): their output is never read.
+        outputs.append(outputs[0].new_zeros((1, padding, *outputs[0].shape[2:])))
+    return torch.cat(outputs, dim=1), None
 
 
 AttentionInterface.register(ATTENTION, _attention)
@@ -114,22 +150,32 @@ def enable(model: Any) -> str | None:
 
 
 @torch.inference_mode()
-def decode_step(model: Any, tokens: list[int], batch: DecodeBatch, rows: int | None = None) -> torch.Tensor:
-    """Feed one token per request; returns their next-token logits (len(tokens), vocab). `rows` pads
-    the batch to that many rows (batch-invariant mode: every GEMM then runs at a shape whose kernel
-    gives each row the same bits whatever the other rows hold)."""
-    n = len(tokens)
-    rows = max(rows or n, n)
+def forward_step(
+    model: Any,
+    token_ids: Sequence[int],
+    batch: StepBatch,
+    logits_at: Sequence[int],
+    pad_to: int | None = None,
+) -> torch.Tensor:
+    """Run the step's tokens (each segment's, in order) through the model; return the logits at the
+    positions `logits_at` of the step, `(len(logits_at), vocab)`. `pad_to` adds dummy tokens up to
+    that many (batch-invariant mode: every GEMM then runs at a shape whose kernel gives each row the
+    same bits whatever the other rows hold)."""
+    n = len(token_ids)
+    total = max(pad_to or n, n)
     device = batch.pool.device
-    ids = torch.tensor(tokens + [0] * (rows - n), dtype=torch.long, device=device).view(rows, 1)
-    positions = torch.tensor(batch.lengths + [0] * (rows - n), dtype=torch.long, device=device).view(rows, 1)
-    output = model(input_ids=ids, position_ids=positions, use_cache=False, **{_BATCH_KWARG: batch})
-    return output.logits[:n, -1]  # (n, vocab)
-
-
-def decode_batch(pool: torch.Tensor, starts: list[int], lengths: list[int]) -> DecodeBatch:
-    write_at = torch.tensor([s + n for s, n in zip(starts, lengths, strict=True)], device=pool.device)
-    return DecodeBatch(pool, starts, lengths, write_at)
+    positions = [seg.cached + i for seg in batch.segments for i in range(seg.length)]
+    ids = torch.tensor([*token_ids, *[0] * (total - n)], dtype=torch.long, device=device).view(1, total)
+    pos = torch.tensor([*positions, *[0] * (total - n)], dtype=torch.long, device=device).view(1, total)
+    keep = list(logits_at) + list(range(n, total))[: max(0, (pad_to or 0) - len(logits_at))]
+    output = model(
+        input_ids=ids,
+        position_ids=pos,
+        use_cache=False,
+        logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
+        **{_BATCH_KWARG: batch},
+    )
+    return output.logits[0, : len(logits_at)]  # (len(logits_at), vocab)
 
 
 # ---- batch invariance ---------------------------------------------------------------------------

@@ -36,23 +36,24 @@ class LoopHarness:
         self.logits: dict[str, list[torch.Tensor]] = defaultdict(list)  # per request, per token
         # (step, kind, request id): "token" for each streamed piece of text, "prefill" per chunk
         self.events: list[tuple[int, str, str]] = []
+        self.chunks: list[tuple[int, str, int]] = []  # (step, request id, prompt tokens computed)
         self.batch_sizes: list[int] = []  # decode rows of each step that decoded
         self.kv_in_use: list[int] = []  # KV tokens reserved by running requests, after each step
         self._wrap_runner()
 
     def _wrap_runner(self) -> None:
-        prefill, decode = self.runner.prefill, self.runner.decode
+        forward = self.runner.forward
 
-        def recorded_prefill(seq: Sequence, budget: int | None) -> Any:
-            self.events.append((self.steps, "prefill", seq.request.request_id))
-            return prefill(seq, budget)
+        def recorded_forward(chunks: Any, decode: Any, pad_to: Any = None) -> Any:
+            for seq, take in chunks:
+                rid = seq.request.request_id
+                self.events.append((self.steps, "prefill", rid))
+                self.chunks.append((self.steps, rid, take))
+            if decode:
+                self.batch_sizes.append(len(decode))
+            return forward(chunks, decode, pad_to)
 
-        def recorded_decode(seqs: list[Sequence]) -> Any:
-            self.batch_sizes.append(len(seqs))
-            return decode(seqs)
-
-        self.runner.prefill = recorded_prefill  # type: ignore[method-assign]
-        self.runner.decode = recorded_decode  # type: ignore[method-assign]
+        self.runner.forward = recorded_forward  # type: ignore[method-assign]
 
     def submit(self, prompt: str, **params: Any) -> Sequence:
         request = parse_request({"query": prompt, "response_cache": False, **params}, self.config)

@@ -154,21 +154,22 @@ def test_a_long_prompt_is_chunked_between_decode_steps(demo_model):
     config = _config(prefill_chunk_tokens=32)
     harness = LoopHarness(demo_model, config)
     streams = [
-        ("<s1> short question one", {"max_new_tokens": 60}),
-        ("<s2> short question two", {"max_new_tokens": 60}),
+        ("<s1> short question one", {"max_new_tokens": 80}),
+        ("<s2> short question two", {"max_new_tokens": 80}),
     ]
     long_prompt = "<long> " + "".join(random.Random(5).choice(LETTERS) for _ in range(400))
     seqs = harness.run({0: streams, 6: [(long_prompt, {"max_new_tokens": 4})]})
     a, b, long_seq = (s.request.request_id for s in seqs)
-    chunks = [step for step, kind, rid in harness.events if kind == "prefill" and rid == long_seq]
+    chunks = [(step, n) for step, rid, n in harness.chunks if rid == long_seq]
     first_long_token = next(step for step, kind, rid in harness.events if kind == "token" and rid == long_seq)
-    assert len(chunks) == -(-408 // 32)  # 408 prompt tokens, 32 a step
-    assert chunks == list(range(chunks[0], chunks[0] + len(chunks)))  # one chunk every step
+    assert sum(n for _, n in chunks) == 408  # its whole prompt: BOS + 407 characters
+    assert len(chunks) > 408 // 32 and all(0 < n <= 32 for _, n in chunks)  # in chunks, none too big
+    steps = [step for step, _ in chunks]
+    assert steps == list(range(steps[0], steps[0] + len(steps)))  # one chunk every step
     for stream in (a, b):
-        between = [s for s, kind, rid in harness.events if kind == "token" and rid == stream]
-        between = [s for s in between if chunks[0] <= s < first_long_token]
+        got = [s for s, kind, rid in harness.events if kind == "token" and rid == stream]
         # Each running stream got a token at every step of the long prefill.
-        assert len(between) >= len(chunks) - 1
+        assert len([s for s in got if steps[0] <= s < first_long_token]) >= len(steps) - 1
 
 
 def test_a_prompt_alone_runs_in_one_forward(demo_model):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bulk.config import KVCacheConfig
 from bulk.engine.request import parse_request
-from bulk.engine.scheduler import Scheduler
+from bulk.engine.scheduler import MIN_CHUNK, Scheduler
 from bulk.engine.sequence import Sequence, Status
 from bulk.models.tokenizer import ByteTokenizer
 
@@ -28,7 +28,7 @@ def test_admission_follows_priority_then_arrival():
     for seq in (low, high, mid, high2):
         scheduler.add(seq)
     step = scheduler.schedule()
-    assert step.admitted == [high, high2] and step.prefill is high
+    assert step.admitted == [high, high2] and step.prefill == [(high, 10), (high2, 10)]
     scheduler.finish(high)
     assert scheduler.schedule().admitted == [mid]
 
@@ -48,20 +48,52 @@ def test_the_head_of_the_queue_is_never_skipped():
     assert scheduler.kv_tokens_in_use == 80
 
 
-def test_a_prompt_is_chunked_only_while_others_decode():
-    scheduler = Scheduler(max_batch_size=8, max_batch_tokens=1000, prefill_chunk_tokens=64)
-    first = _seq(300)
+def test_prompt_budget_alone_beside_decode_and_invariant():
+    scheduler = Scheduler(max_batch_size=8, max_batch_tokens=10_000, prefill_chunk_tokens=64)
+    first = _seq(3000)
     scheduler.add(first)
     step = scheduler.schedule()
-    assert step.prefill is first and step.prefill_budget is None  # alone: all of it
+    assert step.prefill == [(first, 3000)]  # alone: all of it, even past PREFILL_STEP_TOKENS
     first.status = Status.DECODE
-    second = _seq(300)
+    second, third = _seq(300), _seq(20)
     scheduler.add(second)
+    scheduler.add(third)
     step = scheduler.schedule()
-    assert step.prefill is second and step.prefill_budget == 64 and step.decode == [first]
-    always = Scheduler(max_batch_size=8, max_batch_tokens=1000, prefill_chunk_tokens=64, always_chunk=True)
-    always.add(_seq(300))
-    assert always.schedule().prefill_budget == 64
+    # Nothing measured yet: the configured chunk, for the oldest prompt first.
+    assert step.prefill == [(second, 64)] and step.decode == [first]
+    # A decode step costs 20 ms and a prompt token 1 ms: 1.5 decode steps' worth is 30 tokens.
+    scheduler.observe_step(0, 1, 0.020)
+    scheduler.observe_step(100, 0, 0.100)
+    assert scheduler.schedule().prefill == [(second, 30)]
+    scheduler.observe_step(10, 0, 1.0)  # very slow tokens: never below MIN_CHUNK
+    assert scheduler.schedule().prefill == [(second, MIN_CHUNK)]
+    # With nothing decoding, several prompts share one step's budget.
+    first.status = Status.FINISHED
+    scheduler.running.remove(first)
+    assert scheduler.schedule().prefill == [(second, 300), (third, 20)]
+
+    invariant = Scheduler(
+        max_batch_size=8, max_batch_tokens=10_000, prefill_chunk_tokens=64, always_chunk=True
+    )
+    a, b = _seq(300), _seq(20)
+    invariant.add(a)
+    invariant.add(b)
+    step = invariant.schedule()
+    assert step.separate and step.prefill == [(a, 64)]  # one prompt, exactly one chunk, alone or not
+
+
+def test_prompts_that_may_share_a_prefix_are_prefilled_one_after_another():
+    scheduler = Scheduler(max_batch_size=8, max_batch_tokens=10_000, prefill_chunk_tokens=64)
+    a, b, c = _seq(40), _seq(40), _seq(40)
+    a.prefix_key = b.prefix_key = b"system prompt block"
+    c.prefix_key = b"another"
+    for seq in (a, b, c):
+        scheduler.add(seq)
+    assert scheduler.schedule().prefill == [(a, 40), (c, 40)]  # b waits for a's blocks
+    a.hit = object()  # a's prefill has started (its lookup is done), its prompt not finished
+    assert [s for s, _ in scheduler.schedule().prefill] == [a, c]
+    a.status = Status.DECODE  # a's prompt is done and stored: b may look it up now
+    assert [s for s, _ in scheduler.schedule().prefill] == [b, c]
 
 
 def test_cancelled_requests_leave_the_queue_and_the_batch():

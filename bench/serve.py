@@ -8,11 +8,14 @@ Every workload drives the server through the OpenAI streaming API (`/v1/completi
   invariant   the same server with BUL_BATCH_INVARIANT=true (distinct prompts at 1 and 16 only):
               what bit-identical batching costs
   generate_batch   transformers' own continuous batching on the same prompts, offline (no server,
-              no HTTP: its best case), in a process of its own (`bench.serve_hf`)
+              no HTTP: its best case), 16 requests at a time (as 16 clients), 384 new tokens each,
+              in a process of its own (`bench.serve_hf`)
 
 Workloads:
 
-  distinct    N clients (1, 4, 16, 32), each sending distinct prompts one after another
+  distinct    N clients (1, 4, 16, 32), each sending distinct prompts one after another: short
+              questions (48 tokens) and long answers (192 to 576 tokens, 384 on average), the
+              shape of chat traffic
   shared      a few long system prompts and 64 questions from 16 clients: the token hit rate over
               the same requests must stay what one-at-a-time serving gets
   long        8 streams decoding, then one 2048-token prompt arrives: its prefill runs in chunks
@@ -57,7 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "seconds": 15.0,
     "warmup": 5.0,
     "prompt_chars": 48,
-    "max_tokens": 128,
+    "max_tokens": 384,
     "shared_clients": 16,
     "shared_requests": 64,
     "system_prompts": 4,
@@ -67,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "long_prompt_tokens": 2048,
     "invariant_concurrency": [1, 16],
     "generate_batch_prompts": 32,
+    "generate_batch_concurrency": 16,
     "threads": 1,
 }
 QUICK: dict[str, Any] = {
@@ -85,6 +89,7 @@ QUICK: dict[str, Any] = {
     "long_prompt_tokens": 300,
     "invariant_concurrency": [1],
     "generate_batch_prompts": 4,
+    "generate_batch_concurrency": 4,
     "threads": 1,
 }
 TARGETS = {
@@ -278,6 +283,7 @@ def run_generate_batch(options: dict[str, Any]) -> dict[str, Any]:
         env["OMP_NUM_THREADS"] = str(options["threads"])
     command = [sys.executable, "-m", "bench.serve_hf", fh.name, "--model", options["model"]]
     command += ["--max-new-tokens", str(options["max_tokens"])]
+    command += ["--max-requests", str(options["generate_batch_concurrency"])]
     try:
         out = subprocess.run(
             command, cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=1800
@@ -339,6 +345,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     args = parse_args(sys.argv[1:] if argv is None else argv)
     options = dict(QUICK if args.quick else DEFAULTS)
     for key in ("model", "seconds", "threads"):
@@ -355,5 +362,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     sys.exit(main())

@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("prompts", help="a JSON file holding a list of prompts")
     parser.add_argument("--model", default="demo-large")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-requests", type=int, default=16, help="requests decoded at once")
     args = parser.parse_args(argv)
     prompts = json.loads(Path(args.prompts).read_text())
     lm = load_model(KVCacheConfig(model=args.model, device="cpu"))
@@ -39,7 +40,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(batch: list[list[int]]) -> list[list[int]]:
         return hf_cache.hf_generate_batch(
-            lm.model, batch, args.max_new_tokens, eos, pad, num_blocks=num_blocks, max_batch_tokens=2048
+            lm.model,
+            batch,
+            args.max_new_tokens,
+            eos,
+            pad,
+            num_blocks=num_blocks,
+            max_batch_tokens=2048,
+            max_requests=args.max_requests,
         )
 
     run(inputs[:2])  # warmup

@@ -95,6 +95,8 @@ async def closed_loop(
     tickets = iter(range(requests)) if requests is not None else None
 
     async def client(index: int) -> None:
+        # Clients join one after another over the warmup, as users do, rather than all at once.
+        await asyncio.sleep(warmup * index / clients)
         async with httpx.AsyncClient(timeout=httpx.Timeout(900.0)) as http:
             n = 0
             while time.perf_counter() < end and (tickets is None or next(tickets, None) is not None):
@@ -122,10 +124,21 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def censored_percentile(values: list[tuple[float, bool]], q: float) -> tuple[float | None, bool]:
+    """The q-th of (value, is a lower bound) pairs, and whether it is itself only a lower bound."""
+    if not values:
+        return None, False
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def figures(streams: list[Stream], start: float, end: float) -> dict[str, Any]:
-    """tokens/s, TTFT and ITL percentiles (ms), token hit rate, counts, over the window."""
+    """tokens/s and ITL over the window; TTFT over every request of the run, a request still
+    waiting for its first token at the end counting as its wait so far (so a percentile can be a
+    lower bound: `ttft_*_censored`); token hit rate over the completed requests."""
     tokens = sum(1 for s in streams for t in s.tokens if start <= t < end)
-    ttfts = [s.ttft for s in streams if s.ttft is not None and start <= s.sent < end]
+    last = max((t for s in streams for t in s.tokens), default=end)
+    waits = [(s.ttft, False) if s.ttft is not None else (max(end, last) - s.sent, True) for s in streams]
     gaps = [g for s in streams for g in s.gaps(start, end)]
     completed = [s for s in streams if s.finished and s.prompt_tokens]
     prompt = sum(s.prompt_tokens or 0 for s in completed)
@@ -134,13 +147,16 @@ def figures(streams: list[Stream], start: float, end: float) -> dict[str, Any]:
     def ms(value: float | None) -> float | None:
         return None if value is None else value * 1000
 
+    p50, p95 = censored_percentile(waits, 0.50), censored_percentile(waits, 0.95)
     return {
         "tokens_per_s": tokens / (end - start),
         "tokens": tokens,
         "requests_sent": len(streams),
         "requests_completed": len(completed),
-        "ttft_p50_ms": ms(percentile(ttfts, 0.50)),
-        "ttft_p95_ms": ms(percentile(ttfts, 0.95)),
+        "ttft_p50_ms": ms(p50[0]),
+        "ttft_p50_censored": p50[1],
+        "ttft_p95_ms": ms(p95[0]),
+        "ttft_p95_censored": p95[1],
         "itl_p50_ms": ms(percentile(gaps, 0.50)),
         "itl_p99_ms": ms(percentile(gaps, 0.99)),
         "token_hit_rate": cached / prompt if prompt else None,

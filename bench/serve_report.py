@@ -23,8 +23,8 @@ def render(result: dict[str, Any]) -> str:
                 [
                     f"{LABELS[name]}, {clients} clients",
                     f["tokens_per_s"],
-                    f["ttft_p50_ms"],
-                    f["ttft_p95_ms"],
+                    _ttft(f, "p50"),
+                    _ttft(f, "p95"),
                     f["itl_p50_ms"],
                     f["itl_p99_ms"],
                     f["requests_completed"],
@@ -32,7 +32,7 @@ def render(result: dict[str, Any]) -> str:
             )
     rows.append(
         [
-            f"generate_batch, {hf['prompts']} prompts offline",
+            f"generate_batch, {hf['prompts']} prompts, {options['generate_batch_concurrency']} at a time",
             hf["tokens_per_s"],
             None,
             None,
@@ -45,7 +45,8 @@ def render(result: dict[str, Any]) -> str:
         format_table(
             ["distinct prompts", "tok/s", "TTFT p50", "TTFT p95", "ITL p50", "ITL p99", "done"],
             rows,
-            f"Distinct prompts of {options['prompt_chars']} tokens, {options['max_tokens']} new tokens each, "
+            f"Distinct prompts of {options['prompt_chars']} tokens, answers of {options['max_tokens'] // 2}-"
+            f"{options['max_tokens'] * 3 // 2} tokens, "
             f"{options['seconds']:.0f} s per level (model {options['model']}; times in ms)",
         )
     )
@@ -122,6 +123,13 @@ def render(result: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def _ttft(figures: dict[str, Any], which: str) -> str | None:
+    value = figures[f"ttft_{which}_ms"]
+    if value is None:
+        return None
+    return (">" if figures[f"ttft_{which}_censored"] else "") + f"{value:.1f}"
+
+
 def plot(result: dict[str, Any], path: Path) -> Path:
     import matplotlib
 
@@ -129,24 +137,22 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     servers = result["servers"]
-    fig, (throughput, ttft, timeline) = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, (throughput, itl, timeline) = plt.subplots(1, 3, figsize=(16, 4.8))
     for name, server in servers.items():
         levels = sorted(server.get("distinct", {}), key=int)
         x = [int(c) for c in levels]
         throughput.plot(
             x, [server["distinct"][c]["tokens_per_s"] for c in levels], marker="o", label=LABELS[name]
         )
-        ttft.plot(
-            x, [server["distinct"][c]["ttft_p50_ms"] or 0 for c in levels], marker="o", label=LABELS[name]
-        )
+        itl.plot(x, [server["distinct"][c]["itl_p50_ms"] for c in levels], marker="o", label=LABELS[name])
     throughput.axhline(
         result["generate_batch"]["tokens_per_s"], color="grey", linestyle="--", label="generate_batch"
     )
     throughput.set(
         xscale="log", xlabel="concurrent clients", ylabel="completion tokens/s", title="Throughput"
     )
-    ttft.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms", title="TTFT p50")
-    for ax in (throughput, ttft):
+    itl.set(xscale="log", xlabel="concurrent clients", ylabel="ms", title="Inter-token latency p50")
+    for ax in (throughput, itl):
         ax.set_xticks([int(c) for c in result["options"]["concurrency"]])
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.legend(fontsize=8)

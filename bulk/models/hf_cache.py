@@ -213,11 +213,13 @@ def hf_generate_batch(
     pad_token_id: int,
     num_blocks: int,
     max_batch_tokens: int,
+    max_requests: int,
 ) -> list[list[int]]:
     """Greedy answers from transformers' own continuous batching (`generate_batch`), for the
     benchmarks' offline baseline; the engine never calls it. On a CPU it needs `num_blocks` (its KV
     pool, in pages of 256 tokens) and `max_batch_tokens` set: it would otherwise size its pool from
-    GPU memory. It leaves state behind on the model, so run it in a process of its own."""
+    GPU memory. `max_requests`: requests decoded at once. It leaves state behind on the model, so
+    run it in a process of its own."""
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 

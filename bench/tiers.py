@@ -20,6 +20,7 @@ pipelined round trip) and through the tier plus verification and decoding, again
 redis-py `GET`s and one `MGET` of the same keys and bytes.
 
     python -m bench.tiers [--model demo-large] [--length 2048] [--runs 5]
+    python -m bench.tiers --model smollm2-135m       # the real model
     python -m bench.tiers --quick     # demo model, short prompt: the smoke test
 """
 
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 
 from bench.common import format_table, median, ratio, time_ms, write_results
+from bench.prompts import filler, fit, new_tag
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.engine.model_thread import ModelThread
@@ -55,15 +57,15 @@ TARGET_SPEEDUP = 10.0
 TARGET_READ_SHARE = 0.70
 
 
-def _prompt(lm: LoadedModel, length: int, run: int) -> tuple[str, str]:
-    """A prefix of `length - 9` tokens (BOS included) and a fresh question for run `run`."""
-    words = ["market", "bakery", "strategy", "budget", "sourdough", "client", "season", "price", "Madrid"]
-    text, i = "", 0
-    while len(lm.tokenizer.encode(text)) < length - 9:
-        text += words[i % len(words)] + " "
-        i += 1
-    prefix = lm.tokenizer.decode(lm.tokenizer.encode(text)[1 : length - 8])
-    return prefix, f" Q{run:06d}?"
+def _prefix(lm: LoadedModel, length: int) -> str:
+    """The shared prefix: with any run's question after it, a prompt of exactly `length` tokens
+    (whatever the tokenizer). It ends with a new line, so the question never merges into it."""
+    tag = new_tag()
+    return fit(lm.tokenizer, length, lambda c: filler(c, tag) + "\n" + _question(0))[: -len(_question(0))]
+
+
+def _question(run: int) -> str:
+    return f"Q{run:06d}?"
 
 
 def _reachable(tier: str, config: KVCacheConfig) -> str | None:
@@ -85,7 +87,9 @@ def _reachable(tier: str, config: KVCacheConfig) -> str | None:
 def _configs(args: argparse.Namespace, scratch: str, max_tokens: int) -> dict[str, KVCacheConfig]:
     # Redis and PostgreSQL tiers need a secret; the scratch data here may use a throwaway one.
     secret = os.environ.get("BUL_CACHE_SECRET") or secrets.token_hex(32)
-    base = KVCacheConfig(model=args.model, max_tokens=max_tokens, response_cache=False, cache_secret=secret)
+    base = KVCacheConfig(
+        model=args.model, dtype=args.dtype, max_tokens=max_tokens, response_cache=False, cache_secret=secret
+    )
     return {
         "recompute": base,
         "memory": base,
@@ -98,7 +102,7 @@ def _configs(args: argparse.Namespace, scratch: str, max_tokens: int) -> dict[st
 def measure(lm: LoadedModel, configs: dict[str, KVCacheConfig], tiers: list[str], length: int, runs: int):
     """Median TTFT per scenario and the median per-run speed-up of each tier over recomputing."""
     worker = ModelThread()
-    prefix, _ = _prompt(lm, length, 0)
+    prefix = _prefix(lm, length)
     # One long-lived engine per scenario, as on a server: warm buffers, one model thread.
     engines = {
         t: UltraAdaptiveKVCacheEngine(configs[t], model=lm, model_thread=worker)
@@ -107,16 +111,21 @@ def measure(lm: LoadedModel, configs: dict[str, KVCacheConfig], tiers: list[str]
     samples: dict[str, list[float]] = {t: [] for t in engines}
     try:
         for t in tiers:  # the prefix, stored once in every tier
-            engines[t].process_request_sync({"query": prefix + "?", "max_new_tokens": 1})
+            engines[t].process_request_sync({"query": prefix + "?", "raw": True, "max_new_tokens": 1})
             engines[t].flush_storage(60)
         for run in range(runs + 1):  # run 0 warms up and is dropped
-            _, question = _prompt(lm, length, run)
-            request = {"query": prefix + question, "max_new_tokens": 1}
+            # raw: exactly these tokens, never wrapped in a chat template
+            request = {"query": prefix + _question(run), "raw": True, "max_new_tokens": 1}
             timings = {}
             for t, engine in engines.items():
                 if t != "memory":  # nothing in memory: recompute, or promote from the lower tier
                     engine.drop_memory_tier()
-                timings[t] = engine.process_request_sync(request)["ttft_ms"]
+                answer = engine.process_request_sync(request)
+                if answer["prompt_tokens"] != length:
+                    raise AssertionError(f"{t}: {answer['prompt_tokens']} prompt tokens, not {length}")
+                if t != "recompute" and answer["cached_tokens"] < length - 2 * configs[t].block_size:
+                    raise AssertionError(f"{t}: reused only {answer['cached_tokens']} of {length} tokens")
+                timings[t] = answer["ttft_ms"]
             if run:
                 for t, ttft in timings.items():
                     samples[t].append(ttft)
@@ -191,7 +200,8 @@ def bytes_per_token(lm: LoadedModel, block_size: int) -> dict[str, dict[str, flo
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bul bench tiers", description=__doc__.splitlines()[0])
-    parser.add_argument("--model")
+    parser.add_argument("--model", help="default demo-large; smollm2-135m: the real model")
+    parser.add_argument("--dtype", default="auto", help="auto (the default), float32, bfloat16")
     parser.add_argument("--length", type=int)
     parser.add_argument("--runs", type=int)
     parser.add_argument("--quick", action="store_true")
@@ -205,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = args.runs or base["runs"]
     args.schema = f"bul_bench_{uuid.uuid4().hex[:8]}"
 
-    lm = load_model(KVCacheConfig(model=args.model))
+    lm = load_model(KVCacheConfig(model=args.model, dtype=args.dtype))
     scratch = tempfile.mkdtemp(prefix="bul-bench-tiers-")
     configs = _configs(args, scratch, max_tokens=4 * length)
     skipped = {t: why for t in ("redis", "postgres") if (why := _reachable(t, configs[t])) is not None}
@@ -217,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
         _cleanup(configs, skipped)
     sizes = bytes_per_token(lm, configs["memory"].block_size)
-    print(_render(args.model, length, runs, ttft, speedups, reads, sizes, skipped))
+    print(_render(f"{args.model} ({lm.dtype_name})", length, runs, ttft, speedups, reads, sizes, skipped))
     path = write_results(
         NAME,
         {

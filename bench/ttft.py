@@ -30,13 +30,14 @@ measurably different speeds on different threads (5-20 % on the 2-core developme
 would otherwise bias every comparison one way or the other.
 
     python -m bench.ttft [--model demo-large] [--lengths 512,1024,2048] [--runs 9] [--threads N]
+    python -m bench.ttft --model smollm2-135m     # the real model (prompts of exact token lengths
+                                                  # for any tokenizer: bench/prompts.py)
     python -m bench.ttft --quick        # tiny settings, for the smoke test
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ from typing import Any, TypeVar
 import torch
 
 from bench.common import median, ratio, time_ms, write_results
+from bench.prompts import continuation, unique_prompt
 from bench.ttft_report import SCENARIOS, render, target_rows
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
@@ -79,22 +81,6 @@ def run_order(run: int) -> list[str]:
 
 QUICK = {"model": "demo", "lengths": "64,128", "runs": 2}
 DEFAULTS = {"model": "demo-large", "lengths": "512,1024,2048", "runs": 9}
-
-_FILLER = "The quick brown fox jumps over the lazy dog while the cache keeps every block it saw. "
-_tags = itertools.count()
-
-
-def _unique_text(n_chars: int) -> str:
-    """`n_chars` ASCII characters that begin with a tag no other call in this process returns, so the
-    first block (BOS plus the first block_size - 1 characters) of every prompt is new."""
-    tag = f"<{next(_tags):06x}>"
-    text = tag + _FILLER * (n_chars // len(_FILLER) + 1)
-    return text[:n_chars]
-
-
-def _prompt(n_tokens: int) -> str:
-    """A fresh prompt of exactly `n_tokens` byte-level tokens (BOS plus n_tokens - 1 characters)."""
-    return _unique_text(n_tokens - 1)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -144,12 +130,17 @@ def _ids(lm: LoadedModel, text: str) -> torch.Tensor:
 
 
 def _request(engine: UltraAdaptiveKVCacheEngine, prompt: str) -> dict[str, Any]:
-    return engine.process_request_sync({"query": prompt, "max_new_tokens": 1, "response_cache": False})
+    # raw: the prompt as it is, never wrapped in a chat template, so it is exactly the tokens timed
+    # by the Hugging Face baselines.
+    request = {"query": prompt, "raw": True, "max_new_tokens": 1, "response_cache": False}
+    return engine.process_request_sync(request)
 
 
 def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_size: int) -> LengthResult:
     """Every scenario for prompts of `n` tokens: one warmup run, then `runs` timed runs."""
-    config = KVCacheConfig(model=lm.name, max_tokens=max_tokens, block_size=block_size, response_cache=False)
+    config = KVCacheConfig(
+        model=lm.name, max_tokens=max_tokens, block_size=block_size, dtype=lm.dtype_name, response_cache=False
+    )
     half = n // 2
     reused_full = min((n // block_size) * block_size, n - 1)  # what a full hit reuses
     reused_half = (half // block_size) * block_size
@@ -167,7 +158,7 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
         ours_half.warmup_sync()
 
         # The shared prefix of the 50% scenario, stored once in our engine and computed once for HF.
-        shared = _unique_text(half - 1)  # BOS + half - 1 characters = `half` tokens
+        shared = unique_prompt(lm.tokenizer, half)
         stored = _request(ours_half, shared)
         _check(stored["cached_tokens"] == 0, f"the shared prefix was already cached: {stored}")
         prefix_ids = _ids(lm, shared)
@@ -176,7 +167,7 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
 
         # The physical-limit estimate: copying the KV bytes a full hit reuses (its blocks, the last
         # one cut to leave one token to compute), and a forward of one token on N-1 cached tokens.
-        limit_ids = _ids(lm, _prompt(n))
+        limit_ids = _ids(lm, unique_prompt(lm.tokenizer, n))
         _, limit_full = hf_cache.forward(lm.model, limit_ids, None)
         limit_blocks = hf_cache.blocks_from_cache(limit_full, 0, (n // block_size) * block_size, block_size)
         cut = block_size - ((n // block_size) * block_size - reused_full)
@@ -186,9 +177,9 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
 
         for run in range(runs + 1):
             label = "warmup" if run == 0 else f"run {run}/{runs}"
-            cold_prompt = _prompt(n)
+            cold_prompt = unique_prompt(lm.tokenizer, n)
             cold_ids = _ids(lm, cold_prompt)
-            half_prompt = shared + _unique_text(n - half)
+            half_prompt = shared + continuation(lm.tokenizer, shared, n)
             half_ids = _ids(lm, half_prompt)
             _check(cold_ids.shape[1] == n and half_ids.shape[1] == n, "prompt length mismatch")
             _check(bool(torch.equal(half_ids[:, :half], prefix_ids)), "the 50% prompt lost its prefix")
@@ -277,7 +268,10 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Time to first token: cold prefill, full and 50%% prefix hits, Hugging Face "
         "generate() and its deep-copy prefix pattern, and the physical limit, side by side.",
     )
-    parser.add_argument("--model", help=f"model to load (default {DEFAULTS['model']})")
+    parser.add_argument(
+        "--model", help=f"model to load (default {DEFAULTS['model']}; smollm2-135m: the real model)"
+    )
+    parser.add_argument("--dtype", default="auto", help="auto (the default), float32, bfloat16")
     parser.add_argument("--lengths", help=f"prompt lengths in tokens (default {DEFAULTS['lengths']})")
     parser.add_argument("--runs", type=int, help=f"timed runs per scenario (default {DEFAULTS['runs']})")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
@@ -303,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lengths[0] < 2 * block_size:
         raise SystemExit(f"every length must be at least two blocks ({2 * block_size} tokens)")
 
-    lm = load_model(KVCacheConfig(model=model_name, block_size=block_size))
+    lm = load_model(KVCacheConfig(model=model_name, block_size=block_size, dtype=args.dtype))
     if lengths[-1] >= lm.context_length:
         raise SystemExit(f"{lengths[-1]} tokens does not fit the context of {lm.context_length}")
     if not lm.supports_block_reuse:

@@ -58,7 +58,7 @@ def render(results: list[Any], targets: list[dict[str, Any]], settings: dict[str
     lengths = [str(r.length) for r in results]
     medians = [r.medians() for r in results]
     title = (
-        f"TTFT, median of {settings['runs']} runs (ms): model {settings['model']}, "
+        f"TTFT, median of {settings['runs']} runs (ms): model {settings['model']} ({settings['dtype']}), "
         f"{settings['threads']} torch threads, block size {settings['block_size']}"
     )
     rows = [[SCENARIOS[key], *(f"{m[key]:.1f}" for m in medians)] for key in SCENARIOS]

@@ -24,7 +24,9 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def demo_model() -> LoadedModel:
-    return load_model(KVCacheConfig(model="demo", device="cpu"))
+    # float32, pinned: the tests compare exact numerics (`dtype="auto"` is bfloat16 on CPUs with
+    # bfloat16 instructions).
+    return load_model(KVCacheConfig(model="demo", device="cpu", dtype="float32"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -43,7 +45,7 @@ def real_model() -> LoadedModel:
     session: converted from its GGUF file on the first run (~20 s), then from the converted folder."""
     if not registry.is_installed(registry.SMOLLM2_135M):
         pytest.fail(f"the real model's wheel is not installed: {registry.SMOLLM2_135M.install_hint}")
-    return load_model(KVCacheConfig(model="smollm2-135m", device="cpu"))
+    return load_model(KVCacheConfig(model="smollm2-135m", device="cpu", dtype="float32"))
 
 
 CHAT_TEMPLATE = (
@@ -58,7 +60,7 @@ def chat_model(tmp_path_factory) -> LoadedModel:
     chat rendering on every route; fast where the real model would be slow."""
     corpus = ["What is the capital of France? Paris.", "You are terse. Create marketing strategy."] * 20
     path = save_tiny_llama(tmp_path_factory.mktemp("tiny-chat"), corpus, seed=11, chat_template=CHAT_TEMPLATE)
-    return load_model(KVCacheConfig(model=str(path), device="cpu"))
+    return load_model(KVCacheConfig(model=str(path), device="cpu", dtype="float32"))
 
 
 @dataclass

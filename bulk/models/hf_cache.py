@@ -124,6 +124,16 @@ def forward(model: Any, input_ids: torch.Tensor, cache: Any) -> tuple[torch.Tens
     return output.logits[0, -1], _output_cache(output)
 
 
+@torch.inference_mode()
+def forward_all(model: Any, input_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    """Run `input_ids` (rows, n) on top of `cache`; the logits of every position of every row,
+    (rows, n, vocab), for scoring text (perplexity), and the grown cache."""
+    if cache is None:
+        cache = new_cache(model)
+    output = model(input_ids=input_ids, use_cache=True, **{_cache_kwarg(model): cache})
+    return output.logits, _output_cache(output)
+
+
 def cache_on_buffer(model: Any, buffer: torch.Tensor, length: int) -> DynamicCache:
     """A cache whose layers read and write `buffer` in place, (layers, 2, kv_heads, capacity,
     head_dim) (a request's range of the KV pool), holding its first `length` tokens already."""
@@ -171,16 +181,43 @@ def cache_from_blocks(
     return DynamicCache(ddp_cache_data=per_layer, config=model.config)
 
 
-def blocks_from_cache(cache: Any, start: int, stop: int, block_size: int) -> list[torch.Tensor]:
-    """Copies of the KV for tokens [start, stop) as blocks, each (layers, 2, kv_heads, block, head_dim).
-    `stop - start` must be a multiple of `block_size`."""
+def cache_from_block_rows(model: Any, rows: Sequence[Sequence[torch.Tensor]], capacity: int) -> DynamicCache:
+    """A cache of `len(rows)` sequences side by side (its batch dimension): row r holds the
+    concatenated `rows[r]` blocks, each (layers, 2, kv_heads, block, head_dim), every row the same
+    number of tokens, with room for `capacity` tokens per row. For scoring several texts in one
+    forward (benchmarks); only for models whose layers are all plain attention."""
+    lengths = {sum(b.shape[3] for b in row) for row in rows}
+    if len(lengths) != 1:
+        raise ValueError(f"every row must hold as many tokens (got {sorted(lengths)})")
+    if not supports_block_reuse(model):
+        raise ValueError("the model's cache layers are not all plain full attention")
+    (length,) = lengths
+    cache = new_cache(model, max(capacity, length, 1))
+    if length == 0:
+        return cache  # the layers allocate on their first update, one row per input row
+    layers, _, kv_heads, _, head_dim = rows[0][0].shape
+    shape = (layers, 2, len(rows), kv_heads, max(capacity, length), head_dim)
+    buffer = torch.empty(shape, dtype=rows[0][0].dtype, device=rows[0][0].device)
+    for r, row in enumerate(rows):
+        start = 0
+        for block in row:
+            buffer[:, :, r, :, start : start + block.shape[3]] = block
+            start += block.shape[3]
+    for i, layer in enumerate(cache.layers):
+        layer._adopt(buffer[i, 0], buffer[i, 1], length=length)
+    return cache
+
+
+def blocks_from_cache(cache: Any, start: int, stop: int, block_size: int, row: int = 0) -> list[torch.Tensor]:
+    """Copies of the KV for tokens [start, stop) of the cache's `row` as blocks, each (layers, 2,
+    kv_heads, block, head_dim). `stop - start` must be a multiple of `block_size`."""
     if (stop - start) % block_size:
         raise ValueError(f"range {start}:{stop} is not a whole number of {block_size}-token blocks")
     if stop <= start:
         return []
     kv = torch.stack(
         [
-            torch.stack((layer.keys[0, :, start:stop], layer.values[0, :, start:stop]))
+            torch.stack((layer.keys[row, :, start:stop], layer.values[row, :, start:stop]))
             for layer in cache.layers
         ]
     )  # (layers, 2, kv_heads, stop - start, head_dim), a fresh tensor

@@ -10,7 +10,8 @@ import json
 from bench import http
 
 
-def test_quick_run_writes_both_servers_figures(tmp_path, capsys):
+def test_quick_run_writes_both_servers_figures(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BUL_DTYPE", "float32")  # the server's dtype, pinned (it reads BUL_* settings)
     assert http.main(["--quick", "--out", str(tmp_path)]) == 0
 
     latest = tmp_path / "http-latest.json"

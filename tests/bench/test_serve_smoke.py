@@ -9,7 +9,8 @@ import json
 from bench import serve
 
 
-def test_quick_run_writes_every_server_and_workload(tmp_path, capsys):
+def test_quick_run_writes_every_server_and_workload(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BUL_DTYPE", "float32")  # the servers' dtype, pinned (they read BUL_* settings)
     assert serve.main(["--quick", "--out", str(tmp_path)]) == 0
 
     data = json.loads((tmp_path / "serve-latest.json").read_text())

@@ -7,8 +7,9 @@ from bench import tiers
 
 
 def test_quick_run_reports_every_tier(tmp_path, capsys):
-    assert tiers.main(["--quick", "--runs", "1", "--out", str(tmp_path)]) == 0
+    assert tiers.main(["--quick", "--runs", "1", "--dtype", "float32", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "tiers-latest.json").read_text())
+    assert data["settings"]["dtype"] == "float32"
     assert data["skipped"] == {}
     assert set(data["speedup_vs_recompute"]) == {"memory", "disk", "redis", "postgres"}
     assert all(v > 0 for v in data["ttft_ms"].values())

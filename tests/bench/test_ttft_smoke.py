@@ -10,7 +10,7 @@ from bench import ttft, ttft_report
 
 
 def test_quick_run_writes_every_scenario(tmp_path, capsys):
-    assert ttft.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert ttft.main(["--quick", "--dtype", "float32", "--out", str(tmp_path)]) == 0
 
     latest = tmp_path / "ttft-latest.json"
     assert latest.is_file()
@@ -19,7 +19,7 @@ def test_quick_run_writes_every_scenario(tmp_path, capsys):
     data = json.loads(latest.read_text())
     assert data == json.loads(stamped[0].read_text())
 
-    assert data["settings"]["model"] == "demo"
+    assert data["settings"]["model"] == "demo" and data["settings"]["dtype"] == "float32"
     assert data["settings"]["threads"] >= 1
     assert data["machine"]["torch"]
     lengths = data["settings"]["lengths"]

@@ -27,7 +27,13 @@ def _prompts(n: int, seed: int, length: tuple[int, int] = (20, 90)) -> list[str]
 
 
 def _config(**overrides) -> KVCacheConfig:
-    base = {"response_cache": False, "max_tokens": 8192, "max_batch_size": 16, "prefill_chunk_tokens": 32}
+    base = {
+        "dtype": "float32",  # exact numerics: `auto` is bfloat16 on CPUs with bfloat16 instructions
+        "response_cache": False,
+        "max_tokens": 8192,
+        "max_batch_size": 16,
+        "prefill_chunk_tokens": 32,
+    }
     return KVCacheConfig(**{**base, **overrides})
 
 

@@ -37,7 +37,9 @@ def _requests(n: int) -> list[dict]:
 async def test_64_concurrent_requests_all_return_correct_results(demo_model):
     """In batch-invariant mode "correct" is exact: each answer is the one the same request gets
     alone, bit for bit, greedy and seeded ones alike."""
-    config = KVCacheConfig(model="demo", response_cache=False, batch_invariant=True, max_batch_size=32)
+    config = KVCacheConfig(
+        model="demo", dtype="float32", response_cache=False, batch_invariant=True, max_batch_size=32
+    )
     requests = _requests(64)
     with UltraAdaptiveKVCacheEngine(config, model=demo_model) as engine:
         results = await asyncio.gather(*(engine.process_request(r) for r in requests))
@@ -53,7 +55,7 @@ async def test_64_concurrent_requests_all_return_correct_results(demo_model):
 
 
 async def test_a_cancelled_stream_frees_its_slot(demo_model):
-    config = KVCacheConfig(model="demo", response_cache=False, max_batch_size=1)
+    config = KVCacheConfig(model="demo", dtype="float32", response_cache=False, max_batch_size=1)
     with UltraAdaptiveKVCacheEngine(config, model=demo_model) as engine:
         stream = engine.stream_request({"query": "a very long answer", "max_new_tokens": 2000})
         async for _ in stream:
@@ -69,7 +71,7 @@ async def test_a_cancelled_stream_frees_its_slot(demo_model):
 
 
 async def test_stats_report_batching(demo_model):
-    config = KVCacheConfig(model="demo", response_cache=False)
+    config = KVCacheConfig(model="demo", dtype="float32", response_cache=False)
     with UltraAdaptiveKVCacheEngine(config, model=demo_model) as engine:
         await asyncio.gather(
             *(engine.process_request({"query": f"q{i}", "max_new_tokens": 12}) for i in range(8))
@@ -123,7 +125,9 @@ async def test_a_model_that_cannot_batch_runs_one_request_at_a_time(caplog):
     lm = _sliding_window_model()
     prompts = [f"sliding window prompt number {i}, long enough to slide" for i in range(4)]
     with caplog.at_level(logging.WARNING, logger="bulk.engine.model_runner"):
-        engine = UltraAdaptiveKVCacheEngine(KVCacheConfig(model="demo", response_cache=False), model=lm)
+        engine = UltraAdaptiveKVCacheEngine(
+            KVCacheConfig(model="demo", dtype="float32", response_cache=False), model=lm
+        )
     with engine:
         results = await asyncio.gather(
             *(engine.process_request({"query": p, "max_new_tokens": 10}) for p in prompts)
@@ -139,7 +143,7 @@ async def test_a_model_that_cannot_batch_runs_one_request_at_a_time(caplog):
 
 
 async def test_a_failing_step_fails_its_requests_not_the_engine(demo_model, monkeypatch):
-    config = KVCacheConfig(model="demo", response_cache=False)
+    config = KVCacheConfig(model="demo", dtype="float32", response_cache=False)
     with UltraAdaptiveKVCacheEngine(config, model=demo_model) as engine:
         scheduler = engine._loop.scheduler
         schedule = scheduler.schedule

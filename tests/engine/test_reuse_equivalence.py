@@ -34,7 +34,11 @@ def _prompts(share: float, seed: int) -> tuple[str, str]:
 def test_greedy_output_identical_with_reused_kv(demo_model, reference, block_size, share):
     warm, test = _prompts(share, seed=block_size)
     config = KVCacheConfig(
-        model="demo", block_size=block_size, response_cache=False, default_max_new_tokens=NEW_TOKENS
+        model="demo",
+        dtype="float32",
+        block_size=block_size,
+        response_cache=False,
+        default_max_new_tokens=NEW_TOKENS,
     )
     with UltraAdaptiveKVCacheEngine(config, model=demo_model) as engine:
         engine.process_request_sync({"query": warm})
@@ -59,7 +63,11 @@ def test_fully_cached_prompt_computes_one_token(demo_model, reference, block_siz
     token, which is the only one computed."""
     prompt = _text(random.Random(3), 159)  # BOS + 159 bytes = 160 tokens, a multiple of 4 and 16
     config = KVCacheConfig(
-        model="demo", block_size=block_size, response_cache=False, default_max_new_tokens=NEW_TOKENS
+        model="demo",
+        dtype="float32",
+        block_size=block_size,
+        response_cache=False,
+        default_max_new_tokens=NEW_TOKENS,
     )
     with UltraAdaptiveKVCacheEngine(config, model=demo_model) as engine:
         engine.process_request_sync({"query": prompt})
@@ -74,7 +82,7 @@ def test_final_logits_equal_with_reused_blocks(demo_model, block_size):
     full_logits, _ = prefill(demo_model, ids, None)
 
     cache = PrefixCache(
-        KVCacheConfig(block_size=block_size),
+        KVCacheConfig(block_size=block_size, dtype="float32"),
         demo_model.fingerprint,
         demo_model.dtype,
         demo_model.block_shape(block_size),
@@ -97,7 +105,9 @@ def test_final_logits_equal_with_reused_blocks(demo_model, block_size):
 
 def test_multi_turn_reuses_the_previous_answer(demo_model, reference):
     """Completion blocks are stored too, so a follow-up turn that quotes the answer reuses it."""
-    config = KVCacheConfig(model="demo", block_size=8, response_cache=False, default_max_new_tokens=40)
+    config = KVCacheConfig(
+        model="demo", dtype="float32", block_size=8, response_cache=False, default_max_new_tokens=40
+    )
     with UltraAdaptiveKVCacheEngine(config, model=demo_model) as engine:
         turn1 = "System: you write marketing plans.\nUser: Create marketing strategy\nAssistant:"
         first = engine.process_request_sync({"query": turn1})

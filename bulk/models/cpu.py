@@ -1,0 +1,60 @@
+"""What the CPU can do in bfloat16: the choice behind `dtype="auto"` on a CPU.
+
+A CPU with bfloat16 dot-product instructions (x86's AVX512-BF16, or AMX-BF16 tiles) runs torch's
+bfloat16 matrix products in hardware; without them torch emulates bfloat16 in float32 code, slower
+than float32 itself. So `auto` picks bfloat16 only on CPUs that have them.
+
+Detection, in order:
+  1. Linux: the `flags` line of /proc/cpuinfo names `avx512_bf16` or `amx_bf16`. The kernel lists a
+     feature only when the CPU has it and the kernel lets programs use it (AMX needs the kernel to
+     enable its tile state), which is what counts, inside a VM too.
+  2. Elsewhere (no /proc/cpuinfo): torch's own probe of the same two features (cpuinfo, inside
+     torch), `torch.cpu._is_avx512_bf16_supported` / `_is_amx_tile_supported`, where torch has them.
+
+The ARM `bf16` feature is not taken: the figures behind the choice were measured on AVX512-BF16."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpuinfo_flags(text: str) -> frozenset[str] | None:
+    """The feature flags of the first processor in /proc/cpuinfo's `text`; None when it lists none
+    (not an x86 cpuinfo)."""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            return frozenset(value.split())
+    return None
+
+
+def _torch_probe() -> bool | None:
+    import torch
+
+    names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    probes = [getattr(torch.cpu, name, None) for name in names]
+    found = [bool(p()) for p in probes if callable(p)]
+    return any(found) if found else None
+
+
+@functools.cache
+def has_bf16_instructions() -> bool:
+    """True when this CPU runs bfloat16 dot products in hardware (see the module's docstring)."""
+    try:
+        flags = cpuinfo_flags(CPUINFO.read_text())
+    except OSError:
+        flags = None
+    if flags is not None:
+        found = sorted(flags & BF16_FLAGS)
+        log.debug("/proc/cpuinfo bfloat16 flags: %s", found or "none")
+        return bool(found)
+    probed = _torch_probe()
+    log.debug("torch's bfloat16 probe: %s", probed)
+    return bool(probed)

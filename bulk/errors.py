@@ -45,3 +45,58 @@ class CorruptBlockError(BulError):
 class TierError(BulError):
     """A storage tier (disk, Redis, PostgreSQL) failed or timed out. Raised inside the storage layer
     only: the tiered store counts it and serves without that tier."""
+
+
+# ---- errors as data, across a process boundary ------------------------------------------------
+# A replica of a cluster (`bulk.integrations.ray_serve`) answers a failed request with the error's
+# class name, field and message, never a pickled exception; the caller raises the same class again, so
+# an `InvalidRequestError` raised on a replica is the same 422 at the ingress as in `bul serve`.
+
+_BY_NAME: dict[str, type[BulError]] = {
+    cls.__name__: cls
+    for cls in (
+        BulError,
+        InvalidConfigError,
+        InvalidRequestError,
+        PromptTooLongError,
+        ModelLoadError,
+        EngineClosedError,
+        CorruptBlockError,
+        TierError,
+    )
+}
+
+
+class RemoteError(Exception):
+    """An unexpected error (a bug, not one of ours) on the other side of a process boundary: only its
+    class name crosses (`type`); the servers answer it as any bug, a 500."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+        self.type_name = type_name
+
+
+def error_data(exc: BaseException) -> dict[str, str | None]:
+    """`exc` as plain data: `{"type", "field", "message"}` (JSON-ready). One of our errors keeps its
+    message; any other exception is only named (its text may hold anything)."""
+    if isinstance(exc, InvalidRequestError):
+        return {"type": type(exc).__name__, "field": exc.field, "message": exc.message}
+    if isinstance(exc, InvalidConfigError):
+        return {"type": type(exc).__name__, "field": exc.key, "message": exc.message}
+    if type(exc).__name__ in _BY_NAME and isinstance(exc, BulError):
+        return {"type": type(exc).__name__, "field": None, "message": str(exc)}
+    return {"type": "RemoteError", "field": None, "message": type(exc).__name__}
+
+
+def error_from_data(data: dict[str, object]) -> Exception:
+    """The exception `error_data` described: the same class for ours, `RemoteError` otherwise."""
+    name, field, message = data.get("type"), data.get("field"), data.get("message")
+    message = message if isinstance(message, str) else ""
+    cls = _BY_NAME.get(name) if isinstance(name, str) else None
+    if cls is not None and issubclass(cls, InvalidRequestError):
+        return cls(field if isinstance(field, str) else "query", message)
+    if cls is InvalidConfigError:
+        return InvalidConfigError(field if isinstance(field, str) else "config", message)
+    if cls is not None:
+        return cls(message)
+    return RemoteError(message or "Exception", "")

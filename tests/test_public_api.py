@@ -45,7 +45,7 @@ def _loaded_after(statement: str, modules: tuple[str, ...]) -> str:
     ).stdout.strip()
 
 
-WEB = ("fastapi", "starlette", "flask", "django", "celery", "grpc")
+WEB = ("fastapi", "starlette", "flask", "django", "celery", "grpc", "ray")
 
 
 def test_importing_the_config_does_not_load_torch_or_web_frameworks():
@@ -54,6 +54,11 @@ def test_importing_the_config_does_not_load_torch_or_web_frameworks():
 
 def test_engine_core_imports_no_web_framework():
     assert _loaded_after("import bulk.engine.engine", WEB) == "[]"
+
+
+def test_routing_and_the_serving_interface_import_no_cluster_or_web_framework():
+    modules = "bulk.engine.protocol, bulk.routing.policy, bulk.routing.chains, bulk.routing.cluster_stats"
+    assert _loaded_after(f"import {modules}", WEB) == "[]"
 
 
 def test_storage_clients_load_only_when_configured():

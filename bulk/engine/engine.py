@@ -211,6 +211,31 @@ class UltraAdaptiveKVCacheEngine:
         dropped."""
         self._listeners.append(listener)
 
+    async def fetch_stats(self) -> dict[str, Any]:
+        """`get_stats()`, for callers written against `ServingEngine` (a cluster's client fetches its
+        figures from the replicas; this engine has them at hand)."""
+        return self.get_stats()
+
+    def cached_blocks(self, limit: int | None = None) -> dict[str, Any]:
+        """What the memory tier holds, for a router that sends each request where its prefix is:
+        `{"namespace": hex, "block_size", "capacity_blocks", "digests": [bytes, ...]}`, the chained
+        hashes (`bulk.kv.hashing`) of the cached blocks, at most `limit` of them. Every cached block's
+        parent is cached too, so a chain is cached up to its first block missing here. Empty before
+        the model is loaded."""
+        if self._prefix is None:
+            return {
+                "namespace": None,
+                "block_size": self.config.block_size,
+                "capacity_blocks": 0,
+                "digests": [],
+            }
+        return {
+            "namespace": self._prefix.namespace.hex(),
+            "block_size": self._prefix.block_size,
+            "capacity_blocks": self._prefix.manager.capacity_blocks,
+            "digests": self._prefix.manager.digests(limit),
+        }
+
     def get_stats(self) -> dict[str, Any]:
         tiers = self._prefix.stats() if self._prefix is not None else {"memory": {}}
         stats = self._stats.snapshot()

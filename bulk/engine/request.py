@@ -80,6 +80,35 @@ class GenerationRequest:
     def use_response_cache(self) -> bool:
         return self.params.deterministic if self.response_cache is None else self.response_cache
 
+    def to_payload(self) -> dict[str, Any]:
+        """This request as the plain request dict (JSON-ready) that `parse_request` turns back into an
+        equal request under the same configuration: how a checked request crosses a process boundary
+        (a cluster's ingress to a replica) as data. The request id always goes along, so both sides
+        name the request alike."""
+        params = self.params
+        payload: dict[str, Any] = {
+            "priority": self.priority,
+            "max_new_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "request_id": self.request_id,
+        }
+        if self.messages:
+            payload["messages"] = [{"role": role, "content": content} for role, content in self.messages]
+        else:
+            payload["query"] = self.query
+            if self.raw:
+                payload["raw"] = True
+        if params.seed is not None:
+            payload["seed"] = params.seed
+        if params.stop:
+            payload["stop"] = list(params.stop)
+        if self.session_id is not None:
+            payload["session_id"] = self.session_id
+        if self.response_cache is not None:
+            payload["response_cache"] = self.response_cache
+        return payload
+
 
 def parse_request(query: Any, config: KVCacheConfig) -> GenerationRequest:
     if isinstance(query, GenerationRequest):

@@ -19,6 +19,7 @@ every cached block reachable (every cached block's parent is cached).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -218,6 +219,14 @@ class BlockManager:
         """The parent hash of a cached block (None for a first block); KeyError when absent."""
         with self._lock:
             return self._blocks[digest].parent
+
+    def digests(self, limit: int | None = None) -> list[bytes]:
+        """The cached blocks' hashes (at most `limit`, in no particular order): what a replica
+        reports to a prefix-aware router."""
+        with self._lock:
+            if limit is None or limit >= len(self._blocks):
+                return list(self._blocks)
+            return list(itertools.islice(self._blocks, max(limit, 0)))
 
     def __contains__(self, digest: object) -> bool:
         with self._lock:

@@ -1,11 +1,17 @@
 """A Prometheus collector that reads `engine.get_stats()` when Prometheus scrapes.
 
 Counters and gauges come from the engine's own counters at scrape time rather than being bumped on
-every request: the request path pays nothing for them, and they can never drift from `/api/stats`."""
+every request: the request path pays nothing for them, and they can never drift from `/api/stats`.
+
+Through a cluster's ingress the stats hold a `replicas` entry (`bulk.routing.cluster_stats`): each
+replica's figures are then exported too, as `kv_cache_replica_*` families labelled `replica`, with
+the router's decisions (`kv_cache_routed_requests_total{replica, reason}`)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -20,12 +26,41 @@ HISTOGRAMS = (
     ("inter_token_latency_seconds", "itl_seconds", "Time between two tokens of one request"),
     ("batch_size", "batch_size", "Requests decoded together in one step"),
 )
+# A cluster's per-replica families: (name after `replica_`, key in the replica's summary, help).
+REPLICA_COUNTERS = (
+    ("requests", "requests", "Requests answered, by replica"),
+    ("prefix_cache_queries", "prompt_tokens", "Prompt tokens looked up, by replica"),
+    ("prefix_cache_hits", "cached_tokens", "Prompt tokens served from cached KV (any tier), by replica"),
+    ("memory_token_queries", "memory_token_queries", "Prompt tokens looked up in memory, by replica"),
+    ("memory_token_hits", "memory_token_hits", "Prompt tokens found in the memory tier, by replica"),
+    ("completion_tokens", "completion_tokens", "Tokens generated, by replica"),
+    ("errors", "errors", "Failed requests, by replica"),
+)
+REPLICA_GAUGES = (
+    ("size_bytes", "memory_size_bytes", "Bytes of KV state in the memory tier, by replica"),
+    ("memory_tokens", "memory_tokens", "Tokens of KV state in the memory tier, by replica"),
+    ("requests_running", "running", "Requests admitted to the batch, by replica"),
+    ("requests_waiting", "queue_depth", "Requests queued for the batch, by replica"),
+    ("inflight", "inflight", "Requests the router sent there and not answered yet, by replica"),
+    ("generated_tokens_per_second", "generated_tokens_per_second", "Tokens per second, by replica"),
+    ("ready", "ready", "1 once the replica's model is loaded and warm"),
+)
 
 
 class EngineStatsCollector(Collector):
     def __init__(self, engine: Any, prefix: str = "kv_cache") -> None:
         self._engine = engine
         self._prefix = prefix
+        self._given = threading.local()  # stats handed in for one rendering, per thread
+
+    @contextmanager
+    def reading(self, stats: dict[str, Any]) -> Iterator[None]:
+        """Collect from `stats` instead of `engine.get_stats()` within this block (this thread)."""
+        self._given.stats = stats
+        try:
+            yield
+        finally:
+            self._given.stats = None
 
     def _name(self, name: str) -> str:
         return f"{self._prefix}_{name}"
@@ -36,7 +71,7 @@ class EngineStatsCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._engine.get_stats()
+        stats = getattr(self._given, "stats", None) or self._engine.get_stats()
         requests = int(stats.get("requests", 0))
         hits = int(stats.get("cache_hits", 0))
 
@@ -108,6 +143,33 @@ class EngineStatsCollector(Collector):
         yield self._gauge(
             "response_cache_size_bytes", "Bytes held by the response cache", responses.get("size_bytes", 0)
         )
+        if "replicas" in stats:
+            yield from self._replicas(stats["replicas"])
+
+    def _replicas(self, replicas: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+        """A cluster's per-replica figures (`bulk.routing.cluster_stats.replica_summary`)."""
+        label = ["replica"]
+        yield self._gauge("replicas", "Engine replicas answering", len(replicas))
+        for name, key, documentation in REPLICA_COUNTERS:
+            counter = CounterMetricFamily(self._name(f"replica_{name}"), documentation, labels=label)
+            for replica, figures in sorted(replicas.items()):
+                counter.add_metric([replica], _number(figures.get(key, 0)))
+            yield counter
+        for name, key, documentation in REPLICA_GAUGES:
+            gauge = GaugeMetricFamily(self._name(f"replica_{name}"), documentation, labels=label)
+            for replica, figures in sorted(replicas.items()):
+                value = figures.get(key, 0)
+                gauge.add_metric([replica], _number(int(value) if isinstance(value, bool) else value))
+            yield gauge
+        routed = CounterMetricFamily(
+            self._name("routed_requests"),
+            "Requests the router sent, by replica and reason (session, prefix, balance, spread, full, pow2)",
+            labels=["replica", "reason"],
+        )
+        for replica, figures in sorted(replicas.items()):
+            for reason, count in sorted((figures.get("routed") or {}).items()):
+                routed.add_metric([replica, reason], _number(count))
+        yield routed
 
     def _tiers(self, tiers: dict[str, dict[str, Any]]) -> Iterator[Metric]:
         memory = tiers.get("memory") or {}

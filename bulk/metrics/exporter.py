@@ -47,11 +47,17 @@ class PrometheusExporter:
         if self._engine is not None:
             raise RuntimeError("this exporter is already attached to an engine")
         self._engine = engine
-        self.registry.register(EngineStatsCollector(engine, self.prefix))
+        self._collector = EngineStatsCollector(engine, self.prefix)
+        self.registry.register(self._collector)
         return self
 
     def observe_e2e(self, api: str, seconds: float) -> None:
         self.e2e.observe(seconds, api)
 
-    def generate_latest(self) -> bytes:
-        return generate_latest(self.registry)
+    def generate_latest(self, stats: dict[str, Any] | None = None) -> bytes:
+        """The text format. `stats`: figures the caller already has (`await engine.fetch_stats()`,
+        a cluster's from every replica), read instead of `engine.get_stats()` for this rendering."""
+        if stats is None or self._engine is None:
+            return generate_latest(self.registry)
+        with self._collector.reading(stats):
+            return generate_latest(self.registry)

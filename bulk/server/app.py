@@ -3,7 +3,8 @@
 The engine is built once, in the lifespan (not at import time, not per request), and handed to the
 routes through `Depends` (see `deps.py`). The model warms up in the background, so the server
 accepts connections at once and `/health` says 503 until the model is ready; queries sent meanwhile
-simply wait for it. Passing `engine=` serves an engine the caller built (and shuts down) itself."""
+simply wait for it. Passing `engine=` serves an engine the caller built (and shuts down) itself: any
+`ServingEngine`, such as a cluster's client (`bulk.integrations.ray_serve`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
+from bulk.engine.protocol import ServingEngine
 from bulk.metrics import PrometheusExporter
 from bulk.server import openai_routes, routes_api, routes_metrics, websocket
 from bulk.server.body_limit import BodyLimitMiddleware
@@ -34,16 +36,14 @@ DESCRIPTION = (
 )
 
 
-def create_app(
-    settings: ServerSettings | None = None, engine: UltraAdaptiveKVCacheEngine | None = None
-) -> FastAPI:
+def create_app(settings: ServerSettings | None = None, engine: ServingEngine | None = None) -> FastAPI:
     settings = settings if settings is not None else ServerSettings()
     # Checked now, so a bad BUL_* value fails `bul serve` before it binds a port.
     config = settings.engine_config() if engine is None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        served = engine if engine is not None else UltraAdaptiveKVCacheEngine(config)
+        served: ServingEngine = engine if engine is not None else UltraAdaptiveKVCacheEngine(config)
         app.state.engine = served
         app.state.metrics = PrometheusExporter(served)
         app.state.tasks = TaskRegistry(settings.task_registry_size)
@@ -102,7 +102,7 @@ def create_app(
     return app
 
 
-async def _warm_up(app: FastAPI, engine: UltraAdaptiveKVCacheEngine) -> None:
+async def _warm_up(app: FastAPI, engine: ServingEngine) -> None:
     try:
         await engine.warmup()
         log.info("model %s is ready", app.state.settings.model_name)

@@ -1,8 +1,10 @@
 """FastAPI dependencies: what the lifespan built, handed to routes with `Depends`.
 
 The engine, settings, metrics and task registry live on `app.state`, set once by the lifespan; a
-route never builds or looks up anything global. The getters are `async def` on purpose: FastAPI runs
-a plain `def` dependency in a thread pool, a hand-off that cost more than a whole cached answer."""
+route never builds or looks up anything global. The engine is typed by `ServingEngine`, the one
+interface the routes use: the local engine (`bul serve`) or a cluster's client (`bul cluster`). The
+getters are `async def` on purpose: FastAPI runs a plain `def` dependency in a thread pool, a
+hand-off that cost more than a whole cached answer."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Annotated
 from fastapi import Depends
 from starlette.requests import HTTPConnection
 
-from bulk.engine.engine import UltraAdaptiveKVCacheEngine
+from bulk.engine.protocol import ServingEngine
 from bulk.metrics import PrometheusExporter
 from bulk.server.json_body import ParsedBodies
 from bulk.server.settings import ServerSettings
@@ -24,7 +26,7 @@ class ServerState:
     """Everything the lifespan built, in one object: the hot path (`POST /api/query`) resolves one
     dependency instead of four (each resolution costs FastAPI some microseconds)."""
 
-    engine: UltraAdaptiveKVCacheEngine
+    engine: ServingEngine
     settings: ServerSettings
     metrics: PrometheusExporter
     tasks: TaskRegistry
@@ -35,7 +37,7 @@ async def get_state(conn: HTTPConnection) -> ServerState:
     return conn.app.state.bul
 
 
-async def get_engine(conn: HTTPConnection) -> UltraAdaptiveKVCacheEngine:
+async def get_engine(conn: HTTPConnection) -> ServingEngine:
     return conn.app.state.engine
 
 
@@ -52,7 +54,7 @@ async def get_tasks(conn: HTTPConnection) -> TaskRegistry:
 
 
 State = Annotated[ServerState, Depends(get_state)]
-Engine = Annotated[UltraAdaptiveKVCacheEngine, Depends(get_engine)]
+Engine = Annotated[ServingEngine, Depends(get_engine)]
 Settings = Annotated[ServerSettings, Depends(get_settings)]
 Metrics = Annotated[PrometheusExporter, Depends(get_metrics)]
 Tasks = Annotated[TaskRegistry, Depends(get_tasks)]

@@ -129,8 +129,9 @@ async def get_task_status(task_id: str, tasks: Tasks, settings: Settings) -> Any
 
 @router.get("/api/stats", tags=["monitoring"])
 async def get_stats(engine: Engine) -> dict[str, Any]:
-    """Engine statistics: hit rates, token hit rate, latency and TTFT percentiles, tiers, queue."""
-    return engine.get_stats()
+    """Engine statistics: hit rates, token hit rate, latency and TTFT percentiles, tiers, queue
+    (through a cluster's ingress: the totals, and each replica's figures under `replicas`)."""
+    return await engine.fetch_stats()
 
 
 @router.get("/health", tags=["monitoring"], responses={503: {"description": "The model is loading"}})

@@ -10,7 +10,21 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "bul-kv-cache.json"
-PROMQL_FUNCTIONS = {"rate", "sum", "by", "histogram_quantile", "le", "tier", "api", "kind", "status"}
+PROMQL_FUNCTIONS = {
+    "rate",
+    "sum",
+    "by",
+    "histogram_quantile",
+    "le",
+    "tier",
+    "api",
+    "kind",
+    "status",
+    "replica",
+    "reason",
+}
+# A cluster's per-replica metrics (`bul cluster`): a single server has no replicas; the Ray tests check them.
+CLUSTER_ONLY = ("kv_cache_replica_", "kv_cache_routed_requests")
 
 
 def dashboard_metric_names() -> set[str]:
@@ -40,6 +54,8 @@ def test_every_dashboard_metric_is_exported(server):
     wanted = dashboard_metric_names()
     assert {"kv_cache_requests_total", "kv_cache_latency_seconds_bucket", "kv_cache_size_bytes"} <= wanted
     assert len(wanted) >= 10
+    assert {n for n in wanted if n.startswith(CLUSTER_ONLY)} >= {"kv_cache_replica_requests_total"}
+    wanted = {n for n in wanted if not n.startswith(CLUSTER_ONLY)}
     samples = scrape(server.url)
     missing = sorted(wanted - samples.keys())
     assert not missing, f"the dashboard queries metrics the server does not export: {missing}"

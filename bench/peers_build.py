@@ -26,9 +26,24 @@ log = logging.getLogger("bench.peers_build")
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = "0.3.36"
 PACKAGE = f"llama-cpp-python[server]=={VERSION}"
-# llama.cpp's CMake options: tuned for the CPU it is built on (AVX-512, BF16 and VNNI here), no
-# external BLAS (llama.cpp's own kernels, as its default CPU build), no GPU backend.
-CMAKE_ARGS = "-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DLLAMA_CURL=OFF"
+# llama.cpp's CMake options: the x86 vector extensions of the development machine named one by one
+# (AVX2, AVX-512 with VBMI, VNNI and BF16), no external BLAS (llama.cpp's own kernels, as its default
+# CPU build), no GPU backend. Not GGML_NATIVE: that also compiles llama.cpp's AMX kernels wherever
+# the CPU lists AMX, and inside this VM (AMX listed, its tile state not granted to programs) the
+# server died of SIGILL on its first prompt of more than a few tokens.
+CMAKE_ARGS = " ".join(
+    [
+        "-DGGML_NATIVE=OFF",
+        *(
+            f"-DGGML_{ext}=ON"
+            for ext in ("AVX", "AVX2", "FMA", "F16C", "BMI2", "AVX_VNNI", "AVX512", "AVX512_VBMI",
+                        "AVX512_VNNI", "AVX512_BF16")
+        ),
+        "-DGGML_BLAS=OFF",
+        "-DGGML_CUDA=OFF",
+        "-DLLAMA_CURL=OFF",
+    ]
+)  # fmt: skip
 BUILD_INFO = "bul-build.json"
 
 
@@ -75,7 +90,8 @@ def ensure_built(build: PeerBuild | None = None) -> dict[str, Any]:
     (`seconds` is the compile and install time of the build that made it)."""
     build = build or default_build()
     info = build.info()
-    if info is not None and build.python.exists():
+    # A build made with other flags is made again (the flags decide which kernels run).
+    if info is not None and build.python.exists() and info.get("env", {}).get("CMAKE_ARGS") == CMAKE_ARGS:
         log.info("llama-cpp-python %s is built in %s (%.0f s)", info["version"], build.venv, info["seconds"])
         return info
     build.venv.parent.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,9 @@ DEFAULTS: dict[str, Any] = {
     "generate_batch_prompts": 32,
     "generate_batch_concurrency": 16,
     "threads": 1,
+    # Pinned, so figures stay comparable across machines: `auto` is bfloat16 on CPUs with bfloat16
+    # instructions (`bul bench dtype` measures that choice).
+    "dtype": "float32",
 }
 QUICK: dict[str, Any] = {
     "model": "demo",
@@ -131,6 +134,7 @@ def system_prompts(options: dict[str, Any]) -> list[str]:
 def server_env(options: dict[str, Any], extra: dict[str, str]) -> dict[str, str]:
     env = {
         "BUL_MODEL": options["model"],
+        "BUL_DTYPE": options.get("dtype", "float32"),
         "BUL_DEVICE": "cpu",
         "BUL_ACCESS_LOG": "false",
         "BUL_LOG_LEVEL": "warning",
@@ -282,6 +286,7 @@ def run_generate_batch(options: dict[str, Any]) -> dict[str, Any]:
     if options.get("threads"):
         env["OMP_NUM_THREADS"] = str(options["threads"])
     command = [sys.executable, "-m", "bench.serve_hf", fh.name, "--model", options["model"]]
+    command += ["--dtype", options.get("dtype", "float32")]
     command += ["--max-new-tokens", str(options["max_tokens"])]
     command += ["--max-requests", str(options["generate_batch_concurrency"])]
     try:
@@ -339,6 +344,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, help="torch threads of each server (default 1: the clients share the machine)"
     )
+    parser.add_argument("--dtype", help=f"servers' dtype (default {DEFAULTS['dtype']}; auto: as bul serve)")
     parser.add_argument("--quick", action="store_true", help="tiny settings, for the smoke test")
     parser.add_argument("--out", help="results directory (default bench/results)")
     return parser.parse_args(argv)
@@ -348,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     args = parse_args(sys.argv[1:] if argv is None else argv)
     options = dict(QUICK if args.quick else DEFAULTS)
-    for key in ("model", "seconds", "threads"):
+    for key in ("model", "seconds", "threads", "dtype"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)
     result = run(options)

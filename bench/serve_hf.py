@@ -26,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve_hf")
     parser.add_argument("prompts", help="a JSON file holding a list of prompts")
     parser.add_argument("--model", default="demo-large")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-requests", type=int, default=16, help="requests decoded at once")
     args = parser.parse_args(argv)
     prompts = json.loads(Path(args.prompts).read_text())
-    lm = load_model(KVCacheConfig(model=args.model, device="cpu"))
+    lm = load_model(KVCacheConfig(model=args.model, device="cpu", dtype=args.dtype))
     inputs = [lm.tokenizer.encode(p) for p in prompts]
     eos = min(lm.tokenizer.eos_token_ids)
     pad = lm.model.config.pad_token_id if lm.model.config.pad_token_id is not None else eos

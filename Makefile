@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Reinstall when the dependency declarations change.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt requirements-models.txt | sha256sum | cut -c1-12)
 
-.PHONY: run test bench lint services install proto
+.PHONY: run test test-fast bench lint services install proto settings-doc
 
 # The API on :8002 with the real model (SmolLM2-135M-Instruct, converted from its GGUF file on the first
 # start) and the embedded defaults (memory tier; no Redis, no PostgreSQL).
@@ -15,6 +15,11 @@ run: $(STAMP)
 
 test: $(STAMP) services
 	OMP_NUM_THREADS=1 $(BIN)/pytest
+
+# Every pure test (no Redis, PostgreSQL, sockets or slow runs; markers in tests/conftest.py), in under a
+# minute; any network connection fails the test that makes it (BUL_TEST_OFFLINE).
+test-fast: $(STAMP)
+	BUL_TEST_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "not services and not live and not slow"
 
 bench: $(STAMP) services
 	$(BIN)/bul bench ttft
@@ -31,9 +36,18 @@ bench: $(STAMP) services
 proto: $(STAMP)
 	$(BIN)/python -m bulk.grpc_service.regenerate
 
+# Rewrite docs/settings.md's table of every BUL_* variable after changing a settings class (a test fails
+# while it drifts).
+settings-doc: $(STAMP)
+	$(BIN)/python -m bulk.cli.settings_doc
+
+# ruff; mypy over bulk/ (configuration in pyproject.toml); the layer rule of docs/architecture.md
+# (import-linter, contracts in pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 services:
 	bash scripts/ensure-services.sh

@@ -364,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             options[key] = getattr(args, key)
 
     from bench.quality import load_corpus
-    from bulk.models import registry
+    from bulk import named_models as registry
     from bulk.models.loader import resolve_dtype
 
     options["dtype"] = str(resolve_dtype(options["dtype"], _cpu())).removeprefix("torch.")

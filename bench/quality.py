@@ -45,9 +45,9 @@ from bench.common import format_table, write_results
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.engine.model_thread import ModelThread
-from bulk.kv.prefix_cache import PrefixCache
 from bulk.models import hf_cache
 from bulk.models.loader import LoadedModel, load_model
+from bulk.storage.prefix_cache import PrefixCache
 
 log = logging.getLogger("bench.quality")
 

@@ -43,8 +43,8 @@ from bench.prompts import filler, fit, new_tag
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.engine.model_thread import ModelThread
-from bulk.kv.prefix_cache import PrefixCache
 from bulk.models.loader import LoadedModel, load_model
+from bulk.storage.prefix_cache import PrefixCache
 from bulk.storage.serialization import dumps
 
 log = logging.getLogger("bench.tiers")

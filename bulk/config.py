@@ -35,7 +35,9 @@ class KVCacheConfig:
     # The memory tier's budget, never exceeded: this many tokens of KV in the model's dtype. Quantized
     # blocks count their real bytes, so more tokens fit under int8 / int4.
     max_tokens: int = 8192
+    # `lru`, `lfu` or `adaptive`: how every tier picks what to evict.
     cache_strategy: CacheStrategy = CacheStrategy.ADAPTIVE
+    # The local-disk tier, in this folder.
     enable_persistence: bool = False
     persistence_path: str = ".bul-data/kv"
     # "auto" (resolved on construction: "smollm2-135m" when its wheel is installed, else "demo"),
@@ -46,16 +48,22 @@ class KVCacheConfig:
     # Sent before every query of the guide's routes as the chat template's system turn, so all
     # queries share its KV blocks. None: the template's own default (if any).
     system_prompt: str | None = None
+    # "auto": CUDA when present, else the CPU.
     device: str = "auto"
+    # "auto": bfloat16 on CUDA and on CPUs with bfloat16 instructions, float32 elsewhere. Part of every
+    # block hash, so KV of one dtype is never reused by another.
     dtype: str = "auto"
     # Tokens per cached block; only full blocks are cached.
     block_size: int = 16
+    # "int8" or "int4": stored blocks are quantized, and decoded on reuse.
     quantization: str = "none"
     # Lower tiers. Each has its own budget in tokens and evicts with `cache_strategy`.
     persistence_max_tokens: int = 1_048_576
+    # The Redis tier, shared by replicas (needs `cache_secret`); its entries expire after `redis_ttl` s.
     redis_url: str | None = None
     redis_max_tokens: int = 1_048_576
     redis_ttl: int = 86_400
+    # The PostgreSQL tier, shared by replicas (needs `cache_secret`), in this schema (None: public).
     database_url: str | None = None
     database_schema: str | None = None
     database_max_tokens: int = 4_194_304
@@ -74,6 +82,7 @@ class KVCacheConfig:
     allow_unsigned_shared_tiers: bool = False
     # Response cache: identical deterministic requests are answered without running the model.
     response_cache: bool = True
+    # Answers kept, and for how many seconds.
     response_cache_size: int = 1024
     response_cache_ttl: float = 3600.0
     # Default and ceiling for a request's max_new_tokens.
@@ -155,7 +164,7 @@ class KVCacheConfig:
                 raise InvalidConfigError(key, "must be a non-empty string")
         if self.model == "auto":
             # Imported here: only `auto` needs it (it finds, without importing, the real model's wheel).
-            from bulk.models.registry import resolve_model_name
+            from bulk.named_models import resolve_model_name
 
             object.__setattr__(self, "model", resolve_model_name(self.model))
         for key in ("redis_url", "database_url"):

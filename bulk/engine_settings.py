@@ -1,20 +1,25 @@
-"""`BUL_<FIELD>` environment variables for every `KVCacheConfig` field, shared by every service
-(`bul serve`, `bul worker`, `bul grpc`): one variable sets one engine option everywhere.
+"""`BUL_*` environment variables: the one generator of every service's settings.
 
-pydantic-settings lives here, at the service edge; the core only knows the dataclass. The settings
-fields are generated from the dataclass (same names, same defaults), so a new engine option is a
-`BUL_*` variable at once. Enums are read as their string value, and an empty variable means "not
-set" for optional options; the dataclass's own validation then names a bad value, as the variable
-the operator has to fix (`BUL_MAX_TOKENS: must be >= 1`)."""
+Every service (`bul serve`, `bul worker`, `bul grpc`, `bul cluster`) reads its options with a
+`BulSettings` subclass, and every engine option with one field per `KVCacheConfig` field,
+generated from the dataclass (same names, same defaults) by `with_engine_fields`, so a new engine
+option is a `BUL_*` variable at once, everywhere. pydantic-settings lives here, at the service edge;
+the core only knows the dataclass.
+
+One rule for values: an empty variable means "not set" for an optional option; enums are read as
+their string value; and a bad value, whoever checks it (pydantic or the dataclass), raises
+`InvalidConfigError` naming the variable the operator has to fix (`BUL_MAX_TOKENS: must be >= 1`).
+docs/settings.md lists every variable (`python -m bulk.settings_doc` writes it from these classes)."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import types
 import typing
 from typing import Any
 
-from pydantic import ValidationInfo, create_model, field_validator
+from pydantic import AliasChoices, ValidationError, ValidationInfo, create_model, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bulk.config import KVCacheConfig
@@ -35,18 +40,49 @@ def engine_fields() -> dict[str, Any]:
     return fields
 
 
-OPTIONAL_ENGINE_FIELDS = frozenset(
-    name for name, (kind, _) in engine_fields().items() if type(None) in typing.get_args(kind)
-)
+def _optional(annotation: Any) -> bool:
+    return type(None) in typing.get_args(annotation) or annotation is types.NoneType
 
 
-class _EngineBase(BaseSettings):
+class BulSettings(BaseSettings):
+    """Base of every BUL settings class (`BUL_` prefix unless a subclass sets its own)."""
+
     model_config = SettingsConfigDict(env_prefix="BUL_", extra="ignore")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            name = str(error["loc"][0]) if error.get("loc") else ""
+            raise InvalidConfigError(self.env_name(name), str(error.get("msg", "invalid value"))) from None
+
+    @classmethod
+    def env_name(cls, name: str) -> str:
+        """The environment variable of field `name` (its first alias when it has several)."""
+        field = cls.model_fields.get(name)
+        if field is None:
+            return name
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+            return alias.choices[0]
+        if isinstance(alias, str):
+            return alias
+        return f"{cls.model_config.get('env_prefix', '')}{name}".upper()
 
     @field_validator("*", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object, info: ValidationInfo) -> object:
-        return None if value == "" and info.field_name in OPTIONAL_ENGINE_FIELDS else value
+        # BUL_REDIS_URL= (empty) means "not set" for every optional option.
+        if value == "" and info.field_name is not None:
+            field = cls.model_fields.get(info.field_name)
+            if field is not None and _optional(field.annotation):
+                return None
+        return value
+
+
+class EngineOptions(BulSettings):
+    """Settings that build an engine: `with_engine_fields` adds one field per `KVCacheConfig` field."""
 
     def engine_config(self, **overrides: Any) -> KVCacheConfig:
         """The engine's configuration (flags in `overrides` win); `InvalidConfigError` names the
@@ -56,12 +92,14 @@ class _EngineBase(BaseSettings):
         try:
             return KVCacheConfig(**values)
         except InvalidConfigError as exc:
-            raise InvalidConfigError(f"BUL_{exc.key.upper()}", exc.message) from None
+            raise InvalidConfigError(self.env_name(exc.key), exc.message) from None
 
 
-EngineSettings = create_model(
-    "EngineSettings",
-    __base__=_EngineBase,
-    __doc__="One `BUL_<FIELD>` variable per `KVCacheConfig` field.",
-    **engine_fields(),
+def with_engine_fields(name: str, base: type[EngineOptions], doc: str) -> Any:
+    """`base` plus one field per `KVCacheConfig` field: the settings class a service reads."""
+    return create_model(name, __base__=base, __doc__=doc, __module__=base.__module__, **engine_fields())
+
+
+EngineSettings = with_engine_fields(
+    "EngineSettings", EngineOptions, "One `BUL_<FIELD>` variable per `KVCacheConfig` field."
 )

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class BulError(Exception):
     """Base of all BUL KV errors."""
@@ -100,3 +102,24 @@ def error_from_data(data: dict[str, object]) -> Exception:
     if cls is not None:
         return cls(message)
     return RemoteError(message or "Exception", "")
+
+
+# ---- errors as HTTP answers -----------------------------------------------------------------------
+# One body for every HTTP face (FastAPI, Flask, Django, the ASGI middlewares), so a client parses an
+# error the same way whichever one it talks to: FastAPI's `detail` list (what `bul serve` has always
+# sent) beside an OpenAI-style `error` object (where the `openai` package looks). Plain dicts, no web
+# framework: each face only wraps it in its own response class.
+
+
+def error_body(status: int, message: str, field: str | None = None, detail: Any = None) -> dict[str, Any]:
+    """The JSON body of an error answer with HTTP `status`; `field` names the bad input, if any."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if detail is None:
+        detail = [{"loc": ["body", field], "msg": message, "type": "value_error"}] if field else message
+    return {"detail": detail, "error": {"message": message, "type": kind, "param": field, "code": status}}
+
+
+def invalid_request_body(exc: InvalidRequestError, field: str | None = None) -> dict[str, Any]:
+    """The 422 body of `exc`; `field` renames its field (the OpenAI routes' names for ours)."""
+    field = field or exc.field
+    return error_body(422, f"{field}: {exc.message}", field)

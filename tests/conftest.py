@@ -1,18 +1,31 @@
-"""Shared fixtures. The demo model is built once per session: engines in tests share it."""
+"""Shared fixtures, and the suite's markers. The demo model is built once per session: engines in
+tests share it.
+
+Markers (registered in pyproject.toml) split the suite so that `make test-fast` answers in seconds:
+- `services`: needs the real Redis, PostgreSQL or a Celery worker on this machine;
+- `live`: opens real sockets (a uvicorn or gRPC server, a client of one) or starts a server process;
+- `slow`: takes seconds on its own (the real model, a subprocess importing torch, long workloads).
+They are given here, in `pytest_collection_modifyitems`, by the fixtures a test uses (`MARK_FIXTURES`)
+and by its path (`MARK_PATHS`), plus `@pytest.mark.slow` on single tests. A new test that needs a
+service through a fixture listed here is marked by itself; one that does not must be marked. Under
+`BUL_TEST_OFFLINE=1` (`make test-fast`) any network connection fails the test that makes it, so a
+test missing its mark shows up there instead of quietly using Redis."""
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from bulk import named_models as registry
 from bulk.config import KVCacheConfig
 from bulk.generation.decode import decode_one, prefill
 from bulk.generation.sampling import SamplingParams, make_generator, sample
-from bulk.models import registry
 from bulk.models.gguf import converted_folder
 from bulk.models.loader import LoadedModel, load_model
 from bulk.models.tokenizer import TextStream
@@ -20,6 +33,95 @@ from tests.tiny_hf_model import save_tiny_llama
 
 # Two cores, shared with subprocesses some tests start: more torch threads than one only spin.
 torch.set_num_threads(1)
+
+# Fixtures whose use marks a test.
+MARK_FIXTURES = {
+    # tests/storage/conftest.py, tests/integrations/conftest.py and their modules' own.
+    "redis_url": ("services",),
+    "pg_schema": ("services",),
+    "redis13": ("services",),
+    "bul_worker": ("services", "live"),
+    "redis9": ("services",),
+    "redis_server": ("services", "live"),
+    "redis_adapter": ("services",),
+    "pg_adapter": ("services",),
+    # uvicorn on a real port (tests/server/conftest.py and modules' own `live` servers).
+    "server": ("live",),
+    "protected_server": ("live",),
+    "cached_server": ("live",),
+    "live": ("live",),
+    # gRPC servers and processes (tests/grpc_service/conftest.py).
+    "cold_server": ("live",),
+    "start_process": ("live",),
+    # The real model: loading it takes seconds.
+    "real_model": ("slow",),
+}
+# Modules and folders (relative to the repository) whose every test is marked.
+MARK_PATHS = {
+    "tests/bench/": ("live", "slow"),
+    "tests/examples/": ("live", "services", "slow"),
+    "tests/grpc_service/test_chat.py": ("live",),
+    "tests/grpc_service/test_cli.py": ("live",),
+    "tests/grpc_service/test_guide_example.py": ("live",),
+    "tests/grpc_service/test_health_reflection.py": ("live",),
+    "tests/grpc_service/test_undecodable.py": ("live",),
+    "tests/integrations/test_celery.py": ("services", "live"),
+    "tests/integrations/test_celery_chat.py": ("services",),
+    "tests/integrations/test_guide_examples.py": ("services", "live"),
+    "tests/integrations/test_ray_cluster.py": ("live", "slow"),
+    "tests/server/test_chat_template_hf.py": ("live",),
+    "tests/server/test_guide_fastapi_example.py": ("live",),
+    "tests/server/test_protection.py": ("live",),
+    "tests/server/test_unauthenticated_floods.py": ("live",),
+    "tests/server/test_tier_metrics.py": ("services", "live"),
+    "tests/storage/test_shared_tiers.py": ("services", "slow"),
+    "tests/storage/test_tiers.py": ("services",),
+    "tests/storage/test_faults.py": ("services", "live"),
+    "tests/storage/test_resync.py": ("services",),
+    "tests/storage/test_signed_tiers.py": ("services",),
+    "tests/adapters/": ("services",),
+    # Each starts a Python that imports torch, to see what `import bulk` loads.
+    "tests/test_public_api.py": ("slow",),
+}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(str(item.path)).resolve().relative_to(ROOT).as_posix()
+        marks = {m for prefix, names in MARK_PATHS.items() if path.startswith(prefix) for m in names}
+        marks |= {m for name in getattr(item, "fixturenames", ()) for m in MARK_FIXTURES.get(name, ())}
+        for mark in sorted(marks):
+            item.add_marker(mark)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("BUL_TEST_OFFLINE") == "1":
+        _refuse_network()
+
+
+def _refuse_network() -> None:
+    """Any TCP connection fails (`make test-fast`): the fast suite must not need Redis, PostgreSQL or a
+    server, and a test that reaches one is missing its mark. Local socket pairs (the event loop's own)
+    are not network and stay allowed."""
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def refuse(sock: socket.socket, address: object) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise ConnectionRefusedError(
+                f"BUL_TEST_OFFLINE: a test connects to {address!r}; mark it `services` or `live`"
+            )
+
+    def guarded_connect(sock: socket.socket, address: object) -> None:
+        refuse(sock, address)
+        connect(sock, address)
+
+    def guarded_connect_ex(sock: socket.socket, address: object) -> int:
+        refuse(sock, address)
+        return connect_ex(sock, address)
+
+    socket.socket.connect = guarded_connect  # type: ignore[method-assign]
+    socket.socket.connect_ex = guarded_connect_ex  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
+from bulk import named_models as registry
 from bulk.config import CacheStrategy, KVCacheConfig
 from bulk.errors import InvalidConfigError
-from bulk.models import registry
 
 
 def test_the_guides_django_settings_dict():

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bulk.engine.response_cache import decode_value, encode_value
 from bulk.storage.redis_store import RedisStore
+from bulk.storage.values import decode_value, encode_value
 
 PREFIX = "kv_cache:"
 

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 from bulk.config import KVCacheConfig
@@ -28,9 +28,10 @@ from bulk.engine.response_cache import ResponseCache, StoredAnswer, json_bytes, 
 from bulk.engine.sequence import OnToken, Sequence
 from bulk.engine.stats import EngineStats, Listeners, config_summary
 from bulk.errors import EngineClosedError, InvalidRequestError
-from bulk.kv.prefix_cache import PrefixCache
+from bulk.kv import quantization
 from bulk.models.loader import LoadedModel, load_model
 from bulk.storage.factory import build_lower_tiers
+from bulk.storage.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class UltraAdaptiveKVCacheEngine:
             return stored.answer_json(latency, request.request_id)
         return json_bytes(await asyncio.wrap_future(self._submit(request, started).future))
 
-    async def stream_request(self, query: Any) -> AsyncIterator[dict[str, Any]]:
+    async def stream_request(self, query: Any) -> AsyncGenerator[dict[str, Any], None]:
         """Yield `{"token": text}` as tokens come, then the full result with `"done": True`.
         Stopping the iteration early cancels the generation (its slot is free at the next step)."""
         started = time.perf_counter()
@@ -181,7 +182,11 @@ class UltraAdaptiveKVCacheEngine:
             return
         loop = asyncio.get_running_loop()
         texts: asyncio.Queue[str | None] = asyncio.Queue()
-        seq = self._submit(request, started, lambda text: loop.call_soon_threadsafe(texts.put_nowait, text))
+
+        def on_token(text: str) -> None:  # on the model thread
+            loop.call_soon_threadsafe(texts.put_nowait, text)
+
+        seq = self._submit(request, started, on_token)
         done = asyncio.wrap_future(seq.future)
         # The model thread hands over each token, then the result, in that order; the None after
         # the result ends the token stream.
@@ -433,6 +438,8 @@ class UltraAdaptiveKVCacheEngine:
             model.dtype,
             model.block_shape(self.config.block_size),
             lower=build_lower_tiers(self.config),
+            # The stored blocks' codec, applied from here: the prefix cache only calls it.
+            codec=quantization.codec(self.config.quantization),
         )
         runner = ModelRunner(model, self._prefix, self.config)
         self._loop = EngineLoop(runner, self._inbox, self._stats, self._retired, self._logits_observer)
@@ -440,7 +447,7 @@ class UltraAdaptiveKVCacheEngine:
 
 
 def _settle(
-    seq: Sequence, *, result: dict[str, Any] | None = None, error: BaseException | None = None
+    seq: Sequence, *, result: Mapping[str, Any] | None = None, error: BaseException | None = None
 ) -> None:
     """Answer `seq`'s future, unless its caller cancelled it meanwhile (a race with `_retired`'s
     check: the future may be cancelled from another thread at any time)."""

@@ -25,11 +25,11 @@ from bulk.errors import InvalidRequestError, PromptTooLongError
 from bulk.generation.decode import decode_one, prefill
 from bulk.generation.sampling import sample
 from bulk.kv.hashing import chain_hashes
-from bulk.kv.prefix_cache import PrefixCache
 from bulk.models import batched_attention, hf_cache
 from bulk.models.batched_attention import Segment
 from bulk.models.kv_pool import KVPool, blocks_out, copy_blocks_in
 from bulk.models.loader import LoadedModel
+from bulk.storage.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 

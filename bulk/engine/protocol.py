@@ -12,7 +12,7 @@ methods, which parse a dict themselves), on either side of a process boundary al
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol, runtime_checkable
 
 from bulk.config import KVCacheConfig
@@ -43,7 +43,7 @@ class ServingEngine(Protocol):
         """The same answer as compact UTF-8 JSON (the hot path of `POST /api/query`)."""
         ...
 
-    def stream_request(self, query: Any) -> AsyncIterator[dict[str, Any]]:
+    def stream_request(self, query: Any) -> AsyncGenerator[dict[str, Any], None]:
         """`{"token": text}` events as they come, then the result with `"done": True`; closing the
         iterator early cancels the generation."""
         ...

@@ -15,6 +15,9 @@ from bulk.engine import chat
 from bulk.errors import InvalidRequestError
 from bulk.generation.sampling import SamplingParams
 
+# The one list of a request dict's fields. The faces follow it (`tests/test_schemas.py` fails when one
+# does not): the API's `QueryRequest`, gRPC's `QueryRequest` message and its conversion, and
+# `GenerationRequest.to_payload`.
 FIELDS = (
     "query",
     "text",
@@ -84,7 +87,8 @@ class GenerationRequest:
         """This request as the plain request dict (JSON-ready) that `parse_request` turns back into an
         equal request under the same configuration: how a checked request crosses a process boundary
         (a cluster's ingress to a replica) as data. The request id always goes along, so both sides
-        name the request alike."""
+        name the request alike. Every field of `FIELDS` that the request holds is written (`text` as
+        `query`, its other name), as `tests/test_schemas.py` checks."""
         params = self.params
         payload: dict[str, Any] = {
             "priority": self.priority,

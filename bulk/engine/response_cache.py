@@ -1,8 +1,8 @@
 """The response cache: whole answers to identical deterministic requests, and the guide's
 `get_from_cache` / `store_in_cache` key-value API (used by its HTTP middleware).
 
-Values are kept as JSON text or raw bytes, never as Python objects: a caller mutating what it got
-back cannot change what the next caller gets, and nothing here can ever need pickle."""
+Values are kept as JSON text or raw bytes (`bulk.storage.values`), never as Python objects: a caller
+mutating what it got back cannot change what the next caller gets, and nothing here can ever need pickle."""
 
 from __future__ import annotations
 
@@ -12,28 +12,16 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from json.encoder import encode_basestring
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
 
-_JSON, _BYTES = b"j", b"b"
+from bulk.engine.result import PER_REQUEST_FIELDS
+from bulk.storage.values import decode_value, encode_value
+
 LONG_PROMPT = 1024
 _NOT_DERIVED = object()
 T = TypeVar("T")
-
-
-def encode_value(value: Any) -> bytes:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return _BYTES + bytes(value)
-    try:
-        return _JSON + json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"cache values must be bytes or JSON-serializable data: {exc}") from None
-
-
-def decode_value(data: bytes) -> Any:
-    kind, payload = data[:1], data[1:]
-    return payload if kind == _BYTES else json.loads(payload)
 
 
 class ResponseCache:
@@ -43,7 +31,7 @@ class ResponseCache:
         self.max_entries = max_entries
         self.ttl_seconds = ttl_seconds
         # key -> (expires, stored bytes, what `get_derived` computed from them or _NOT_DERIVED)
-        self._entries: OrderedDict[str, tuple[float, bytes, Any]] = OrderedDict()
+        self._entries: OrderedDict[Hashable, tuple[float, bytes, Any]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -132,11 +120,6 @@ def request_key(model_fingerprint: str, prompt: str, params: Any) -> Hashable:
 
 # ---- answers as JSON bytes (`engine.process_request_json`) ------------------------------------------
 
-# The fields of an answer from the response cache that belong to the request, not to the stored answer.
-PER_REQUEST_FIELDS = frozenset(
-    ("cache_hit", "response_cached", "cached_tokens", "latency", "ttft_ms", "request_id")
-)
-
 
 class StoredAnswer(NamedTuple):
     """A stored engine result, split once (`ResponseCache.get_derived`) for answering hits as JSON:
@@ -159,8 +142,10 @@ class StoredAnswer(NamedTuple):
         return cls(stored["prompt_tokens"], stored["completion_tokens"], fields, tail)
 
     def answer_json(self, latency_ms: float, request_id: str) -> bytes:
-        """The answer's JSON: the per-request fields as `engine._cached_response` sets them, then the
-        stored ones. Floats are written as `json` writes them (`repr`)."""
+        """The answer's JSON: the per-request fields (`PER_REQUEST_FIELDS`, as `answer` sets them), then
+        the stored ones. Floats are written as `json` writes them (`repr`). Written out by hand, not
+        encoded from `answer`'s dict: this is the hot path of a cached answer (a test checks both
+        agree with `RESULT_FIELDS`)."""
         head = (
             f'{{"cache_hit":true,"response_cached":true,"cached_tokens":{self.prompt_tokens},'
             f'"latency":{latency_ms!r},"ttft_ms":{latency_ms!r},'

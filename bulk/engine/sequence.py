@@ -15,11 +15,12 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from bulk.engine.request import GenerationRequest
+from bulk.engine.result import GenerationResult
 from bulk.generation.sampling import make_generator
 from bulk.models.tokenizer import TextStream, Tokenizer
 
 if TYPE_CHECKING:
-    from bulk.kv.prefix_cache import PrefixHit
+    from bulk.storage.prefix_cache import PrefixHit
 
 OnToken = Callable[[str], None]  # called on the model thread with each piece of text, in order
 
@@ -141,7 +142,7 @@ class Sequence:
         self.next_token = token
         return delta
 
-    def result(self, model_name: str) -> dict[str, Any]:
+    def result(self, model_name: str) -> GenerationResult:
         now = time.perf_counter()
         return {
             "result": self.text,

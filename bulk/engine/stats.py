@@ -170,7 +170,7 @@ class EngineStats:
             else:
                 self.errors += 1
 
-    def snapshot(self) -> dict[str, object]:
+    def snapshot(self) -> dict[str, Any]:
         with self._lock:
             hits = self.response_cache_hits + self.prefix_hits
             return {

@@ -9,20 +9,22 @@ from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf import struct_pb2
+from google.protobuf.descriptor import FieldDescriptor
 
+from bulk.engine.request import FIELDS
+from bulk.engine.result import RESULT_FIELDS
 from bulk.grpc_service.generated import bul_pb2
 
-# QueryRequest fields with explicit presence that map one to one onto engine request keys.
-_OPTIONAL_FIELDS = (
-    "priority",
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "seed",
-    "session_id",
-    "response_cache",
-    "request_id",
-)
+# Request fields `QueryRequest` does not carry (the test of the schemas checks the proto against
+# `FIELDS` minus these): `text` is the guide's other name for `query`; a raw prompt and a conversation
+# are the REST and OpenAI faces' (gRPC sends a query through the chat template).
+NOT_IN_PROTO = frozenset(("text", "raw", "messages"))
+# Every other field but `query` (always sent) and `stop` (repeated) has explicit presence and maps one
+# to one onto the engine's request key: unset means the engine's default.
+_OPTIONAL_FIELDS = tuple(name for name in FIELDS if name not in NOT_IN_PROTO | {"query", "stop"})
+# Result fields whose proto name differs (the unit in the name, as proto style asks).
+RESPONSE_NAMES = {"latency": "latency_ms"}
+_EMPTY = {bool: False, float: 0.0, int: 0, str: ""}
 
 
 def request_to_engine(message: bul_pb2.QueryRequest) -> dict[str, Any]:
@@ -36,26 +38,34 @@ def request_to_engine(message: bul_pb2.QueryRequest) -> dict[str, Any]:
 
 
 def result_to_response(result: Mapping[str, Any]) -> bul_pb2.QueryResponse:
-    return bul_pb2.QueryResponse(
-        result=result["result"],
-        cache_hit=bool(result["cache_hit"]),
-        latency_ms=float(result["latency"]),
-        response_cached=bool(result.get("response_cached", False)),
-        ttft_ms=float(result.get("ttft_ms") or 0.0),
-        cached_tokens=int(result.get("cached_tokens", 0)),
-        prompt_tokens=int(result.get("prompt_tokens", 0)),
-        completion_tokens=int(result.get("completion_tokens", 0)),
-        finish_reason=str(result.get("finish_reason", "")),
-        request_id=str(result.get("request_id", "")),
-        model=str(result.get("model", "")),
-    )
+    """Every `RESULT_FIELDS` field; a missing or None value is the proto's empty value."""
+    fields: dict[str, Any] = {}
+    for name in RESULT_FIELDS:
+        proto_name = RESPONSE_NAMES.get(name, name)
+        value = result.get(name)
+        kind = _PROTO_TYPES[proto_name]
+        fields[proto_name] = _EMPTY[kind] if value is None else kind(value)
+    return bul_pb2.QueryResponse(**fields)
+
+
+_PYTHON_TYPES = {
+    FieldDescriptor.TYPE_DOUBLE: float,
+    FieldDescriptor.TYPE_FLOAT: float,
+    FieldDescriptor.TYPE_INT64: int,
+    FieldDescriptor.TYPE_UINT64: int,
+    FieldDescriptor.TYPE_INT32: int,
+    FieldDescriptor.TYPE_BOOL: bool,
+    FieldDescriptor.TYPE_STRING: str,
+}
+_PROTO_TYPES = {f.name: _PYTHON_TYPES[f.type] for f in bul_pb2.QueryResponse.DESCRIPTOR.fields}
 
 
 def stats_to_response(stats: Mapping[str, Any]) -> bul_pb2.StatsResponse:
     """The typed fields for the keys every engine has; `details` carries the whole dict, so keys
     added to the engine later reach clients before this message grows a field for them."""
+    counters: dict[str, Any] = {name: int(stats.get(name) or 0) for name in _STATS_COUNTERS}
     response = bul_pb2.StatsResponse(
-        **{name: int(stats.get(name) or 0) for name in _STATS_COUNTERS},
+        **counters,
         hit_rate=float(stats.get("hit_rate") or 0.0),
         token_hit_rate=float(stats.get("token_hit_rate") or 0.0),
         model=str(stats.get("model", "")),

@@ -11,7 +11,7 @@ answers it INVALID_ARGUMENT with the parser's reason and never calls the service
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -66,7 +66,7 @@ def _unary(behaviour: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, An
 
 
 def _streaming(
-    behaviour: Callable[[Any, Any], AsyncIterator[Any]],
+    behaviour: Callable[[Any, Any], AsyncGenerator[Any, None]],
 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         if isinstance(request, Undecodable):

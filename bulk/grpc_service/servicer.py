@@ -4,7 +4,7 @@ answer. Engine errors become status codes here, the gRPC boundary (see `status_f
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 
 import grpc
@@ -64,7 +64,7 @@ class BULServicer(bul_pb2_grpc.BULServiceServicer):
 
     async def StreamQuery(
         self, request: bul_pb2.QueryRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bul_pb2.TokenChunk]:
+    ) -> AsyncGenerator[bul_pb2.TokenChunk, None]:
         # A client that goes away cancels this call; closing the engine's stream then (not whenever
         # it is garbage collected) stops the generation on the model thread at once.
         async with (

@@ -7,9 +7,10 @@ Builds one engine from `app.config["BUL_CACHE_CONFIG"]` (a dict of `KVCacheConfi
 - `POST /api/query`: a request dict (`{"query": ..., "priority": ...}`) -> the engine's result;
 - `GET /api/stats`: `engine.get_stats()`.
 
-Bad input answers 422 with `{"error": message, "field": name}`; a body that is not a JSON object is a
-422 naming `body`. The views are plain `def`: under WSGI each request already has its own thread, and
-the engine's sync call queues it for the model like the async one does."""
+Bad input answers 422 with the body every BUL HTTP face sends (`bulk.errors.error_body`: `detail` and
+`error.param` name the field); a body that is not a JSON object is a 422 naming `body`. The views are
+plain `def`: under WSGI each request already has its own thread, and the engine's sync call queues it
+for the model like the async one does."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from flask.typing import ResponseReturnValue
 
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
-from bulk.errors import BulError, InvalidRequestError
+from bulk.errors import BulError, InvalidRequestError, error_body, invalid_request_body
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,10 @@ def _get_stats() -> ResponseReturnValue:
 
 
 def _invalid_request(exc: InvalidRequestError) -> ResponseReturnValue:
-    return jsonify({"error": str(exc), "field": exc.field}), 422
+    return jsonify(invalid_request_body(exc)), 422
 
 
 def _engine_unavailable(exc: BulError) -> ResponseReturnValue:
     # Model not loadable, engine shut down: the service is unavailable, the request was fine.
     log.error("engine error on %s: %s", request.path, exc)
-    return jsonify({"error": str(exc)}), 503
+    return jsonify(error_body(503, str(exc))), 503

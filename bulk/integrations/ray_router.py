@@ -90,7 +90,7 @@ class _Bookkeeping:
         return {"policy": self.POLICY, "decisions": decisions, "inflight": inflight}  # type: ignore[attr-defined]
 
     def _targeted(
-        self, candidates: list[RunningReplica], pending_request: PendingRequest, target: str
+        self, candidates: list[RunningReplica], pending_request: PendingRequest | None, target: str
     ) -> Any:
         _back_off_when_refused(pending_request)
         chosen = [r for r in candidates if r.replica_id.unique_id == target]
@@ -113,7 +113,7 @@ class PrefixAwareRouter(_Bookkeeping, RequestRouter):
 
     POLICY = "prefix"
 
-    def initialize_state(
+    def initialize_state(  # type: ignore[override]  # Serve passes request_router_kwargs as keywords
         self,
         imbalance_threshold: float = DEFAULT_IMBALANCE_THRESHOLD,
         min_match_ratio: float = DEFAULT_MIN_MATCH_RATIO,

@@ -25,11 +25,9 @@ import contextvars
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.config import RequestRouterConfig
@@ -42,6 +40,7 @@ from bulk.engine.response_cache import ResponseCache
 from bulk.engine_settings import EngineSettings
 from bulk.errors import BulError, InvalidRequestError, error_data, error_from_data
 from bulk.integrations.ray_router import TARGET_KWARG
+from bulk.integrations.ray_settings import ClusterSettings
 from bulk.routing.chains import pack_block_ids
 from bulk.routing.cluster_stats import merge_stats
 from bulk.routing.registry import find_router
@@ -57,33 +56,6 @@ ROUTERS = {
 }
 
 
-class ClusterSettings(BaseSettings):
-    """The cluster's own options, `BUL_RAY_*` (`bul cluster` flags win). Engine and server options
-    are the usual `BUL_*` variables, read by every replica."""
-
-    model_config = SettingsConfigDict(env_prefix="BUL_RAY_", extra="ignore")
-
-    # `bul cluster`: join the Ray cluster at this address (`ray://host:10001`, `auto`); empty: start one.
-    address: str | None = None
-    replicas: int = Field(2, ge=1)
-    router: Literal["prefix", "pow2"] = "prefix"
-    # Queue difference past which the replica holding the prefix is passed over for power-of-two choices.
-    imbalance_threshold: float = Field(8.0, ge=0)
-    # A replica holding less than this share of a request's blocks is not preferred for it.
-    min_match_ratio: float = Field(0.1, ge=0, le=1)
-    # Requests a replica takes at once (Serve's max_ongoing_requests): beyond, the router looks elsewhere.
-    max_ongoing_requests: int = Field(64, ge=1)
-    # How often each replica reports the blocks it holds to the routers.
-    stats_period_s: float = Field(1.0, gt=0)
-    # At most this many block ids per report (8 bytes each).
-    report_blocks: int = Field(65_536, ge=0)
-    replica_cpus: float = Field(1.0, ge=0)
-    ingress_replicas: int = Field(1, ge=1)
-    ingress_max_ongoing_requests: int = Field(1024, ge=1)
-    # Times a request is sent again when its replica dies under it.
-    retries: int = Field(4, ge=0)
-
-
 # ---- the engine replica ---------------------------------------------------------------------------
 
 
@@ -96,7 +68,7 @@ class EngineReplica:
     """One engine, answering with plain data. Methods take `bul_replica` (ignored here): the router
     reads it to send a request to one replica."""
 
-    async def __init__(self, report_blocks: int = 65_536) -> None:
+    async def __init__(self, report_blocks: int = 65_536) -> None:  # type: ignore[misc]  # Serve awaits it
         self.engine = UltraAdaptiveKVCacheEngine(EngineSettings().engine_config())
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._report_blocks = report_blocks
@@ -217,7 +189,7 @@ class RayEngineClient:
     async def process_request_json(self, query: Any) -> bytes:
         return await self._call("process_request_json", self.parse(query).to_payload())
 
-    async def stream_request(self, query: Any) -> AsyncIterator[dict[str, Any]]:
+    async def stream_request(self, query: Any) -> AsyncGenerator[dict[str, Any], None]:
         """The replica's events. When the replica dies mid-stream, the request goes again to
         another: at once if nothing was delivered yet; if something was, only for a deterministic
         request (greedy or seeded), whose text then starts with what was delivered, which is skipped."""
@@ -382,10 +354,11 @@ def bul_application(cluster: ClusterSettings | None = None, env: dict[str, str] 
         num_replicas=cluster.replicas,
         max_ongoing_requests=cluster.max_ongoing_requests,
         ray_actor_options={"num_cpus": cluster.replica_cpus, **runtime},
+        # Ray's pydantic model types its fields loosely; these are the values its docs give.
         request_router_config=RequestRouterConfig(
-            request_router_class=ROUTERS[cluster.router],
+            request_router_class=ROUTERS[cluster.router],  # type: ignore[arg-type]
             request_router_kwargs=kwargs,
-            request_routing_stats_period_s=cluster.stats_period_s,
+            request_routing_stats_period_s=cluster.stats_period_s,  # type: ignore[arg-type]
         ),
         health_check_period_s=2.0,
     )
@@ -396,7 +369,8 @@ def bul_application(cluster: ClusterSettings | None = None, env: dict[str, str] 
         max_ongoing_requests=cluster.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": 0, **runtime},
     )
-    return ingress.bind(engine.bind(cluster.report_blocks), cluster.retries)
+    # `serve.deployment(cls, ...)` returns a Deployment; its overloads are typed for the decorator form.
+    return ingress.bind(engine.bind(cluster.report_blocks), cluster.retries)  # type: ignore[attr-defined]
 
 
 def build_app(args: dict[str, Any]) -> Any:

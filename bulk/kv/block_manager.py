@@ -24,10 +24,12 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from bulk.config import CacheStrategy
 from bulk.kv.hashing import chain_hashes
 from bulk.kv.policies import make_policy
+from bulk.kv.policies.base import CanEvict
 
 logger = logging.getLogger(__name__)
 
@@ -151,9 +153,11 @@ class BlockManager:
     def _make_room(self, evicted: list[bytes]) -> bool:
         """Evict until one block fits; False when nothing may leave. Caller holds the lock."""
         while len(self._blocks) >= self.capacity_blocks:
-            victim = self._policy.pop_victim(self._evictable)
-            if victim is None:
+            # The policy holds only block hashes: it asks `_evictable` about bytes alone.
+            key = self._policy.pop_victim(cast(CanEvict, self._evictable))
+            if key is None:
                 return False
+            victim = cast(bytes, key)  # the policy holds only block hashes
             self._unlink(victim)
             self._evictions += 1
             evicted.append(victim)
@@ -182,22 +186,6 @@ class BlockManager:
             for digest in lease.hashes:
                 self._blocks[digest].refs -= 1
 
-    def remove(self, digest: bytes) -> list[bytes]:
-        """Drop a block the owner found unusable, with its cached descendants (no `on_evict` call).
-        Refused, returning [], when the block is absent or it or a descendant is pinned."""
-        with self._lock:
-            if digest not in self._blocks:
-                return []
-            subtree = [digest]
-            for current in subtree:  # grows while iterating: breadth-first walk
-                subtree.extend(self._blocks[current].children)
-            if any(self._blocks[d].refs for d in subtree):
-                return []
-            for d in reversed(subtree):  # tails first, so parents are still there to unlink from
-                self._unlink(d)
-                self._policy.discard(d)
-            return subtree
-
     def clear(self) -> list[bytes]:
         """Drop every unpinned block (no `on_evict` call); returns the removed hashes. Ancestors of
         pinned blocks are pinned by the same leases, so the chains that remain stay whole."""
@@ -208,17 +196,6 @@ class BlockManager:
             for d in removed:
                 self._unlink(d)
             return removed
-
-    def ref_count(self, digest: bytes) -> int:
-        """Open leases pinning `digest` (0 when absent)."""
-        with self._lock:
-            block = self._blocks.get(digest)
-            return block.refs if block is not None else 0
-
-    def parent_of(self, digest: bytes) -> bytes | None:
-        """The parent hash of a cached block (None for a first block); KeyError when absent."""
-        with self._lock:
-            return self._blocks[digest].parent
 
     def digests(self, limit: int | None = None) -> list[bytes]:
         """The cached blocks' hashes (at most `limit`, in no particular order): what a replica

@@ -16,6 +16,7 @@ import hashlib
 import operator
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 # Bump when the encoding below changes: old digests must not alias new ones.
 _NAMESPACE_VERSION = b"bul-kv-v1"
@@ -57,7 +58,7 @@ def _pack_tokens(tokens: Sequence[int]) -> bytes:
         raise ValueError(f"token ids must be integers in [0, 2**32), got {bad!r}") from None
 
 
-def _is_token(value: object) -> bool:
+def _is_token(value: Any) -> bool:
     try:
         index = operator.index(value)
     except TypeError:

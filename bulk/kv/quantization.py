@@ -10,13 +10,16 @@ Scales and minimums are float16: at 16-token key groups and 32-channel value gro
 0.19 bytes per element, so a float32 block shrinks 3.4x under int8 and 6x under int4.
 
 Blocks are quantized when stored and dequantized when a request reuses them; the model always
-computes in its own dtype. The codec is a transform handed to the prefix cache from outside, the
-attention code never sees it.
+computes in its own dtype. A codec (`BlockCodec`: `PlainCodec`, or `KIVICodec` at 8 or 4 bits) is a
+transform the engine hands to the prefix cache (`codec(config.quantization)`); the prefix cache only
+calls it, and the attention code never sees it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -27,11 +30,85 @@ BITS = {"int8": 8, "int4": 4}
 Parts = dict[str, torch.Tensor]
 
 
-def quantize(block: torch.Tensor, quantization: str) -> Parts:
-    """`block`: (layers, 2, kv_heads, block, head_dim). Returns named tensors to store."""
-    if quantization == "none":
+class BlockCodec(Protocol):
+    """Blocks <-> the named tensors stored for them. `name` is the `quantization` setting it stands
+    for: recorded in every stored block and in the hash namespace, so blocks of two codecs never mix."""
+
+    @property
+    def name(self) -> str: ...
+
+    def encode(self, block: torch.Tensor) -> Parts:
+        """`block`: (layers, 2, kv_heads, block, head_dim). Returns named tensors to store."""
+        ...
+
+    def decode(self, parts: Parts, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """Rebuild a (layers, 2, kv_heads, block, head_dim) block in `dtype` from `encode`'s parts."""
+        ...
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """Raise ValueError when a block of `shape` cannot be stored this way."""
+        ...
+
+
+class PlainCodec:
+    """Blocks stored as they are (`quantization="none"`)."""
+
+    name = "none"
+
+    def encode(self, block: torch.Tensor) -> Parts:
         return {"kv": block}
-    bits = BITS[quantization]
+
+    def decode(self, parts: Parts, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return parts["kv"]
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class KIVICodec:
+    """KIVI's asymmetric quantization (the module docstring) at `bits` 8 or 4."""
+
+    bits: int
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    def encode(self, block: torch.Tensor) -> Parts:
+        return _quantize(block, self.bits)
+
+    def decode(self, parts: Parts, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return _dequantize(parts, self.bits, dtype, shape)
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        head_dim = shape[-1]
+        if head_dim % 2:  # int4 packs channel pairs; every model we know has an even head_dim
+            raise ValueError(f"head_dim {head_dim} is odd: blocks cannot be quantized")
+
+
+CODECS: dict[str, BlockCodec] = {
+    "none": PlainCodec(),
+    **{name: KIVICodec(bits) for name, bits in BITS.items()},
+}
+
+
+def codec(quantization: str) -> BlockCodec:
+    """The codec of a `quantization` setting ("none", "int8", "int4")."""
+    return CODECS[quantization]
+
+
+def quantize(block: torch.Tensor, quantization: str) -> Parts:
+    """`codec(quantization).encode(block)`."""
+    return CODECS[quantization].encode(block)
+
+
+def dequantize(parts: Parts, quantization: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """`codec(quantization).decode(parts, dtype, shape)`."""
+    return CODECS[quantization].decode(parts, dtype, shape)
+
+
+def _quantize(block: torch.Tensor, bits: int) -> Parts:
     keys, values = block[:, 0].float(), block[:, 1].float()  # (layers, kv_heads, block, head_dim)
     k_q, k_scale, k_min = _quantize_groups(keys, dim=2, bits=bits)  # per channel, over tokens
     grouped = _value_groups(values)  # (layers, kv_heads, block, head_dim // G, G)
@@ -46,11 +123,7 @@ def quantize(block: torch.Tensor, quantization: str) -> Parts:
     }
 
 
-def dequantize(parts: Parts, quantization: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """Rebuild a (layers, 2, kv_heads, block, head_dim) block in `dtype` from `quantize`'s parts."""
-    if quantization == "none":
-        return parts["kv"]
-    bits = BITS[quantization]
+def _dequantize(parts: Parts, bits: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     layers, _, heads, tokens, head_dim = shape
     group = value_group(head_dim)
     k_q = _unpack(parts["k_q"], bits, (layers, heads, tokens, head_dim))
@@ -60,15 +133,6 @@ def dequantize(parts: Parts, quantization: str, dtype: torch.dtype, shape: tuple
         layers, heads, tokens, head_dim
     )
     return torch.stack((keys, values), dim=1).to(dtype)
-
-
-def check_shape(shape: tuple[int, ...], quantization: str) -> None:
-    """Raise ValueError when a block of `shape` cannot be stored under `quantization`."""
-    if quantization == "none":
-        return
-    head_dim = shape[-1]
-    if head_dim % 2:  # int4 packs channel pairs; every model we know has an even head_dim
-        raise ValueError(f"head_dim {head_dim} is odd: blocks cannot be quantized")
 
 
 def value_group(head_dim: int) -> int:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+if TYPE_CHECKING:  # annotations only: importing the engine here would load torch with the metrics
+    from bulk.engine.protocol import ServingEngine
 
 TIER_LABELS = ("tier",)
 # (metric name, key in get_stats()["histograms"], help)
@@ -48,7 +51,7 @@ REPLICA_GAUGES = (
 
 
 class EngineStatsCollector(Collector):
-    def __init__(self, engine: Any, prefix: str = "kv_cache") -> None:
+    def __init__(self, engine: ServingEngine, prefix: str = "kv_cache") -> None:
         self._engine = engine
         self._prefix = prefix
         self._given = threading.local()  # stats handed in for one rendering, per thread

@@ -11,13 +11,16 @@ works beside us."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from bulk.engine.stats import LATENCY_BUCKETS
 from bulk.metrics.collector import EngineStatsCollector
 from bulk.metrics.histogram import LatencyHistogram
+
+if TYPE_CHECKING:  # annotations only: importing the engine here would load torch with the metrics
+    from bulk.engine.protocol import ServingEngine
 
 
 class PrometheusExporter:
@@ -27,7 +30,10 @@ class PrometheusExporter:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(
-        self, engine: Any | None = None, registry: CollectorRegistry | None = None, prefix: str = "kv_cache"
+        self,
+        engine: ServingEngine | None = None,
+        registry: CollectorRegistry | None = None,
+        prefix: str = "kv_cache",
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.prefix = prefix
@@ -38,11 +44,11 @@ class PrometheusExporter:
             self.registry,
             labelnames=("api",),
         )
-        self._engine: Any | None = None
+        self._engine: ServingEngine | None = None
         if engine is not None:
             self.attach(engine)
 
-    def attach(self, engine: Any) -> PrometheusExporter:
+    def attach(self, engine: ServingEngine) -> PrometheusExporter:
         """Read `engine`'s stats at scrape time; once per exporter."""
         if self._engine is not None:
             raise RuntimeError("this exporter is already attached to an engine")

@@ -67,4 +67,5 @@ def build_demo_model(name: str, dtype: torch.dtype, device: torch.device) -> Lla
     printable[10] = True
     with torch.no_grad():
         model.lm_head.weight[~printable] = 0.0
-    return model.to(device=device, dtype=dtype).train(False)  # inference: dropout off
+    # inference: dropout off. (transformers wraps `to` in a decorator mypy cannot see through)
+    return model.to(device=device, dtype=dtype).train(False)  # type: ignore[call-arg]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
@@ -79,7 +79,8 @@ class _BufferedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
-            keys, values = self.keys, self.values
+            # What the layer holds: the first `length` tokens of the old buffers (`self.keys` views them).
+            keys, values = self._key_buffer[:, :, : self.length], self._value_buffer[:, :, : self.length]
             self.capacity = max(end, 2 * self.capacity)
             self.lazy_initialization(key_states, value_states)
             self._key_buffer[:, :, : keys.shape[2]] = keys
@@ -93,7 +94,7 @@ class _BufferedLayer(DynamicLayer):
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
-        if self.is_initialized:
+        if self.is_initialized and self.keys is not None:
             self.length = self.keys.shape[2]
 
     def reset(self) -> None:
@@ -134,11 +135,16 @@ def forward_all(model: Any, input_ids: torch.Tensor, cache: Any) -> tuple[torch.
     return output.logits, _output_cache(output)
 
 
+def _buffered(cache: DynamicCache) -> list[_BufferedLayer]:
+    """The layers of a cache `new_cache` built (transformers types them as its base classes)."""
+    return cast("list[_BufferedLayer]", cache.layers)
+
+
 def cache_on_buffer(model: Any, buffer: torch.Tensor, length: int) -> DynamicCache:
     """A cache whose layers read and write `buffer` in place, (layers, 2, kv_heads, capacity,
     head_dim) (a request's range of the KV pool), holding its first `length` tokens already."""
     cache = new_cache(model, capacity=buffer.shape[3])
-    for i, layer in enumerate(cache.layers):
+    for i, layer in enumerate(_buffered(cache)):
         layer._adopt(buffer[i, 0].unsqueeze(0), buffer[i, 1].unsqueeze(0), length=length)
     return cache
 
@@ -170,7 +176,7 @@ def cache_from_blocks(
         buffer[:, :, 0, :, start : start + take] = block[:, :, :, :take]
         start += take
     if buffered:
-        for i, layer in enumerate(cache.layers):
+        for i, layer in enumerate(_buffered(cache)):
             layer._adopt(buffer[i, 0], buffer[i, 1], length=num_tokens)
         return cache
     # A model whose cache layers are not plain attention never gets here (no blocks are stored for
@@ -203,7 +209,7 @@ def cache_from_block_rows(model: Any, rows: Sequence[Sequence[torch.Tensor]], ca
         for block in row:
             buffer[:, :, r, :, start : start + block.shape[3]] = block
             start += block.shape[3]
-    for i, layer in enumerate(cache.layers):
+    for i, layer in enumerate(_buffered(cache)):
         layer._adopt(buffer[i, 0], buffer[i, 1], length=length)
     return cache
 

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
+from bulk import named_models
 from bulk.config import KVCacheConfig
 from bulk.errors import ModelLoadError
-from bulk.models import hf_cache, registry
+from bulk.models import hf_cache
 from bulk.models.cpu import has_bf16_instructions
 from bulk.models.demo import DEMO_SPECS, build_demo_model, is_demo
 from bulk.models.gguf import converted_folder, is_gguf_path
@@ -84,7 +85,7 @@ def load_model(config: KVCacheConfig) -> LoadedModel:
             log.info(
                 "model %s has random weights: its text is meaningless. For real text: %s",
                 config.model,
-                registry.DEFAULT_NAMED_MODEL.install_hint,
+                named_models.DEFAULT_NAMED_MODEL.install_hint,
             )
         else:
             model, tokenizer, fingerprint = _load_hf(_hf_source(config), dtype, device)
@@ -136,9 +137,9 @@ def _hf_source(config: KVCacheConfig) -> str:
     """The Hugging Face folder (or hub id) to load for `config.model`: a named model's GGUF file and
     any other `.gguf` file are converted once into a folder under `model_cache_path`."""
     cache_root = Path(config.model_cache_path).expanduser()
-    if registry.is_named(config.model):
-        named = registry.NAMED_MODELS[config.model]
-        path = registry.named_model_file(config.model)
+    if named_models.is_named(config.model):
+        named = named_models.NAMED_MODELS[config.model]
+        path = named_models.named_model_file(config.model)
         return str(converted_folder(path, cache_root, expected_sha256=named.sha256))
     if is_gguf_path(config.model):
         return str(converted_folder(Path(config.model).expanduser(), cache_root))
@@ -153,7 +154,8 @@ def _load_hf(path_or_id: str, dtype: torch.dtype, device: torch.device) -> tuple
         raise ModelLoadError(f"{local} has no config.json: not a Hugging Face model directory")
     source = str(local) if local.exists() else path_or_id
     with quiet_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).train(False)
+        # (transformers wraps `to` in a decorator mypy cannot see through)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).train(False)  # type: ignore[arg-type]
     # The generation config may name more end tokens than the tokenizer's EOS (a chat template's
     # end of turn, as Llama 3's <|eot_id|>): generation stops at any of them.
     generation = getattr(model, "generation_config", None)

@@ -45,7 +45,7 @@ class HFTokenizer:
         self._tokenizer = tokenizer
         self._bos_text: str | None = getattr(tokenizer, "bos_token", None) or None
         self.vocab_size = len(tokenizer)
-        ids: list[int | None] = []
+        ids: list[object] = []  # whatever the tokenizer and config hold; only ints are kept
         for eos in (tokenizer.eos_token_id, extra_eos_ids):
             ids.extend(eos if isinstance(eos, list | tuple) else [eos])
         self.eos_token_ids = frozenset(i for i in ids if isinstance(i, int))

@@ -39,11 +39,17 @@ DESCRIPTION = (
 def create_app(settings: ServerSettings | None = None, engine: ServingEngine | None = None) -> FastAPI:
     settings = settings if settings is not None else ServerSettings()
     # Checked now, so a bad BUL_* value fails `bul serve` before it binds a port.
-    config = settings.engine_config() if engine is None else None
+    config = settings.engine_config() if engine is None else engine.config
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        served: ServingEngine = engine if engine is not None else UltraAdaptiveKVCacheEngine(config)
+        # The engine this app built and owns (None when it was handed one), and the one it serves.
+        local: UltraAdaptiveKVCacheEngine | None = None
+        served: ServingEngine
+        if engine is None:
+            served = local = UltraAdaptiveKVCacheEngine(config)
+        else:
+            served = engine
         app.state.engine = served
         app.state.metrics = PrometheusExporter(served)
         app.state.tasks = TaskRegistry(settings.task_registry_size)
@@ -55,9 +61,9 @@ def create_app(settings: ServerSettings | None = None, engine: ServingEngine | N
         finally:
             warming.cancel()
             await app.state.tasks.aclose()
-            if engine is None:
+            if local is not None:
                 # shutdown() waits for the running request; keep the event loop free meanwhile.
-                await asyncio.to_thread(served.shutdown)
+                await asyncio.to_thread(local.shutdown)
 
     app = FastAPI(
         title="BUL API",
@@ -74,11 +80,11 @@ def create_app(settings: ServerSettings | None = None, engine: ServingEngine | N
     app.include_router(routes_metrics.router)
     if settings.celery:
         # Imported only when asked for: it needs the celery extra and a broker.
-        from bulk.integrations.celery.router import router as celery_router
+        from bulk.server.celery_routes import router as celery_router
 
         app.include_router(celery_router)
     # /openapi.json states the limits that the engine and these settings enforce.
-    install_openapi(app, settings, (engine.config if engine is not None else config).max_new_tokens_limit)
+    install_openapi(app, settings, config.max_new_tokens_limit)
 
     # Middleware added last runs first: protection, the body limit, the optional answer cache, then
     # the routes. All are pure ASGI: a BaseHTTPMiddleware would cost more than a cached answer.

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from starlette.types import Send
 
-from bulk.server.errors import error_body
+from bulk.errors import error_body
 
 Headers = Iterable[tuple[bytes, bytes]]
 
@@ -29,5 +29,5 @@ async def send_json(send: Send, status: int, body: bytes, headers: Headers = ())
 
 
 async def send_error(send: Send, status: int, message: str, headers: Headers = ()) -> None:
-    """The same error body as every route's (`errors.error_body`)."""
+    """The same error body as every route's (`bulk.errors.error_body`)."""
     await send_json(send, status, json.dumps(error_body(status, message)).encode(), headers)

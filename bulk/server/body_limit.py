@@ -28,7 +28,7 @@ class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.message = f"request body larger than {max_body_bytes} bytes (BUL_MAX_BODY_BYTES)"
+        self.message = too_large_message(max_body_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,6 +66,11 @@ class BodyLimitMiddleware:
             if started:
                 raise
             await _too_large(send, self.message)
+
+
+def too_large_message(max_body_bytes: int) -> str:
+    """The 413's message, here and in the cache middleware (which reads bodies itself)."""
+    return f"request body larger than {max_body_bytes} bytes (BUL_MAX_BODY_BYTES)"
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -12,11 +12,13 @@ an extra task and cannot pass streaming answers through untouched."""
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bulk.server.asgi_json import send_json
+from bulk.engine.protocol import ServingEngine
+from bulk.server.asgi_json import send_error, send_json
+from bulk.server.body_limit import too_large_message
 
 CACHED_PATHS = ("/api/query", "/v1/completions", "/v1/chat/completions")
 _HIT, _MISS = [(b"x-bul-cache", b"hit")], [(b"x-bul-cache", b"miss")]
@@ -26,13 +28,14 @@ class CacheMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        get_engine: Any,
+        get_engine: Callable[[], ServingEngine],
         ttl: float,
         max_body_bytes: int,
         paths: tuple[str, ...] = CACHED_PATHS,
     ):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.too_large = too_large_message(max_body_bytes)
         self.get_engine = get_engine  # the engine exists only once the lifespan has built it
         self.ttl = ttl
         self.paths = paths
@@ -41,9 +44,10 @@ class CacheMiddleware:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        body, more = await _read_body(receive, self.max_body_bytes)
+        body = await _read_body(receive, self.max_body_bytes)
         if body is None:
-            await send_json(send, 413, b'{"detail":"request body too large"}', _MISS)
+            # The body limit's own answer (`body_limit.py`), for a body it let through undeclared.
+            await send_error(send, 413, self.too_large, _MISS)
             return
         engine = self.get_engine()
         key = f"http:{scope['method']}:{scope['path']}:{hashlib.sha256(body).hexdigest()}"
@@ -58,7 +62,7 @@ class CacheMiddleware:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": body, "more_body": more}
+                return {"type": "http.request", "body": body, "more_body": False}  # the whole body, read
             return await receive()
 
         status = 0
@@ -80,7 +84,7 @@ class CacheMiddleware:
         await self.app(scope, replay, capture)
 
 
-async def _read_body(receive: Receive, limit: int) -> tuple[bytes | None, bool]:
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
     """The whole request body, or None past `limit` bytes (it is read here, before FastAPI's own
     limit could apply)."""
     parts: list[bytes] = []
@@ -88,10 +92,10 @@ async def _read_body(receive: Receive, limit: int) -> tuple[bytes | None, bool]:
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            return b"".join(parts), False
+            return b"".join(parts)
         parts.append(message.get("body", b""))
         size += len(parts[-1])
         if size > limit:
-            return None, False
+            return None
         if not message.get("more_body", False):
-            return b"".join(parts), False
+            return b"".join(parts)

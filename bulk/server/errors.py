@@ -1,18 +1,26 @@
 """Error translation at the HTTP boundary: bad input is a 422 naming the field, never a 500.
 
-Every error body carries both FastAPI's `detail` list and an OpenAI-style `error` object, so that
-REST clients and the `openai` package each find the message where they look for it."""
+Every error body is `bulk.errors.error_body`'s (FastAPI's `detail` list beside an OpenAI-style `error`
+object), the same body the Flask and Django integrations send."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from bulk.errors import BulError, EngineClosedError, InvalidRequestError, ModelLoadError
+from bulk.errors import (
+    BulError,
+    EngineClosedError,
+    InvalidRequestError,
+    ModelLoadError,
+    error_body,
+    invalid_request_body,
+)
+
+__all__ = ["OPENAI_FIELDS", "error_body", "install_error_handlers", "invalid_request_response"]
 
 log = logging.getLogger(__name__)
 
@@ -20,18 +28,9 @@ log = logging.getLogger(__name__)
 OPENAI_FIELDS = {"max_new_tokens": "max_tokens", "query": "prompt", "text": "prompt"}
 
 
-def error_body(status: int, message: str, field: str | None = None, detail: Any = None) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    if detail is None:
-        detail = [{"loc": ["body", field], "msg": message, "type": "value_error"}] if field else message
-    return {"detail": detail, "error": {"message": message, "type": kind, "param": field, "code": status}}
-
-
 def invalid_request_response(exc: InvalidRequestError, path: str = "") -> JSONResponse:
-    field = exc.field
-    if path.startswith("/v1/"):
-        field = OPENAI_FIELDS.get(field, field)
-    return JSONResponse(error_body(422, f"{field}: {exc.message}", field), status_code=422)
+    field = OPENAI_FIELDS.get(exc.field, exc.field) if path.startswith("/v1/") else exc.field
+    return JSONResponse(invalid_request_body(exc, field), status_code=422)
 
 
 def install_error_handlers(app: FastAPI) -> None:

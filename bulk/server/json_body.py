@@ -1,8 +1,8 @@
 """Reading a JSON request body into a pydantic model in one step, with FastAPI's own 422s.
 
 FastAPI's body parameters decode the JSON into Python objects, then validate those objects; on a
-route answering in microseconds that is a large share of the time. `read_json_body` hands the raw
-bytes to pydantic's `model_validate_json` (one pass, in Rust) and raises the same
+route answering in microseconds that is a large share of the time. `parse_json_body` hands the raw
+bytes (read by `read_body`) to pydantic's `model_validate_json` (one pass, in Rust) and raises the same
 `RequestValidationError` (locations under `"body"`) that FastAPI would, so the error handlers give
 the same 422. `json_body_openapi` documents the body in the OpenAPI schema as FastAPI would."""
 
@@ -26,7 +26,7 @@ VALIDATION_ERROR_RESPONSE: dict[int | str, dict[str, Any]] = {
 
 
 def json_body_openapi(model: type[BaseModel]) -> dict[str, Any]:
-    """The `openapi_extra` of a route that reads `model` with `read_json_body`: the same reference
+    """The `openapi_extra` of a route that reads `model` with `parse_json_body`: the same reference
     to `#/components/schemas/<Model>` that FastAPI writes for a body parameter. The component is
     there when another route takes `model` as a FastAPI body (`/api/batch` does for QueryRequest;
     tests/server/test_query_route.py checks that the reference resolves)."""
@@ -36,10 +36,6 @@ def json_body_openapi(model: type[BaseModel]) -> dict[str, Any]:
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
         }
     }
-
-
-async def read_json_body(request: Request, model: type[Model]) -> Model:
-    return parse_json_body(request, await read_body(request), model)
 
 
 def parse_json_body(request: Request, body: bytes, model: type[Model]) -> Model:

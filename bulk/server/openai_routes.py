@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from bulk.engine.protocol import ServingEngine
 from bulk.errors import BulError, InvalidRequestError
+from bulk.metrics import PrometheusExporter
 from bulk.server.deps import Engine, Metrics, Settings
 from bulk.server.json_input import JSONRoute
 from bulk.server.openai_schemas import (
@@ -26,6 +28,7 @@ from bulk.server.openai_schemas import (
     usage,
 )
 from bulk.server.schemas import check_limits
+from bulk.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=JSONRoute)
@@ -72,7 +75,13 @@ async def chat_completions(
 
 
 async def _answer(
-    engine: Any, settings: Any, metrics: Any, body: Any, payload: dict[str, Any], *, chat: bool
+    engine: ServingEngine,
+    settings: ServerSettings,
+    metrics: PrometheusExporter,
+    body: CompletionRequest | ChatCompletionRequest,
+    payload: dict[str, Any],
+    *,
+    chat: bool,
 ) -> Response:
     started = time.perf_counter()
     model = settings.model_name
@@ -114,7 +123,7 @@ async def _sse(
     chat: bool,
     model: str,
     include_usage: bool,
-    on_done: Any,
+    on_done: Callable[[], None],
 ) -> AsyncIterator[bytes]:
     kind = "chat.completion.chunk" if chat else "text_completion"
     stream_id = f"{'chatcmpl' if chat else 'cmpl'}-stream-{time.time_ns():x}"

@@ -36,7 +36,9 @@ class _Sampling(BaseModel):
         for ours, theirs in (("max_new_tokens", self.max_tokens), ("top_p", self.top_p), ("seed", self.seed)):
             if theirs is not None:
                 params[ours] = theirs
-        if self.stop:
+        # An empty list is "no stop strings"; an empty string goes on, for the engine to refuse (422),
+        # as the published schema says (it was once dropped here, answered 200).
+        if self.stop is not None and self.stop != []:
             params["stop"] = self.stop
         return params
 

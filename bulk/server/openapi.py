@@ -47,9 +47,9 @@ def install_openapi(app: FastAPI, settings: ServerSettings, max_new_tokens_limit
 def state_limits(schema: dict[str, Any], settings: ServerSettings, max_new_tokens_limit: int) -> None:
     """Add the limits to `schema` in place. Models or properties absent from it are skipped."""
     components = schema.get("components", {}).get("schemas", {})
-    prompt = {"maxLength": settings.max_query_chars, "pattern": NOT_BLANK}
-    tokens = {"minimum": 1, "maximum": max_new_tokens_limit}
-    sampling = {"temperature": TEMPERATURE, "top_p": TOP_P, "seed": SEED, "stop": STOP}
+    prompt: dict[str, Any] = {"maxLength": settings.max_query_chars, "pattern": NOT_BLANK}
+    tokens: dict[str, Any] = {"minimum": 1, "maximum": max_new_tokens_limit}
+    sampling: dict[str, Any] = {"temperature": TEMPERATURE, "top_p": TOP_P, "seed": SEED, "stop": STOP}
 
     query = components.get("QueryRequest")
     _constrain(

@@ -19,7 +19,8 @@ from bulk.server.errors import error_body
 from bulk.server.json_body import VALIDATION_ERROR_RESPONSE, json_body_openapi, parse_json_body, read_body
 from bulk.server.json_input import JSONRoute
 from bulk.server.schemas import BatchAccepted, QueryRequest, TaskStatus, check_limits
-from bulk.server.tasks import RegistryFullError
+from bulk.server.settings import ServerSettings
+from bulk.server.tasks import RegistryFullError, TaskRegistry
 
 router = APIRouter(route_class=JSONRoute)  # deeply nested JSON is a 422, as any bad JSON
 _perf = time.perf_counter
@@ -99,10 +100,10 @@ async def process_batch(
     return {"status": "processing", "count": len(task_ids), "task_ids": task_ids}
 
 
-async def _task_status(tasks: Any, settings: Any, task_id: str) -> dict[str, Any]:
+async def _task_status(tasks: TaskRegistry, settings: ServerSettings, task_id: str) -> dict[str, Any]:
     status = tasks.get(task_id)
     if status is None and settings.celery:
-        from bulk.integrations.celery.router import celery_task_status
+        from bulk.server.celery_routes import celery_task_status
 
         # A blocking Redis round trip: run it on a worker thread, not on the event loop.
         status = await run_in_threadpool(celery_task_status, task_id)

@@ -35,9 +35,15 @@ def _integral(value: Any) -> Any:
 Integer = Annotated[StrictInt, BeforeValidator(_integral)]
 
 
+# Engine request fields (`bulk.engine.request.FIELDS`) that `QueryRequest` does not take: a conversation
+# is the OpenAI chat route's. `tests/test_schemas.py` checks the model against `FIELDS` minus these.
+NOT_IN_QUERY_BODY = frozenset(("messages",))
+
+
 class QueryRequest(BaseModel):
     """One query, as the guide sends it (`{"query", "priority"}`; `text` is accepted instead of
-    `query`), with the engine's optional generation parameters."""
+    `query`), with the engine's optional generation parameters: one field per engine request field
+    (`bulk.engine.request.FIELDS`, but `NOT_IN_QUERY_BODY`), typed for the published schema."""
 
     model_config = ConfigDict(
         extra="forbid",

@@ -14,6 +14,7 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
+from bulk.engine.protocol import ServingEngine
 from bulk.errors import BulError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class TaskRegistry:
         status = self._tasks.get(task_id)
         return dict(status) if status is not None else None
 
-    def submit(self, engine: Any, queries: list[dict[str, Any]]) -> list[str]:
+    def submit(self, engine: ServingEngine, queries: list[dict[str, Any]]) -> list[str]:
         """Start one task per query; returns their ids at once."""
         self._make_room(len(queries))
         ids = []
@@ -50,7 +51,7 @@ class TaskRegistry:
             ids.append(task_id)
         return ids
 
-    async def _run(self, engine: Any, task_id: str, query: dict[str, Any]) -> None:
+    async def _run(self, engine: ServingEngine, task_id: str, query: dict[str, Any]) -> None:
         try:
             result = await engine.process_request(query)
         except BulError as exc:

@@ -14,26 +14,20 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from bulk.engine.protocol import ServingEngine
+from bulk.engine.result import RESULT_FIELDS
 from bulk.errors import BulError, InvalidRequestError
+from bulk.metrics import PrometheusExporter
 from bulk.server.deps import Engine, Metrics, Settings
 from bulk.server.json_input import loads
 from bulk.server.schemas import check_limits
+from bulk.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-ANSWER_FIELDS = (
-    "result",
-    "cache_hit",
-    "latency",
-    "response_cached",
-    "cached_tokens",
-    "prompt_tokens",
-    "completion_tokens",
-    "ttft_ms",
-    "finish_reason",
-    "request_id",
-)
+# An answer's fields, without what an engine adds around them (a stream's `done`, a listener's `status`).
+ANSWER_FIELDS = RESULT_FIELDS
 
 
 @router.websocket("/ws/query")
@@ -52,7 +46,13 @@ async def websocket_query(websocket: WebSocket, engine: Engine, settings: Settin
         return
 
 
-async def _answer(websocket: WebSocket, raw: str, engine: Any, settings: Any, metrics: Any) -> None:
+async def _answer(
+    websocket: WebSocket,
+    raw: str,
+    engine: ServingEngine,
+    settings: ServerSettings,
+    metrics: PrometheusExporter,
+) -> None:
     started = time.perf_counter()
     echo: dict[str, Any] = {}
     try:

@@ -19,19 +19,22 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import cast
 
 from bulk.config import CacheStrategy
 from bulk.errors import TierError
 from bulk.kv.policies import make_policy
+from bulk.storage.base import BlockStore
 
 log = logging.getLogger(__name__)
 
 RESYNC_BATCH = 1000  # keys per round trip when resynchronising
 
 
-class BudgetedStore:
-    def __init__(self, store: Any, capacity_blocks: int, strategy: CacheStrategy | str) -> None:
+class BudgetedStore(BlockStore[bytes]):
+    """A lower tier under its budget: a store over `store`, which it fills and evicts."""
+
+    def __init__(self, store: BlockStore[bytes], capacity_blocks: int, strategy: CacheStrategy | str) -> None:
         self.store = store
         self.name = store.name
         self.capacity_blocks = capacity_blocks
@@ -43,7 +46,7 @@ class BudgetedStore:
         # Every key the policy holds, with the bytes of its value (0 until seen or resynchronised):
         # the size figure for backends that keep no count of their own (disk does), and the list of
         # keys a resync checks.
-        self._counts_sizes = not hasattr(store, "size_bytes")
+        self._counts_sizes = store.size_bytes is None
         self._sizes: dict[bytes, int] = {}
         self._bytes = 0
         # While a resync runs: keys admitted or deleted meanwhile, whose backend answer may be stale.
@@ -52,15 +55,12 @@ class BudgetedStore:
         self._learn_existing_keys()
 
     def _learn_existing_keys(self) -> None:
-        keys = getattr(self.store, "keys", None)
-        if keys is None:
-            return
         try:
-            existing = keys()
+            existing = self.store.keys()
         except TierError as exc:  # the backend is down; its entries age out by TTL or stay unbudgeted
             log.warning("%s tier: could not list existing blocks (%s)", self.name, exc)
             return
-        for key in existing:
+        for key in existing or ():  # None: a backend that cannot list its keys (Redis)
             self._admit(key)
 
     def __len__(self) -> int:
@@ -69,7 +69,8 @@ class BudgetedStore:
     @property
     def size_bytes(self) -> int:
         """The backend's own count where it keeps one (disk), else the bytes of the keys we know."""
-        return self._bytes if self._counts_sizes else self.store.size_bytes
+        backend = None if self._counts_sizes else self.store.size_bytes
+        return self._bytes if backend is None else backend
 
     def _set_size(self, key: bytes, size: int) -> None:
         self._bytes += size - self._sizes.get(key, 0)
@@ -90,9 +91,10 @@ class BudgetedStore:
                 self._policy.touch(key)
                 return
             while len(self._policy) >= self.capacity_blocks:
-                victim = self._policy.pop_victim()
-                if victim is None:
+                key_out = self._policy.pop_victim()
+                if key_out is None:
                     break
+                victim = cast(bytes, key_out)  # the policy holds only block hashes
                 victims.append(victim)
                 self._forget(victim)
             self._policy.insert(key)
@@ -103,18 +105,12 @@ class BudgetedStore:
     def contains(self, key: bytes) -> bool:
         return self.store.contains(key)
 
-    def get(self, key: bytes) -> bytes | None:
-        return self.get_many([key])[0]
-
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         values = self.store.get_many(keys)
         for key, value in zip(keys, values, strict=True):
             if value is not None:
                 self._admit(key, len(value))
         return values
-
-    def put(self, key: bytes, value: bytes) -> None:
-        self.put_many([(key, value)])
 
     def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> None:
         items = list(items)
@@ -142,16 +138,13 @@ class BudgetedStore:
     @property
     def reconnected(self) -> bool:
         """The backend opened a connection since the last resync: it may have restarted empty."""
-        return getattr(self.store, "connections_opened", 0) > self._connections_seen
+        return self.store.connections_opened > self._connections_seen
 
     def resync(self) -> int:
         """Forget the keys the backend no longer holds and take the sizes it reports for the others;
-        returns how many were forgotten. A no-op for backends that cannot say (`sizes`); raises
-        `TierError` when the backend fails (the tier's guard counts it)."""
-        sizes_of = getattr(self.store, "sizes", None)
-        if sizes_of is None:
-            return 0
-        self._connections_seen = getattr(self.store, "connections_opened", 0)
+        returns how many were forgotten. A no-op for backends that cannot say (`sizes` answers None);
+        raises `TierError` when the backend fails (the tier's guard counts it)."""
+        self._connections_seen = self.store.connections_opened
         with self._lock:
             keys = list(self._sizes)
             self._changed = set()
@@ -159,7 +152,9 @@ class BudgetedStore:
         try:
             for start in range(0, len(keys), RESYNC_BATCH):
                 batch = keys[start : start + RESYNC_BATCH]
-                sizes = sizes_of(batch)  # outside the lock: requests keep admitting keys meanwhile
+                sizes = self.store.sizes(batch)  # outside the lock: requests keep admitting keys meanwhile
+                if sizes is None:  # a backend that cannot say (disk keeps its own count)
+                    break
                 with self._lock:
                     for key, size in zip(batch, sizes, strict=True):
                         if key in self._changed or key not in self._sizes:

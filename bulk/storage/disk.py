@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from bulk.errors import TierError
+from bulk.storage.base import BlockStore
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def _translate_errors(action: str) -> Iterator[None]:
         raise TierError(f"disk {action} failed: {exc}") from exc
 
 
-class DiskBlockStore:
+class DiskBlockStore(BlockStore[bytes]):
     name = "disk"
 
     def __init__(self, root: str | os.PathLike[str]) -> None:

@@ -7,6 +7,7 @@ import logging
 
 from bulk.config import SECRET_ENV, SECRET_REQUIRED, KVCacheConfig
 from bulk.errors import InvalidConfigError, TierError
+from bulk.storage.base import BlockStore
 from bulk.storage.budget import BudgetedStore
 from bulk.storage.guard import GuardedStore
 from bulk.storage.tiers import LowerTiers
@@ -35,7 +36,7 @@ def build_lower_tiers(config: KVCacheConfig) -> LowerTiers | None:
             SECRET_ENV,
         )
 
-    def add(store: object, max_tokens: int) -> None:
+    def add(store: BlockStore[bytes], max_tokens: int) -> None:
         budget = BudgetedStore(store, max(1, max_tokens // config.block_size), config.cache_strategy)
         tiers.append(GuardedStore(budget, config.tier_retry_seconds))
 

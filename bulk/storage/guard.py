@@ -7,7 +7,10 @@ Back-off starts at `retry_seconds` and doubles with each consecutive failure, up
 (and never past a minute); the first call after it is a probe, and its success makes the tier
 healthy again. A tier that comes back may have lost what it held (a Redis restarted empty), so
 after its recovery, or a new connection to its backend, it is `resync_due`: the tiered store then
-checks its budget against the backend."""
+checks its budget against the backend.
+
+The guard wraps a tier under its budget (`BudgetedStore`) and is not itself a `BlockStore`: a call to
+it never raises, and a write answers whether it happened."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from bulk.errors import TierError
+from bulk.storage.budget import BudgetedStore
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +31,7 @@ T = TypeVar("T")
 
 
 class GuardedStore:
-    def __init__(self, store: Any, retry_seconds: float = 1.0) -> None:
+    def __init__(self, store: BudgetedStore, retry_seconds: float = 1.0) -> None:
         self.store = store
         self.name = store.name
         self.retry_seconds = retry_seconds
@@ -43,7 +47,7 @@ class GuardedStore:
 
     @property
     def resync_due(self) -> bool:
-        return self._recovered or bool(getattr(self.store, "reconnected", False))
+        return self._recovered or self.store.reconnected
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -82,7 +86,12 @@ class GuardedStore:
 
     def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> bool:
         items = list(items)
-        done = self._call("write", lambda: (self.store.put_many(items), True)[1], False)
+
+        def write() -> bool:
+            self.store.put_many(items)
+            return True
+
+        done = self._call("write", write, False)
         if done:
             self.count("writes", len(items))
         return done
@@ -96,11 +105,10 @@ class GuardedStore:
     def resync(self) -> None:
         """Check the budget against the backend (`BudgetedStore.resync`). Not tried while the tier is
         bypassed: its recovery asks for one anyway."""
-        resync = getattr(self.store, "resync", None)
-        if resync is None or not self.healthy:
+        if not self.healthy:
             return
         self._recovered = False
-        self._call("resync", resync, 0)
+        self._call("resync", self.store.resync, 0)
 
     def close(self) -> None:
         try:
@@ -117,5 +125,5 @@ class GuardedStore:
             "blocks": len(self.store),
             "size_bytes": self.store.size_bytes,
             "evictions": self.store.evictions,
-            "resynced_away": getattr(self.store, "resynced_away", 0),
+            "resynced_away": self.store.resynced_away,
         }

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import sqlalchemy as sa
@@ -21,6 +21,7 @@ from psycopg import sql
 from sqlalchemy.dialects.postgresql import BYTEA, insert
 
 from bulk.errors import TierError
+from bulk.storage.base import BlockStore
 
 BLOCK_TABLE = "bul_kv_blocks"
 
@@ -69,7 +70,14 @@ def connect(url: str, timeout: float) -> sa.Engine:
     )
 
 
-class PostgresTable:
+def _driver(conn: sa.Connection) -> psycopg.Connection[Any]:
+    """psycopg's own connection under SQLAlchemy's (a checked-out connection always has one)."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    return cast("psycopg.Connection[Any]", driver)
+
+
+class PostgresTable(BlockStore[bytes]):
     name = "postgres"
 
     def __init__(
@@ -147,7 +155,7 @@ class PostgresTable:
         statement = sql.SQL(
             "UPDATE {} SET accessed_at = now() WHERE key = ANY(%s) RETURNING key, value"
         ).format(sql.Identifier(*filter(None, (self.schema, self.table.name))))
-        with self._begin() as conn, conn.connection.driver_connection.cursor(binary=True) as cursor:
+        with self._begin() as conn, _driver(conn).cursor(binary=True) as cursor:
             rows = cursor.execute(statement, (list(keys),)).fetchall()
         found = {bytes(k) if isinstance(k, bytes | memoryview) else k: bytes(v) for k, v in rows}
         return [found.get(k) for k in keys]
@@ -172,19 +180,13 @@ class PostgresTable:
         statement = sql.SQL("SELECT key, octet_length(value) FROM {} WHERE key = ANY(%s)").format(
             sql.Identifier(*filter(None, (self.schema, self.table.name)))
         )
-        with self._begin() as conn, conn.connection.driver_connection.cursor(binary=True) as cursor:
+        with self._begin() as conn, _driver(conn).cursor(binary=True) as cursor:
             rows = cursor.execute(statement, (list(keys),)).fetchall()
         found = {bytes(k) if isinstance(k, bytes | memoryview) else k: int(n) for k, n in rows}
         return [found.get(k) for k in keys]
 
-    def keys(self) -> list[bytes | str]:
-        """Every key, least recently accessed first."""
+    def keys(self) -> list[bytes]:
+        """Every key, least recently accessed first (only the tier's bytea table is ever listed)."""
         with self._begin() as conn:
             rows = conn.execute(sa.select(self.table.c.key).order_by(self.table.c.accessed_at)).all()
         return [bytes(k) if isinstance(k, memoryview) else k for (k,) in rows]
-
-    def drop(self) -> None:
-        """Drop the table (tests and `bul` maintenance); the next call creates it again."""
-        with _translate_errors(), self.engine.begin() as conn:
-            self.table.drop(conn, checkfirst=True)
-        self._created = False

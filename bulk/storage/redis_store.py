@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import cast
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from bulk.errors import TierError
+from bulk.storage.base import BlockStore
 
 BLOCK_PREFIX = "bul:kv:v1:"
 _SCAN_BATCH = 500
@@ -49,7 +51,7 @@ def connect(url: str, timeout: float, on_connect: Callable[[], None] | None = No
     )
 
 
-class RedisStore:
+class RedisStore(BlockStore[bytes]):
     name = "redis"
 
     def __init__(self, url: str, *, prefix: str = BLOCK_PREFIX, ttl: int | None = None, timeout: float = 0.5):
@@ -101,7 +103,8 @@ class RedisStore:
             return []
         with _translate_errors():
             if self.ttl is None:
-                return self.client.mget([self._key(k) for k in keys])
+                # Values come back as bytes: the client does not decode responses.
+                return cast("list[bytes | None]", self.client.mget([self._key(k) for k in keys]))
             pipe = self.client.pipeline(transaction=False)
             for key in keys:
                 pipe.getex(self._key(key), ex=self.ttl)

@@ -70,10 +70,6 @@ class LowerTiers:
         self._writer = threading.Thread(target=self._write_loop, name="bul-tier-writer", daemon=True)
         self._writer.start()
 
-    @property
-    def names(self) -> list[str]:
-        return [t.name for t in self.tiers]
-
     # ---- reads (request path) --------------------------------------------------------------
 
     def fetch_chain(
@@ -225,7 +221,12 @@ class LowerTiers:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued write is done (or `timeout` seconds); True when drained."""
         done = threading.Event()
-        threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True).start()
+
+        def wait() -> None:
+            self._queue.join()
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
         return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:

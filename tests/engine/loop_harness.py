@@ -19,8 +19,8 @@ from bulk.engine.model_runner import ModelRunner
 from bulk.engine.request import parse_request
 from bulk.engine.sequence import Sequence
 from bulk.engine.stats import EngineStats
-from bulk.kv.prefix_cache import PrefixCache
 from bulk.models.loader import LoadedModel
+from bulk.storage.prefix_cache import PrefixCache
 
 
 class LoopHarness:

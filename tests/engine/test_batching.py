@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -37,6 +38,7 @@ def _config(**overrides) -> KVCacheConfig:
     return KVCacheConfig(**{**base, **overrides})
 
 
+@pytest.mark.slow
 def test_rows_match_their_solo_run_as_requests_join_and_leave(demo_model):
     config = _config()
     prompts = _prompts(20, seed=1, length=(10, 24))  # one 32-token chunk each: the batch fills fast
@@ -95,6 +97,7 @@ request_plan = st.lists(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=request_plan)
 def test_batch_invariant_mode_is_bit_identical_to_the_solo_run(demo_model, plan):
@@ -119,6 +122,7 @@ def test_batch_invariant_mode_is_bit_identical_to_the_solo_run(demo_model, plan)
             assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_prefix_reuse_reports_what_batch_1_reports(demo_model):
     system = "You are BUL, an assistant for business documents. Answer briefly and plainly.\n"
     questions = [f"Question {i}: a plan for product {i * 7}?" for i in range(10)]
@@ -134,6 +138,7 @@ def test_prefix_reuse_reports_what_batch_1_reports(demo_model):
     assert cached_batched[0] == 0 and all(c >= 64 for c in cached_batched[1:])
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     plan=st.lists(

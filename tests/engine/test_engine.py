@@ -54,11 +54,16 @@ async def test_32_concurrent_requests_all_correct(engine, reference):
 
 
 async def test_queued_requests_served_by_priority(engine):
-    # A long request holds the worker while the others queue up behind it.
-    blocker = asyncio.ensure_future(
-        engine.process_request({"query": "hold the worker", "max_new_tokens": 120})
-    )
-    await asyncio.sleep(0.2)
+    # A long request holds the worker while the others queue up behind it: they are sent once its
+    # first token has come, so it is running (not merely queued) whatever the machine's speed.
+    running = asyncio.Event()
+
+    async def hold() -> None:
+        async for _ in engine.stream_request({"query": "hold the worker", "max_new_tokens": 120}):
+            running.set()
+
+    blocker = asyncio.ensure_future(hold())
+    await asyncio.wait_for(running.wait(), timeout=60)
     finished: list[int] = []
 
     async def run(priority: int) -> None:

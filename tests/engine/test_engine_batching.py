@@ -34,6 +34,7 @@ def _requests(n: int) -> list[dict]:
     return requests
 
 
+@pytest.mark.slow
 async def test_64_concurrent_requests_all_return_correct_results(demo_model):
     """In batch-invariant mode "correct" is exact: each answer is the one the same request gets
     alone, bit for bit, greedy and seeded ones alike."""

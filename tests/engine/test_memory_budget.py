@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +18,7 @@ prompts = st.lists(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stream=prompts, strategy=st.sampled_from(["lru", "lfu", "adaptive"]))
 def test_memory_tier_never_exceeds_max_tokens(demo_model, reference, stream, strategy):

@@ -10,8 +10,8 @@ import torch
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.generation.decode import prefill
-from bulk.kv.prefix_cache import PrefixCache
 from bulk.models import hf_cache
+from bulk.storage.prefix_cache import PrefixCache
 
 NEW_TOKENS = 24
 

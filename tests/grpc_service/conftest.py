@@ -6,7 +6,6 @@ import asyncio
 import os
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import grpc
@@ -16,6 +15,7 @@ from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.grpc_service.generated import bul_pb2_grpc
 from bulk.grpc_service.server import RunningServer, start_server
+from tests.helpers import wait_until_async
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,14 +90,15 @@ async def _wait_until_answering(
     channel: grpc.aio.Channel, process: subprocess.Popen, timeout: float = 60
 ) -> None:
     """Wait for the server in `process` to accept connections; fail early if it died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    async def answering() -> bool:
         if process.poll() is not None:
             _, stderr = process.communicate()
             pytest.fail(f"server exited with {process.returncode}:\n{stderr}")
         try:
             await asyncio.wait_for(channel.channel_ready(), timeout=0.5)
-            return
         except TimeoutError:
-            continue
-    pytest.fail(f"server did not answer within {timeout} s")
+            return False
+        return True
+
+    await wait_until_async(answering, timeout, 0, "the server to answer")

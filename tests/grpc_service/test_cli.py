@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import sys
 
@@ -12,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bulk.cli.main import main
 from bulk.grpc_service.generated import bul_pb2, bul_pb2_grpc
 from bulk.grpc_service.server import SERVICE_NAME
+from tests.helpers import wait_until_async
 
 
 async def test_bul_grpc_serves_until_sigterm(start_process, free_port, wait_until_answering):
@@ -22,10 +22,12 @@ async def test_bul_grpc_serves_until_sigterm(start_process, free_port, wait_unti
     async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port}") as channel:
         await wait_until_answering(channel, process)
         health = health_pb2_grpc.HealthStub(channel)
-        status = health_pb2.HealthCheckResponse.NOT_SERVING
-        while status != health_pb2.HealthCheckResponse.SERVING:  # warming up; bounded by the test timeout
-            await asyncio.sleep(0.1)
-            status = (await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))).status
+
+        async def serving() -> bool:  # warming up
+            request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            return (await health.Check(request)).status == health_pb2.HealthCheckResponse.SERVING
+
+        await wait_until_async(serving, 120, 0.1, "SERVING")
 
         stub = bul_pb2_grpc.BULServiceStub(channel)
         response = await stub.ProcessQuery(bul_pb2.QueryRequest(query="Hola", max_new_tokens=3))
@@ -39,4 +41,4 @@ async def test_bul_grpc_serves_until_sigterm(start_process, free_port, wait_unti
 
 def test_bad_port_is_a_usage_error(caplog):
     assert main(["grpc", "--port", "70000"]) == 2
-    assert "port" in caplog.text
+    assert "BUL_GRPC_PORT: " in caplog.text  # the variable, as every service names a bad value

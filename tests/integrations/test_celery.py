@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -10,9 +9,10 @@ from celery.result import AsyncResult
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from bulk.integrations.celery.router import celery_task_status, router, task_status_router
 from bulk.integrations.celery.settings import celery_settings
 from bulk.integrations.celery.tasks import backoff_seconds, batch_process_task, process_document_task
+from bulk.server.celery_routes import celery_task_status, router, task_status_router
+from tests.helpers import wait_until
 from tests.integrations.celery_test_tasks import flaky_document_task
 
 pytestmark = pytest.mark.usefixtures("bul_worker")
@@ -26,14 +26,12 @@ def send_flaky(query: dict, failures: int, redis13) -> tuple[AsyncResult, str]:
 
 
 def wait_for_status(task_id: str, status: str) -> dict:
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
+    def reached() -> dict | None:
         answer = celery_task_status(task_id)
         assert answer is not None
-        if answer["status"] == status:
-            return answer
-        time.sleep(0.1)
-    raise AssertionError(f"task {task_id} never reached {status!r}: {answer}")
+        return answer if answer["status"] == status else None
+
+    return wait_until(reached, TIMEOUT_S, 0.1, f"task {task_id} to be {status!r}")
 
 
 def test_document_task_returns_the_engine_result_from_an_engine_built_once():
@@ -113,13 +111,10 @@ def test_process_endpoint_round_trip(client):
     response = client.post("/api/process", json=body)
     assert response.status_code == 200, response.text
     task_id = response.json()["task_id"]
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        body = client.get(f"/api/task/{task_id}").json()
-        assert body["task_id"] == task_id
-        if body["status"] != "processing":
-            break
-        time.sleep(0.1)
+    body = wait_until(
+        lambda: _finished(client.get(f"/api/task/{task_id}").json()), TIMEOUT_S, 0.1, "the task"
+    )
+    assert body["task_id"] == task_id
     assert body["status"] == "completed", body
     assert {"result", "cache_hit", "latency", "model"} <= set(body["result"])
     again = client.get(f"/api/task/{task_id}/status").json()
@@ -166,10 +161,12 @@ def test_process_round_trip_through_bul_serve_app_with_celery_on(demo_model):
             response = client.post("/api/process", json={"query": "through bul serve", "max_new_tokens": 4})
             assert response.status_code == 200, response.text
             task_id = response.json()["task_id"]
-            deadline = time.monotonic() + TIMEOUT_S
-            while (body := client.get(f"/api/task/{task_id}/status").json())["status"] == "processing":
-                assert time.monotonic() < deadline, body
-                time.sleep(0.1)
+            body = wait_until(
+                lambda: _finished(client.get(f"/api/task/{task_id}/status").json()),
+                TIMEOUT_S,
+                0.1,
+                "the task",
+            )
             assert body["status"] == "completed", body
             assert body["result"]["completion_tokens"] == 4
             assert client.get(f"/api/task/{task_id}").json() == body
@@ -178,3 +175,7 @@ def test_process_round_trip_through_bul_serve_app_with_celery_on(demo_model):
             assert client.get(f"/api/task/{uuid.uuid4()}").status_code == 404
     finally:
         engine.shutdown()
+
+
+def _finished(status: dict) -> dict | None:
+    return None if status["status"] == "processing" else status

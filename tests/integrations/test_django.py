@@ -63,14 +63,14 @@ def test_bad_input_is_422_naming_the_field(payload, field):
     response = Client().post("/api/query", payload, "application/json")
     assert response.status_code == 422, response.content
     body = response.json()
-    assert body["field"] == field
-    assert body["error"].startswith(f"{field}:")
+    assert body["error"]["param"] == field
+    assert body["error"]["message"].startswith(f"{field}:")
 
 
 async def test_bad_input_is_422_under_asgi_too():
     response = await AsyncClient().post("/api/query", {"query": 7}, "application/json")
     assert response.status_code == 422
-    assert response.json()["field"] == "query"
+    assert response.json()["error"]["param"] == "query"
 
 
 def test_get_is_405():

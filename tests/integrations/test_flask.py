@@ -71,14 +71,14 @@ def test_bad_input_is_422_naming_the_field(client, payload, field):
     response = client.post("/api/query", json=payload)
     assert response.status_code == 422
     body = response.get_json()
-    assert body["field"] == field
-    assert body["error"].startswith(f"{field}:")
+    assert body["error"]["param"] == field
+    assert body["error"]["message"].startswith(f"{field}:")
 
 
 def test_non_json_body_is_422(client):
     response = client.post("/api/query", data=b"{not json", content_type="application/json")
     assert response.status_code == 422
-    assert response.get_json()["field"] == "body"
+    assert response.get_json()["error"]["param"] == "body"
     assert client.post("/api/query", data="query=x").status_code == 422  # form body, no JSON
 
 

@@ -4,12 +4,13 @@ real worker of its own app, the Flask and Django samples through their test clie
 from __future__ import annotations
 
 import importlib
-import time
+import sys
 
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.integrations.conftest import BROKER_URL, ROOT, start_worker, stop_worker, worker_env
+from tests.helpers import wait_until
+from tests.integrations.conftest import BROKER_URL, start_worker, stop_worker, worker_env
 
 GUIDE_FIELDS = {"result", "cache_hit", "latency"}
 # The sample app shares database 13 with the bul_tasks tests: its own queue keeps the two workers apart.
@@ -25,7 +26,9 @@ def celery_guide(redis13, tmp_path_factory):
     module.celery_app.conf.task_default_queue = GUIDE_QUEUE
     assert module.celery_app.conf.broker_url == BROKER_URL
     argv = [
-        str(ROOT / ".venv" / "bin" / "celery"),
+        sys.executable,
+        "-m",
+        "celery",
         "-A",
         "examples.celery_guide:celery_app",
         "worker",
@@ -55,10 +58,12 @@ def test_celery_guide_tasks_run_on_a_real_worker(celery_guide):
 def test_celery_guide_fastapi_round_trip(celery_guide):
     client = TestClient(celery_guide.app)
     task_id = client.post("/api/process", json={"query": "guide api", "max_new_tokens": 4}).json()["task_id"]
-    deadline = time.monotonic() + 60
-    while (body := client.get(f"/api/task/{task_id}").json())["status"] == "processing":
-        assert time.monotonic() < deadline, "the guide's task never completed"
-        time.sleep(0.1)
+    body = wait_until(
+        lambda: (b := client.get(f"/api/task/{task_id}").json())["status"] != "processing" and b,
+        60,
+        0.1,
+        "the guide's task",
+    )
     assert body["status"] == "completed"
     assert set(body["result"]) >= GUIDE_FIELDS
 

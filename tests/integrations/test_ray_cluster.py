@@ -31,6 +31,7 @@ from bulk.integrations.ray_serve import (  # noqa: E402
 )
 from bulk.server.app import create_app  # noqa: E402
 from bulk.server.settings import ServerSettings  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
 from tests.server.live_server import LiveServer  # noqa: E402
 from tests.server.test_metrics_endpoint import dashboard_metric_names, scrape  # noqa: E402
 
@@ -84,10 +85,9 @@ def cluster():
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(bul_application(CLUSTER, ENV), name=APP_NAME, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while requests.get(f"{url}/health", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "the cluster never became ready"
-            time.sleep(0.2)
+        wait_until(
+            lambda: requests.get(f"{url}/health", timeout=10).status_code == 200, 120, 0.2, "the cluster"
+        )
         yield Cluster(url)
     finally:
         serve.shutdown()
@@ -97,13 +97,7 @@ def cluster():
 
 
 def _wait_for(predicate, timeout: float = 60, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+    return wait_until(predicate, timeout, 0.2, what)
 
 
 def test_every_route_answers_through_the_ingress(cluster):

@@ -14,13 +14,14 @@ from hypothesis import strategies as st
 from bulk.config import CacheStrategy
 from bulk.kv.policies import (
     AdaptivePolicy,
-    ARCPolicy,
+    BlockAdaptivePolicy,
     EvictionPolicy,
     LFUPolicy,
     LRUPolicy,
     make_policy,
     simulate,
 )
+from tests.kv.arc_reference import ARCPolicy
 
 ALL_POLICIES = [LRUPolicy, LFUPolicy, ARCPolicy, AdaptivePolicy]
 SETTINGS = settings(max_examples=150, deadline=None)
@@ -378,13 +379,14 @@ def test_adaptive_block_cache_mode_is_asked_for_explicitly() -> None:
     flat.pop_victim(lambda k: True)  # a predicate alone changes nothing
     assert flat.window_target == 100  # flat keys start in LRU mode: the window is the whole cache
     assert AdaptivePolicy(100, lru_exit=None).window_target == 1  # W-TinyLFU from the start
-    assert AdaptivePolicy(100, chains=True).window_target == 99  # the window starts almost LRU
+    assert BlockAdaptivePolicy(100).window_target == 99  # the window starts almost LRU
+    assert isinstance(make_policy("adaptive", 100, chains=True), BlockAdaptivePolicy)
     assert make_policy("adaptive", 100, chains=True).window_target == 99
     assert make_policy("adaptive", 100).window_target == 100
 
 
 def test_adaptive_block_victim_is_least_counted_of_the_first_scan() -> None:
-    policy = AdaptivePolicy(8, scan=3, chains=True)
+    policy = BlockAdaptivePolicy(8, scan=3)
     policy._resize(1 - policy._wt)  # a one-key window for the setup
     for key in "abcdefgh":
         policy.insert(key)  # a-g in probation, oldest first; h in the window
@@ -502,7 +504,7 @@ def test_adaptive_steps_grow_while_ghost_hits_agree() -> None:
 
 
 def test_adaptive_block_mode_one_ghost_vote_per_run_of_misses() -> None:
-    policy = AdaptivePolicy(100, chains=True)
+    policy = BlockAdaptivePolicy(100)
     policy._resize(-50)  # room to move both ways
     start = policy._wt
     for key in ("a", "b", "c"):

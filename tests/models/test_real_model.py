@@ -9,13 +9,14 @@ from pathlib import Path
 
 import torch
 
+from bulk import named_models as registry
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.generation.decode import prefill
-from bulk.kv.prefix_cache import PrefixCache
-from bulk.models import hf_cache, registry
+from bulk.models import hf_cache
 from bulk.models.gguf import MANIFEST
 from bulk.models.loader import _directory_fingerprint
+from bulk.storage.prefix_cache import PrefixCache
 from tests.conftest import generate_without_cache
 
 QUESTION = "What is the capital of France?"

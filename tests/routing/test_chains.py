@@ -14,6 +14,7 @@ from bulk.routing.chains import (
     pack_block_ids,
     unpack_block_ids,
 )
+from tests.helpers import wait_until
 
 PROMPT = "You are the planning assistant of a small bakery in Madrid. " * 3
 
@@ -95,10 +96,5 @@ def test_block_ids_pack_into_eight_bytes_each():
 def test_the_tokenizer_loads_on_its_own_thread(chat_model):
     config = KVCacheConfig(model=str(chat_model.name), device="cpu")
     chains = RequestChains(config)
-    import time
-
-    deadline = time.monotonic() + 30
-    while not chains.ready:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: chains.ready, 30, 0.01, "the tokenizer to load")
     assert chains.key({"query": PROMPT}, b"\x00" * 32).chain

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import requests
 
@@ -11,6 +9,7 @@ from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.server.app import create_app
 from bulk.server.settings import ServerSettings
+from tests.helpers import wait_until
 from tests.server.live_server import LiveServer
 
 ENGINE = {"model": "demo", "device": "cpu", "default_max_new_tokens": 4, "max_new_tokens_limit": 8}
@@ -21,12 +20,9 @@ def settings(**overrides) -> ServerSettings:
 
 
 def wait_ready(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if requests.get(f"{url}/health", timeout=5).status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError("the server never became ready")
+    wait_until(
+        lambda: requests.get(f"{url}/health", timeout=5).status_code == 200, timeout, message="/health"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import uvicorn
+
+from tests.helpers import wait_until
 
 
 class LiveServer:
@@ -26,14 +27,17 @@ class LiveServer:
 
     def __enter__(self) -> LiveServer:
         self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
+        # A thread that died has failed to start: stop waiting at once (wait_until raises its error).
+        wait_until(lambda: self._server.started or _dead(self._thread), 30, 0.02, "uvicorn to start")
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=15)
         self._sock.close()
+
+
+def _dead(thread: threading.Thread) -> bool:
+    if not thread.is_alive():
+        raise RuntimeError("uvicorn did not start")
+    return False

@@ -4,11 +4,11 @@ over a real socket: the basic query route, its CacheMiddleware and the backgroun
 from __future__ import annotations
 
 import importlib
-import time
 
 import pytest
 import requests
 
+from tests.helpers import wait_until
 from tests.server.live_server import LiveServer
 
 # The guide's `@app.on_event("startup")` still works; FastAPI only warns that lifespan is preferred.
@@ -23,10 +23,7 @@ def guide():
     try:
         with LiveServer(module.app) as live:
             # The guide's app has no /health; its startup hook has warmed the engine once this answers.
-            deadline = time.monotonic() + 60
-            while not module.cache_engine.ready:
-                assert time.monotonic() < deadline, "the guide's startup warmup never finished"
-                time.sleep(0.05)
+            wait_until(lambda: module.cache_engine.ready, 60, message="the guide's startup warmup")
             yield module, live
     finally:
         module.cache_engine.shutdown()
@@ -67,7 +64,6 @@ def test_the_background_batch_runs_after_answering(guide):
     batch = [{"query": f"guide background {i}", "max_new_tokens": 4} for i in range(2)]
     answer = requests.post(f"{live.url}/api/batch", json=batch, timeout=30)
     assert answer.status_code == 200 and answer.json() == {"status": "processing", "count": 2}
-    deadline = time.monotonic() + 60
-    while module.cache_engine.get_stats()["requests"] < before + 2:
-        assert time.monotonic() < deadline, "the background tasks never ran"
-        time.sleep(0.05)
+    wait_until(
+        lambda: module.cache_engine.get_stats()["requests"] >= before + 2, 60, message="the background tasks"
+    )

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import requests
 
 from bulk.client import AsyncBULAPIClient, BULAPIClient, BULAPIError
+from tests.helpers import wait_until
 
 
 def test_the_guides_client_calls(server):
@@ -23,16 +23,16 @@ def test_the_guides_client_calls(server):
     assert stats["requests"] >= 2 and stats["response_cache_hits"] >= 1 and stats["ready"]
 
 
+def _finished(status: dict) -> dict | None:
+    return None if status["status"] == "processing" else status
+
+
 def test_batch_returns_at_once_and_tasks_complete(server):
     client = BULAPIClient(server.url)
     accepted = client.process_batch([{"query": "batch one"}, {"text": "batch two", "priority": 3}])
     assert accepted["status"] == "processing" and accepted["count"] == 2 and len(accepted["task_ids"]) == 2
     for task_id in accepted["task_ids"]:
-        deadline = time.monotonic() + 30
-        status = client.get_task_status(task_id)
-        while status["status"] == "processing" and time.monotonic() < deadline:
-            time.sleep(0.05)
-            status = client.get_task_status(task_id)
+        status = wait_until(lambda t=task_id: _finished(client.get_task_status(t)), message="the task")
         assert status["status"] == "completed" and status["task_id"] == task_id
         assert isinstance(status["result"]["result"], str)
         assert requests.get(f"{server.url}/api/task/{task_id}").json() == status
@@ -42,11 +42,7 @@ def test_a_failed_batch_task_reports_its_error(server):
     client = BULAPIClient(server.url)
     # Valid types, but longer than the demo model's context: fails on the model thread, not at once.
     task_id = client.process_batch([{"query": "x" * 5000}])["task_ids"][0]
-    deadline = time.monotonic() + 30
-    while (status := client.get_task_status(task_id))[
-        "status"
-    ] == "processing" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    status = wait_until(lambda: _finished(client.get_task_status(task_id)), message="the task")
     assert status["status"] == "failed" and "query" in status["error"]
 
 

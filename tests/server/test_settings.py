@@ -6,10 +6,13 @@ import argparse
 import dataclasses
 
 import pytest
-from pydantic import ValidationError
 
 from bulk.config import KVCacheConfig
+from bulk.engine_settings import EngineSettings
 from bulk.errors import InvalidConfigError
+from bulk.grpc_service.settings import GrpcSettings
+from bulk.integrations.celery.settings import CelerySettings
+from bulk.integrations.ray_settings import ClusterSettings
 from bulk.server import cli
 from bulk.server.app import create_app
 from bulk.server.settings import ServerSettings
@@ -34,12 +37,36 @@ def test_environment_variables(monkeypatch):
     assert config.max_tokens == 4096 and config.cache_strategy.value == "lru"
 
 
-def test_bad_values_name_the_option(monkeypatch):
-    with pytest.raises(InvalidConfigError, match="cache_strategy"):
+def test_bad_values_name_the_variable(monkeypatch):
+    with pytest.raises(InvalidConfigError, match=r"^BUL_CACHE_STRATEGY: "):
         create_app(ServerSettings(cache_strategy="fifo"))
     monkeypatch.setenv("BUL_PORT", "not-a-port")
-    with pytest.raises(ValidationError, match="port"):
+    with pytest.raises(InvalidConfigError, match=r"^BUL_PORT: ") as info:
         ServerSettings()
+    assert info.value.key == "BUL_PORT" and isinstance(info.value, ValueError)
+
+
+def test_every_service_says_a_bad_value_alike(monkeypatch):
+    """One generator, one error style: the same bad engine value is the same message from `bul serve`'s
+    settings, the shared engine settings (`bul grpc`, `bul worker`, the cluster's replicas) and
+    `bul grpc`'s own, each naming the variable."""
+    monkeypatch.setenv("BUL_MAX_TOKENS", "0")
+    messages = set()
+    for settings in (ServerSettings(), EngineSettings()):
+        with pytest.raises(InvalidConfigError) as info:
+            settings.engine_config()
+        messages.add(str(info.value))
+    assert messages == {"BUL_MAX_TOKENS: must be >= 1, got 0"}
+    monkeypatch.setenv("BUL_GRPC_PORT", "70000")
+    monkeypatch.setenv("BUL_RAY_REPLICAS", "0")
+    monkeypatch.setenv("BUL_RESULT_EXPIRES", "soon")
+    for cls, variable in (
+        (GrpcSettings, "BUL_GRPC_PORT"),
+        (ClusterSettings, "BUL_RAY_REPLICAS"),
+        (CelerySettings, "BUL_RESULT_EXPIRES"),
+    ):
+        with pytest.raises(InvalidConfigError, match=f"^{variable}: "):
+            cls()
 
 
 def test_cli_flags():

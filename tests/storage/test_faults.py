@@ -13,6 +13,7 @@ import redis
 
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
 
@@ -30,14 +31,19 @@ def _start_redis(port: int) -> subprocess.Popen:
         stderr=subprocess.DEVNULL,
     )
     client = redis.Redis(port=port)
-    for _ in range(100):
+
+    def answers() -> bool:
         try:
-            client.ping()
-            return proc
+            return bool(client.ping())
         except redis.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
+            return False
+
+    try:
+        wait_until(answers, 5, message="redis-server to start")
+    except AssertionError:
+        proc.kill()
+        raise
+    return proc
 
 
 @pytest.fixture
@@ -78,11 +84,14 @@ def test_redis_killed_mid_stream_costs_no_request_and_comes_back(redis_server, c
         assert down["errors"] >= 1 and not down["healthy"]
 
         servers.append(_start_redis(port))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not engine.get_stats()["tiers"]["redis"]["healthy"]:
-            time.sleep(0.3)
+
+        def healthy_after_a_request() -> bool:
+            # The tier is tried again on use, once its back-off has passed: keep using it.
             _ask(engine, 100 + int(time.monotonic() * 10))
             engine.flush_storage(10)
+            return engine.get_stats()["tiers"]["redis"]["healthy"]
+
+        wait_until(healthy_after_a_request, 10, 0.3, "the Redis tier to come back")
         up = engine.get_stats()["tiers"]["redis"]
         assert up["healthy"], up
         before = up["writes"]

@@ -101,18 +101,23 @@ def _agreement(demo_model, reference, mode, temperature=0.0):
     return same / total
 
 
+@pytest.mark.slow
 def test_int8_keeps_greedy_tokens(demo_model, reference):
     agreement = _agreement(demo_model, reference, "int8")
     log.info("int8 greedy agreement: %.2f%%", agreement * 100)
     assert agreement >= 0.99
 
 
+@pytest.mark.slow
 def test_int4_reports_agreement(demo_model, reference):
     agreement = _agreement(demo_model, reference, "int4")
     log.warning("int4 greedy agreement over 3 x 128 tokens: %.2f%%", agreement * 100)
-    assert agreement > 0.5  # far from exact, but the decoded KV is the prompt's, not noise
+    # The README's figure: "int4 on about 80 %" of greedy tokens (79.4 % here); far from exact, which
+    # is why int4 is not the default, but the decoded KV is the prompt's, not noise.
+    assert agreement >= 0.75
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_seeded_sampling_agreement(demo_model, reference, mode):
     """The demo model's greedy text is repetitive, so greedy agreement alone is a weak signal. With
@@ -120,7 +125,8 @@ def test_seeded_sampling_agreement(demo_model, reference, mode):
     only while the distributions computed over the decoded KV stay close to the exact ones."""
     agreement = _agreement(demo_model, reference, mode, temperature=1.0)
     log.warning("%s seeded-sampling agreement over 3 x 128 tokens: %.2f%%", mode, agreement * 100)
-    assert agreement >= (0.95 if mode == "int8" else 0.3)
+    # The README's figure for int4: "100 % of seeded samples at temperature 1".
+    assert agreement >= (0.95 if mode == "int8" else 0.99)
 
 
 @pytest.mark.parametrize("head_dim", [80, 96, 128, 16])

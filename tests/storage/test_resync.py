@@ -14,17 +14,19 @@ import sqlalchemy as sa
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.errors import TierError
+from bulk.storage.base import BlockStore
 from bulk.storage.budget import BudgetedStore
 from bulk.storage.guard import GuardedStore
 from bulk.storage.postgres_store import connect
 from bulk.storage.redis_store import BLOCK_PREFIX
+from tests.helpers import wait_until
 from tests.storage.conftest import DATABASE_URL, PROMPT
 from tests.storage.test_faults import _free_port, _start_redis
 
 REDIS_URL = "redis://127.0.0.1:6379/9"
 
 
-class _Backend:
+class _Backend(BlockStore[bytes]):
     """A dict with the `sizes` a resync asks for; `on_sizes` runs before each answer."""
 
     name = "fake"
@@ -32,6 +34,9 @@ class _Backend:
     def __init__(self) -> None:
         self.data: dict[bytes, bytes] = {}
         self.on_sizes = lambda: None
+
+    def contains(self, key):
+        return key in self.data
 
     def get_many(self, keys):
         return [self.data.get(k) for k in keys]
@@ -41,6 +46,9 @@ class _Backend:
 
     def delete(self, key):
         self.data.pop(key, None)
+
+    def clear(self):
+        self.data.clear()
 
     def sizes(self, keys):
         self.on_sizes()
@@ -102,12 +110,12 @@ def _redis_figures(client: redis.Redis) -> tuple[int, int]:
 
 
 def _wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+    """Whether `predicate` comes true within `timeout` (the callers assert it with their figures)."""
+    try:
+        wait_until(predicate, timeout)
+    except AssertionError:
+        return False
+    return True
 
 
 def test_after_a_redis_restart_that_lost_keys_the_reported_size_matches_the_server(cache_secret, demo_model):

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from bulk.config import KVCacheConfig
-from bulk.engine_settings import EngineSettings
+from bulk.engine_settings import BulSettings, EngineSettings
 
 DEFAULT_REDIS = "redis://localhost:6379/0"
 
 
-class CelerySettings(BaseSettings):
+class CelerySettings(BulSettings):
     model_config = SettingsConfigDict(env_prefix="BUL_", extra="ignore")
 
+    # The Celery broker.
     broker_url: str = DEFAULT_REDIS  # BUL_BROKER_URL
+    # Where task results are kept.
     result_backend: str = DEFAULT_REDIS  # BUL_RESULT_BACKEND
     # Results (and the "task was sent" markers) are dropped after this many seconds.
     result_expires: int = 86400  # BUL_RESULT_EXPIRES

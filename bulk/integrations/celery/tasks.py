@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Task
 
@@ -19,6 +19,9 @@ from bulk.errors import InvalidConfigError, InvalidRequestError
 from bulk.integrations.celery.app import bul_tasks
 from bulk.integrations.celery.settings import celery_settings
 from bulk.integrations.celery.worker_engine import get_engine
+
+if TYPE_CHECKING:
+    from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 
 MAX_RETRIES = 3
 T = TypeVar("T")
@@ -84,7 +87,7 @@ def batch_process_task(self: Task, queries: Any) -> list[dict[str, Any]]:
     return run_with_retries(self, work)
 
 
-def _one(engine: Any, index: int, query: Any) -> dict[str, Any]:
+def _one(engine: UltraAdaptiveKVCacheEngine, index: int, query: Any) -> dict[str, Any]:
     try:
         return engine.process_request_sync(query)
     except InvalidRequestError as exc:  # e.g. too long for the context, known only once tokenized

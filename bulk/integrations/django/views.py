@@ -10,7 +10,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from bulk.errors import BulError, InvalidRequestError
+from bulk.errors import BulError, InvalidRequestError, error_body, invalid_request_body
 from bulk.integrations.django import get_engine
 
 log = logging.getLogger(__name__)
@@ -29,11 +29,11 @@ async def process_query(request: HttpRequest) -> JsonResponse:
     try:
         result = await get_engine().process_request(query)
     except InvalidRequestError as exc:
-        return _invalid(exc.field, exc.message)
+        return JsonResponse(invalid_request_body(exc), status=422)
     except BulError as exc:
         # The engine is shut down or its model failed to load: unavailable, not the client's fault.
         log.error("engine error: %s", exc)
-        return JsonResponse({"error": str(exc)}, status=503)
+        return JsonResponse(error_body(503, str(exc)), status=503)
     return JsonResponse(result)
 
 
@@ -43,4 +43,4 @@ async def stats(request: HttpRequest) -> JsonResponse:
 
 
 def _invalid(field: str, message: str) -> JsonResponse:
-    return JsonResponse({"error": f"{field}: {message}", "field": field}, status=422)
+    return JsonResponse(invalid_request_body(InvalidRequestError(field, message)), status=422)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 from bulk.config import CacheStrategy
-from bulk.kv.policies.adaptive import AdaptivePolicy
-from bulk.kv.policies.arc import ARCPolicy
+from bulk.kv.policies.adaptive import AdaptivePolicy, BlockAdaptivePolicy
 from bulk.kv.policies.base import EvictionPolicy
 from bulk.kv.policies.lfu import LFUPolicy
 from bulk.kv.policies.lru import LRUPolicy
 
 __all__ = [
-    "ARCPolicy",
     "AdaptivePolicy",
+    "BlockAdaptivePolicy",
     "EvictionPolicy",
     "LFUPolicy",
     "LRUPolicy",
@@ -21,10 +20,15 @@ __all__ = [
     "simulate",
 ]
 
-_POLICIES: dict[CacheStrategy, type[EvictionPolicy]] = {
+# Factories from a capacity (a Protocol is not callable as a type).
+_POLICIES: dict[CacheStrategy, Callable[[int], EvictionPolicy]] = {
     CacheStrategy.LRU: LRUPolicy,
     CacheStrategy.LFU: LFUPolicy,
     CacheStrategy.ADAPTIVE: AdaptivePolicy,
+}
+# Where the keys are prefix-cache blocks (`chains`): ADAPTIVE's block-cache mode.
+_BLOCK_CACHE_POLICIES: dict[CacheStrategy, Callable[[int], EvictionPolicy]] = {
+    CacheStrategy.ADAPTIVE: BlockAdaptivePolicy,
 }
 
 
@@ -38,9 +42,10 @@ def make_policy(strategy: CacheStrategy | str, capacity: int, *, chains: bool = 
     except (ValueError, AttributeError):
         valid = [s.value for s in CacheStrategy]
         raise ValueError(f"unknown cache strategy {strategy!r}; expected one of {valid}") from None
-    if resolved is CacheStrategy.ADAPTIVE:
-        return AdaptivePolicy(capacity, chains=chains)
-    return _POLICIES[resolved](capacity)
+    policy = _POLICIES[resolved]
+    if chains:
+        policy = _BLOCK_CACHE_POLICIES.get(resolved, policy)
+    return policy(capacity)
 
 
 def simulate(strategy: CacheStrategy | str, keys: Iterable[Hashable], capacity: int) -> float:

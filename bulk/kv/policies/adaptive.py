@@ -33,7 +33,8 @@ becomes probation, the window restarts at `window` (1 %), and LRU's ghosts, whic
 larger window, are dropped. ARC likewise starts with all its room on the recency side (p = 0).
 `lru_exit=None` starts as W-TinyLFU.
 
-Block-cache mode (`chains=True`, which the block manager asks for through `make_policy`), where only
+Block-cache mode (`BlockAdaptivePolicy`, which the block manager gets from `make_policy(chains=True)`),
+where only
 unpinned leaves of the chain tree may leave (`can_evict`) and the score is tokens reused:
 
 * the window starts at its largest (almost LRU) and moves by `block_gain`: a returning session
@@ -85,12 +86,28 @@ class AdaptivePolicy:
         gain: float = 4.0,
         horizon: float = 0.25,
         momentum: int = 8,
-        block_gain: float = 4.0,
-        scan: int = 8,
-        block_period: int = 15,
         lru_exit: float | None = 0.06,
-        chains: bool = False,
     ) -> None:
+        self._setup(capacity, window, protected, horizon, lru_exit, chains=False)
+        self._gain, self._momentum, self._scan = gain, max(1, momentum), 1
+        self._period = self._left = period * capacity  # misses until the next aging
+        if lru_exit:  # LRU mode (the window is the whole cache) until keys with a history return
+            self._w_max = float(capacity)
+            self._check = _verdict_period(capacity)
+            self._resize(self._w_max)
+        else:
+            self._resize(self._window_start)
+
+    def _setup(
+        self,
+        capacity: int,
+        window: float,
+        protected: float,
+        horizon: float,
+        lru_exit: float | None,
+        chains: bool,
+    ) -> None:
+        """The state both modes share; each mode's `__init__` then sets its steps and window."""
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
@@ -110,24 +127,10 @@ class AdaptivePolicy:
         self._chains = chains
         self._voted = False  # block-cache mode: a ghost has voted in this run of misses already
         # At most 29 attributes: past 30, CPython's attribute access slows (docs/adaptive-policy.md).
-        self._check = self._score = 0  # LRU mode: misses to the next verdict, and the evidence
+        self._check, self._score = 0, 0.0  # LRU mode: misses to the next verdict, and the evidence
         self._exit_weight = 1.0 / lru_exit if lru_exit else 0.0
         self._window_start = max(1.0, capacity * window)
         self._w_max = max(1.0, capacity - 1.0)
-        if chains:  # block-cache mode (see the docstring): near-LRU window, the victim scan
-            self._gain, self._momentum, self._scan = block_gain, 1, max(1, scan)
-            self._period = self._left = block_period * capacity
-            self.touch = self._touch_in_chain  # type: ignore[method-assign]
-            self._resize(self._w_max)
-            return
-        self._gain, self._momentum, self._scan = gain, max(1, momentum), 1
-        self._period = self._left = period * capacity  # misses until the next aging
-        if lru_exit:  # LRU mode (the window is the whole cache) until keys with a history return
-            self._w_max = float(capacity)
-            self._check = _verdict_period(capacity)
-            self._resize(self._w_max)
-        else:
-            self._resize(self._window_start)
 
     @property
     def window_target(self) -> int:
@@ -220,11 +223,6 @@ class AdaptivePolicy:
             probation[moved] = None
             where[moved] = probation
 
-    def _touch_in_chain(self, key: Key) -> None:
-        # Block-cache mode: a hit ends the current run of misses, so the next miss may vote again.
-        self._voted = False
-        AdaptivePolicy.touch(self, key)
-
     def pop_victim(self, can_evict: CanEvict = always) -> Key | None:
         window = self._window
         main = self._probation or self._protected
@@ -298,3 +296,30 @@ class AdaptivePolicy:
         wn, mn, live = self._wn, self._mn, self._live
         self._wghost = {k: n for k, n in self._wghost.items() if wn - n < live}
         self._mghost = {k: n for k, n in self._mghost.items() if mn - n < live}
+
+
+class BlockAdaptivePolicy(AdaptivePolicy):
+    """ADAPTIVE in the prefix block cache (the module docstring's block-cache mode): the window starts
+    almost LRU and moves by `block_gain` with no momentum, main's victim is the lowest count among its
+    first `scan` evictable keys, counts age every `block_period` x capacity misses, and one run of
+    misses votes once."""
+
+    def __init__(
+        self,
+        capacity: int,
+        window: float = 0.01,
+        protected: float = 0.8,
+        horizon: float = 0.25,
+        block_gain: float = 4.0,
+        scan: int = 8,
+        block_period: int = 15,
+    ) -> None:
+        self._setup(capacity, window, protected, horizon, None, chains=True)
+        self._gain, self._momentum, self._scan = block_gain, 1, max(1, scan)
+        self._period = self._left = block_period * capacity
+        self._resize(self._w_max)
+
+    def touch(self, key: Key) -> None:
+        # A hit ends the current run of misses, so the next miss may vote again.
+        self._voted = False
+        AdaptivePolicy.touch(self, key)

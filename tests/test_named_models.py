@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
+from bulk import named_models as registry
 from bulk.config import KVCacheConfig
 from bulk.errors import ModelLoadError
-from bulk.models import registry
 from bulk.models.loader import load_model
 from tests.tiny_gguf import write_tiny_gguf
 

@@ -5,15 +5,18 @@ then offers its full blocks back (`store_blocks`). Blocks it holds stay pinned u
 
 Memory is the first tier; when the memory chain ends, the lower tiers (disk, Redis, PostgreSQL) are
 asked for the blocks that follow, and those found are promoted into memory under the same pins.
-Blocks are kept as `BlockRecord`s, quantized when the configuration says so; the memory budget is
-`max_tokens` of KV in the model's dtype, and quantized blocks count their real bytes, so more of
-them fit.
+Blocks are kept as `BlockRecord`s, through the codec the engine hands in (`bulk.kv.quantization`:
+plain, or quantized when the configuration says so); the memory budget is `max_tokens` of KV in the
+model's dtype, and quantized blocks count their real bytes, so more of them fit.
+
+It lives in storage, above kv: it composes kv's block manager, hashing and codecs with the tiers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,6 +25,7 @@ from bulk.errors import InvalidConfigError
 from bulk.kv import quantization
 from bulk.kv.block_manager import BlockManager, PrefixLease
 from bulk.kv.hashing import chain_hashes, namespace_digest
+from bulk.kv.quantization import BlockCodec
 from bulk.storage.memory import MemoryBlockStore
 from bulk.storage.serialization import BlockRecord
 from bulk.storage.tiers import LowerTiers
@@ -48,15 +52,18 @@ class PrefixCache:
         dtype: torch.dtype,
         block_shape: tuple[int, ...],
         lower: LowerTiers | None = None,
+        codec: BlockCodec | None = None,
     ) -> None:
-        """`block_shape`: (layers, 2, kv_heads, block_size, head_dim) of one block."""
+        """`block_shape`: (layers, 2, kv_heads, block_size, head_dim) of one block. `codec`: how blocks
+        are stored (the engine passes `quantization.codec(config.quantization)`, the default)."""
         self.block_size = config.block_size
-        self.quantization = config.quantization
+        self.codec = codec if codec is not None else quantization.codec(config.quantization)
+        self.quantization = self.codec.name
         self.dtype = dtype
         self.dtype_name = str(dtype).removeprefix("torch.")
         self.block_shape = tuple(block_shape)
         try:
-            quantization.check_shape(self.block_shape, self.quantization)
+            self.codec.check_shape(self.block_shape)
         except ValueError as exc:
             raise InvalidConfigError("quantization", f"{exc} (this model's KV blocks)") from None
         self.namespace = namespace_digest(
@@ -64,7 +71,7 @@ class PrefixCache:
         )
         self.block_bytes = self.encode(torch.zeros(self.block_shape, dtype=dtype), ()).nbytes
         full_bytes = torch.zeros((), dtype=dtype).element_size() * torch.Size(self.block_shape).numel()
-        self.store = MemoryBlockStore()
+        self.store: MemoryBlockStore[BlockRecord] = MemoryBlockStore()
         self.lower = lower
         if lower is not None:
             lower.source = self.store.get  # for retrying writes that failed
@@ -85,11 +92,11 @@ class PrefixCache:
             quantization=self.quantization,
             dtype=self.dtype_name,
             shape=self.block_shape,
-            parts=quantization.quantize(block, self.quantization),
+            parts=self.codec.encode(block),
         )
 
     def decode(self, record: BlockRecord) -> torch.Tensor:
-        return quantization.dequantize(record.parts, self.quantization, self.dtype, self.block_shape)
+        return self.codec.decode(record.parts, self.dtype, self.block_shape)
 
     def _fits(self, record: BlockRecord, tokens: Sequence[int]) -> bool:
         """A lower tier's block is used only for exactly these tokens, in this configuration."""
@@ -111,7 +118,7 @@ class PrefixCache:
         if usable == len(lease.hashes) < wanted:
             self.memory_misses += 1
             if self.lower is not None:
-                records = records + self._promote(lease, token_ids, wanted)
+                records = [*records, *self._promote(lease, token_ids, wanted)]
                 usable = len(records)
         return PrefixHit(lease=lease, blocks=[self.decode(r) for r in records[:usable] if r is not None])
 
@@ -173,9 +180,9 @@ class PrefixCache:
         if self.lower is not None:
             self.lower.close()
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> dict[str, dict[str, Any]]:
         manager = self.manager.stats()
-        memory = {
+        memory: dict[str, Any] = {
             **manager,
             "hits": manager["token_hits"] // self.block_size,
             "misses": self.memory_misses,
@@ -185,8 +192,7 @@ class PrefixCache:
             "block_bytes": self.block_bytes,
             "size_bytes": self.store.size_bytes,
         }
-        tiers = {"memory": memory}
-        if self.lower is not None:
-            tiers.update(self.lower.stats())
-            tiers["memory"]["dropped_writes"] = self.lower.dropped_writes
-        return tiers
+        if self.lower is None:
+            return {"memory": memory}
+        memory["dropped_writes"] = self.lower.dropped_writes
+        return {"memory": memory, **self.lower.stats()}

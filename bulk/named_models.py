@@ -7,7 +7,8 @@ found through `importlib.util.find_spec(package).submodule_search_locations`, wh
 top-level package without running it, and its SHA-256 is checked before it is used.
 
 `auto`, the default model, is the named default model when its wheel is installed, else the demo
-model. This module imports neither torch nor transformers: the configuration resolves `auto` with it."""
+model. This module imports neither torch nor transformers: the configuration resolves `auto` with it,
+so it sits in the base layer beside `bulk.config` (the model loader, `bulk.models.loader`, reads it)."""
 
 from __future__ import annotations
 

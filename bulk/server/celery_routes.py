@@ -1,5 +1,7 @@
 """FastAPI side of the Celery integration: `POST /api/process` enqueues a request for a `bul worker`
-and answers `{"task_id"}`; `celery_task_status(id)` reads a task's state back.
+and answers `{"task_id"}`; `celery_task_status(id)` reads a task's state back. A server feature (it
+answers with the server's error body and JSON route), so it lives here and imports the Celery app
+(`bulk.integrations.celery`), never the other way round.
 
 `router` carries only `POST /api/process`: `bul serve` (with `BUL_CELERY=1`) has its own
 `GET /api/task/{id}` and falls back to `celery_task_status`. An app of your own can include

@@ -1,4 +1,6 @@
-"""Adaptive Replacement Cache, the policy behind `CacheStrategy.ADAPTIVE`.
+"""Adaptive Replacement Cache, a reference for the tests: no configuration reaches it (ADAPTIVE is
+W-TinyLFU, `bulk/kv/policies/adaptive.py`). The tests hold it to the same policy contract as the
+shipped policies and use it as the baseline ADAPTIVE is compared with.
 
 ARC is from N. Megiddo and D. S. Modha, "ARC: A Self-Tuning, Low Overhead Replacement Cache",
 USENIX FAST 2003. Resident keys sit in T1 (seen once recently) or T2 (seen at least twice); B1 and B2

@@ -1,0 +1,104 @@
+"""One source per schema: the request's fields are `bulk.engine.request.FIELDS`, the result's are
+`bulk.engine.result.RESULT_FIELDS`, and every face follows them. Adding a field in one place and not
+the others fails here, naming the place to change."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from bulk.config import KVCacheConfig
+from bulk.engine.engine import UltraAdaptiveKVCacheEngine
+from bulk.engine.request import FIELDS, parse_request
+from bulk.engine.result import PER_REQUEST_FIELDS, RESULT_FIELDS, GenerationResult
+from bulk.grpc_service import convert
+from bulk.grpc_service.generated import bul_pb2
+from bulk.server import websocket
+from bulk.server.schemas import NOT_IN_QUERY_BODY, QueryRequest
+
+PROTO = Path(__file__).resolve().parents[1] / "proto" / "bul.proto"
+
+
+def proto_message_fields(name: str) -> set[str]:
+    """The field names of message `name` in proto/bul.proto, as written there."""
+    body = re.search(rf"^message {name} {{(.*?)^}}", PROTO.read_text(), re.S | re.M)
+    assert body, f"no message {name} in {PROTO}"
+    return set(re.findall(r"^\s+(?:optional |repeated )?\w+ (\w+) = \d+;", body.group(1), re.M))
+
+
+def test_the_request_fields_are_one_list():
+    assert len(set(FIELDS)) == len(FIELDS)
+    expected = set(FIELDS) - convert.NOT_IN_PROTO
+    assert proto_message_fields("QueryRequest") == expected, "proto/bul.proto's QueryRequest vs FIELDS"
+    assert {f.name for f in bul_pb2.QueryRequest.DESCRIPTOR.fields} == expected, "run `make proto`"
+    assert set(QueryRequest.model_fields) == set(FIELDS) - NOT_IN_QUERY_BODY, "bulk/server/schemas.py"
+
+
+def test_grpc_carries_every_request_field_it_declares():
+    message = bul_pb2.QueryRequest(
+        query="q", priority=3, max_new_tokens=5, temperature=0.5, top_p=0.9, seed=7, session_id="s",
+        stop=["."], response_cache=False, request_id="r",
+    )  # fmt: skip
+    assert set(convert.request_to_engine(message)) == set(FIELDS) - convert.NOT_IN_PROTO
+
+
+def test_to_payload_writes_every_field_and_parses_back():
+    config = KVCacheConfig(model="demo")
+    common = {
+        "priority": 3,
+        "max_new_tokens": 5,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "seed": 7,
+        "session_id": "s",
+        "stop": ["."],
+        "response_cache": False,
+        "request_id": "r",
+    }
+    raw = parse_request({**common, "text": "hello", "raw": True}, config)
+    chat = parse_request({**common, "messages": [{"role": "user", "content": "hi"}]}, config)
+    written = set(raw.to_payload()) | set(chat.to_payload())
+    # `text` is `query`'s other name: a payload always says `query`.
+    assert written == set(FIELDS) - {"text"}, "GenerationRequest.to_payload vs FIELDS"
+    for request in (raw, chat):
+        assert parse_request(request.to_payload(), config) == request
+
+
+def test_the_result_fields_are_one_list():
+    assert tuple(GenerationResult.__annotations__) == RESULT_FIELDS
+    assert set(RESULT_FIELDS) > PER_REQUEST_FIELDS
+    names = {convert.RESPONSE_NAMES.get(name, name) for name in RESULT_FIELDS}
+    assert proto_message_fields("QueryResponse") == names, "proto/bul.proto's QueryResponse vs RESULT_FIELDS"
+    assert {f.name for f in bul_pb2.QueryResponse.DESCRIPTOR.fields} == names, "run `make proto`"
+    assert websocket.ANSWER_FIELDS == RESULT_FIELDS
+    readme = (PROTO.parents[1] / "README.md").read_text()
+    sentence = re.search(r"The result holds (.*?)\.", readme, re.S)
+    assert sentence and re.findall(r"`(\w+)`", sentence.group(1)) == list(RESULT_FIELDS), "README.md"
+
+
+@pytest.fixture(scope="module")
+def engine(demo_model):
+    config = KVCacheConfig(model="demo", device="cpu", default_max_new_tokens=3)
+    with UltraAdaptiveKVCacheEngine(config, model=demo_model) as engine:
+        yield engine
+
+
+async def test_every_answer_has_exactly_the_result_fields(engine):
+    """The model's answer, the response cache's (as a dict and as JSON bytes, rebuilt from the stored
+    answer), a stream's last event and gRPC's message: the same fields."""
+    fresh = await engine.process_request({"query": "schema check"})
+    cached = await engine.process_request({"query": "schema check"})
+    assert not fresh["response_cached"] and cached["response_cached"]
+    cached_json = json.loads(await engine.process_request_json({"query": "schema check"}))
+    fresh_json = json.loads(await engine.process_request_json({"query": "schema check", "seed": 1}))
+    events = [event async for event in engine.stream_request({"query": "schema check, streamed"})]
+    last = {k: v for k, v in events[-1].items() if k != "done"}
+    for answer in (fresh, cached, cached_json, fresh_json, last):
+        assert tuple(sorted(answer)) == tuple(sorted(RESULT_FIELDS)), answer
+    assert cached_json["response_cached"] and cached_json["result"] == fresh["result"]
+    response = convert.result_to_response(fresh)
+    assert response.result == fresh["result"] and response.latency_ms == pytest.approx(fresh["latency"])
+    assert response.completion_tokens == fresh["completion_tokens"] == 3

@@ -146,6 +146,17 @@ def _hf_source(config: KVCacheConfig) -> str:
     return config.model
 
 
+def load_tokenizer(config: KVCacheConfig) -> Tokenizer:
+    """The tokenizer of `config.model`, without its weights (a cluster's router hashes prompts with
+    it): the demo models' byte tokenizer, or the Hugging Face tokenizer of the folder the engine loads
+    (a GGUF file is converted once first, into the same folder)."""
+    if is_demo(config.model):
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    return HFTokenizer(AutoTokenizer.from_pretrained(_hf_source(config)))
+
+
 def _load_hf(path_or_id: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Tokenizer, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

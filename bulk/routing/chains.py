@@ -53,17 +53,9 @@ def load_tokenizer(config: KVCacheConfig) -> Tokenizer:
     """The tokenizer of `config.model`, without its weights: the demo models' byte tokenizer, or the
     Hugging Face tokenizer of the model folder (a GGUF file is converted once first, as the engine
     does, into the same folder)."""
-    from bulk.models.demo import is_demo
-    from bulk.models.tokenizer import ByteTokenizer, HFTokenizer
+    from bulk.models.loader import load_tokenizer as load  # torch and transformers: only when called
 
-    if is_demo(config.model):
-        return ByteTokenizer()
-    from transformers import AutoTokenizer
-
-    # The folder the engine itself loads (and, for a GGUF file, converts into once).
-    from bulk.models.loader import _hf_source
-
-    return HFTokenizer(AutoTokenizer.from_pretrained(_hf_source(config)))
+    return load(config)
 
 
 def chat_session(request: GenerationRequest) -> tuple[str | None, bool]:

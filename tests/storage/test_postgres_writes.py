@@ -34,6 +34,7 @@ def test_rows_are_cut_by_bytes_in_order():
     assert list(_chunks_by_bytes([], 6)) == []
 
 
+@pytest.mark.services
 def test_a_write_larger_than_one_statement_lands_whole(table, monkeypatch):
     # 48 blocks of 360 KiB (SmolLM2's 16-token block in bfloat16): 17 MB, under the default 0.5 s
     # statement timeout only because it goes as several statements of at most 4 MiB here.

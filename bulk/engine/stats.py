@@ -25,6 +25,22 @@ ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 
 # Requests decoded together in one step.
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 THROUGHPUT_WINDOW = 10.0  # seconds over which generated tokens per second are averaged
+# The whole-number counts at the top level of `engine.get_stats()` (counters, and the queue and
+# running gauges): what a cluster sums over its replicas and gRPC's `StatsResponse` carries as integers.
+COUNTS = (
+    "requests",
+    "cache_hits",
+    "response_cache_hits",
+    "prefix_hits",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "errors",
+    "invalid_requests",
+    "queue_depth",
+    "running",
+    "evictions",
+)
 
 
 class BucketCounts:

@@ -13,6 +13,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from bulk.engine.request import FIELDS
 from bulk.engine.result import RESULT_FIELDS
+from bulk.engine.stats import COUNTS
 from bulk.grpc_service.generated import bul_pb2
 
 # Request fields `QueryRequest` does not carry (the test of the schemas checks the proto against
@@ -63,7 +64,7 @@ _PROTO_TYPES = {f.name: _PYTHON_TYPES[f.type] for f in bul_pb2.QueryResponse.DES
 def stats_to_response(stats: Mapping[str, Any]) -> bul_pb2.StatsResponse:
     """The typed fields for the keys every engine has; `details` carries the whole dict, so keys
     added to the engine later reach clients before this message grows a field for them."""
-    counters: dict[str, Any] = {name: int(stats.get(name) or 0) for name in _STATS_COUNTERS}
+    counters: dict[str, Any] = {name: int(stats.get(name) or 0) for name in COUNTS}
     response = bul_pb2.StatsResponse(
         **counters,
         hit_rate=float(stats.get("hit_rate") or 0.0),
@@ -87,20 +88,6 @@ def stats_to_response(stats: Mapping[str, Any]) -> bul_pb2.StatsResponse:
     return response
 
 
-_STATS_COUNTERS = (
-    "requests",
-    "cache_hits",
-    "response_cache_hits",
-    "prefix_hits",
-    "prompt_tokens",
-    "cached_tokens",
-    "completion_tokens",
-    "errors",
-    "invalid_requests",
-    "queue_depth",
-    "running",
-    "evictions",
-)
 _CACHE_COUNTERS = ("entries", "hits", "misses", "size_bytes")
 _TIER_COUNTERS = ("hits", "misses", "errors", "size_bytes")
 

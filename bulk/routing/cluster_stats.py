@@ -13,21 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-SUMMED = (
-    "requests",
-    "cache_hits",
-    "response_cache_hits",
-    "prefix_hits",
-    "prompt_tokens",
-    "cached_tokens",
-    "completion_tokens",
-    "errors",
-    "invalid_requests",
-    "queue_depth",
-    "running",
-    "evictions",
-    "generated_tokens_per_second",
-)
+from bulk.engine.stats import COUNTS
+
+SUMMED = (*COUNTS, "generated_tokens_per_second")
 SHARED_TIERS = ("redis", "postgres")
 SHARED_GAUGES = ("blocks", "size_bytes", "capacity_blocks", "tokens")
 PERCENTILES = (("latency_ms", "latency_seconds"), ("ttft_ms", "ttft_seconds"), ("itl_ms", "itl_seconds"))

@@ -76,7 +76,7 @@ class ModelRunner:
 
     def tokenize(self, seq: Sequence) -> None:
         lm = self.lm
-        ids = lm.tokenizer.encode(seq.request.prompt_text(lm.tokenizer))
+        ids = seq.request.prompt_ids(lm.tokenizer)
         if len(ids) >= lm.context_length:
             raise PromptTooLongError(
                 "query", f"the prompt is {len(ids)} tokens; the model's context holds {lm.context_length}"

@@ -70,6 +70,11 @@ class GenerationRequest:
         """The text the model is given, rendered with the model's `tokenizer` (its chat template)."""
         return chat.render_prompt(self, tokenizer)
 
+    def prompt_ids(self, tokenizer: Any) -> list[int]:
+        """The token ids the model is given: those the engine computes and stores blocks for, and
+        those a cluster's router hashes to find the replica holding them."""
+        return tokenizer.encode(self.prompt_text(tokenizer))
+
     def renewed(self) -> GenerationRequest:
         """This request again, with a fresh request id unless the caller chose one: a parsed request
         reused for an identical body (the API's hot path) instead of parsing it again."""

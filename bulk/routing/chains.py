@@ -100,7 +100,7 @@ class RequestChains:
         tokenizer = self._tokenizer
         if tokenizer is None:
             return None
-        return tokenizer.encode(request.prompt_text(tokenizer))
+        return request.prompt_ids(tokenizer)
 
     def key(self, payload: Any, namespace: bytes | None, block_size: int | None = None) -> RoutingKey | None:
         """The routing key of a request dict: its chain under `namespace` (none without one, or

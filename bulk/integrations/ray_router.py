@@ -69,11 +69,15 @@ class _Bookkeeping:
     _lock: threading.Lock
     _decisions: Counter[tuple[str, str]]
     _inflight: Counter[str]
+    _ended_early: OrderedDict[str, bool]
 
     def _register(self) -> None:
         self._lock = threading.Lock()  # the ingress reads the counts from another thread
         self._decisions = Counter()
         self._inflight = Counter()
+        # Requests that ended before Ray reported them routed (a quick answer can), so that their
+        # late `on_request_routed` does not count them as running; the oldest forgotten first.
+        self._ended_early = OrderedDict()
         deployment = self._deployment_id  # type: ignore[attr-defined]
         register_router(deployment.app_name, deployment.name, self)
 
@@ -95,6 +99,11 @@ class _Bookkeeping:
         _back_off_when_refused(pending_request)
         chosen = [r for r in candidates if r.replica_id.unique_id == target]
         return [chosen] if chosen else []
+
+    def _ended(self, request_id: str) -> None:
+        self._ended_early[request_id] = True
+        while len(self._ended_early) > _PENDING_LIMIT:
+            self._ended_early.popitem(last=False)
 
     def _count(self, replica: str, reason: str, delta_inflight: int) -> None:
         with self._lock:
@@ -134,7 +143,6 @@ class PrefixAwareRouter(_Bookkeeping, RequestRouter):
         self._seen_reports: dict[str, float] = {}
         self._pending: OrderedDict[str, tuple[RoutingKey | None, Decision]] = OrderedDict()
         self._sent: dict[str, tuple[str, str]] = {}  # internal request id -> (replica, reason)
-        self._ended_early: OrderedDict[str, bool] = OrderedDict()
 
     # ---- Ray's hooks ------------------------------------------------------------------------------
 
@@ -187,9 +195,7 @@ class PrefixAwareRouter(_Bookkeeping, RequestRouter):
         if sent is None:
             # A targeted request; one a replica refused (it is routed again); or one that ended
             # before `on_request_routed` (remembered, so that it is not counted as running).
-            self._ended_early[internal_request_id] = True
-            while len(self._ended_early) > _PENDING_LIMIT:
-                self._ended_early.popitem(last=False)
+            self._ended(internal_request_id)
             return
         self.policy.completed(internal_request_id, time.time())
         self._count(sent[0], "", -1)
@@ -260,7 +266,6 @@ class PowerOfTwoRouter(_Bookkeeping, PowerOfTwoChoicesRequestRouter):
     def initialize_state(self, **_: Any) -> None:
         self._register()
         self._sent: dict[str, str] = {}
-        self._ended_early: OrderedDict[str, bool] = OrderedDict()
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -289,6 +294,4 @@ class PowerOfTwoRouter(_Bookkeeping, PowerOfTwoChoicesRequestRouter):
         if replica is not None:
             self._count(replica, "", -1)
         else:
-            self._ended_early[internal_request_id] = True
-            while len(self._ended_early) > _PENDING_LIMIT:
-                self._ended_early.popitem(last=False)
+            self._ended(internal_request_id)

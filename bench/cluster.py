@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ import httpx
 import redis
 
 from bench.cluster_workload import Session, WorkloadShape, sessions, system_prompts
-from bench.common import format_table, ratio, write_results
+from bench.common import format_table, options_from, ratio, write_results
 
 log = logging.getLogger("bench.cluster")
 
@@ -335,12 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="results directory (default bench/results)")
     args = parser.parse_args(argv)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    base = QUICK if args.quick else DEFAULTS
-    options = {**base, "quick": args.quick}
-    for key in ("model", "clients", "warmup", "duration"):
-        if getattr(args, key) is not None:
-            options[key] = getattr(args, key)
-    options["workload"] = replace(WorkloadShape()).__dict__
+    keys = ("model", "clients", "warmup", "duration")
+    options = {**options_from(QUICK if args.quick else DEFAULTS, args, keys), "quick": args.quick}
+    options["workload"] = asdict(WorkloadShape())  # recorded with the results
     options["memory_tokens_per_replica"] = MEMORY_TOKENS
     options["load_1min_at_start"] = os.getloadavg()[0]
     results: dict[str, dict[str, Any]] = {}

@@ -1,4 +1,4 @@
-"""Helpers shared by every benchmark: timing, tables, results files, ratios.
+"""Helpers shared by every benchmark: options, timing, tables, results files, ratios.
 
 A benchmark measures in one process, prints a plain-text table and writes the same figures as JSON
 under `bench/results/` (`<name>-<UTC timestamp>.json`, plus `<name>-latest.json` for tools that only
@@ -6,13 +6,14 @@ want the newest), with enough about the machine to tell two results files apart.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +23,15 @@ import torch
 T = TypeVar("T")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def options_from(base: Mapping[str, Any], args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any]:
+    """A copy of `base` (a benchmark's DEFAULTS or QUICK) with each of `keys` the command line gave."""
+    options = dict(base)
+    for key in keys:
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    return options
 
 
 def time_ms(fn: Callable[[], T]) -> tuple[float, T]:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from bench import quality
-from bench.common import format_table, median, ratio, write_results
+from bench.common import format_table, median, options_from, ratio, write_results
 from bench.prompts import unique_prompt
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
@@ -249,10 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny settings on the demo model (smoke test)")
     parser.add_argument("--out", help="results directory (default bench/results)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    options = dict(QUICK if args.quick else DEFAULTS)
-    for key in ("model", "runs", "windows"):
-        if getattr(args, key) is not None:
-            options[key] = getattr(args, key)
+    options = options_from(QUICK if args.quick else DEFAULTS, args, ("model", "runs", "windows"))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     models = {d: load_model(KVCacheConfig(model=options["model"], dtype=d, device="cpu")) for d in DTYPES}

@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import median, ratio, write_results
+from bench.common import median, options_from, ratio, write_results
 from bench.http_report import render
 
 log = logging.getLogger("bench.http")
@@ -230,10 +230,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    options = dict(QUICK if args.quick else DEFAULTS)
-    for key in ("clients", "seconds", "rounds"):
-        if getattr(args, key) is not None:
-            options[key] = getattr(args, key)
+    options = options_from(QUICK if args.quick else DEFAULTS, args, ("clients", "seconds", "rounds"))
     result = run(options, args.model)
     sys.stdout.write(render(result) + "\n")
     path = write_results(NAME, result, args.out)

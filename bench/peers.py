@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import format_table, ratio, write_results
+from bench.common import format_table, options_from, ratio, write_results
 from bench.http import ROOT, _free_port, start_server, stop, wait_ready
 from bench.peers_build import PeerBuild, default_build, ensure_built
 from bench.serve_load import closed_loop, figures
@@ -358,10 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few, short requests")
     parser.add_argument("--out", help="results directory (default bench/results)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    options = dict(QUICK if args.quick else DEFAULTS)
-    for key in ("threads_ours", "threads_theirs", "dtype"):
-        if getattr(args, key) is not None:
-            options[key] = getattr(args, key)
+    keys = ("threads_ours", "threads_theirs", "dtype")
+    options = options_from(QUICK if args.quick else DEFAULTS, args, keys)
 
     from bench.quality import load_corpus
     from bulk import named_models as registry

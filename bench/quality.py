@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from bench.common import format_table, write_results
+from bench.common import format_table, options_from, write_results
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.engine.model_thread import ModelThread
@@ -383,19 +383,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def options_from(args: argparse.Namespace) -> dict[str, Any]:
-    options = dict(QUICK if args.quick else DEFAULTS)
-    for key in ("model", "dtype", "window", "chunk", "windows", "rows", "prompts", "new_tokens"):
-        if getattr(args, key) is not None:
-            options[key] = getattr(args, key)
-    return options
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    options = options_from(args)
+    keys = ("model", "dtype", "window", "chunk", "windows", "rows", "prompts", "new_tokens")
+    options = options_from(QUICK if args.quick else DEFAULTS, args, keys)
     lm = load_model(KVCacheConfig(model=options["model"], dtype=options["dtype"], device="cpu"))
     settings = {**options, "dtype": lm.dtype_name, "threads": torch.get_num_threads(), "corpus": list(CORPUS)}
     result = measure(lm, options)

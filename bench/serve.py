@@ -46,7 +46,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import ratio, write_results
+from bench.common import options_from, ratio, write_results
 from bench.http import ROOT, start_server, stop, wait_ready
 from bench.serve_load import Stream, closed_loop, figures, percentile, stream_completion
 from bench.serve_report import plot, render
@@ -353,10 +353,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    options = dict(QUICK if args.quick else DEFAULTS)
-    for key in ("model", "seconds", "threads", "dtype"):
-        if getattr(args, key) is not None:
-            options[key] = getattr(args, key)
+    options = options_from(QUICK if args.quick else DEFAULTS, args, ("model", "seconds", "threads", "dtype"))
     result = run(options)
     sys.stdout.write(render(result) + "\n")
     path = write_results(NAME, result, args.out)

@@ -10,9 +10,13 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "bul-kv-cache.json"
-PROMQL_FUNCTIONS = {
+# PromQL's functions and keywords, and the label names our queries group by: never metric names.
+PROMQL_WORDS = {
     "rate",
+    "increase",
     "sum",
+    "min",
+    "max",
     "by",
     "histogram_quantile",
     "le",
@@ -20,6 +24,7 @@ PROMQL_FUNCTIONS = {
     "api",
     "kind",
     "status",
+    "instance",
     "replica",
     "reason",
 }
@@ -27,15 +32,15 @@ PROMQL_FUNCTIONS = {
 CLUSTER_ONLY = ("kv_cache_replica_", "kv_cache_routed_requests")
 
 
+def metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression: identifiers outside {} and [], minus PromQL's words."""
+    bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", expr)
+    return {n for n in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", bare) if n not in PROMQL_WORDS}
+
+
 def dashboard_metric_names() -> set[str]:
     panels = json.loads(DASHBOARD.read_text())["dashboard"]["panels"]
-    names = set()
-    for panel in panels:
-        for target in panel["targets"]:
-            # Metric names in a PromQL expression: identifiers not followed by "(" and outside {} / [].
-            expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", target["expr"])
-            names |= {n for n in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr) if n not in PROMQL_FUNCTIONS}
-    return names
+    return {name for panel in panels for target in panel["targets"] for name in metric_names(target["expr"])}
 
 
 def scrape(url: str) -> dict[str, list]:

@@ -21,35 +21,14 @@ from bulk.server.app import create_app
 from bulk.storage.redis_store import BLOCK_PREFIX
 from tests.server.conftest import ENGINE, settings, wait_ready
 from tests.server.live_server import LiveServer
-from tests.server.test_metrics_endpoint import scrape
+from tests.server.test_metrics_endpoint import metric_names, scrape
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 REDIS_URL = "redis://127.0.0.1:6379/10"
-PROMQL_WORDS = {
-    "rate",
-    "increase",
-    "sum",
-    "min",
-    "max",
-    "by",
-    "histogram_quantile",
-    "le",
-    "tier",
-    "api",
-    "kind",
-    "status",
-    "instance",
-}
 QUERY = {
     "query": "Tier metrics: " + "a prompt long enough for a few cached blocks. " * 4,
     "max_new_tokens": 2,
 }
-
-
-def metric_names(expr: str) -> set[str]:
-    """Metric names in a PromQL expression: identifiers outside {} and [], minus PromQL's words."""
-    bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", expr)
-    return {n for n in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", bare) if n not in PROMQL_WORDS}
 
 
 def _closed_port() -> int:

@@ -9,7 +9,8 @@ the core only knows the dataclass.
 One rule for values: an empty variable means "not set" for an optional option; enums are read as
 their string value; and a bad value, whoever checks it (pydantic or the dataclass), raises
 `InvalidConfigError` naming the variable the operator has to fix (`BUL_MAX_TOKENS: must be >= 1`).
-docs/settings.md lists every variable (`python -m bulk.settings_doc` writes it from these classes)."""
+docs/settings.md lists every variable (`make settings-doc`, `python -m bulk.cli.settings_doc`, writes it
+from these classes)."""
 
 from __future__ import annotations
 

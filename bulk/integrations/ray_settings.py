@@ -1,5 +1,5 @@
 """`bul cluster`'s own settings, `BUL_RAY_*`: apart from `ray_serve.py`, so that reading (and
-documenting, `bulk.settings_doc`) them does not import Ray."""
+documenting, `bulk.cli.settings_doc`) them does not import Ray."""
 
 from __future__ import annotations
 

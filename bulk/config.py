@@ -27,6 +27,7 @@ class CacheStrategy(enum.StrEnum):
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANTIZATIONS = ("none", "int8", "int4")
+WEIGHT_QUANTIZATIONS = ("auto", "none", "int8", "int4")
 SECRET_ENV = "BUL_CACHE_SECRET"  # noqa: S105 (the variable's name, not a secret)
 
 
@@ -57,6 +58,11 @@ class KVCacheConfig:
     block_size: int = 16
     # "int8" or "int4": stored blocks are quantized, and decoded on reuse.
     quantization: str = "none"
+    # The model's linear weights, for decode speed on the CPU (`bulk.models.weight_quant`): "int8"
+    # or "int4" (the model then runs in bfloat16), "none", or "auto": a GGUF file's own bit width
+    # (its Q4 layers as int4, Q8 as int8) when the model runs in bfloat16 on the CPU, else none.
+    # Part of the model fingerprint, so KV computed with other weights is never reused.
+    weight_quantization: str = "auto"
     # Lower tiers. Each has its own budget in tokens and evicts with `cache_strategy`.
     persistence_max_tokens: int = 1_048_576
     # The Redis tier, shared by replicas (needs `cache_secret`); its entries expire after `redis_ttl` s.
@@ -154,10 +160,26 @@ class KVCacheConfig:
                 raise InvalidConfigError(key, f"must be a bool, got {getattr(self, key)!r}")
         if not isinstance(self.response_cache_ttl, int | float) or self.response_cache_ttl <= 0:
             raise InvalidConfigError("response_cache_ttl", "must be a positive number of seconds")
-        for key, allowed in (("device", DEVICES), ("dtype", DTYPES), ("quantization", QUANTIZATIONS)):
+        for key, allowed in (
+            ("device", DEVICES),
+            ("dtype", DTYPES),
+            ("quantization", QUANTIZATIONS),
+            ("weight_quantization", WEIGHT_QUANTIZATIONS),
+        ):
             value = getattr(self, key)
             if value not in allowed:
                 raise InvalidConfigError(key, f"{value!r} is not one of {list(allowed)}")
+        if self.weight_quantization in ("int8", "int4"):
+            # The quantized kernels take bfloat16 activations and pick their kernel by row count.
+            if self.dtype not in ("auto", "bfloat16"):
+                raise InvalidConfigError(
+                    "weight_quantization",
+                    f"{self.weight_quantization} weights run in bfloat16, not dtype {self.dtype}",
+                )
+            if self.batch_invariant:
+                raise InvalidConfigError(
+                    "weight_quantization", "batch_invariant needs unquantized weights (set it to none)"
+                )
         for key in ("model", "persistence_path", "model_cache_path"):
             value = getattr(self, key)
             if not isinstance(value, str) or not value:

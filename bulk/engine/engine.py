@@ -263,7 +263,7 @@ class UltraAdaptiveKVCacheEngine:
             "evictions": tiers["memory"].get("evictions", 0),
             "tiers": tiers,
             "response_cache": self._responses.stats(),
-            "config": config_summary(self.config),
+            "config": config_summary(self.config, self._model),
         }
 
     # ---- internals: the response cache -------------------------------------------------------

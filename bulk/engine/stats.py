@@ -8,9 +8,12 @@ import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bulk.config import KVCacheConfig
+
+if TYPE_CHECKING:
+    from bulk.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -222,10 +225,13 @@ class EngineStats:
             }
 
 
-def config_summary(config: KVCacheConfig) -> dict[str, object]:
-    """The settings that explain the numbers, for `get_stats()`."""
+def config_summary(config: KVCacheConfig, model: LoadedModel | None = None) -> dict[str, object]:
+    """The settings that explain the numbers, for `get_stats()`; with the loaded `model`, the dtype
+    and weight quantization that `auto` resolved to (None until it is loaded)."""
     signed = config.signing_secret() is not None
     return {
+        "dtype": model.dtype_name if model is not None else None,
+        "weight_quantization": model.weight_quantization if model is not None else None,
         "max_tokens": config.max_tokens,
         "block_size": config.block_size,
         "cache_strategy": config.cache_strategy.value,

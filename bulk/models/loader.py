@@ -19,9 +19,10 @@ from bulk.errors import ModelLoadError
 from bulk.models import hf_cache
 from bulk.models.cpu import has_bf16_instructions
 from bulk.models.demo import DEMO_SPECS, build_demo_model, is_demo
-from bulk.models.gguf import converted_folder, is_gguf_path
+from bulk.models.gguf import converted_folder, is_gguf_path, manifest_weight_bits
 from bulk.models.progress import quiet_progress_bars
 from bulk.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from bulk.models.weight_quant import quantize_weights
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class LoadedModel:
     num_kv_heads: int
     head_dim: int
     supports_block_reuse: bool
+    weight_quantization: str = "none"  # "int8" / "int4" when `bulk.models.weight_quant` was applied
 
     @property
     def dtype_name(self) -> str:
@@ -73,9 +75,29 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def resolve_weight_quantization(
+    config: KVCacheConfig, device: torch.device, dtype: torch.dtype, file_bits: int | None
+) -> str:
+    """`config.weight_quantization`, with `auto` resolved: a GGUF file's own bit width (`file_bits`)
+    when the model runs in bfloat16 on the CPU (where the quantized kernels are), else none."""
+    scheme = config.weight_quantization
+    if scheme == "auto":
+        if device.type != "cpu" or dtype != torch.bfloat16 or config.batch_invariant:
+            return "none"
+        return {4: "int4", 8: "int8"}.get(file_bits or 0, "none")
+    if scheme != "none" and device.type != "cpu":
+        raise ModelLoadError(
+            f"weight_quantization {scheme} runs torch's CPU kernels; on {device.type} set it to none"
+        )
+    return scheme
+
+
 def load_model(config: KVCacheConfig) -> LoadedModel:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    if config.weight_quantization in ("int8", "int4"):
+        dtype = torch.bfloat16  # the config refuses any other explicit dtype with them
+    scheme = "none"
     try:
         if is_demo(config.model):
             model = build_demo_model(config.model, dtype, device)
@@ -87,9 +109,17 @@ def load_model(config: KVCacheConfig) -> LoadedModel:
                 config.model,
                 named_models.DEFAULT_NAMED_MODEL.install_hint,
             )
+            scheme = resolve_weight_quantization(config, device, dtype, None)
         else:
-            model, tokenizer, fingerprint = _load_hf(_hf_source(config), dtype, device)
+            source, gguf_file = _hf_source(config)
+            bits = manifest_weight_bits(Path(source), gguf_file) if gguf_file is not None else None
+            scheme = resolve_weight_quantization(config, device, dtype, bits)
+            model, tokenizer, fingerprint = _load_hf(source, dtype, device)
             context_length = int(getattr(model.config, "max_position_embeddings", 2048))
+        parameters = sum(p.numel() for p in model.parameters())  # before quantization moves some out
+        if scheme != "none":
+            quantize_weights(model, scheme)
+            fingerprint = f"{fingerprint}+w{scheme}"
     except ModelLoadError:
         raise
     except Exception as exc:  # transformers raises many kinds; the caller needs one
@@ -109,15 +139,17 @@ def load_model(config: KVCacheConfig) -> LoadedModel:
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
         supports_block_reuse=hf_cache.supports_block_reuse(model),
+        weight_quantization=scheme,
     )
     if not loaded.supports_block_reuse:
         log.warning("model %s has non-standard attention layers: KV prefix reuse is off", config.model)
     log.info(
-        "loaded %s on %s (%s), %.1fM parameters, context %d",
+        "loaded %s on %s (%s, weights %s), %.1fM parameters, context %d",
         config.model,
         device,
         loaded.dtype_name,
-        sum(p.numel() for p in model.parameters()) / 1e6,
+        "unquantized" if scheme == "none" else scheme,
+        parameters / 1e6,
         context_length,
     )
     return loaded
@@ -133,17 +165,19 @@ def _weights_fingerprint(name: str, model: Any) -> str:
     return f"{name}:{digest.hexdigest()[:32]}"
 
 
-def _hf_source(config: KVCacheConfig) -> str:
-    """The Hugging Face folder (or hub id) to load for `config.model`: a named model's GGUF file and
-    any other `.gguf` file are converted once into a folder under `model_cache_path`."""
+def _hf_source(config: KVCacheConfig) -> tuple[str, Path | None]:
+    """The Hugging Face folder (or hub id) to load for `config.model`, and the GGUF file it came from:
+    a named model's GGUF file and any other `.gguf` file are converted once into a folder under
+    `model_cache_path`."""
     cache_root = Path(config.model_cache_path).expanduser()
     if named_models.is_named(config.model):
         named = named_models.NAMED_MODELS[config.model]
         path = named_models.named_model_file(config.model)
-        return str(converted_folder(path, cache_root, expected_sha256=named.sha256))
+        return str(converted_folder(path, cache_root, expected_sha256=named.sha256)), path
     if is_gguf_path(config.model):
-        return str(converted_folder(Path(config.model).expanduser(), cache_root))
-    return config.model
+        path = Path(config.model).expanduser()
+        return str(converted_folder(path, cache_root)), path
+    return config.model, None
 
 
 def load_tokenizer(config: KVCacheConfig) -> Tokenizer:
@@ -154,7 +188,7 @@ def load_tokenizer(config: KVCacheConfig) -> Tokenizer:
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
-    return HFTokenizer(AutoTokenizer.from_pretrained(_hf_source(config)))
+    return HFTokenizer(AutoTokenizer.from_pretrained(_hf_source(config)[0]))
 
 
 def _load_hf(path_or_id: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Tokenizer, str]:

@@ -1,0 +1,194 @@
+"""Weight-only quantization (`bulk.models.weight_quant`): the quantized layers compute with the
+weights they claim (both the few-row kernels and the many-row dequantized copy), the loader applies
+the transform where the configuration asks (and `auto` where a GGUF file is quantized), the
+fingerprint separates quantized weights from the others, and bad combinations are clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bulk import named_models as registry
+from bulk.config import KVCacheConfig
+from bulk.engine.engine import UltraAdaptiveKVCacheEngine
+from bulk.errors import InvalidConfigError, ModelLoadError
+from bulk.models import weight_quant
+from bulk.models.gguf import MANIFEST, manifest_weight_bits, weight_bits
+from bulk.models.loader import load_model, resolve_weight_quantization
+from bulk.models.weight_quant import DENSE_FROM_ROWS, WeightOnlyLinear, quantize_weights
+from tests.tiny_gguf import write_tiny_gguf
+
+CPU = torch.device("cpu")
+
+
+def _linear(out: int, inp: int, seed: int = 0, bias: bool = False) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(inp, out, bias=bias)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.05)
+    return layer
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_weights_stay_within_half_a_step_of_the_originals(bits):
+    layer = _linear(192, 576)
+    q = WeightOnlyLinear(layer, bits)
+    w = layer.weight.detach()
+    error = (q.dense.float() - w).abs()
+    if bits == 8:
+        step = w.abs().amax(dim=1, keepdim=True) / 127
+    else:
+        groups = w.view(192, -1, 32)
+        step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(32, dim=1)
+    # Half a quantization step, plus the bfloat16 rounding of scales, offsets and the copy.
+    assert bool((error <= step / 2 + w.abs() * 2**-7 + step * 2**-6).all())
+    assert float(error.max()) > 0  # it really is quantized
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 3, DENSE_FROM_ROWS - 1, DENSE_FROM_ROWS, 40])
+def test_both_paths_compute_with_the_quantized_weights(bits, rows):
+    layer = _linear(256, 512, seed=rows, bias=True)
+    q = WeightOnlyLinear(layer, bits)
+    x = torch.randn(1, rows, 512).to(torch.bfloat16)
+    got = q(x).float()
+    want = F.linear(x.float(), q.dense.float(), q.bias.float())
+    assert got.shape == (1, rows, 256)
+    # bfloat16 output: 8 bits of mantissa over sums of 512 products.
+    assert torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+
+
+def test_the_model_is_transformed_in_place_with_the_head_at_8_bits(demo_model):
+    model = load_model(
+        KVCacheConfig(model="demo", device="cpu", dtype="bfloat16", weight_quantization="none")
+    ).model
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    counts = quantize_weights(model, "int4")
+    assert counts == {"int4": len(linears) - 1, "int8": 1}
+    assert not [m for m in model.modules() if isinstance(m, nn.Linear)]
+    head = model.get_output_embeddings()
+    assert isinstance(head, WeightOnlyLinear) and head.bits == 8
+
+
+def test_layers_the_int4_kernel_cannot_pack_fall_back_to_int8():
+    model = nn.Sequential(_linear(100, 64), _linear(64, 48)).to(torch.bfloat16)  # N % 16, K % 32
+    assert quantize_weights(model, "int4") == {"int4": 0, "int8": 2}
+
+
+def test_only_bfloat16_models_on_the_cpu_are_transformed():
+    with pytest.raises(ValueError, match="bfloat16 model on the CPU"):
+        quantize_weights(nn.Sequential(_linear(64, 64)), "int4")  # float32
+    with pytest.raises(ValueError, match="not one of"):
+        quantize_weights(nn.Sequential(_linear(64, 64)).to(torch.bfloat16), "int3")
+
+
+def test_the_loader_applies_it_and_the_fingerprint_separates_the_weights():
+    plain = load_model(
+        KVCacheConfig(model="demo", device="cpu", dtype="bfloat16", weight_quantization="none")
+    )
+    int4 = load_model(KVCacheConfig(model="demo", device="cpu", weight_quantization="int4"))
+    int8 = load_model(KVCacheConfig(model="demo", device="cpu", weight_quantization="int8"))
+    assert (plain.weight_quantization, int4.weight_quantization, int8.weight_quantization) == (
+        "none",
+        "int4",
+        "int8",
+    )
+    assert int4.dtype == int8.dtype == torch.bfloat16  # asked for by the quantized kernels
+    assert len({plain.fingerprint, int4.fingerprint, int8.fingerprint}) == 3
+    assert int4.fingerprint == plain.fingerprint + "+wint4"
+
+
+async def test_a_quantized_model_serves_many_requests_at_once(monkeypatch):
+    """Steps below and above `DENSE_FROM_ROWS` rows take the two paths; every request finishes, and a
+    greedy answer alone is the answer it gets alone again."""
+    rows_seen: set[int] = set()
+    forward = WeightOnlyLinear.forward
+
+    def counting(self, x):
+        rows_seen.add(x.numel() // self.in_features)
+        return forward(self, x)
+
+    monkeypatch.setattr(WeightOnlyLinear, "forward", counting)
+    n = DENSE_FROM_ROWS + 6
+    config = KVCacheConfig(
+        model="demo", device="cpu", weight_quantization="int4", response_cache=False, max_batch_size=n
+    )
+    queries = [{"query": f"q{i:02d}", "max_new_tokens": 12, "temperature": 0} for i in range(n)]
+    with UltraAdaptiveKVCacheEngine(config) as engine:
+        alone = await engine.process_request(queries[0])
+        together = await asyncio.gather(*(engine.process_request(q) for q in queries))
+        again = await engine.process_request(queries[0])
+    assert all(r["completion_tokens"] == 12 for r in together)
+    assert again["result"] == alone["result"]
+    assert min(rows_seen) < DENSE_FROM_ROWS <= max(rows_seen)  # both paths ran
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"weight_quantization": "int3"}, "weight_quantization"),
+        ({"weight_quantization": "int4", "dtype": "float32"}, "weight_quantization"),
+        ({"weight_quantization": "int8", "batch_invariant": True}, "weight_quantization"),
+    ],
+)
+def test_bad_combinations_are_configuration_errors(kw, field):
+    with pytest.raises(InvalidConfigError) as err:
+        KVCacheConfig(model="demo", **kw)
+    assert err.value.key == field
+
+
+def test_auto_follows_the_files_bits_in_bfloat16_on_the_cpu():
+    auto = KVCacheConfig(model="demo")
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert resolve_weight_quantization(auto, CPU, bf16, 4) == "int4"
+    assert resolve_weight_quantization(auto, CPU, bf16, 8) == "int8"
+    assert resolve_weight_quantization(auto, CPU, bf16, None) == "none"  # a float file, or not GGUF
+    assert resolve_weight_quantization(auto, CPU, fp32, 4) == "none"
+    assert resolve_weight_quantization(auto, torch.device("cuda"), bf16, 4) == "none"
+    invariant = KVCacheConfig(model="demo", batch_invariant=True)
+    assert resolve_weight_quantization(invariant, CPU, bf16, 4) == "none"
+    with pytest.raises(ModelLoadError, match="CPU kernels"):
+        resolve_weight_quantization(
+            KVCacheConfig(model="demo", weight_quantization="int4"), torch.device("cuda"), bf16, None
+        )
+
+
+def test_a_gguf_files_bits_are_recorded_at_conversion_and_drive_auto(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.Q8_0.gguf")
+    assert weight_bits(path) == 8
+    lm = load_model(
+        KVCacheConfig(model=str(path), model_cache_path=str(tmp_path / "m"), device="cpu", dtype="bfloat16")
+    )
+    assert lm.weight_quantization == "int8"
+    folder = next((tmp_path / "m").iterdir())
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["weight_bits"] == 8
+    # A folder converted before the manifest recorded the bits gets them added, once.
+    del manifest["weight_bits"]
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    assert manifest_weight_bits(folder, path) == 8
+    assert json.loads((folder / MANIFEST).read_text())["weight_bits"] == 8
+
+
+@pytest.mark.slow
+def test_the_real_models_file_is_4_bit_and_its_int4_model_answers():
+    if not registry.is_installed(registry.SMOLLM2_135M):
+        pytest.fail(f"the real model's wheel is not installed: {registry.SMOLLM2_135M.install_hint}")
+    assert weight_bits(registry.named_model_file("smollm2-135m")) == 4
+    config = KVCacheConfig(model="smollm2-135m", device="cpu", dtype="bfloat16", response_cache=False)
+    with UltraAdaptiveKVCacheEngine(config) as engine:
+        assert engine.model.weight_quantization == "int4"
+        answer = engine.process_request_sync(
+            {"query": "What is the capital of France?", "max_new_tokens": 16}
+        )
+    assert "Paris" in answer["result"]
+
+
+def test_the_transform_is_not_applied_to_a_float32_model(real_model):
+    assert real_model.weight_quantization == "none"
+    assert weight_quant.WeightOnlyLinear not in {type(m) for m in real_model.model.modules()}

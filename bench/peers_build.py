@@ -26,24 +26,46 @@ log = logging.getLogger("bench.peers_build")
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = "0.3.36"
 PACKAGE = f"llama-cpp-python[server]=={VERSION}"
-# llama.cpp's CMake options: the x86 vector extensions of the development machine named one by one
-# (AVX2, AVX-512 with VBMI, VNNI and BF16), no external BLAS (llama.cpp's own kernels, as its default
-# CPU build), no GPU backend. Not GGML_NATIVE: that also compiles llama.cpp's AMX kernels wherever
-# the CPU lists AMX, and inside this VM (AMX listed, its tile state not granted to programs) the
-# server died of SIGILL on its first prompt of more than a few tokens.
-CMAKE_ARGS = " ".join(
-    [
-        "-DGGML_NATIVE=OFF",
-        *(
-            f"-DGGML_{ext}=ON"
-            for ext in ("AVX", "AVX2", "FMA", "F16C", "BMI2", "AVX_VNNI", "AVX512", "AVX512_VBMI",
-                        "AVX512_VNNI", "AVX512_BF16")
-        ),
-        "-DGGML_BLAS=OFF",
-        "-DGGML_CUDA=OFF",
-        "-DLLAMA_CURL=OFF",
-    ]
-)  # fmt: skip
+# llama.cpp's CMake options: each x86 vector extension that this CPU lists in /proc/cpuinfo, named one
+# by one; no external BLAS (llama.cpp's own kernels, as its default CPU build); no GPU backend.
+# Not GGML_NATIVE: that also compiles llama.cpp's AMX kernels wherever the CPU lists AMX, and inside a
+# VM that lists AMX without granting programs its tile state the server died of SIGILL on its first
+# prompt of more than a few tokens. And not a fixed list: a list written for one machine (AVX-VNNI,
+# an Intel extension) built a server that died of SIGILL on an AMD EPYC, which has AVX512-VNNI only.
+# /proc/cpuinfo flag -> llama.cpp option
+_EXTENSIONS = {
+    "avx": "AVX",
+    "avx2": "AVX2",
+    "fma": "FMA",
+    "f16c": "F16C",
+    "bmi2": "BMI2",
+    "avx_vnni": "AVX_VNNI",
+    "avx512f": "AVX512",
+    "avx512vbmi": "AVX512_VBMI",
+    "avx512_vnni": "AVX512_VNNI",
+    "avx512_bf16": "AVX512_BF16",
+}
+_FIXED = ["-DGGML_BLAS=OFF", "-DGGML_CUDA=OFF", "-DLLAMA_CURL=OFF"]
+
+
+def cmake_args(flags: frozenset[str] | None) -> str:
+    """The CMake options for a CPU with these /proc/cpuinfo `flags`; without them (not Linux on x86),
+    llama.cpp's own detection (GGML_NATIVE)."""
+    if flags is None:
+        return " ".join(["-DGGML_NATIVE=ON", *_FIXED])
+    found = [f"-DGGML_{option}=ON" for flag, option in _EXTENSIONS.items() if flag in flags]
+    return " ".join(["-DGGML_NATIVE=OFF", *found, *_FIXED])
+
+
+def this_cpu_flags() -> frozenset[str] | None:
+    from bulk.models.cpu import CPUINFO, cpuinfo_flags
+
+    try:
+        return cpuinfo_flags(CPUINFO.read_text())
+    except OSError:
+        return None
+
+
 BUILD_INFO = "bul-build.json"
 
 
@@ -72,9 +94,9 @@ def default_build(root: Path = ROOT) -> PeerBuild:
 
 
 def build_env(cpu_count: int | None = None) -> dict[str, str]:
-    """The environment of the compile: the CMake flags above, every core."""
+    """The environment of the compile: the CMake flags for this CPU, every core."""
     return {
-        "CMAKE_ARGS": CMAKE_ARGS,
+        "CMAKE_ARGS": cmake_args(this_cpu_flags()),
         "CMAKE_BUILD_PARALLEL_LEVEL": str(cpu_count or os.cpu_count() or 1),
         "FORCE_CMAKE": "1",
     }
@@ -91,7 +113,8 @@ def ensure_built(build: PeerBuild | None = None) -> dict[str, Any]:
     build = build or default_build()
     info = build.info()
     # A build made with other flags is made again (the flags decide which kernels run).
-    if info is not None and build.python.exists() and info.get("env", {}).get("CMAKE_ARGS") == CMAKE_ARGS:
+    wanted = cmake_args(this_cpu_flags())
+    if info is not None and build.python.exists() and info.get("env", {}).get("CMAKE_ARGS") == wanted:
         log.info("llama-cpp-python %s is built in %s (%.0f s)", info["version"], build.venv, info["seconds"])
         return info
     build.venv.parent.mkdir(parents=True, exist_ok=True)

@@ -64,9 +64,17 @@ def test_command_lines_say_what_each_side_runs(tmp_path):
     assert build.info() is None  # nothing built there: ensure_built would build
     command = peers_build.install_command(build)
     assert command[-1] == f"llama-cpp-python[server]=={peers_build.VERSION}" and "--no-cache-dir" in command
-    cmake = peers_build.build_env(2)["CMAKE_ARGS"].split()
-    # Named extensions, never GGML_NATIVE (it pulls in AMX kernels that die of SIGILL in a VM).
-    assert "-DGGML_NATIVE=OFF" in cmake and "-DGGML_AVX512=ON" in cmake and not any("AMX" in f for f in cmake)
+    # The extensions this CPU lists, named; never GGML_NATIVE (it pulls in AMX kernels that die of
+    # SIGILL in a VM) and never an extension the CPU lacks (AVX-VNNI died of SIGILL on an AMD EPYC).
+    intel = frozenset({"avx", "avx2", "fma", "avx_vnni", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    amd = frozenset({"avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"})
+    on_intel, on_amd = peers_build.cmake_args(intel).split(), peers_build.cmake_args(amd).split()
+    assert "-DGGML_NATIVE=OFF" in on_intel and "-DGGML_AVX_VNNI=ON" in on_intel
+    assert not any("AMX" in f for f in on_intel)
+    assert "-DGGML_AVX512_VNNI=ON" in on_amd and "-DGGML_AVX_VNNI=ON" not in on_amd
+    assert "-DGGML_NATIVE=ON" in peers_build.cmake_args(None).split()
+    here = peers_build.build_env(2)["CMAKE_ARGS"]
+    assert here == peers_build.cmake_args(peers_build.this_cpu_flags())
     assert peers_build.default_build(tmp_path).venv.is_relative_to(tmp_path / "build")
 
 

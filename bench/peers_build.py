@@ -113,14 +113,17 @@ def ensure_built(build: PeerBuild | None = None) -> dict[str, Any]:
     build = build or default_build()
     info = build.info()
     # A build made with other flags is made again (the flags decide which kernels run).
-    wanted = cmake_args(this_cpu_flags())
-    if info is not None and build.python.exists() and info.get("env", {}).get("CMAKE_ARGS") == wanted:
+    env = build_env()
+    if (
+        info is not None
+        and build.python.exists()
+        and info.get("env", {}).get("CMAKE_ARGS") == env["CMAKE_ARGS"]
+    ):
         log.info("llama-cpp-python %s is built in %s (%.0f s)", info["version"], build.venv, info["seconds"])
         return info
     build.venv.parent.mkdir(parents=True, exist_ok=True)
     log.info("building llama-cpp-python %s into %s: compiles llama.cpp, several minutes", VERSION, build.venv)
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(build.venv)], check=True)
-    env = build_env()
     command = install_command(build)
     started = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, **env})

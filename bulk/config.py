@@ -27,7 +27,7 @@ class CacheStrategy(enum.StrEnum):
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANTIZATIONS = ("none", "int8", "int4")
-WEIGHT_QUANTIZATIONS = ("auto", "none", "int8", "int4")
+WEIGHT_QUANTIZATIONS = ("auto", *QUANTIZATIONS)  # the same bit widths, for weights
 SECRET_ENV = "BUL_CACHE_SECRET"  # noqa: S105 (the variable's name, not a secret)
 
 

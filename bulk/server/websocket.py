@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -101,5 +102,5 @@ def _parse(raw: str) -> dict[str, Any]:
     return data
 
 
-def _answer_fields(result: dict[str, Any]) -> dict[str, Any]:
+def _answer_fields(result: Mapping[str, Any]) -> dict[str, Any]:
     return {key: result[key] for key in ANSWER_FIELDS if key in result}

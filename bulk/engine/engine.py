@@ -16,8 +16,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, cast
 
 from bulk.config import KVCacheConfig
 from bulk.engine.loop import EngineLoop, LogitsObserver
@@ -25,6 +25,7 @@ from bulk.engine.model_runner import ModelRunner
 from bulk.engine.model_thread import ModelThread
 from bulk.engine.request import GenerationRequest, parse_request
 from bulk.engine.response_cache import ResponseCache, StoredAnswer, json_bytes, request_key
+from bulk.engine.result import GenerationResult
 from bulk.engine.sequence import OnToken, Sequence
 from bulk.engine.stats import EngineStats, Listeners, config_summary
 from bulk.errors import EngineClosedError, InvalidRequestError
@@ -142,7 +143,7 @@ class UltraAdaptiveKVCacheEngine:
             self._listeners.notify({"status": "error", "error": type(exc).__name__, "invalid": True})
             raise
 
-    async def process_request(self, query: Any) -> dict[str, Any]:
+    async def process_request(self, query: Any) -> GenerationResult:
         started = time.perf_counter()
         request = self.parse(query)
         cached = self._cached_response(request, started)
@@ -150,7 +151,7 @@ class UltraAdaptiveKVCacheEngine:
             return cached
         return await asyncio.wrap_future(self._submit(request, started).future)
 
-    def process_request_sync(self, query: Any) -> dict[str, Any]:
+    def process_request_sync(self, query: Any) -> GenerationResult:
         started = time.perf_counter()
         request = self.parse(query)
         cached = self._cached_response(request, started)
@@ -268,9 +269,10 @@ class UltraAdaptiveKVCacheEngine:
 
     # ---- internals: the response cache -------------------------------------------------------
 
-    def _cached_response(self, request: GenerationRequest, started: float) -> dict[str, Any] | None:
+    def _cached_response(self, request: GenerationRequest, started: float) -> GenerationResult | None:
         hit = self._cached_answer(request, started)
-        return None if hit is None else hit[0].answer(hit[1], request.request_id)
+        # The stored answer is a `GenerationResult` (`_finish` stores it) with its per-request fields renewed.
+        return None if hit is None else cast(GenerationResult, hit[0].answer(hit[1], request.request_id))
 
     def _cached_answer(self, request: GenerationRequest, started: float) -> tuple[StoredAnswer, float] | None:
         """The response cache's stored answer and this request's latency (ms), stats and listeners
@@ -447,14 +449,14 @@ class UltraAdaptiveKVCacheEngine:
 
 
 def _settle(
-    seq: Sequence, *, result: Mapping[str, Any] | None = None, error: BaseException | None = None
+    seq: Sequence, *, result: GenerationResult | None = None, error: BaseException | None = None
 ) -> None:
     """Answer `seq`'s future, unless its caller cancelled it meanwhile (a race with `_retired`'s
     check: the future may be cancelled from another thread at any time)."""
     try:
         if error is not None:
             seq.future.set_exception(error)
-        else:
-            seq.future.set_result(result)  # type: ignore[arg-type]
+        elif result is not None:
+            seq.future.set_result(result)
     except Exception:  # InvalidStateError: cancelled by the caller
         log.debug("request %s was cancelled before its answer", seq.request.request_id)

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from bulk.config import KVCacheConfig
 from bulk.engine.request import GenerationRequest
+from bulk.engine.result import GenerationResult
 
 
 @runtime_checkable
@@ -35,7 +36,7 @@ class ServingEngine(Protocol):
         """Check a request dict once; `InvalidRequestError` names a bad field."""
         ...
 
-    async def process_request(self, query: Any) -> dict[str, Any]:
+    async def process_request(self, query: Any) -> GenerationResult:
         """The answer as a dict: `result`, `cache_hit`, `cached_tokens`, `latency`, ..."""
         ...
 

@@ -47,7 +47,7 @@ class Sequence:
         self.params = request.params
         self.started = started  # time.perf_counter() when the engine accepted the request
         self.on_token = on_token
-        self.future: Future[dict[str, Any]] = Future()
+        self.future: Future[GenerationResult] = Future()
         self.arrival = next(_arrivals)  # FIFO within a priority
         self.status = Status.WAITING
         self._cancelled = False

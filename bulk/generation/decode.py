@@ -1,8 +1,11 @@
-"""Prefill and decode as plain functions over a model and a cache, in the manner of gpt-fast.
+"""Prefill and decode as plain functions over a model and transformers' own cache, one request at a
+time, in the manner of gpt-fast.
 
-The engine's model runner decides which cached KV to reuse and which requests share a step; these
-functions only run the model on what is left for one request. (Batched decode over many requests
-is `bulk.models.batched_attention.decode_step`.)"""
+The engine's model runner uses them only for a model that cannot batch (see
+`bulk.models.batched_attention.enable`): it decides which cached KV to reuse, and these functions
+run the model on what is left for one request. Every other model runs a step's requests together,
+prompt chunks and decoding tokens in one forward, through `bulk.models.batched_attention.forward_step`
+over the KV pool."""
 
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.engine.request import GenerationRequest, parse_request
 from bulk.engine.response_cache import ResponseCache
+from bulk.engine.result import GenerationResult
 from bulk.engine_settings import EngineSettings
 from bulk.errors import BulError, InvalidRequestError, error_data, error_from_data
 from bulk.integrations.ray_router import TARGET_KWARG
@@ -182,7 +183,7 @@ class RayEngineClient:
             self._invalid += 1
             raise
 
-    async def process_request(self, query: Any) -> dict[str, Any]:
+    async def process_request(self, query: Any) -> GenerationResult:
         reply = await self._call("process_request", self.parse(query).to_payload())
         return reply["result"]
 

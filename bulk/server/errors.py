@@ -1,11 +1,13 @@
 """Error translation at the HTTP boundary: bad input is a 422 naming the field, never a 500.
 
 Every error body is `bulk.errors.error_body`'s (FastAPI's `detail` list beside an OpenAI-style `error`
-object), the same body the Flask and Django integrations send."""
+object), the same body the Flask and Django integrations send, and the WebSocket route sends as a
+message (`engine_error_body`, `unexpected_error_body`)."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,7 +22,14 @@ from bulk.errors import (
     invalid_request_body,
 )
 
-__all__ = ["OPENAI_FIELDS", "error_body", "install_error_handlers", "invalid_request_response"]
+__all__ = [
+    "OPENAI_FIELDS",
+    "engine_error_body",
+    "error_body",
+    "install_error_handlers",
+    "invalid_request_response",
+    "unexpected_error_body",
+]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +40,20 @@ OPENAI_FIELDS = {"max_new_tokens": "max_tokens", "query": "prompt", "text": "pro
 def invalid_request_response(exc: InvalidRequestError, path: str = "") -> JSONResponse:
     field = OPENAI_FIELDS.get(exc.field, exc.field) if path.startswith("/v1/") else exc.field
     return JSONResponse(invalid_request_body(exc, field), status_code=422)
+
+
+def engine_error_body(exc: BulError) -> dict[str, Any]:
+    """The 503 body of one of our errors that is not bad input (`InvalidRequestError` is a 422)."""
+    if isinstance(exc, EngineClosedError):
+        return error_body(503, "the server is shutting down")
+    if isinstance(exc, ModelLoadError):
+        return error_body(503, f"the model could not be loaded: {exc}")
+    return error_body(503, str(exc))
+
+
+def unexpected_error_body(exc: BaseException) -> dict[str, Any]:
+    """The 500 body of a bug: only the exception's class is named (its text may hold anything)."""
+    return error_body(500, f"internal error ({type(exc).__name__})")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -60,20 +83,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineClosedError)
     async def engine_closed(request: Request, exc: EngineClosedError) -> JSONResponse:
-        return JSONResponse(error_body(503, "the server is shutting down"), status_code=503)
+        return JSONResponse(engine_error_body(exc), status_code=503)
 
     @app.exception_handler(ModelLoadError)
     async def model_failed(request: Request, exc: ModelLoadError) -> JSONResponse:
         log.error("model load failed: %s", exc)
-        return JSONResponse(error_body(503, f"the model could not be loaded: {exc}"), status_code=503)
+        return JSONResponse(engine_error_body(exc), status_code=503)
 
     @app.exception_handler(BulError)
     async def other_engine_error(request: Request, exc: BulError) -> JSONResponse:
         log.error("engine error on %s: %s", request.url.path, exc)
-        return JSONResponse(error_body(503, str(exc)), status_code=503)
+        return JSONResponse(engine_error_body(exc), status_code=503)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug, not bad input: answer in the same JSON shape so clients can show it.
         log.error("unexpected %s on %s: %s", type(exc).__name__, request.url.path, exc)
-        return JSONResponse(error_body(500, f"internal error ({type(exc).__name__})"), status_code=500)
+        return JSONResponse(unexpected_error_body(exc), status_code=500)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from fastapi import APIRouter
@@ -163,5 +163,5 @@ def _event(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _id(chat: bool, result: dict[str, Any]) -> str:
+def _id(chat: bool, result: Mapping[str, Any]) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{result.get('request_id', time.time_ns())}"

@@ -6,6 +6,7 @@ Unknown fields are ignored, as OpenAI-compatible servers do: clients send parame
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
@@ -86,7 +87,7 @@ class ChatCompletionRequest(_Sampling):
         return params
 
 
-def usage(result: dict[str, Any]) -> dict[str, Any]:
+def usage(result: Mapping[str, Any]) -> dict[str, Any]:
     prompt = int(result.get("prompt_tokens", 0))
     completion = int(result.get("completion_tokens", 0))
     return {
@@ -97,7 +98,7 @@ def usage(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def finish_reason(result: dict[str, Any]) -> str:
+def finish_reason(result: Mapping[str, Any]) -> str:
     return "length" if result.get("finish_reason") == "length" else "stop"
 
 

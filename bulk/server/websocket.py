@@ -3,22 +3,27 @@
 In: `{"query": "..."}` (or the guide's `{"text": ..., "priority": 1}`), plus any engine parameter,
 an optional `"stream": true` and an optional `"id"` echoed back. Out: `{"result", "cache_hit",
 "latency", ...}`; when streaming, `{"token": "..."}` messages first and the result with `"done": true`.
-A malformed message gets `{"error": {"message", "field"}}` and the socket stays open."""
+A failed message is answered with the body an HTTP route would send for the same error
+(`bulk.errors.error_body`: a 422 names the bad field, `{"detail": [...], "error": {"message", "type",
+"param", "code"}}`; the engine unavailable is a 503, a bug a 500), plus the message's `"id"`; the socket
+stays open."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from bulk.engine.protocol import ServingEngine
 from bulk.engine.result import RESULT_FIELDS
-from bulk.errors import BulError, InvalidRequestError
+from bulk.errors import BulError, InvalidRequestError, invalid_request_body
 from bulk.metrics import PrometheusExporter
 from bulk.server.deps import Engine, Metrics, Settings
+from bulk.server.errors import engine_error_body, unexpected_error_body
 from bulk.server.json_input import loads
 from bulk.server.schemas import check_limits
 from bulk.server.settings import ServerSettings
@@ -56,9 +61,7 @@ async def _answer(
     started = time.perf_counter()
     echo: dict[str, Any] = {}
     try:
-        data = loads(raw)  # bounded nesting: 50,000 `[` is bad JSON here, not a RecursionError
-        if not isinstance(data, dict):
-            raise InvalidRequestError("message", 'must be a JSON object such as {"query": "..."}')
+        data = _parse(raw)
         if "id" in data:
             echo["id"] = data.pop("id")
         stream = data.pop("stream", False)
@@ -75,21 +78,29 @@ async def _answer(
             result = await engine.process_request(data)
             await websocket.send_json({**echo, **_answer_fields(result)})
         metrics.observe_e2e("websocket", time.perf_counter() - started)
-    except json.JSONDecodeError as exc:
-        await websocket.send_json({**echo, "error": {"message": f"not JSON: {exc.msg}", "field": "message"}})
     except InvalidRequestError as exc:
-        await websocket.send_json({**echo, "error": {"message": str(exc), "field": exc.field}})
+        await websocket.send_json({**echo, **invalid_request_body(exc)})
     except BulError as exc:
         log.error("websocket query failed: %s", exc)
-        await websocket.send_json({**echo, "error": {"message": str(exc), "field": None}})
+        await websocket.send_json({**echo, **engine_error_body(exc)})
     except WebSocketDisconnect:
         raise
     except Exception as exc:
         # A bug, not bad input: logged with its traceback, answered, and the socket stays usable.
         log.exception("websocket query failed unexpectedly")
-        message = f"internal error ({type(exc).__name__})"
-        await websocket.send_json({**echo, "error": {"message": message, "field": None}})
+        await websocket.send_json({**echo, **unexpected_error_body(exc)})
 
 
-def _answer_fields(result: dict[str, Any]) -> dict[str, Any]:
+def _parse(raw: str) -> dict[str, Any]:
+    """The message as a JSON object; anything else is an `InvalidRequestError` naming `message`."""
+    try:
+        data = loads(raw)  # bounded nesting: 50,000 `[` is bad JSON here, not a RecursionError
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError("message", f"not JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("message", 'must be a JSON object such as {"query": "..."}')
+    return data
+
+
+def _answer_fields(result: Mapping[str, Any]) -> dict[str, Any]:
     return {key: result[key] for key in ANSWER_FIELDS if key in result}

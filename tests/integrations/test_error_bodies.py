@@ -1,5 +1,6 @@
 """One error body on every HTTP face: the same bad request to `bul serve`'s FastAPI app, the Flask
-extension and the Django app gets the same 422 body (`bulk.errors.error_body`)."""
+extension and the Django app gets the same 422 body (`bulk.errors.error_body`), and `bul serve`'s
+WebSocket sends it as its error message."""
 
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ def test_the_three_frameworks_answer_one_body(fastapi_client, flask_client, djan
     bodies = {name: r.get_json() if name == "flask" else r.json() for name, r in answers.items()}
     assert {name: response.status_code for name, response in answers.items()} == dict.fromkeys(answers, 422)
     assert bodies["flask"] == bodies["fastapi"] == bodies["django"], bodies
+    with fastapi_client.websocket_connect("/ws/query") as ws:
+        ws.send_json({**payload, "id": "echoed"})
+        assert ws.receive_json() == {"id": "echoed", **bodies["fastapi"]}
     body = bodies["fastapi"]
     assert body["error"]["param"] == field and body["error"]["message"].startswith(f"{field}: ")
     assert body["detail"] == [

@@ -153,7 +153,7 @@ def test_every_route_answers_through_the_ingress(cluster):
             events.append(json.loads(socket_.recv(timeout=60)))
         assert all(e["id"] == 7 for e in events) and len(events) >= 2
         socket_.send(json.dumps({"query": "   "}))
-        assert json.loads(socket_.recv(timeout=60))["error"]["field"] == "query"
+        assert json.loads(socket_.recv(timeout=60))["error"]["param"] == "query"
 
     stats = cluster.stats()
     assert stats["cluster"]["replicas"] == 2 and not stats["cluster"]["unreachable"]

@@ -54,8 +54,13 @@ def test_every_malformed_websocket_message_is_answered_and_the_socket_stays_usab
     with caplog.at_level(logging.WARNING):
         answers, last = asyncio.run(run())
     for (message, field), answer in zip(MALFORMED, answers, strict=True):
-        assert answer["error"]["field"] == field, (message[:40], answer)
-        assert answer["error"]["message"]
+        # The body an HTTP 422 carries for the same bad field.
+        assert set(answer) == {"detail", "error"}, (message[:40], answer)
+        assert answer["error"]["param"] == field and answer["error"]["code"] == 422, (message[:40], answer)
+        assert answer["error"]["message"].startswith(f"{field}: ")
+        assert answer["detail"] == [
+            {"loc": ["body", field], "msg": answer["error"]["message"], "type": "value_error"}
+        ]
     assert "JSON" in answers[0]["error"]["message"]
     assert last["id"] == "last" and isinstance(last["result"], str) and "error" not in last
     assert "RecursionError" not in caplog.text and "Traceback" not in caplog.text

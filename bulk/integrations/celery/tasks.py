@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from celery import Task
 
 from bulk.engine.request import parse_request
+from bulk.engine.result import GenerationResult
 from bulk.errors import InvalidConfigError, InvalidRequestError
 from bulk.integrations.celery.app import bul_tasks
 from bulk.integrations.celery.settings import celery_settings
@@ -62,20 +63,20 @@ def run_with_retries(task: Task, work: Callable[[], T]) -> T:
 
 
 @bul_tasks.task(bind=True, max_retries=MAX_RETRIES, name="bul.process_document")
-def process_document_task(self: Task, query_data: Any) -> dict[str, Any]:
+def process_document_task(self: Task, query_data: Any) -> GenerationResult:
     """One request dict (the guide's `{"query": ..., "priority": ...}`) -> the engine's result dict."""
     return run_with_retries(self, lambda: get_engine().process_request_sync(query_data))
 
 
 @bul_tasks.task(bind=True, max_retries=MAX_RETRIES, name="bul.batch_process")
-def batch_process_task(self: Task, queries: Any) -> list[dict[str, Any]]:
+def batch_process_task(self: Task, queries: Any) -> list[GenerationResult]:
     """A list of request dicts -> one result per request, in order. Every request is checked before any
     runs: a bad one fails the whole batch at once, naming it (`queries[2].query`), so a batch is never
     half done because of its input."""
     if not isinstance(queries, list):
         raise TaskInputError("queries", f"must be a list of request objects, got {type(queries).__name__}")
 
-    def work() -> list[dict[str, Any]]:
+    def work() -> list[GenerationResult]:
         engine = get_engine()
         for index, query in enumerate(queries):
             try:
@@ -87,7 +88,7 @@ def batch_process_task(self: Task, queries: Any) -> list[dict[str, Any]]:
     return run_with_retries(self, work)
 
 
-def _one(engine: UltraAdaptiveKVCacheEngine, index: int, query: Any) -> dict[str, Any]:
+def _one(engine: UltraAdaptiveKVCacheEngine, index: int, query: Any) -> GenerationResult:
     try:
         return engine.process_request_sync(query)
     except InvalidRequestError as exc:  # e.g. too long for the context, known only once tokenized

@@ -123,3 +123,17 @@ def invalid_request_body(exc: InvalidRequestError, field: str | None = None) -> 
     """The 422 body of `exc`; `field` renames its field (the OpenAI routes' names for ours)."""
     field = field or exc.field
     return error_body(422, f"{field}: {exc.message}", field)
+
+
+def engine_error_body(exc: BulError) -> dict[str, Any]:
+    """The 503 body of one of our errors that is not bad input (`InvalidRequestError` is a 422)."""
+    if isinstance(exc, EngineClosedError):
+        return error_body(503, "the server is shutting down")
+    if isinstance(exc, ModelLoadError):
+        return error_body(503, f"the model could not be loaded: {exc}")
+    return error_body(503, str(exc))
+
+
+def unexpected_error_body(exc: BaseException) -> dict[str, Any]:
+    """The 500 body of a bug: only the exception's class is named (its text may hold anything)."""
+    return error_body(500, f"internal error ({type(exc).__name__})")

@@ -23,7 +23,7 @@ from flask.typing import ResponseReturnValue
 
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
-from bulk.errors import BulError, InvalidRequestError, error_body, invalid_request_body
+from bulk.errors import BulError, InvalidRequestError, engine_error_body, invalid_request_body
 
 log = logging.getLogger(__name__)
 
@@ -90,4 +90,4 @@ def _invalid_request(exc: InvalidRequestError) -> ResponseReturnValue:
 def _engine_unavailable(exc: BulError) -> ResponseReturnValue:
     # Model not loadable, engine shut down: the service is unavailable, the request was fine.
     log.error("engine error on %s: %s", request.path, exc)
-    return jsonify(error_body(503, str(exc))), 503
+    return jsonify(engine_error_body(exc)), 503

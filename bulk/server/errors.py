@@ -7,7 +7,6 @@ message (`engine_error_body`, `unexpected_error_body`)."""
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,8 +17,10 @@ from bulk.errors import (
     EngineClosedError,
     InvalidRequestError,
     ModelLoadError,
+    engine_error_body,
     error_body,
     invalid_request_body,
+    unexpected_error_body,
 )
 
 __all__ = [
@@ -40,20 +41,6 @@ OPENAI_FIELDS = {"max_new_tokens": "max_tokens", "query": "prompt", "text": "pro
 def invalid_request_response(exc: InvalidRequestError, path: str = "") -> JSONResponse:
     field = OPENAI_FIELDS.get(exc.field, exc.field) if path.startswith("/v1/") else exc.field
     return JSONResponse(invalid_request_body(exc, field), status_code=422)
-
-
-def engine_error_body(exc: BulError) -> dict[str, Any]:
-    """The 503 body of one of our errors that is not bad input (`InvalidRequestError` is a 422)."""
-    if isinstance(exc, EngineClosedError):
-        return error_body(503, "the server is shutting down")
-    if isinstance(exc, ModelLoadError):
-        return error_body(503, f"the model could not be loaded: {exc}")
-    return error_body(503, str(exc))
-
-
-def unexpected_error_body(exc: BaseException) -> dict[str, Any]:
-    """The 500 body of a bug: only the exception's class is named (its text may hold anything)."""
-    return error_body(500, f"internal error ({type(exc).__name__})")
 
 
 def install_error_handlers(app: FastAPI) -> None:

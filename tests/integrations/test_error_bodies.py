@@ -90,3 +90,15 @@ def test_the_body_helper():
         "detail": "down",
         "error": {"message": "down", "type": "server_error", "param": None, "code": 503},
     }
+
+
+def test_engine_errors_have_one_body():
+    # FastAPI's handlers, the WebSocket, Flask and Django all answer an engine error with this helper.
+    from bulk.errors import EngineClosedError, ModelLoadError, engine_error_body
+
+    assert engine_error_body(EngineClosedError("closed")) == error_body(503, "the server is shutting down")
+    assert engine_error_body(ModelLoadError("no file")) == error_body(
+        503, "the model could not be loaded: no file"
+    )
+    closed = engine_error_body(EngineClosedError("x"))
+    assert closed["error"]["code"] == 503 and closed["error"]["type"] == "server_error"

@@ -10,7 +10,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from bulk.errors import BulError, InvalidRequestError, error_body, invalid_request_body
+from bulk.errors import BulError, InvalidRequestError, engine_error_body, invalid_request_body
 from bulk.integrations.django import get_engine
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ async def process_query(request: HttpRequest) -> JsonResponse:
     except BulError as exc:
         # The engine is shut down or its model failed to load: unavailable, not the client's fault.
         log.error("engine error: %s", exc)
-        return JsonResponse(error_body(503, str(exc)), status=503)
+        return JsonResponse(engine_error_body(exc), status=503)
     return JsonResponse(result)
 
 

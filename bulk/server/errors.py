@@ -2,7 +2,7 @@
 
 Every error body is `bulk.errors.error_body`'s (FastAPI's `detail` list beside an OpenAI-style `error`
 object), the same body the Flask and Django integrations send, and the WebSocket route sends as a
-message (`engine_error_body`, `unexpected_error_body`)."""
+message (503 and 500 bodies from `bulk.errors.engine_error_body` and `unexpected_error_body`)."""
 
 from __future__ import annotations
 

@@ -227,6 +227,12 @@ class PrefixAwareRouter(_Bookkeeping, RequestRouter):
             rid = replica.replica_id
             probed = cache.get(rid) if self._use_replica_queue_len_cache else None
             loads[rid.unique_id] = max(self._inflight.get(rid.unique_id, 0), probed or 0)
+        # Requests chosen but not yet reported routed count on the replica chosen for them: a burst
+        # is decided before the first of it is routed, and would otherwise all see the same loads.
+        for _, decision in self._pending.values():
+            preferred = decision.preferred
+            if preferred in loads:
+                loads[preferred] += 1
         return loads
 
     def _absorb_reports(self, replicas: list[RunningReplica]) -> None:

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 TARGET_KWARG = "bul_replica"
 _PENDING_LIMIT = 10_000  # routing keys kept for requests not routed yet (retries reuse them)
+# How long a decision counts as load on its replica before Ray reports it routed: a burst is routed
+# within milliseconds; a request cancelled before routing must not weigh on its replica for ever.
+_DECIDING_SECONDS = 2.0
 # Ray Serve ships this module to the ingress by value (a copy of its globals): no state is kept at
 # module level here; routers register in `bulk.routing.registry`, where the ingress finds them.
 
@@ -142,6 +145,8 @@ class PrefixAwareRouter(_Bookkeeping, RequestRouter):
         self._block_size: int | None = None
         self._seen_reports: dict[str, float] = {}
         self._pending: OrderedDict[str, tuple[RoutingKey | None, Decision]] = OrderedDict()
+        # request id -> (the replica chosen for it, when): decided, not yet reported routed.
+        self._deciding: dict[str, tuple[str | None, float]] = {}
         self._sent: dict[str, tuple[str, str]] = {}  # internal request id -> (replica, reason)
 
     # ---- Ray's hooks ------------------------------------------------------------------------------
@@ -166,6 +171,7 @@ class PrefixAwareRouter(_Bookkeeping, RequestRouter):
             request_id = pending_request.metadata.internal_request_id
             self._ended_early.pop(request_id, None)  # a new attempt (a replica refused the last one)
             self._pending[request_id] = (key, decision)
+            self._deciding[request_id] = (decision.preferred, time.monotonic())
             self._pending.move_to_end(request_id)
             while len(self._pending) > _PENDING_LIMIT:
                 self._pending.popitem(last=False)
@@ -176,6 +182,7 @@ class PrefixAwareRouter(_Bookkeeping, RequestRouter):
             return
         request_id = pending_request.metadata.internal_request_id
         key, decision = self._pending.pop(request_id, (None, None))
+        self._deciding.pop(request_id, None)
         replica = replica_id.unique_id
         reason = decision.reason if decision is not None else "spread"
         if decision is not None and reason in ("prefix", "session") and replica != decision.preferred:
@@ -229,10 +236,12 @@ class PrefixAwareRouter(_Bookkeeping, RequestRouter):
             loads[rid.unique_id] = max(self._inflight.get(rid.unique_id, 0), probed or 0)
         # Requests chosen but not yet reported routed count on the replica chosen for them: a burst
         # is decided before the first of it is routed, and would otherwise all see the same loads.
-        for _, decision in self._pending.values():
-            preferred = decision.preferred
-            if preferred in loads:
-                loads[preferred] += 1
+        now = time.monotonic()
+        for request_id, (chosen, decided_at) in list(self._deciding.items()):
+            if now - decided_at > _DECIDING_SECONDS:
+                del self._deciding[request_id]  # never routed (cancelled): no longer load
+            elif chosen in loads:
+                loads[chosen] += 1
         return loads
 
     def _absorb_reports(self, replicas: list[RunningReplica]) -> None:

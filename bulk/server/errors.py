@@ -23,14 +23,7 @@ from bulk.errors import (
     unexpected_error_body,
 )
 
-__all__ = [
-    "OPENAI_FIELDS",
-    "engine_error_body",
-    "error_body",
-    "install_error_handlers",
-    "invalid_request_response",
-    "unexpected_error_body",
-]
+__all__ = ["OPENAI_FIELDS", "error_body", "install_error_handlers", "invalid_request_response"]
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,15 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from bulk.engine.protocol import ServingEngine
 from bulk.engine.result import RESULT_FIELDS
-from bulk.errors import BulError, InvalidRequestError, invalid_request_body
+from bulk.errors import (
+    BulError,
+    InvalidRequestError,
+    engine_error_body,
+    invalid_request_body,
+    unexpected_error_body,
+)
 from bulk.metrics import PrometheusExporter
 from bulk.server.deps import Engine, Metrics, Settings
-from bulk.server.errors import engine_error_body, unexpected_error_body
 from bulk.server.json_input import loads
 from bulk.server.schemas import check_limits
 from bulk.server.settings import ServerSettings

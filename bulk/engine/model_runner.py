@@ -25,7 +25,7 @@ from bulk.errors import InvalidRequestError, PromptTooLongError
 from bulk.generation.decode import decode_one, prefill
 from bulk.generation.sampling import sample
 from bulk.kv.hashing import chain_hashes
-from bulk.models import batched_attention, hf_cache
+from bulk.models import batched_attention, hf_cache, llama_step
 from bulk.models.batched_attention import Segment
 from bulk.models.kv_pool import KVPool, blocks_out, copy_blocks_in
 from bulk.models.loader import LoadedModel
@@ -57,6 +57,13 @@ class ModelRunner:
         self.batched = why_not is None
         if why_not is not None:
             log.warning("model %s decodes one request at a time: %s", lm.name, why_not)
+        # Llama models run the step as a plain function over their modules (`bulk.models.llama_step`),
+        # bit-identical to transformers' forward and cheaper per step; others run transformers'.
+        self.plain_step = None
+        if self.batched:
+            self.plain_step, why_plain = llama_step.build(lm.model)
+            if why_plain is not None:
+                log.info("model %s runs transformers' forward for each step: %s", lm.name, why_plain)
         self.pad_rows = None
         if config.batch_invariant and self.batched:
             self.pad_rows = batched_attention.invariant_rows(lm.model, config.max_batch_size)
@@ -146,7 +153,10 @@ class ModelRunner:
             logits_at.append(len(tokens) - 1)
             ready.append(seq)
         batch = batched_attention.step_batch(self.pool.buffer, segments)
-        logits = batched_attention.forward_step(self.lm.model, tokens, batch, logits_at, pad_to)
+        if self.plain_step is not None:
+            logits = self.plain_step.forward(tokens, batch, logits_at, pad_to)
+        else:
+            logits = batched_attention.forward_step(self.lm.model, tokens, batch, logits_at, pad_to)
         self._advance(chunks, decode)
         return list(zip(ready, logits, strict=True))
 

@@ -99,9 +99,25 @@ def _attention(
     if batch is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     layer = batch.pool[module.layer_idx]  # (2, kv_heads, pool_tokens, head_dim)
+    write_kv(layer, batch, key, value)
+    return attend(module, query, layer, batch, **kwargs), None
+
+
+def write_kv(layer: torch.Tensor, batch: StepBatch, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Write the step's new keys and values into the layer's pool, each at its request's position.
+    layer: (2, kv_heads, pool_tokens, head_dim); key, value: (1, kv_heads, N, head_dim)."""
     tokens = batch.write_at.shape[0]
     layer[0].index_copy_(1, batch.write_at, key[0, :, :tokens])
     layer[1].index_copy_(1, batch.write_at, value[0, :, :tokens])
+
+
+def attend(
+    module: Any, query: torch.Tensor, layer: torch.Tensor, batch: StepBatch, **kwargs: Any
+) -> torch.Tensor:
+    """Each segment's queries over its request's keys and values in the pool (after `write_kv`):
+    one SDPA per segment, as transformers' SDPA attention runs it. query: (1, heads, N, head_dim);
+    returns (1, N, heads, head_dim)."""
+    tokens = batch.write_at.shape[0]
     outputs = []
     offset = 0
     upcast = _upcast(query)
@@ -121,7 +137,7 @@ def _attention(
     if padding:
         # Tokens added only to fix the GEMM shape (batch-invariant mode): their output is never read.
         outputs.append(outputs[0].new_zeros((1, padding, *outputs[0].shape[2:])))
-    return torch.cat(outputs, dim=1), None
+    return torch.cat(outputs, dim=1)
 
 
 def _upcast(query: torch.Tensor) -> bool:
@@ -170,6 +186,19 @@ def forward_step(
     positions `logits_at` of the step, `(len(logits_at), vocab)`. `pad_to` adds dummy tokens up to
     that many (batch-invariant mode: every GEMM then runs at a shape whose kernel gives each row the
     same bits whatever the other rows hold)."""
+    ids, pos, keep = step_inputs(token_ids, batch, logits_at, pad_to)
+    output = model(
+        input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep, **{_BATCH_KWARG: batch}
+    )
+    return output.logits[0, : len(logits_at)]  # (len(logits_at), vocab)
+
+
+def step_inputs(
+    token_ids: Sequence[int], batch: StepBatch, logits_at: Sequence[int], pad_to: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step's token ids and positions, `(1, total)` each with `pad_to`'s dummy tokens at the end,
+    and the positions whose logits to compute (those asked for, then as many dummies as keep the LM
+    head's GEMM at a padded shape)."""
     n = len(token_ids)
     total = max(pad_to or n, n)
     device = batch.pool.device
@@ -177,14 +206,7 @@ def forward_step(
     ids = torch.tensor([*token_ids, *[0] * (total - n)], dtype=torch.long, device=device).view(1, total)
     pos = torch.tensor([*positions, *[0] * (total - n)], dtype=torch.long, device=device).view(1, total)
     keep = list(logits_at) + list(range(n, total))[: max(0, (pad_to or 0) - len(logits_at))]
-    output = model(
-        input_ids=ids,
-        position_ids=pos,
-        use_cache=False,
-        logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
-        **{_BATCH_KWARG: batch},
-    )
-    return output.logits[0, : len(logits_at)]  # (len(logits_at), vocab)
+    return ids, pos, torch.tensor(keep, dtype=torch.long, device=device)
 
 
 # ---- batch invariance ---------------------------------------------------------------------------

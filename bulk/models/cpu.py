@@ -11,6 +11,11 @@ Detection, in order:
   2. Elsewhere (no /proc/cpuinfo): torch's own probe of the same two features (cpuinfo, inside
      torch), `torch.cpu._is_avx512_bf16_supported` / `_is_amx_tile_supported`, where torch has them.
 
+Without them, a model whose weights are 4- or 8-bit still runs in bfloat16 where the CPU has AVX2
+(`has_avx2`): torch's quantized weight kernels take bfloat16 activations and are vectorised for
+AVX2, and decoding reads a quarter of float32's bytes (`bulk.models.weight_quant` keeps the
+products of many rows in float32 there).
+
 The ARM `bf16` feature is not taken: the figures behind the choice were measured on AVX512-BF16."""
 
 from __future__ import annotations
@@ -45,12 +50,17 @@ def _torch_probe() -> bool | None:
 
 
 @functools.cache
+def _flags() -> frozenset[str] | None:
+    try:
+        return cpuinfo_flags(CPUINFO.read_text())
+    except OSError:
+        return None
+
+
+@functools.cache
 def has_bf16_instructions() -> bool:
     """True when this CPU runs bfloat16 dot products in hardware (see the module's docstring)."""
-    try:
-        flags = cpuinfo_flags(CPUINFO.read_text())
-    except OSError:
-        flags = None
+    flags = _flags()
     if flags is not None:
         found = sorted(flags & BF16_FLAGS)
         log.debug("/proc/cpuinfo bfloat16 flags: %s", found or "none")
@@ -58,3 +68,9 @@ def has_bf16_instructions() -> bool:
     probed = _torch_probe()
     log.debug("torch's bfloat16 probe: %s", probed)
     return bool(probed)
+
+
+def has_avx2() -> bool:
+    """True when /proc/cpuinfo lists AVX2 (x86 only; False where there is no /proc/cpuinfo)."""
+    flags = _flags()
+    return flags is not None and "avx2" in flags

@@ -17,7 +17,7 @@ from bulk import named_models
 from bulk.config import KVCacheConfig
 from bulk.errors import ModelLoadError
 from bulk.models import hf_cache
-from bulk.models.cpu import has_bf16_instructions
+from bulk.models.cpu import has_avx2, has_bf16_instructions
 from bulk.models.demo import DEMO_SPECS, build_demo_model, is_demo
 from bulk.models.gguf import converted_folder, is_gguf_path, manifest_weight_bits
 from bulk.models.progress import quiet_progress_bars
@@ -64,12 +64,19 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, quantized_weights: bool = False) -> torch.dtype:
+    """`dtype`, with `auto` resolved. `quantized_weights`: the model's file holds 4- or 8-bit
+    weights that `auto` weight quantization would keep quantized."""
     if dtype == "auto":
         # bfloat16 on a GPU, and on a CPU with bfloat16 instructions (`bulk.models.cpu`: there it
         # halves the weights read per token and measured at +0.01 % perplexity on SmolLM2, see
-        # `bul bench dtype`); elsewhere float32, since emulated half precision is slow.
+        # `bul bench dtype`). A CPU with AVX2 but no bfloat16 instructions runs a quantized file
+        # in bfloat16 too, for torch's quantized weight kernels (they take bfloat16 activations;
+        # SmolLM2's decode step took 47 ms there against 126 ms in float32). Elsewhere float32,
+        # since emulated half precision is slow.
         if device.type == "cuda" or (device.type == "cpu" and has_bf16_instructions()):
+            return torch.bfloat16
+        if device.type == "cpu" and quantized_weights and has_avx2():
             return torch.bfloat16
         return torch.float32
     return _DTYPES[dtype]
@@ -94,12 +101,15 @@ def resolve_weight_quantization(
 
 def load_model(config: KVCacheConfig) -> LoadedModel:
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    if config.weight_quantization in ("int8", "int4"):
-        dtype = torch.bfloat16  # the config refuses any other explicit dtype with them
     scheme = "none"
     try:
-        if is_demo(config.model):
+        source, gguf_file = (None, None) if is_demo(config.model) else _hf_source(config)
+        bits = manifest_weight_bits(Path(source), gguf_file) if source and gguf_file else None
+        keeps_bits = bits in (4, 8) and config.weight_quantization == "auto" and not config.batch_invariant
+        dtype = resolve_dtype(config.dtype, device, quantized_weights=keeps_bits)
+        if config.weight_quantization in ("int8", "int4"):
+            dtype = torch.bfloat16  # the config refuses any other explicit dtype with them
+        if source is None:
             model = build_demo_model(config.model, dtype, device)
             tokenizer: Tokenizer = ByteTokenizer()
             fingerprint = _weights_fingerprint(config.model, model)
@@ -111,14 +121,14 @@ def load_model(config: KVCacheConfig) -> LoadedModel:
             )
             scheme = resolve_weight_quantization(config, device, dtype, None)
         else:
-            source, gguf_file = _hf_source(config)
-            bits = manifest_weight_bits(Path(source), gguf_file) if gguf_file is not None else None
             scheme = resolve_weight_quantization(config, device, dtype, bits)
             model, tokenizer, fingerprint = _load_hf(source, dtype, device)
             context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         parameters = sum(p.numel() for p in model.parameters())  # before quantization moves some out
         if scheme != "none":
-            quantize_weights(model, scheme)
+            # Many-row products (prompt chunks) use a dense copy of the weights: bfloat16 where the
+            # CPU multiplies it in hardware, else float32, several times faster there.
+            quantize_weights(model, scheme, torch.bfloat16 if has_bf16_instructions() else torch.float32)
             fingerprint = f"{fingerprint}+w{scheme}"
     except ModelLoadError:
         raise

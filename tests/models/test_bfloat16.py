@@ -27,25 +27,30 @@ def test_cpuinfo_flags_are_read_from_the_first_processor():
     assert cpu.cpuinfo_flags("Processor\t: AArch64\nFeatures\t: fp asimd bf16\n") is None
 
 
+def _clear() -> None:
+    cpu._flags.cache_clear()
+    cpu.has_bf16_instructions.cache_clear()
+
+
 @pytest.mark.parametrize("text,expected", [(INTEL_FLAGS, True), (OLD_FLAGS, False)])
 def test_detection_follows_the_kernels_flags(tmp_path, monkeypatch, text, expected):
     info = tmp_path / "cpuinfo"
     info.write_text(text)
     monkeypatch.setattr(cpu, "CPUINFO", info)
-    cpu.has_bf16_instructions.cache_clear()
+    _clear()
     try:
         assert cpu.has_bf16_instructions() is expected
     finally:
-        cpu.has_bf16_instructions.cache_clear()
+        _clear()
 
 
 def test_without_cpuinfo_torchs_probe_decides(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu, "CPUINFO", tmp_path / "absent")
-    cpu.has_bf16_instructions.cache_clear()
+    _clear()
     try:
         assert cpu.has_bf16_instructions() is bool(cpu._torch_probe())
     finally:
-        cpu.has_bf16_instructions.cache_clear()
+        _clear()
 
 
 def test_this_machine_agrees_with_torch():

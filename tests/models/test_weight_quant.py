@@ -192,3 +192,54 @@ def test_the_real_models_file_is_4_bit_and_its_int4_model_answers():
 def test_the_transform_is_not_applied_to_a_float32_model(real_model):
     assert real_model.weight_quantization == "none"
     assert weight_quant.WeightOnlyLinear not in {type(m) for m in real_model.model.modules()}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, DENSE_FROM_ROWS])
+def test_fused_layers_compute_their_parts_bit_for_bit_and_share_their_weights(bits, rows):
+    parts = [
+        WeightOnlyLinear(_linear(out, 576, seed=out).to(torch.bfloat16), bits) for out in (576, 192, 192)
+    ]
+    x = torch.randn(1, rows, 576).to(torch.bfloat16)
+    separate = torch.cat([p(x) for p in parts], dim=-1)
+    fused = weight_quant.fuse(parts)
+    assert fused is not None and fused.out_features == 960
+    assert torch.equal(fused(x), separate)
+    # The parts now read the fused weights (no second copy) and still compute what they did.
+    assert parts[1].qweight.untyped_storage().data_ptr() == fused.qweight.untyped_storage().data_ptr()
+    assert parts[1].dense.untyped_storage().data_ptr() == fused.dense.untyped_storage().data_ptr()
+    assert torch.equal(torch.cat([p(x) for p in parts], dim=-1), separate)
+
+
+def test_layers_of_different_bits_or_inputs_are_not_fused():
+    a = WeightOnlyLinear(_linear(64, 64).to(torch.bfloat16), 4)
+    assert weight_quant.fuse([a, WeightOnlyLinear(_linear(64, 64).to(torch.bfloat16), 8)]) is None
+    assert weight_quant.fuse([a, WeightOnlyLinear(_linear(64, 128).to(torch.bfloat16), 4)]) is None
+    assert weight_quant.fuse([a]) is None
+
+
+def test_a_float32_dense_copy_multiplies_many_rows_in_float32():
+    """Where the CPU has no bfloat16 instructions the loader keeps the dense copy in float32: many
+    rows are multiplied in float32 and come back in bfloat16; few rows still take the kernel."""
+    layer = _linear(256, 512, bias=True).to(torch.bfloat16)
+    q32 = WeightOnlyLinear(layer, 4, dense_dtype=torch.float32)
+    q16 = WeightOnlyLinear(layer, 4)
+    assert q32.dense.dtype == torch.float32 and torch.equal(q32.dense.to(torch.bfloat16), q16.dense)
+    x = torch.randn(1, DENSE_FROM_ROWS, 512).to(torch.bfloat16)
+    got = q32(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, F.linear(x.float(), q32.dense, q32.bias.float()).to(torch.bfloat16))
+    one = x[:, :1]
+    assert torch.equal(q32(one), q16(one))
+
+
+def test_auto_runs_a_quantized_file_in_bfloat16_on_an_avx2_cpu(monkeypatch):
+    from bulk.models import loader
+
+    monkeypatch.setattr(loader, "has_bf16_instructions", lambda: False)
+    monkeypatch.setattr(loader, "has_avx2", lambda: True)
+    assert loader.resolve_dtype("auto", CPU, quantized_weights=True) == torch.bfloat16
+    assert loader.resolve_dtype("auto", CPU) == torch.float32  # a float model stays float32 there
+    assert loader.resolve_dtype("float32", CPU, quantized_weights=True) == torch.float32
+    monkeypatch.setattr(loader, "has_avx2", lambda: False)
+    assert loader.resolve_dtype("auto", CPU, quantized_weights=True) == torch.float32

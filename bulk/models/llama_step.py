@@ -1,0 +1,205 @@
+"""A step's forward as a plain function over a Llama model's own modules: the engine's hot path.
+
+`batched_attention.forward_step` runs a step through transformers' module tree, which is right for
+every architecture but costs on a CPU: a decode step of SmolLM2-135M (30 layers, one request)
+spends about a fifth of its time outside the arithmetic, in decorators, keyword plumbing, a causal
+mask built per call and output dataclasses. Here the same step is a loop over the layers that calls
+the model's own submodules (norms, rotary embedding, linear layers, activation) in transformers'
+order, so the arithmetic is transformers' own, op for op.
+
+Quantized projections (`bulk.models.weight_quant`) run fused: q, k and v as one layer, gate and up
+as another, bit-identical to the separate ones and with fewer kernel calls. Dense projections stay
+separate, so that a float model computes exactly what transformers computes (a fused GEMM may sum
+in another order).
+
+`build` takes only what it knows: Llama's layout (`model_type == "llama"`), SiLU gating and default
+rotary embeddings, and it checks before use that a prefill chunk and a decode row give logits
+bit-identical to transformers' forward on the same inputs. A model that fails either keeps
+transformers' forward, which is always correct.
+
+    hidden   # (1, N, hidden): the step's tokens side by side
+    query    # (1, heads, N, head_dim); key, value (1, kv_heads, N, head_dim)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from bulk.models import batched_attention
+from bulk.models.batched_attention import Segment, StepBatch
+from bulk.models.weight_quant import WeightOnlyLinear, fuse
+
+log = logging.getLogger(__name__)
+
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Layer:
+    attention: Any  # the layer's attention module: its scaling and GQA groups, read by SDPA
+    input_norm: nn.Module
+    post_norm: nn.Module
+    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    o: Projection
+    gate_up: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    act: Callable[[torch.Tensor], torch.Tensor]
+    down: Projection
+
+
+class LlamaStep:
+    """`forward` has `batched_attention.forward_step`'s contract for one model."""
+
+    def __init__(self, model: Any) -> None:
+        inner = model.model
+        config = model.config
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.norm = inner.norm
+        self.head = model.lm_head
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.layers = [self._layer(layer) for layer in inner.layers[: config.num_hidden_layers]]
+
+    def _layer(self, layer: Any) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        head_dim = self.head_dim
+        q_proj, k_proj, v_proj = attn.q_proj, attn.k_proj, attn.v_proj
+        qkv_fused = _fused([q_proj, k_proj, v_proj])
+        gate_up_fused = _fused([mlp.gate_proj, mlp.up_proj])
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            # (1, N, heads * head_dim) -> (1, heads, N, head_dim), as transformers shapes it
+            return x.view(*x.shape[:-1], -1, head_dim).transpose(1, 2)
+
+        if qkv_fused is not None:
+            q_size, k_size = q_proj.out_features, k_proj.out_features
+
+            def qkv(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                out = qkv_fused(h)  # (1, N, q + k + v)
+                q, k, v = out.split([q_size, k_size, out.shape[-1] - q_size - k_size], dim=-1)
+                return heads(q), heads(k), heads(v)
+        else:
+
+            def qkv(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                return heads(q_proj(h)), heads(k_proj(h)), heads(v_proj(h))
+
+        if gate_up_fused is not None:
+            gate_size = mlp.gate_proj.out_features
+
+            def gate_up(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                gate, up = gate_up_fused(h).split([gate_size, mlp.up_proj.out_features], dim=-1)
+                return gate, up
+        else:
+
+            def gate_up(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return mlp.gate_proj(h), mlp.up_proj(h)
+
+        return _Layer(
+            attention=attn,
+            input_norm=layer.input_layernorm,
+            post_norm=layer.post_attention_layernorm,
+            qkv=qkv,
+            o=attn.o_proj,
+            gate_up=gate_up,
+            act=mlp.act_fn,
+            down=mlp.down_proj,
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        token_ids: Sequence[int],
+        batch: StepBatch,
+        logits_at: Sequence[int],
+        pad_to: int | None = None,
+    ) -> torch.Tensor:
+        ids, pos, keep = batched_attention.step_inputs(token_ids, batch, logits_at, pad_to)
+        hidden = self.embed(ids)  # (1, N, hidden)
+        cos, sin = self.rotary(hidden, position_ids=pos)  # (1, N, head_dim) each
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        n = hidden.shape[1]
+        for index, layer in enumerate(self.layers):
+            residual = hidden
+            h = layer.input_norm(hidden)
+            q, k, v = layer.qkv(h)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            pool = batch.pool[index]  # (2, kv_heads, pool_tokens, head_dim)
+            batched_attention.write_kv(pool, batch, k, v)
+            attn = batched_attention.attend(layer.attention, q, pool, batch, scaling=layer.attention.scaling)
+            hidden = residual + layer.o(attn.reshape(1, n, -1).contiguous())
+            residual = hidden
+            gate, up = layer.gate_up(layer.post_norm(hidden))
+            hidden = residual + layer.down(layer.act(gate) * up)
+        hidden = self.norm(hidden)
+        logits = self.head(hidden[:, keep, :])
+        return logits[0, : len(logits_at)]  # (len(logits_at), vocab)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _fused(parts: list[Any]) -> WeightOnlyLinear | None:
+    if all(isinstance(p, WeightOnlyLinear) for p in parts):
+        return fuse(parts)
+    return None
+
+
+def build(model: Any) -> tuple[LlamaStep | None, str | None]:
+    """The plain forward for `model` (whose attention `batched_attention.enable` already routed
+    through the pool), or None and why it keeps transformers' forward."""
+    config = model.config
+    if getattr(config, "model_type", None) != "llama":
+        return None, f"model type {getattr(config, 'model_type', None)!r} is not llama"
+    if getattr(config, "hidden_act", None) != "silu":
+        return None, f"activation {config.hidden_act!r} is not silu"
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        return None, f"rotary embedding {rope.get('rope_type')!r} is not the default one"
+    try:
+        step = LlamaStep(model)
+    except AttributeError as exc:  # a llama config over modules laid out otherwise
+        return None, f"its modules are not laid out as transformers' Llama ({exc})"
+    mismatch = _differs_from_transformers(model, step)
+    if mismatch:
+        return None, mismatch
+    return step, None
+
+
+def _differs_from_transformers(model: Any, step: LlamaStep) -> str | None:
+    """Run a 5-token prefill and then a decode row with 2 cached through both forwards, on a scratch
+    pool; the logits must be bit-identical."""
+    config = model.config
+    param = next(model.parameters())
+    kv_heads = config.num_key_value_heads
+    shape = (config.num_hidden_layers, 2, kv_heads, 8, step.head_dim)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (6,), generator=generator).tolist()
+    for segments, ids in (
+        ([Segment(0, 0, 5)], tokens[:5]),
+        ([Segment(0, 2, 3), Segment(5, 0, 1)], tokens[2:6]),
+    ):
+        results = []
+        for forward in (
+            lambda ids, batch, at: batched_attention.forward_step(model, ids, batch, at),
+            step.forward,
+        ):
+            pool = torch.zeros(shape, dtype=param.dtype, device=param.device)
+            # Keys and values of the cached tokens: a prefill of them through transformers first.
+            if segments[0].cached:
+                warm = batched_attention.step_batch(pool, [Segment(0, 0, segments[0].cached)])
+                batched_attention.forward_step(model, tokens[: segments[0].cached], warm, [0])
+            batch = batched_attention.step_batch(pool, segments)
+            at = [sum(s.length for s in segments[: i + 1]) - 1 for i in range(len(segments))]
+            results.append(forward(ids, batch, at))
+        if not torch.equal(results[0], results[1]):
+            diff = (results[0].float() - results[1].float()).abs().max().item()
+            return f"its logits differ from transformers' forward (max difference {diff:.3g})"
+    return None

@@ -1,0 +1,103 @@
+"""The plain step forward (`bulk.models.llama_step`): bit-identical to transformers' forward on the
+same step (float and quantized models, prefill chunks and decode rows side by side), taken only for
+the models it knows, and the one the engine runs for them."""
+
+from __future__ import annotations
+
+import torch
+
+from bulk.config import KVCacheConfig
+from bulk.engine.engine import UltraAdaptiveKVCacheEngine
+from bulk.models import batched_attention, llama_step
+from bulk.models.batched_attention import Segment
+from bulk.models.loader import load_model
+from bulk.models.weight_quant import WeightOnlyLinear
+
+
+def _model(**kw):
+    model = load_model(KVCacheConfig(model="demo", device="cpu", **kw)).model
+    assert batched_attention.enable(model) is None
+    return model
+
+
+def _both(model, step):
+    """A mixed step through both forwards, each on its own pool filled by the same prefills: a chunk
+    on top of 9 cached tokens, two decode rows and a fresh chunk."""
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    param = next(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen).tolist() for n in (9, 20, 31)]
+    results = []
+    for forward in (lambda *a: batched_attention.forward_step(model, *a), step.forward):
+        pool = torch.zeros(
+            config.num_hidden_layers, 2, config.num_key_value_heads, 128, head_dim, dtype=param.dtype
+        )
+        for start, ids in zip((0, 32, 64), prompts, strict=True):
+            warm = batched_attention.step_batch(pool, [Segment(start, 0, len(ids))])
+            batched_attention.forward_step(model, ids, warm, [len(ids) - 1])
+        segments = [Segment(0, 9, 6), Segment(32, 20, 1), Segment(64, 31, 1), Segment(96, 0, 7)]
+        batch = batched_attention.step_batch(pool, segments)
+        tokens = torch.randint(
+            0, config.vocab_size, (15,), generator=torch.Generator().manual_seed(2)
+        ).tolist()
+        results.append(forward(tokens, batch, [5, 6, 7, 14]))
+    return results
+
+
+def test_a_float_models_step_is_bit_identical_to_transformers():
+    model = _model(dtype="float32")
+    step, why = llama_step.build(model)
+    assert why is None and step is not None
+    theirs, ours = _both(model, step)
+    assert theirs.shape == ours.shape == (4, model.config.vocab_size)
+    assert torch.equal(theirs, ours)
+
+
+def test_a_quantized_models_step_is_bit_identical_with_fused_projections():
+    model = _model(weight_quantization="int4")
+    step, why = llama_step.build(model)
+    assert why is None and step is not None
+    calls: list[int] = []
+    forward = WeightOnlyLinear.forward
+
+    def counting(self, x):
+        calls.append(self.out_features)
+        return forward(self, x)
+
+    WeightOnlyLinear.forward = counting  # type: ignore[method-assign]
+    try:
+        theirs, ours_counted = _both(model, step)
+    finally:
+        WeightOnlyLinear.forward = forward  # type: ignore[method-assign]
+    assert torch.equal(theirs, ours_counted)
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim
+    assert qkv in calls and 2 * config.intermediate_size in calls  # the fused layers ran
+
+
+def test_models_it_does_not_know_keep_transformers_forward():
+    model = _model(dtype="float32")
+    model.config.hidden_act = "gelu"
+    assert llama_step.build(model) == (None, "activation 'gelu' is not silu")
+    model.config.hidden_act = "silu"
+    model.config.model_type = "mistral"
+    step, why = llama_step.build(model)
+    assert step is None and "mistral" in why
+
+
+def test_a_forward_that_would_differ_is_refused(monkeypatch):
+    """The check at build compares logits: a plain forward that computed otherwise is not used."""
+    model = _model(dtype="float32")
+    monkeypatch.setattr(llama_step, "_rotate_half", lambda x: x)
+    step, why = llama_step.build(model)
+    assert step is None and "differ from transformers" in why
+
+
+def test_the_engine_runs_llama_models_through_it():
+    config = KVCacheConfig(model="demo", device="cpu", response_cache=False)
+    with UltraAdaptiveKVCacheEngine(config) as engine:
+        answer = engine.process_request_sync({"query": "hello", "max_new_tokens": 4, "temperature": 0})
+        assert isinstance(engine._loop.runner.plain_step, llama_step.LlamaStep)
+    assert answer["completion_tokens"] == 4

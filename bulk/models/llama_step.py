@@ -38,6 +38,7 @@ from bulk.models.weight_quant import WeightOnlyLinear, fuse
 log = logging.getLogger(__name__)
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # query, key after rotary; value
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class _Layer:
     attention: Any  # the layer's attention module: its scaling and GQA groups, read by SDPA
     input_norm: nn.Module
     post_norm: nn.Module
-    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    qkv: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], QKV]  # (normed hidden, cos, sin)
     o: Projection
     gate_up: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     act: Callable[[torch.Tensor], torch.Tensor]
@@ -78,15 +79,20 @@ class LlamaStep:
 
         if qkv_fused is not None:
             q_size, k_size = q_proj.out_features, k_proj.out_features
+            q_heads = q_size // head_dim
 
-            def qkv(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            def qkv(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> QKV:
                 out = qkv_fused(h)  # (1, N, q + k + v)
-                q, k, v = out.split([q_size, k_size, out.shape[-1] - q_size - k_size], dim=-1)
-                return heads(q), heads(k), heads(v)
+                qk, v = out.split([q_size + k_size, out.shape[-1] - q_size - k_size], dim=-1)
+                # One rotation over the query and key heads together: elementwise, so each head
+                # gets exactly the values it gets rotated alone, in half the operations.
+                qk = _rotate(heads(qk), cos, sin)  # (1, heads + kv_heads, N, head_dim)
+                return qk[:, :q_heads], qk[:, q_heads:], heads(v)
         else:
 
-            def qkv(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-                return heads(q_proj(h)), heads(k_proj(h)), heads(v_proj(h))
+            def qkv(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> QKV:
+                q, k = heads(q_proj(h)), heads(k_proj(h))
+                return _rotate(q, cos, sin), _rotate(k, cos, sin), heads(v_proj(h))
 
         if gate_up_fused is not None:
             gate_size = mlp.gate_proj.out_features
@@ -126,9 +132,7 @@ class LlamaStep:
         for index, layer in enumerate(self.layers):
             residual = hidden
             h = layer.input_norm(hidden)
-            q, k, v = layer.qkv(h)
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
+            q, k, v = layer.qkv(h, cos, sin)
             pool = batch.pool[index]  # (2, kv_heads, pool_tokens, head_dim)
             batched_attention.write_kv(pool, batch, k, v)
             attn = batched_attention.attend(layer.attention, q, pool, batch, scaling=layer.attention.scaling)
@@ -141,9 +145,12 @@ class LlamaStep:
         return logits[0, : len(logits_at)]  # (len(logits_at), vocab)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, as transformers' `apply_rotary_pos_emb` computes it. x: (1, heads, N,
+    head_dim); cos, sin: (1, 1, N, head_dim)."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated_half * sin)
 
 
 def _fused(parts: list[Any]) -> WeightOnlyLinear | None:

@@ -90,7 +90,7 @@ def test_models_it_does_not_know_keep_transformers_forward():
 def test_a_forward_that_would_differ_is_refused(monkeypatch):
     """The check at build compares logits: a plain forward that computed otherwise is not used."""
     model = _model(dtype="float32")
-    monkeypatch.setattr(llama_step, "_rotate_half", lambda x: x)
+    monkeypatch.setattr(llama_step, "_rotate", lambda x, cos, sin: x * cos)
     step, why = llama_step.build(model)
     assert step is None and "differ from transformers" in why
 

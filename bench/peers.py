@@ -376,7 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bulk import named_models as registry
     from bulk.models.loader import resolve_dtype
 
-    options["dtype"] = str(resolve_dtype(options["dtype"], _cpu())).removeprefix("torch.")
+    # The served file is 4-bit: weights other than none keep it so, which decides `auto`'s dtype on some CPUs.
+    quantized = options["weights"] != "none"
+    options["dtype"] = str(resolve_dtype(options["dtype"], _cpu(), quantized_weights=quantized)).removeprefix(
+        "torch."
+    )
     build = ensure_built(default_build())
     gguf = registry.named_model_file("smollm2-135m")
     text = load_corpus()

@@ -13,13 +13,23 @@ is a warmup and is dropped:
                  exactly the model work our cold path does, and nothing else)
   limit_copy     copying the KV bytes a full hit reuses (the concatenation of its blocks)
   limit_forward  one one-token forward on top of a cache that holds N-1 tokens
+  question       our engine, what a chat server sees: a prefix of N-Q tokens (a system prompt) cached
+                 beforehand, then a new question of Q = 32 tokens, fresh every run; reuses the
+                 prefix's full blocks
+  limit_question_copy     copying the KV bytes `question` reuses (the concatenation of its blocks)
+  limit_question_forward  one forward of the rest (the N - reused tokens after them: the question,
+                          plus the prefix's partial last block if any) on top of a cache that holds
+                          exactly the reused tokens
   full_hit       our engine, the prompt `cold` timed earlier in this run, so all of its full blocks
                  up to N-1 tokens are cached; timed last so the blocks are not hot in the CPU caches
 
 Ratios of ours to a baseline are medians of per-run ratios (each pair timed back to back), which hold
-still on a noisy machine where the ratio of two medians can swing by 10 %.
+still on a noisy machine where the ratio of two medians can swing by 10 %. Ratios to a limit divide
+medians, the limit being a sum of two medians.
 
 `limit` = median(limit_copy) + median(limit_forward): an estimate of the physical limit of a full hit.
+`limit_question` = median(limit_question_copy) + median(limit_question_forward), the same estimate for
+a shared prefix: what any engine must do is copy the reused KV and compute the rest, nothing else.
 Our scenarios report the engine's own `ttft_ms` (from accepting the request to the first token,
 tokenizing and the worker hand-off included); Hugging Face ones the wall time of the call, with the
 input tensor built beforehand.
@@ -49,7 +59,7 @@ import torch
 
 from bench.common import median, ratio, time_ms, write_results
 from bench.prompts import continuation, unique_prompt
-from bench.ttft_report import SCENARIOS, render, target_rows
+from bench.ttft_report import QUESTION_TOKENS, SCENARIOS, render, target_rows
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.engine.model_thread import ModelThread
@@ -61,15 +71,16 @@ log = logging.getLogger("bench.ttft")
 NAME = "ttft"
 T = TypeVar("T")
 
-# Timed scenarios, in the order each run performs them.
 # Timed scenarios, in the order each run performs them. Each comparison is a pair timed back to
 # back, and odd runs time the pair in the opposite order (A B, then B A), so drift and order effects
-# cancel in the per-run ratios. `full_hit` reuses the prompt `cold` stored, so it comes after it.
+# cancel in the per-run ratios. `question` is timed back to back with both halves of its limit, its
+# ratio's denominator. `full_hit` reuses the prompt `cold` stored, so it comes after it.
 PAIRS = (
     ("cold", "hf_forward"),
     ("half_hit", "hf_deepcopy"),
     ("hf_generate",),
     ("limit_copy", "limit_forward"),
+    ("question", "limit_question_copy", "limit_question_forward"),
     ("full_hit",),
 )
 RUN_ORDER = tuple(key for pair in PAIRS for key in pair)
@@ -97,6 +108,7 @@ class LengthResult:
     def medians(self) -> dict[str, float]:
         out = {k: median(v) for k, v in self.runs_ms.items()}
         out["limit"] = out["limit_copy"] + out["limit_forward"]
+        out["limit_question"] = out["limit_question_copy"] + out["limit_question_forward"]
         return out
 
     def paired(self, a: str, b: str) -> float | None:
@@ -114,6 +126,7 @@ class LengthResult:
             "miss_overhead_pct": None if overhead is None else (overhead - 1.0) * 100.0,
             "half_hit_over_deepcopy": self.paired("half_hit", "hf_deepcopy"),
             "hf_generate_over_forward": self.paired("hf_generate", "hf_forward"),
+            "question_over_limit": ratio(m["question"], m["limit_question"]),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -144,18 +157,23 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
     half = n // 2
     reused_full = min((n // block_size) * block_size, n - 1)  # what a full hit reuses
     reused_half = (half // block_size) * block_size
+    system = n - QUESTION_TOKENS  # the question scenario's cached prefix
+    reused_question = (system // block_size) * block_size  # its full blocks
     result = LengthResult(n)
     # One engine for cold + full hit (the cold request stores the prompt the full hit then reuses),
-    # another for the 50% hit, so that neither one's stores can evict the other's blocks. Both
-    # engines and every Hugging Face baseline run on one model thread: on CPU the same forward runs
-    # at measurably different speeds on different threads, which would bias every comparison.
+    # one for the 50% hit and one for the question, so that no one's stores can evict another's
+    # blocks. All engines and every Hugging Face baseline run on one model thread: on CPU the same
+    # forward runs at measurably different speeds on different threads, which would bias every
+    # comparison.
     model_thread = ModelThread(name="bench-model-thread")
     with (
         UltraAdaptiveKVCacheEngine(config, model=lm, model_thread=model_thread) as ours,
         UltraAdaptiveKVCacheEngine(config, model=lm, model_thread=model_thread) as ours_half,
+        UltraAdaptiveKVCacheEngine(config, model=lm, model_thread=model_thread) as ours_question,
     ):
         ours.warmup_sync()
         ours_half.warmup_sync()
+        ours_question.warmup_sync()
 
         # The shared prefix of the 50% scenario, stored once in our engine and computed once for HF.
         shared = unique_prompt(lm.tokenizer, half)
@@ -164,6 +182,13 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
         prefix_ids = _ids(lm, shared)
         _check(prefix_ids.shape[1] == half, "the shared prefix has the wrong length")
         _, hf_prefix_cache = hf_cache.forward(lm.model, prefix_ids, None)
+
+        # The question scenario's prefix (the system prompt), stored once in its own engine.
+        system_prompt = unique_prompt(lm.tokenizer, system)
+        stored = _request(ours_question, system_prompt)
+        _check(stored["cached_tokens"] == 0, f"the question's prefix was already cached: {stored}")
+        system_ids = _ids(lm, system_prompt)
+        _check(system_ids.shape[1] == system, "the question's prefix has the wrong length")
 
         # The physical-limit estimate: copying the KV bytes a full hit reuses (its blocks, the last
         # one cut to leave one token to compute), and a forward of one token on N-1 cached tokens.
@@ -175,6 +200,12 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
         _, limit_base = hf_cache.forward(lm.model, limit_ids[:, : n - 1], None)
         limit_last = limit_ids[:, n - 1 :]
 
+        # The question's limit: copying the blocks it reuses, and a forward of the rest on a cache
+        # of exactly those tokens. Any N-token prompt does: the work depends on lengths only.
+        question_blocks = hf_cache.blocks_from_cache(limit_full, 0, reused_question, block_size)
+        _, question_base = hf_cache.forward(lm.model, limit_ids[:, :reused_question], None)
+        question_rest = limit_ids[:, reused_question:]  # (1, n - reused_question)
+
         for run in range(runs + 1):
             label = "warmup" if run == 0 else f"run {run}/{runs}"
             cold_prompt = unique_prompt(lm.tokenizer, n)
@@ -183,6 +214,11 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
             half_ids = _ids(lm, half_prompt)
             _check(cold_ids.shape[1] == n and half_ids.shape[1] == n, "prompt length mismatch")
             _check(bool(torch.equal(half_ids[:, :half], prefix_ids)), "the 50% prompt lost its prefix")
+            # A fresh question every run, so only the prefix is reused.
+            question_prompt = system_prompt + continuation(lm.tokenizer, system_prompt, n)
+            question_ids = _ids(lm, question_prompt)
+            _check(question_ids.shape[1] == n, "question prompt length mismatch")
+            _check(bool(torch.equal(question_ids[:, :system], system_ids)), "the question lost its prefix")
 
             def cold(prompt: str = cold_prompt) -> tuple[float, int]:
                 out = _request(ours, prompt)
@@ -194,6 +230,12 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
                 out = _request(ours_half, prompt)
                 got = out["cached_tokens"]
                 _check(got == reused_half, f"50% hit reused {got} tokens, expected {reused_half}")
+                return out["ttft_ms"], got
+
+            def question(prompt: str = question_prompt) -> tuple[float, int]:
+                out = _request(ours_question, prompt)
+                got = out["cached_tokens"]
+                _check(got == reused_question, f"question reused {got} tokens, expected {reused_question}")
                 return out["ttft_ms"], got
 
             def full_hit(prompt: str = cold_prompt) -> tuple[float, int]:
@@ -222,6 +264,11 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
                 copied = model_thread.submit(lambda: hf_cache.copy_cache(limit_base)).result()
                 return timed(lambda: hf_cache.forward(lm.model, limit_last, copied))
 
+            def limit_question_forward() -> tuple[float, None]:
+                # Deep-copied untimed, as for limit_forward.
+                copied = model_thread.submit(lambda: hf_cache.copy_cache(question_base)).result()
+                return timed(lambda: hf_cache.forward(lm.model, question_rest, copied))
+
             scenarios: dict[str, Callable[[], tuple[float, int | None]]] = {
                 "cold": cold,
                 "half_hit": half_hit,
@@ -230,6 +277,9 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
                 "hf_forward": lambda ids=cold_ids: timed(lambda: hf_cache.forward(lm.model, ids, None)),
                 "limit_copy": lambda: timed(lambda: torch.cat(limit_blocks, dim=3)),
                 "limit_forward": limit_forward,
+                "question": question,
+                "limit_question_copy": lambda: timed(lambda: torch.cat(question_blocks, dim=3)),
+                "limit_question_forward": limit_question_forward,
                 "full_hit": full_hit,
             }
             for key in run_order(run):
@@ -240,7 +290,7 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
                 if run > 0:
                     result.runs_ms[key].append(ms)
                 log.info(
-                    "N=%d %-11s %-13s %9.1f ms%s",
+                    "N=%d %-11s %-22s %9.1f ms%s",
                     n,
                     label,
                     key,
@@ -249,6 +299,7 @@ def measure_length(lm: LoadedModel, n: int, runs: int, max_tokens: int, block_si
                 )
     model_thread.shutdown()
     result.cached_tokens["limit_copy"] = reused_full
+    result.cached_tokens["limit_question_copy"] = reused_question
     return result
 
 
@@ -265,8 +316,9 @@ def _parse_lengths(text: str) -> list[int]:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bul bench ttft",
-        description="Time to first token: cold prefill, full and 50%% prefix hits, Hugging Face "
-        "generate() and its deep-copy prefix pattern, and the physical limit, side by side.",
+        description="Time to first token: cold prefill, full and 50%% prefix hits, a cached prefix plus a "
+        "new question, Hugging Face generate() and its deep-copy prefix pattern, and the physical limits, "
+        "side by side.",
     )
     parser.add_argument(
         "--model", help=f"model to load (default {DEFAULTS['model']}; smollm2-135m: the real model)"
@@ -294,8 +346,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     block_size = args.block_size
-    if lengths[0] < 2 * block_size:
-        raise SystemExit(f"every length must be at least two blocks ({2 * block_size} tokens)")
+    # Two blocks, and a question prefix of at least one full block (something for it to reuse).
+    shortest = max(2 * block_size, QUESTION_TOKENS + block_size)
+    if lengths[0] < shortest:
+        raise SystemExit(
+            f"every length must be at least {shortest} tokens (two blocks, and one block before "
+            f"the {QUESTION_TOKENS}-token question)"
+        )
 
     lm = load_model(KVCacheConfig(model=model_name, block_size=block_size, dtype=args.dtype))
     if lengths[-1] >= lm.context_length:
@@ -312,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "threads_requested": args.threads,
         "block_size": block_size,
+        "question_tokens": QUESTION_TOKENS,
         "max_tokens": max_tokens,
         "device": str(lm.device),
         "dtype": lm.dtype_name,

@@ -6,6 +6,9 @@ from typing import Any
 
 from bench.common import format_table
 
+# The question scenario: a new question of this many tokens after a cached prefix (the Q).
+QUESTION_TOKENS = 32
+
 SCENARIOS = {
     "cold": "cold prefill (ours)",
     "full_hit": "full-prefix hit (ours)",
@@ -16,6 +19,10 @@ SCENARIOS = {
     "limit": "limit estimate (copy + 1-token fwd)",
     "limit_copy": "  copy of the reused KV",
     "limit_forward": "  one-token forward on N-1 cached",
+    "question": f"cached prefix + {QUESTION_TOKENS}-token question (ours)",
+    "limit_question": "question limit (copy + fwd of rest)",
+    "limit_question_copy": "  copy of the reused prefix KV",
+    "limit_question_forward": "  forward of the rest on the reused",
 }
 
 # Targets, checked at the largest length: (key, ratio key, description, comparison, threshold).
@@ -24,6 +31,7 @@ TARGETS = (
     ("full_hit_vs_limit", "full_hit_over_limit", "full hit: full-hit TTFT / limit", "<=", 2.0),
     ("miss_overhead", "miss_overhead_pct", "miss: cold over plain HF forward, %", "<=", 5.0),
     ("shared_prefix", "half_hit_over_deepcopy", "shared prefix: ours 50% / HF deep-copy", "<=", 1.0),
+    ("question_vs_limit", "question_over_limit", "prefix + question: TTFT / limit", "<=", 1.5),
 )
 
 
@@ -64,6 +72,7 @@ def render(results: list[Any], targets: list[dict[str, Any]], settings: dict[str
     rows = [[SCENARIOS[key], *(f"{m[key]:.1f}" for m in medians)] for key in SCENARIOS]
     rows.append(["reused tokens: full hit", *(str(r.cached_tokens["full_hit"]) for r in results)])
     rows.append(["reused tokens: 50% hit", *(str(r.cached_tokens["half_hit"]) for r in results)])
+    rows.append(["reused tokens: question", *(str(r.cached_tokens["question"]) for r in results)])
     first = format_table(["scenario", *lengths], rows, title)
 
     by_ratio = {t["target"]: t for t in targets}
@@ -74,6 +83,7 @@ def render(results: list[Any], targets: list[dict[str, Any]], settings: dict[str
         ("cold vs plain forward", "miss_overhead_pct", " %", "miss_overhead"),
         ("ours 50% / HF deep-copy (x)", "half_hit_over_deepcopy", "", "shared_prefix"),
         ("HF generate / plain forward (x)", "hf_generate_over_forward", "", None),
+        ("question / its limit (x)", "question_over_limit", "", "question_vs_limit"),
     ]
     all_ratios = [r.ratios() for r in results]
     for label, ratio_key, unit, target_key in specs:

@@ -61,7 +61,8 @@ class ModelRunner:
         # bit-identical to transformers' forward and cheaper per step; others run transformers'.
         self.plain_step = None
         if self.batched:
-            self.plain_step, why_plain = llama_step.build(lm.model)
+            checked_as = f"{lm.fingerprint}/{lm.dtype_name}/{lm.device}"
+            self.plain_step, why_plain = llama_step.build(lm.model, checked_as)
             if why_plain is not None:
                 log.info("model %s runs transformers' forward for each step: %s", lm.name, why_plain)
         self.pad_rows = None

@@ -159,9 +159,15 @@ def _fused(parts: list[Any]) -> WeightOnlyLinear | None:
     return None
 
 
-def build(model: Any) -> tuple[LlamaStep | None, str | None]:
+# Outcomes of the check against transformers, by `build`'s `checked_as` key.
+_checked: dict[str, str | None] = {}
+
+
+def build(model: Any, checked_as: str | None = None) -> tuple[LlamaStep | None, str | None]:
     """The plain forward for `model` (whose attention `batched_attention.enable` already routed
-    through the pool), or None and why it keeps transformers' forward."""
+    through the pool), or None and why it keeps transformers' forward. `checked_as` names these
+    weights in this dtype on this device (the model's fingerprint): the check against transformers
+    runs once per name in a process, not for every engine that loads the same model again."""
     config = model.config
     if getattr(config, "model_type", None) != "llama":
         return None, f"model type {getattr(config, 'model_type', None)!r} is not llama"
@@ -174,7 +180,12 @@ def build(model: Any) -> tuple[LlamaStep | None, str | None]:
         step = LlamaStep(model)
     except AttributeError as exc:  # a llama config over modules laid out otherwise
         return None, f"its modules are not laid out as transformers' Llama ({exc})"
-    mismatch = _differs_from_transformers(model, step)
+    if checked_as is not None and checked_as in _checked:
+        mismatch = _checked[checked_as]
+    else:
+        mismatch = _differs_from_transformers(model, step)
+        if checked_as is not None:
+            _checked[checked_as] = mismatch
     if mismatch:
         return None, mismatch
     return step, None

@@ -101,3 +101,22 @@ def test_the_engine_runs_llama_models_through_it():
         answer = engine.process_request_sync({"query": "hello", "max_new_tokens": 4, "temperature": 0})
         assert isinstance(engine._loop.runner.plain_step, llama_step.LlamaStep)
     assert answer["completion_tokens"] == 4
+
+
+def test_the_check_runs_once_per_named_model(monkeypatch):
+    model = _model(dtype="float32")
+    runs: list[int] = []
+    check = llama_step._differs_from_transformers
+
+    def counting(model, step):
+        runs.append(1)
+        return check(model, step)
+
+    monkeypatch.setattr(llama_step, "_differs_from_transformers", counting)
+    monkeypatch.setattr(llama_step, "_checked", {})
+    for _ in range(3):
+        step, why = llama_step.build(model, checked_as="demo-test/float32/cpu")
+        assert step is not None and why is None
+    assert len(runs) == 1
+    llama_step.build(model)  # unnamed: checked every time
+    assert len(runs) == 2

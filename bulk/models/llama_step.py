@@ -24,6 +24,7 @@ transformers' forward, which is always correct.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -153,10 +154,20 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (x * cos) + (rotated_half * sin)
 
 
+# Fused layers by their first part: every engine over one loaded model (a benchmark runs several)
+# shares one fused copy, whose views the parts already read.
+_fusions: weakref.WeakKeyDictionary[nn.Module, WeightOnlyLinear] = weakref.WeakKeyDictionary()
+
+
 def _fused(parts: list[Any]) -> WeightOnlyLinear | None:
-    if all(isinstance(p, WeightOnlyLinear) for p in parts):
-        return fuse(parts)
-    return None
+    if not all(isinstance(p, WeightOnlyLinear) for p in parts):
+        return None
+    fused = _fusions.get(parts[0])
+    if fused is None:
+        fused = fuse(parts)
+        if fused is not None:
+            _fusions[parts[0]] = fused
+    return fused
 
 
 # Outcomes of the check against transformers, by `build`'s `checked_as` key.

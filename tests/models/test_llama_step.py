@@ -120,3 +120,24 @@ def test_the_check_runs_once_per_named_model(monkeypatch):
     assert len(runs) == 1
     llama_step.build(model)  # unnamed: checked every time
     assert len(runs) == 2
+
+
+def test_engines_over_one_model_share_its_fused_layers(monkeypatch):
+    model = _model(weight_quantization="int4")
+    fuse_calls: list[int] = []
+    fuse = llama_step.fuse
+
+    def counting(parts):
+        fuse_calls.append(len(parts))
+        return fuse(parts)
+
+    monkeypatch.setattr(llama_step, "fuse", counting)
+    first, _ = llama_step.build(model)
+    calls = len(fuse_calls)
+    second, _ = llama_step.build(model)
+    assert first is not None and second is not None
+    assert calls == 2 * model.config.num_hidden_layers and len(fuse_calls) == calls  # fused once
+    # The parts read the one fused copy: building again copied nothing.
+    attn = model.model.layers[0].self_attn
+    fused = llama_step._fusions[attn.q_proj]
+    assert attn.q_proj.qweight.untyped_storage().data_ptr() == fused.qweight.untyped_storage().data_ptr()

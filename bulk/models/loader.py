@@ -105,7 +105,9 @@ def load_model(config: KVCacheConfig) -> LoadedModel:
     try:
         source, gguf_file = (None, None) if is_demo(config.model) else _hf_source(config)
         bits = manifest_weight_bits(Path(source), gguf_file) if source and gguf_file else None
-        keeps_bits = bits in (4, 8) and config.weight_quantization == "auto" and not config.batch_invariant
+        # Whether the weights would stay quantized if the model ran in bfloat16: on some CPUs that
+        # decides what `auto` dtype is.
+        keeps_bits = resolve_weight_quantization(config, device, torch.bfloat16, bits) != "none"
         dtype = resolve_dtype(config.dtype, device, quantized_weights=keeps_bits)
         if config.weight_quantization in ("int8", "int4"):
             dtype = torch.bfloat16  # the config refuses any other explicit dtype with them

@@ -45,6 +45,7 @@ from typing import Any
 import httpx
 import redis
 
+from bench import child_env
 from bench.cluster_workload import Session, WorkloadShape, sessions, system_prompts
 from bench.common import format_table, options_from, ratio, write_results
 
@@ -87,17 +88,18 @@ class Cluster:
     def __init__(self, router: str, model: str, log_dir: Path) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {
-            **os.environ,
-            "BUL_MODEL": model,
-            "BUL_DEVICE": "cpu",
-            "BUL_MAX_TOKENS": str(MEMORY_TOKENS),
-            "BUL_REDIS_URL": REDIS_URL,
-            "BUL_CACHE_SECRET": secrets.token_hex(16),
-            "BUL_ACCESS_LOG": "false",
-            "BUL_RAY_REPLICA_CPUS": "1",
-            "OMP_NUM_THREADS": "1",
-        }
+        env = child_env(
+            {
+                "BUL_MODEL": model,
+                "BUL_DEVICE": "cpu",
+                "BUL_MAX_TOKENS": str(MEMORY_TOKENS),
+                "BUL_REDIS_URL": REDIS_URL,
+                "BUL_CACHE_SECRET": secrets.token_hex(16),
+                "BUL_ACCESS_LOG": "false",
+                "BUL_RAY_REPLICA_CPUS": "1",
+                "OMP_NUM_THREADS": "1",
+            }
+        )
         self.log_path = log_dir / f"bul-cluster-{router}.log"
         command = [sys.executable, "-m", "bulk.cli.main", "cluster", "--replicas", "2", "--router", router]
         command += ["--port", str(self.port), "--num-cpus", "2"]

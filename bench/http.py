@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench import child_env
 from bench.common import median, options_from, ratio, write_results
 from bench.http_report import render
 
@@ -74,7 +74,7 @@ def start_server(factory: str, env: dict[str, str]) -> tuple[subprocess.Popen[by
         sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1", "--port", str(port),
         "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env})
+    process = subprocess.Popen(command, cwd=ROOT, env=child_env(env))
     return process, port
 
 

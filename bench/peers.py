@@ -40,6 +40,7 @@ from typing import Any
 
 import httpx
 
+from bench import child_env
 from bench.common import format_table, options_from, ratio, write_results
 from bench.http import ROOT, _free_port, start_server, stop, wait_ready
 from bench.peers_build import PeerBuild, default_build, ensure_built
@@ -250,7 +251,9 @@ def run_theirs(
     args = theirs_args(gguf, port, options)
     server_log = build.venv / "server.log"  # its access log: a line per request
     with server_log.open("wb") as sink:
-        process = subprocess.Popen([str(build.python), *args], cwd=ROOT, stdout=sink, stderr=sink)
+        process = subprocess.Popen(
+            [str(build.python), *args], cwd=ROOT, env=child_env(), stdout=sink, stderr=sink
+        )
     log.info("llama-cpp-python server started; its log: %s", server_log)
     try:
         try:

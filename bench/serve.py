@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import random
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from typing import Any
 
 import httpx
 
+from bench import child_env
 from bench.common import options_from, ratio, write_results
 from bench.http import ROOT, start_server, stop, wait_ready
 from bench.serve_load import Stream, closed_loop, figures, percentile, stream_completion
@@ -282,7 +282,7 @@ def run_generate_batch(options: dict[str, Any]) -> dict[str, Any]:
     ]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(prompts, fh)
-    env = {**os.environ}
+    env = child_env()
     if options.get("threads"):
         env["OMP_NUM_THREADS"] = str(options["threads"])
     command = [sys.executable, "-m", "bench.serve_hf", fh.name, "--model", options["model"]]

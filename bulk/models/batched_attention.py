@@ -36,7 +36,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from bulk.models import hf_cache
+from bulk.models import cpu, hf_cache
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +141,17 @@ def attend(
 
 
 def _upcast(query: torch.Tensor) -> bool:
-    """Half-precision attention on a CPU runs in float32 over the half-precision KV: torch's CPU
-    SDPA kernel in bfloat16 took 4-9x longer than in float32 for a decode row (one query over 500
-    to 2000 keys, SmolLM2's heads, torch 2.13), and no less for prompt chunks. The KV stays in the
-    model's dtype; only each segment's keys and values are converted, and the output cast back."""
-    return query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
+    """Half-precision attention on a CPU runs in float32 over the half-precision KV where that is
+    faster: on some CPUs torch's SDPA kernel in bfloat16 took 4-9x longer than in float32 for a
+    decode row (one query over 500 to 2000 keys, SmolLM2's heads, torch 2.13, an AMD EPYC with
+    AVX512-BF16), on others it is 2-3x faster (an Intel Xeon with AVX512-BF16), so
+    `cpu.half_attention_is_faster` measures it once. The KV stays in the model's dtype; only each
+    segment's keys and values are converted, and the output cast back."""
+    return (
+        query.device.type == "cpu"
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and not cpu.half_attention_is_faster(query.dtype)
+    )
 
 
 AttentionInterface.register(ATTENTION, _attention)

@@ -66,9 +66,13 @@ def test_auto_is_bfloat16_exactly_where_the_cpu_has_the_instructions():
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
 
 
-def test_bfloat16_attention_runs_in_float32_over_the_pool():
-    """A decode row and a prompt chunk over a bfloat16 pool: each segment's output is float32
-    attention over the stored bfloat16 keys and values, closer to exact than bfloat16 SDPA."""
+@pytest.mark.parametrize("half_is_faster", [False, True])
+def test_bfloat16_attention_over_the_pool_runs_in_the_faster_precision(monkeypatch, half_is_faster):
+    """A decode row and a prompt chunk over a bfloat16 pool. Where bfloat16 SDPA is the slower (as
+    `cpu.half_attention_is_faster` measures), each segment's output is float32 attention over the
+    stored bfloat16 keys and values, closer to exact than bfloat16 SDPA; where it is the faster, it
+    is bfloat16 SDPA's output."""
+    monkeypatch.setattr(batched_attention.cpu, "half_attention_is_faster", lambda dtype: half_is_faster)
     gen = torch.Generator().manual_seed(3)
     bf16 = torch.bfloat16
     pool = torch.randn(1, 2, 3, 48, 64, generator=gen).to(bf16)  # (layers, 2, kv_heads, tokens, head_dim)
@@ -90,6 +94,17 @@ def test_bfloat16_attention_runs_in_float32_over_the_pool():
         in_fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(bf16)
         in_bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         got = out[:, offset : offset + seg.length].transpose(1, 2)
-        assert torch.equal(got, in_fp32)
-        assert (got.double() - exact).abs().max() <= (in_bf16.double() - exact).abs().max()
+        if half_is_faster:
+            assert torch.equal(got, in_bf16)
+        else:
+            assert torch.equal(got, in_fp32)
+            assert (got.double() - exact).abs().max() <= (in_bf16.double() - exact).abs().max()
         offset += seg.length
+
+
+def test_the_attention_precision_is_measured_once_per_dtype():
+    cpu.half_attention_is_faster.cache_clear()
+    first = cpu.half_attention_is_faster(torch.bfloat16)
+    assert isinstance(first, bool)
+    assert cpu.half_attention_is_faster(torch.bfloat16) is first
+    assert cpu.half_attention_is_faster.cache_info().hits == 1

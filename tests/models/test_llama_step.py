@@ -56,8 +56,6 @@ def test_a_float_models_step_is_bit_identical_to_transformers():
 
 def test_a_quantized_models_step_is_bit_identical_with_fused_projections():
     model = _model(weight_quantization="int4")
-    step, why = llama_step.build(model)
-    assert why is None and step is not None
     calls: list[int] = []
     forward = WeightOnlyLinear.forward
 
@@ -65,8 +63,11 @@ def test_a_quantized_models_step_is_bit_identical_with_fused_projections():
         calls.append(self.out_features)
         return forward(self, x)
 
+    # Patched before `build`, which keeps each layer's bound `forward`.
     WeightOnlyLinear.forward = counting  # type: ignore[method-assign]
     try:
+        step, why = llama_step.build(model)
+        assert why is None and step is not None
         theirs, ours_counted = _both(model, step)
     finally:
         WeightOnlyLinear.forward = forward  # type: ignore[method-assign]

@@ -8,8 +8,10 @@ OpenAI streaming requests.
   theirs   `python -m llama_cpp.server` (llama-cpp-python, built on first use by
            `bench.peers_build`) on the same GGUF file (Q4_1 weights), its RAM prompt cache on
 
-The servers run one after the other, alone on the machine, each sent the same requests in the same
-order by the streaming clients of `bench.serve_load` (`/v1/completions`, `"stream": true`, greedy):
+Both servers run at once, each sent the same requests in the same order by the streaming clients
+of `bench.serve_load` (`/v1/completions`, `"stream": true`, greedy), one workload at a time: ours,
+then theirs, then the next workload. Only one of them is sent requests at any moment, and a noisy
+stretch of a shared machine falls on both sides of a ratio rather than on one server's whole run.
 
   shared     interleaved shared-prefix traffic: a few system prompts of ~1,000 tokens, and many
              questions, each after one of them in turn (one client)
@@ -34,7 +36,9 @@ import asyncio
 import logging
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,8 @@ from bench.serve_load import closed_loop, figures
 log = logging.getLogger("bench.peers")
 
 NAME = "peers"
+# Seconds between one server's workload and the other's: OpenMP threads spin a while after work.
+SWITCH_PAUSE_S = 1.0
 Request = tuple[str, int]  # (prompt, max_tokens)
 
 DEFAULTS: dict[str, Any] = {
@@ -209,17 +215,26 @@ def theirs_args(gguf: Path, port: int, options: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
-def run_workloads(url: str, loads: dict[str, tuple[int, list[Request]]]) -> dict[str, Any]:
-    out = {}
+def run_workload(url: str, name: str, clients: int, requests: list[Request]) -> dict[str, Any]:
+    log.info("%s: %s, %d requests from %d clients", url, name, len(requests), clients)
+    queue = iter(requests)
+
+    def next_prompt(client: int, n: int) -> Request:
+        return next(queue)
+
+    streams, start, end = asyncio.run(closed_loop(url, clients, next_prompt, requests=len(requests)))
+    return {"clients": clients, **figures(streams, start, end)}
+
+
+def run_side_by_side(urls: dict[str, str], loads: dict[str, tuple[int, list[Request]]]) -> dict[str, Any]:
+    """Each workload to every server in turn (`urls`: side -> URL), back to back: a noisy stretch
+    of a shared machine then falls on both sides of a comparison, not on one server's whole run.
+    Only one server is sent requests at a time; the pause lets the other's threads go idle."""
+    out: dict[str, dict[str, Any]] = {side: {} for side in urls}
     for name, (clients, requests) in loads.items():
-        log.info("%s: %s, %d requests from %d clients", url, name, len(requests), clients)
-        queue = iter(requests)
-
-        def next_prompt(client: int, n: int, queue: Any = queue) -> Request:
-            return next(queue)
-
-        streams, start, end = asyncio.run(closed_loop(url, clients, next_prompt, requests=len(requests)))
-        out[name] = {"clients": clients, **figures(streams, start, end)}
+        for side, url in urls.items():
+            time.sleep(SWITCH_PAUSE_S)
+            out[side][name] = run_workload(url, name, clients, requests)
     return out
 
 
@@ -228,25 +243,27 @@ def warm(url: str, text: str) -> None:
     asyncio.run(closed_loop(url, 1, lambda c, n: (chatml([("user", text[:200])]), 4), requests=1))
 
 
-def run_ours(options: dict[str, Any], model: str, loads: dict[str, Any], text: str) -> dict[str, Any]:
+@contextmanager
+def ours_server(options: dict[str, Any], model: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Our server, ready: its URL and its description (flags, and what `auto` resolved to)."""
     env = ours_env(options, model)
     process, port = start_server("bulk.server.app:create_app", env)
     try:
         wait_ready(process, port, "/health", timeout=600)
         url = f"http://127.0.0.1:{port}"
-        warm(url, text)
-        workloads = run_workloads(url, loads)
         # What `auto` resolved to in the server: its dtype and weight quantization.
         served = httpx.get(f"{url}/api/stats", timeout=30).json()["config"]
         resolved = {k: served[k] for k in ("dtype", "weight_quantization")}
-        return {"flags": env, "resolved": resolved, "workloads": workloads}
+        yield url, {"flags": env, "resolved": resolved}
     finally:
         stop(process)
 
 
-def run_theirs(
-    build: PeerBuild, gguf: Path, options: dict[str, Any], loads: dict[str, Any], text: str
-) -> dict[str, Any]:
+@contextmanager
+def theirs_server(
+    build: PeerBuild, gguf: Path, options: dict[str, Any]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """llama-cpp-python's server, ready: its URL and its flags."""
     port = _free_port()
     args = theirs_args(gguf, port, options)
     server_log = build.venv / "server.log"  # its access log: a line per request
@@ -261,23 +278,35 @@ def run_theirs(
         except RuntimeError:
             log.error("llama-cpp-python server did not start: %s", server_log.read_text()[-2000:])
             raise
-        url = f"http://127.0.0.1:{port}"
-        warm(url, text)
-        return {"flags": args[2:], "workloads": run_workloads(url, loads)}
+        yield f"http://127.0.0.1:{port}", {"flags": args[2:]}
     finally:
         stop(process)
+
+
+def run_both(
+    options: dict[str, Any], model: str, build: PeerBuild, gguf: Path, loads: dict[str, Any], text: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both servers up at once, warmed, then every workload side by side: (ours, theirs)."""
+    with ExitStack() as stack:
+        our_url, ours = stack.enter_context(ours_server(options, model))
+        their_url, theirs = stack.enter_context(theirs_server(build, gguf, options))
+        for url in (our_url, their_url):
+            warm(url, text)
+        workloads = run_side_by_side({"ours": our_url, "theirs": their_url}, loads)
+    return {**ours, "workloads": workloads["ours"]}, {**theirs, "workloads": workloads["theirs"]}
 
 
 # ---- the report ------------------------------------------------------------------------------------
 
 
 def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """ours / theirs per workload: TTFT p50 and p95 (below 1: ours is faster), tokens/s (above 1:
-    ours is faster)."""
+    """ours / theirs per workload: TTFT p50 and p95 and inter-token latency p50 (below 1: ours is
+    faster), tokens/s (above 1: ours is faster)."""
     return {
         name: {
             "ttft_p50": ratio(mine["ttft_p50_ms"], theirs[name]["ttft_p50_ms"]),
             "ttft_p95": ratio(mine["ttft_p95_ms"], theirs[name]["ttft_p95_ms"]),
+            "itl_p50": ratio(mine["itl_p50_ms"], theirs[name]["itl_p50_ms"]),
             "tokens_per_s": ratio(mine["tokens_per_s"], theirs[name]["tokens_per_s"]),
         }
         for name, mine in ours.items()
@@ -337,9 +366,14 @@ def render(result: dict[str, Any]) -> str:
         rows,
         "TTFT (ms) and completion tokens/s, ours against llama-cpp-python, same GGUF file, same requests",
     )
+    itl = [
+        f"{name} {ms(mine['itl_p50_ms'])} / {ms(theirs[name]['itl_p50_ms'])} ({x(ratios[name]['itl_p50'])})"
+        for name, mine in ours.items()
+    ]
     build = result["build"]
     lines = [
         table,
+        "inter-token latency p50 (ms, the decode step alone), ours / theirs: " + ", ".join(itl),
         "",
         f"ours:   bul serve, {' '.join(f'{k}={v}' for k, v in result['ours']['flags'].items())} "
         f"(resolved: {', '.join(f'{k} {v}' for k, v in result['ours'].get('resolved', {}).items())})",
@@ -392,8 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         wanted = set(args.only.split(","))
         loads = {k: v for k, v in loads.items() if k in wanted}
     result: dict[str, Any] = {"options": options, "build": build, "gguf": str(gguf)}
-    result["ours"] = run_ours(options, "smollm2-135m", loads, text)
-    result["theirs"] = run_theirs(default_build(), gguf, options, loads, text)
+    result["ours"], result["theirs"] = run_both(options, "smollm2-135m", default_build(), gguf, loads, text)
     result["ratios"] = compare(result["ours"]["workloads"], result["theirs"]["workloads"])
     result["verdicts"] = verdicts(result["ratios"])
     sys.stdout.write(render(result) + "\n")

@@ -78,9 +78,10 @@ def test_command_lines_say_what_each_side_runs(tmp_path):
     assert peers_build.default_build(tmp_path).venv.is_relative_to(tmp_path / "build")
 
 
-def _figures(ttft50, ttft95, tps, clients=1):
+def _figures(ttft50, ttft95, tps, clients=1, itl50=20.0):
     return {
         "clients": clients,
+        "itl_p50_ms": itl50,
         "ttft_p50_ms": ttft50,
         "ttft_p95_ms": ttft95,
         "tokens_per_s": tps,
@@ -90,10 +91,17 @@ def _figures(ttft50, ttft95, tps, clients=1):
 
 
 def test_report_prints_ratios_and_flags_of_both_sides():
-    ours = {"shared": _figures(100.0, 200.0, 20.0), "distinct_16": _figures(900.0, 1500.0, 90.0, 16)}
-    theirs = {"shared": _figures(400.0, 500.0, 25.0), "distinct_16": _figures(3000.0, 9000.0, 30.0, 16)}
+    ours = {
+        "shared": _figures(100.0, 200.0, 20.0, itl50=30.0),
+        "distinct_16": _figures(900.0, 1500.0, 90.0, 16),
+    }
+    theirs = {
+        "shared": _figures(400.0, 500.0, 25.0, itl50=15.0),
+        "distinct_16": _figures(3000.0, 9000.0, 30.0, 16),
+    }
     ratios = peers.compare(ours, theirs)
     assert ratios["shared"]["ttft_p50"] == pytest.approx(0.25)
+    assert ratios["shared"]["itl_p50"] == pytest.approx(2.0)
     assert ratios["distinct_16"]["tokens_per_s"] == pytest.approx(3.0)
     result = {
         "ours": {"flags": {"BUL_DTYPE": "bfloat16"}, "workloads": ours},
@@ -107,5 +115,26 @@ def test_report_prints_ratios_and_flags_of_both_sides():
     text = peers.render(result)
     assert "shared (1 client, 4 req)" in text and "distinct_16 (16 clients, 4 req)" in text
     assert "0.25" in text and "3.00" in text
+    assert "ours / theirs: shared 30 / 15 (2.00), distinct_16 20 / 20 (1.00)" in text
     assert "distinct_16: 3.00 (>= 1.5: PASS)" in text and "distinct_1: - (>= 1: MISS)" in text
     assert "BUL_DTYPE=bfloat16" in text and "--n_threads 2" in text and "built in 470 s" in text
+
+
+def test_each_workload_goes_to_both_servers_back_to_back(monkeypatch):
+    sent = []
+    monkeypatch.setattr(peers, "SWITCH_PAUSE_S", 0.0)
+    monkeypatch.setattr(
+        peers, "run_workload", lambda url, name, clients, requests: sent.append((name, url)) or {"url": url}
+    )
+    loads = {"shared": (1, [("a", 4)]), "distinct_4": (4, [("b", 4)] * 4)}
+    out = peers.run_side_by_side({"ours": "http://o", "theirs": "http://t"}, loads)
+    assert sent == [
+        ("shared", "http://o"),
+        ("shared", "http://t"),
+        ("distinct_4", "http://o"),
+        ("distinct_4", "http://t"),
+    ]
+    assert out == {
+        "ours": {"shared": {"url": "http://o"}, "distinct_4": {"url": "http://o"}},
+        "theirs": {"shared": {"url": "http://t"}, "distinct_4": {"url": "http://t"}},
+    }

@@ -10,8 +10,9 @@ OpenAI streaming requests.
 
 Both servers run at once, each sent the same requests in the same order by the streaming clients
 of `bench.serve_load` (`/v1/completions`, `"stream": true`, greedy), one workload at a time: ours,
-then theirs, then the next workload. Only one of them is sent requests at any moment, and a noisy
-stretch of a shared machine falls on both sides of a ratio rather than on one server's whole run.
+then theirs, then the next workload. Only one of them is sent requests at any moment, once both
+are idle, and a noisy stretch of a shared machine falls on both sides of a ratio rather than on one
+server's whole run.
 
   shared     interleaved shared-prefix traffic: a few system prompts of ~1,000 tokens, and many
              questions, each after one of them in turn (one client)
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -53,8 +55,8 @@ from bench.serve_load import closed_loop, figures
 log = logging.getLogger("bench.peers")
 
 NAME = "peers"
-# Seconds between one server's workload and the other's: OpenMP threads spin a while after work.
-SWITCH_PAUSE_S = 1.0
+# A server counts as idle after this many seconds without a CPU tick (`wait_idle`).
+IDLE_WINDOW_S = 0.5
 Request = tuple[str, int]  # (prompt, max_tokens)
 
 DEFAULTS: dict[str, Any] = {
@@ -226,16 +228,45 @@ def run_workload(url: str, name: str, clients: int, requests: list[Request]) -> 
     return {"clients": clients, **figures(streams, start, end)}
 
 
-def run_side_by_side(urls: dict[str, str], loads: dict[str, tuple[int, list[Request]]]) -> dict[str, Any]:
-    """Each workload to every server in turn (`urls`: side -> URL), back to back: a noisy stretch
-    of a shared machine then falls on both sides of a comparison, not on one server's whole run.
-    Only one server is sent requests at a time; the pause lets the other's threads go idle."""
-    out: dict[str, dict[str, Any]] = {side: {} for side in urls}
+def run_side_by_side(
+    servers: dict[str, tuple[str, int]], loads: dict[str, tuple[int, list[Request]]]
+) -> dict[str, Any]:
+    """Each workload to every server in turn (`servers`: side -> (URL, pid)), back to back: a noisy
+    stretch of a shared machine then falls on both sides of a comparison, not on one server's whole
+    run. Only one server is sent requests at a time, and only once every server has gone idle: our
+    server writes a workload's blocks to its disk tier after answering, and that must not run
+    beside the other's requests."""
+    out: dict[str, dict[str, Any]] = {side: {} for side in servers}
     for name, (clients, requests) in loads.items():
-        for side, url in urls.items():
-            time.sleep(SWITCH_PAUSE_S)
+        for side, (url, _) in servers.items():
+            for _, pid in servers.values():
+                wait_idle(pid)
             out[side][name] = run_workload(url, name, clients, requests)
     return out
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) the process `pid` has used, from /proc; None where there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(pid: int, window: float = IDLE_WINDOW_S, timeout: float = 30.0) -> None:
+    """Until the process `pid` uses no CPU tick over `window` seconds (at most `timeout`)."""
+    deadline = time.monotonic() + timeout
+    before = cpu_seconds(pid)
+    while before is not None and time.monotonic() < deadline:
+        time.sleep(window)
+        after = cpu_seconds(pid)
+        if after is None or after - before < 1.5 / os.sysconf("SC_CLK_TCK"):
+            return
+        before = after
+    if before is not None:
+        log.warning("process %d still busy after %.0f s; going on", pid, timeout)
 
 
 def warm(url: str, text: str) -> None:
@@ -244,8 +275,8 @@ def warm(url: str, text: str) -> None:
 
 
 @contextmanager
-def ours_server(options: dict[str, Any], model: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Our server, ready: its URL and its description (flags, and what `auto` resolved to)."""
+def ours_server(options: dict[str, Any], model: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """Our server, ready: its URL, pid and description (flags, and what `auto` resolved to)."""
     env = ours_env(options, model)
     process, port = start_server("bulk.server.app:create_app", env)
     try:
@@ -254,7 +285,7 @@ def ours_server(options: dict[str, Any], model: str) -> Iterator[tuple[str, dict
         # What `auto` resolved to in the server: its dtype and weight quantization.
         served = httpx.get(f"{url}/api/stats", timeout=30).json()["config"]
         resolved = {k: served[k] for k in ("dtype", "weight_quantization")}
-        yield url, {"flags": env, "resolved": resolved}
+        yield url, process.pid, {"flags": env, "resolved": resolved}
     finally:
         stop(process)
 
@@ -262,8 +293,8 @@ def ours_server(options: dict[str, Any], model: str) -> Iterator[tuple[str, dict
 @contextmanager
 def theirs_server(
     build: PeerBuild, gguf: Path, options: dict[str, Any]
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    """llama-cpp-python's server, ready: its URL and its flags."""
+) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """llama-cpp-python's server, ready: its URL, pid and flags."""
     port = _free_port()
     args = theirs_args(gguf, port, options)
     server_log = build.venv / "server.log"  # its access log: a line per request
@@ -278,7 +309,7 @@ def theirs_server(
         except RuntimeError:
             log.error("llama-cpp-python server did not start: %s", server_log.read_text()[-2000:])
             raise
-        yield f"http://127.0.0.1:{port}", {"flags": args[2:]}
+        yield f"http://127.0.0.1:{port}", process.pid, {"flags": args[2:]}
     finally:
         stop(process)
 
@@ -288,11 +319,11 @@ def run_both(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Both servers up at once, warmed, then every workload side by side: (ours, theirs)."""
     with ExitStack() as stack:
-        our_url, ours = stack.enter_context(ours_server(options, model))
-        their_url, theirs = stack.enter_context(theirs_server(build, gguf, options))
+        our_url, our_pid, ours = stack.enter_context(ours_server(options, model))
+        their_url, their_pid, theirs = stack.enter_context(theirs_server(build, gguf, options))
         for url in (our_url, their_url):
             warm(url, text)
-        workloads = run_side_by_side({"ours": our_url, "theirs": their_url}, loads)
+        workloads = run_side_by_side({"ours": (our_url, our_pid), "theirs": (their_url, their_pid)}, loads)
     return {**ours, "workloads": workloads["ours"]}, {**theirs, "workloads": workloads["theirs"]}
 
 

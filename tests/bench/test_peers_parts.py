@@ -1,7 +1,11 @@
-"""The pure parts of `bul bench peers`: its workloads, the two servers' command lines and the report.
+"""The pure parts of `bul bench peers`: its workloads, the two servers' command lines, the
+report and how it takes turns between the servers.
 (Running it needs llama-cpp-python, compiled on first use: never part of `make test`.)"""
 
 import itertools
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,21 +124,38 @@ def test_report_prints_ratios_and_flags_of_both_sides():
     assert "BUL_DTYPE=bfloat16" in text and "--n_threads 2" in text and "built in 470 s" in text
 
 
-def test_each_workload_goes_to_both_servers_back_to_back(monkeypatch):
+def test_each_workload_goes_to_both_servers_back_to_back_once_both_are_idle(monkeypatch):
     sent = []
-    monkeypatch.setattr(peers, "SWITCH_PAUSE_S", 0.0)
+    monkeypatch.setattr(peers, "wait_idle", lambda pid: sent.append(("idle", pid)))
     monkeypatch.setattr(
         peers, "run_workload", lambda url, name, clients, requests: sent.append((name, url)) or {"url": url}
     )
     loads = {"shared": (1, [("a", 4)]), "distinct_4": (4, [("b", 4)] * 4)}
-    out = peers.run_side_by_side({"ours": "http://o", "theirs": "http://t"}, loads)
+    out = peers.run_side_by_side({"ours": ("http://o", 1), "theirs": ("http://t", 2)}, loads)
+    idle = [("idle", 1), ("idle", 2)]
     assert sent == [
-        ("shared", "http://o"),
-        ("shared", "http://t"),
-        ("distinct_4", "http://o"),
-        ("distinct_4", "http://t"),
-    ]
+        *idle, ("shared", "http://o"), *idle, ("shared", "http://t"),
+        *idle, ("distinct_4", "http://o"), *idle, ("distinct_4", "http://t"),
+    ]  # fmt: skip
     assert out == {
         "ours": {"shared": {"url": "http://o"}, "distinct_4": {"url": "http://o"}},
         "theirs": {"shared": {"url": "http://t"}, "distinct_4": {"url": "http://t"}},
     }
+
+
+def test_a_process_counts_as_idle_once_it_stops_using_the_cpu():
+    """A child that spins for half a second, then sleeps: `wait_idle` returns after the spinning,
+    and reads its CPU time from /proc meanwhile."""
+    code = "import time\nend = time.monotonic() + 0.6\nwhile time.monotonic() < end: pass\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(0.1)
+        started = time.monotonic()
+        peers.wait_idle(child.pid, window=0.2, timeout=10)
+        waited = time.monotonic() - started
+        assert 0.3 <= waited < 5
+        assert peers.cpu_seconds(child.pid) >= 0.3
+    finally:
+        child.kill()
+        child.wait()
+    assert peers.cpu_seconds(child.pid) is None  # reaped: no /proc entry

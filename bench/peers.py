@@ -442,13 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from bench.quality import load_corpus
     from bulk import named_models as registry
-    from bulk.models.loader import resolve_dtype
 
-    # The served file is 4-bit: weights other than none keep it so, which decides `auto`'s dtype on some CPUs.
-    quantized = options["weights"] != "none"
-    options["dtype"] = str(resolve_dtype(options["dtype"], _cpu(), quantized_weights=quantized)).removeprefix(
-        "torch."
-    )
     build = ensure_built(default_build())
     gguf = registry.named_model_file("smollm2-135m")
     text = load_corpus()
@@ -464,12 +458,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = write_results(NAME, result, args.out)
     sys.stdout.write(f"\nwritten: {path}\n")
     return 0
-
-
-def _cpu() -> Any:
-    import torch
-
-    return torch.device("cpu")
 
 
 if __name__ == "__main__":

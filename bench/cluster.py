@@ -30,6 +30,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 import secrets
 import signal
 import socket
@@ -62,10 +63,23 @@ MEMORY_TOKENS = 4096
 READY_TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# `bul cluster`'s HTTP proxy binds its port only once Ray has started, tens of seconds after the port
+# is chosen, and Ray's processes bind ports of their own meanwhile: its workers from 10002-19999 (Ray's
+# default range) and the rest wherever the kernel puts them (Linux: 32768-60999). A port the kernel
+# hands out was once taken by one of them before the proxy came up ("Failed to bind"); a free port
+# between the two ranges is handed out by neither.
+SERVE_PORTS = range(20000, 32768)
+
+
+def _serve_port() -> int:
+    for port in random.sample(SERVE_PORTS, 64):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {SERVE_PORTS.start}-{SERVE_PORTS.stop - 1} for bul cluster")
 
 
 @dataclass
@@ -86,7 +100,7 @@ class Cluster:
     """A `bul cluster` process, stopped with Ctrl-C (SIGINT) as a user stops it."""
 
     def __init__(self, router: str, model: str, log_dir: Path) -> None:
-        self.port = _free_port()
+        self.port = _serve_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = child_env(
             {

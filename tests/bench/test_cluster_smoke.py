@@ -3,6 +3,8 @@ instances, two replicas of the demo model, the real Redis), drive both through t
 API, stop them with Ctrl-C and write complete results. No timing assertions."""
 
 import json
+import socket
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +30,11 @@ def test_quick_run_measures_both_routers(tmp_path, capsys):
     assert len(data["verdicts"]) == 2
     out = capsys.readouterr().out
     assert "Targets" in out and "prefix-aware (ours)" in out and "1-minute load" in out
+
+
+def test_the_proxy_port_lies_outside_the_ranges_ray_and_the_kernel_hand_out():
+    lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    port = cluster._serve_port()
+    assert port in cluster.SERVE_PORTS and not 10002 <= port <= 19999 and not lo <= port <= hi
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))  # free

@@ -237,9 +237,10 @@ def run_side_by_side(
     server writes a workload's blocks to its disk tier after answering, and that must not run
     beside the other's requests."""
     out: dict[str, dict[str, Any]] = {side: {} for side in servers}
+    pids = [pid for _, pid in servers.values()]
     for name, (clients, requests) in loads.items():
         for side, (url, _) in servers.items():
-            for _, pid in servers.values():
+            for pid in pids:
                 wait_idle(pid)
             out[side][name] = run_workload(url, name, clients, requests)
     return out
@@ -443,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bench.quality import load_corpus
     from bulk import named_models as registry
 
-    build = ensure_built(default_build())
+    peer = default_build()
+    build = ensure_built(peer)
     gguf = registry.named_model_file("smollm2-135m")
     text = load_corpus()
     loads = workloads(text, options)
@@ -451,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         wanted = set(args.only.split(","))
         loads = {k: v for k, v in loads.items() if k in wanted}
     result: dict[str, Any] = {"options": options, "build": build, "gguf": str(gguf)}
-    result["ours"], result["theirs"] = run_both(options, "smollm2-135m", default_build(), gguf, loads, text)
+    result["ours"], result["theirs"] = run_both(options, "smollm2-135m", peer, gguf, loads, text)
     result["ratios"] = compare(result["ours"]["workloads"], result["theirs"]["workloads"])
     result["verdicts"] = verdicts(result["ratios"])
     sys.stdout.write(render(result) + "\n")

@@ -41,14 +41,6 @@ class ModelRunner:
         self.lm = lm
         self.prefix = prefix
         self.config = config
-        self.pool = KVPool(
-            lm.num_layers,
-            lm.num_kv_heads,
-            lm.head_dim,
-            config.max_batch_tokens,
-            lm.dtype,
-            lm.device,
-        )
         # Requests compute in the pool only when the model's cache is plain attention throughout;
         # other models (sliding window, recurrent) keep transformers' own cache, one request at a
         # time.
@@ -57,6 +49,17 @@ class ModelRunner:
         self.batched = why_not is None
         if why_not is not None:
             log.warning("model %s decodes one request at a time: %s", lm.name, why_not)
+        # Batched attention may read a pool in float32 (`batched_attention.pool_dtype`); transformers'
+        # own cache over the pool needs the model's dtype.
+        dtype = batched_attention.pool_dtype(lm.dtype, lm.device) if self.batched else lm.dtype
+        self.pool = KVPool(
+            lm.num_layers,
+            lm.num_kv_heads,
+            lm.head_dim,
+            config.max_batch_tokens,
+            dtype,
+            lm.device,
+        )
         # Llama models run the step as a plain function over their modules (`bulk.models.llama_step`),
         # bit-identical to transformers' forward and cheaper per step; others run transformers'.
         self.plain_step = None
@@ -208,7 +211,9 @@ class ModelRunner:
         slot = self.pool.slot(seq.slot, seq.capacity)
         ids = seq.token_ids[: seq.num_computed]
         bs = self.prefix.block_size
-        return self.prefix.store_blocks(seq.hit, ids, lambda start, stop: blocks_out(slot, start, stop, bs))
+        return self.prefix.store_blocks(
+            seq.hit, ids, lambda start, stop: blocks_out(slot, start, stop, bs, self.lm.dtype)
+        )
 
     def release(self, seq: Sequence) -> None:
         if seq.hit is not None and not seq.hit.lease.released:

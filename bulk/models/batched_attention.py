@@ -107,8 +107,9 @@ def write_kv(layer: torch.Tensor, batch: StepBatch, key: torch.Tensor, value: to
     """Write the step's new keys and values into the layer's pool, each at its request's position.
     layer: (2, kv_heads, pool_tokens, head_dim); key, value: (1, kv_heads, N, head_dim)."""
     tokens = batch.write_at.shape[0]
-    layer[0].index_copy_(1, batch.write_at, key[0, :, :tokens])
-    layer[1].index_copy_(1, batch.write_at, value[0, :, :tokens])
+    # A float32 pool under a half-precision model (`pool_dtype`) takes the keys and values exactly.
+    layer[0].index_copy_(1, batch.write_at, key[0, :, :tokens].to(layer.dtype))
+    layer[1].index_copy_(1, batch.write_at, value[0, :, :tokens].to(layer.dtype))
 
 
 def attend(
@@ -120,18 +121,15 @@ def attend(
     tokens = batch.write_at.shape[0]
     outputs = []
     offset = 0
-    upcast = _upcast(query)
+    float32 = layer.dtype == torch.float32 or attends_in_float32(query.dtype, query.device)
+    work = torch.float32 if float32 else query.dtype
     for seg, mask in zip(batch.segments, batch.masks, strict=True):
         end = seg.start + seg.cached + seg.length
-        q = query[:, :, offset : offset + seg.length]
-        k = layer[0, :, seg.start : end].unsqueeze(0)
-        v = layer[1, :, seg.start : end].unsqueeze(0)
-        if upcast:
-            out, _ = sdpa_attention_forward(module, q.float(), k.float(), v.float(), mask, **kwargs)
-            out = out.to(query.dtype)
-        else:
-            out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)
-        outputs.append(out)  # (1, length, heads, head_dim)
+        q = query[:, :, offset : offset + seg.length].to(work)
+        k = layer[0, :, seg.start : end].unsqueeze(0).to(work)  # no copy when the pool holds `work`
+        v = layer[1, :, seg.start : end].unsqueeze(0).to(work)
+        out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)
+        outputs.append(out.to(query.dtype))  # (1, length, heads, head_dim)
         offset += seg.length
     padding = query.shape[2] - tokens
     if padding:
@@ -140,18 +138,28 @@ def attend(
     return torch.cat(outputs, dim=1)
 
 
-def _upcast(query: torch.Tensor) -> bool:
-    """Half-precision attention on a CPU runs in float32 over the half-precision KV where that is
-    faster: on some CPUs torch's SDPA kernel in bfloat16 took 4-9x longer than in float32 for a
-    decode row (one query over 500 to 2000 keys, SmolLM2's heads, torch 2.13, an AMD EPYC with
-    AVX512-BF16), on others it is 2-3x faster (an Intel Xeon with AVX512-BF16), so
-    `cpu.half_attention_is_faster` measures it once. The KV stays in the model's dtype; only each
-    segment's keys and values are converted, and the output cast back."""
+def attends_in_float32(dtype: torch.dtype, device: torch.device) -> bool:
+    """Half-precision attention on a CPU runs in float32 where that is faster: on some CPUs torch's
+    SDPA kernel in bfloat16 took 4-9x longer than in float32 for a decode row (one query over 500
+    to 2000 keys, SmolLM2's heads, torch 2.13, an AMD EPYC with AVX512-BF16), on others it is 2-3x
+    faster (an Intel Xeon with AVX512-BF16), so `cpu.half_attention_is_faster` measures it once.
+    The output is cast back to the model's dtype."""
     return (
-        query.device.type == "cpu"
-        and query.dtype in (torch.bfloat16, torch.float16)
-        and not cpu.half_attention_is_faster(query.dtype)
+        device.type == "cpu"
+        and dtype in (torch.bfloat16, torch.float16)
+        and not cpu.half_attention_is_faster(dtype)
     )
+
+
+def pool_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the KV pool for a model computing in `dtype`: float32 where attention runs in
+    float32, else the model's. Keys and values come out of the model in its dtype and float32 holds
+    them exactly, so attention reads the same values either way; what a float32 pool saves is
+    converting every key and value a request holds at every step, in every layer (SmolLM2, AMD EPYC,
+    a decode row over 200 cached tokens: 60 conversions of 38,000 values a step, a quarter of the
+    step). It costs twice the pool's memory; blocks leave the pool in the model's dtype
+    (`kv_pool.blocks_out`), so block hashes and the tiers do not change."""
+    return torch.float32 if attends_in_float32(dtype, device) else dtype
 
 
 AttentionInterface.register(ATTENTION, _attention)

@@ -9,6 +9,9 @@ batched decode step writes every row's new token with one `index_copy_` per laye
 reused by every request, rather than an allocation per request: freshly allocated memory is faulted
 in page by page on first touch, which costs about as much as copying the KV into it.
 
+The pool holds the model's dtype, or float32 where attention runs in float32
+(`batched_attention.pool_dtype`); blocks come out in the model's dtype either way.
+
 The tensor is allocated on first use; on a CPU its pages are only backed once written, so memory
 grows with the longest batch actually served, up to `tokens`.
 """
@@ -56,7 +59,7 @@ class KVPool:
 
 def copy_blocks_in(slot: torch.Tensor, blocks: Sequence[torch.Tensor], num_tokens: int) -> None:
     """Copy the first `num_tokens` tokens of the concatenated `blocks`, each (layers, 2, kv_heads,
-    block, head_dim), to the start of `slot`."""
+    block, head_dim), to the start of `slot` (converted to the pool's dtype where it differs)."""
     start = 0
     for block in blocks:
         take = min(block.shape[3], num_tokens - start)
@@ -68,13 +71,16 @@ def copy_blocks_in(slot: torch.Tensor, blocks: Sequence[torch.Tensor], num_token
         raise ValueError(f"the blocks hold {start} tokens, not the {num_tokens} asked for")
 
 
-def blocks_out(slot: torch.Tensor, start: int, stop: int, block_size: int) -> list[torch.Tensor]:
+def blocks_out(
+    slot: torch.Tensor, start: int, stop: int, block_size: int, dtype: torch.dtype | None = None
+) -> list[torch.Tensor]:
     """Copies of tokens [start, stop) of `slot` as blocks, each (layers, 2, kv_heads, block, head_dim),
-    each owning its memory (evicting one block must free it). `stop - start` must be a multiple of
-    `block_size`."""
+    in `dtype` (the model's, where the pool holds float32; default the pool's), each owning its
+    memory (evicting one block must free it). `stop - start` must be a multiple of `block_size`."""
     if (stop - start) % block_size:
         raise ValueError(f"range {start}:{stop} is not a whole number of {block_size}-token blocks")
+    dtype = slot.dtype if dtype is None else dtype
     return [
-        slot[:, :, :, s : s + block_size].clone(memory_format=torch.contiguous_format)
+        slot[:, :, :, s : s + block_size].to(dtype, memory_format=torch.contiguous_format, copy=True)
         for s in range(start, stop, block_size)
     ]

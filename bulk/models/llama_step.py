@@ -228,7 +228,8 @@ def _differs_from_transformers(model: Any, step: LlamaStep) -> str | None:
             lambda ids, batch, at: batched_attention.forward_step(model, ids, batch, at),
             step.forward,
         ):
-            pool = torch.zeros(shape, dtype=param.dtype, device=param.device)
+            dtype = batched_attention.pool_dtype(param.dtype, param.device)  # as the runner's pool
+            pool = torch.zeros(shape, dtype=dtype, device=param.device)
             # Keys and values of the cached tokens: a prefill of them through transformers first.
             if segments[0].cached:
                 warm = batched_attention.step_batch(pool, [Segment(0, 0, segments[0].cached)])

@@ -44,6 +44,9 @@ ATTENTION = "bul_rows"
 _BATCH_KWARG = "bul_step_batch"
 # Implementations whose numerics ours reproduces for prefill (it delegates to SDPA).
 _REPLACEABLE = ("sdpa", "eager", None)
+# transformers' SDPA attention lets SDPA group query heads over key heads (`enable_gqa`) for head
+# sizes up to this (`use_gqa_in_sdpa`); a decode row calls SDPA the same way.
+_GQA_HEAD_DIM = 256
 
 
 @dataclass(frozen=True)
@@ -99,17 +102,18 @@ def _attention(
     if batch is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     layer = batch.pool[module.layer_idx]  # (2, kv_heads, pool_tokens, head_dim)
-    write_kv(layer, batch, key, value)
+    write_kv(layer, batch, torch.cat((key, value), dim=1))
     return attend(module, query, layer, batch, **kwargs), None
 
 
-def write_kv(layer: torch.Tensor, batch: StepBatch, key: torch.Tensor, value: torch.Tensor) -> None:
-    """Write the step's new keys and values into the layer's pool, each at its request's position.
-    layer: (2, kv_heads, pool_tokens, head_dim); key, value: (1, kv_heads, N, head_dim)."""
+def write_kv(layer: torch.Tensor, batch: StepBatch, kv: torch.Tensor) -> None:
+    """Write the step's new keys and values into the layer's pool, each at its request's position,
+    with one copy. layer: (2, kv_heads, pool_tokens, head_dim); kv: (1, 2 * kv_heads, N, head_dim),
+    the key heads then the value heads (the order of the layer's first two dimensions)."""
     tokens = batch.write_at.shape[0]
+    heads = layer.view(-1, *layer.shape[2:])  # (2 * kv_heads, pool_tokens, head_dim)
     # A float32 pool under a half-precision model (`pool_dtype`) takes the keys and values exactly.
-    layer[0].index_copy_(1, batch.write_at, key[0, :, :tokens].to(layer.dtype))
-    layer[1].index_copy_(1, batch.write_at, value[0, :, :tokens].to(layer.dtype))
+    heads.index_copy_(1, batch.write_at, kv[0, :, :tokens].to(layer.dtype))
 
 
 def attend(
@@ -128,14 +132,21 @@ def attend(
         q = query[:, :, offset : offset + seg.length].to(work)
         k = layer[0, :, seg.start : end].unsqueeze(0).to(work)  # no copy when the pool holds `work`
         v = layer[1, :, seg.start : end].unsqueeze(0).to(work)
-        out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)
+        if seg.length == 1 and k.shape[-1] <= _GQA_HEAD_DIM:
+            # A decode row: the SDPA call transformers' SDPA attention makes for one query and no
+            # mask, without its checks (a few microseconds a layer, a row, a step).
+            out = F.scaled_dot_product_attention(
+                q, k, v, scale=kwargs.get("scaling"), enable_gqa=q.shape[1] != k.shape[1]
+            ).transpose(1, 2)
+        else:
+            out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)
         outputs.append(out.to(query.dtype))  # (1, length, heads, head_dim)
         offset += seg.length
     padding = query.shape[2] - tokens
     if padding:
         # Tokens added only to fix the GEMM shape (batch-invariant mode): their output is never read.
         outputs.append(outputs[0].new_zeros((1, padding, *outputs[0].shape[2:])))
-    return torch.cat(outputs, dim=1)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
 def attends_in_float32(dtype: torch.dtype, device: torch.device) -> bool:

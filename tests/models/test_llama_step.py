@@ -142,3 +142,30 @@ def test_engines_over_one_model_share_its_fused_layers(monkeypatch):
     attn = model.model.layers[0].self_attn
     fused = llama_step._fusions[attn.q_proj]
     assert attn.q_proj.qweight.untyped_storage().data_ptr() == fused.qweight.untyped_storage().data_ptr()
+
+
+def test_the_rotation_is_transformers_bit_for_bit():
+    """`_rotate` with the signed sine: four operations where transformers' `apply_rotary_pos_emb`
+    takes seven, and the same bits, in every dtype the engine runs."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(1, 9, 5, 64, generator=gen).to(dtype)
+        k = torch.randn(1, 3, 5, 64, generator=gen).to(dtype)
+        angles = torch.randn(1, 5, 64, generator=gen) * 3
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)  # unsqueezes at dim 1 itself
+        signed = llama_step._signed(sin.unsqueeze(1))
+        assert torch.equal(llama_step._rotate(q, cos.unsqueeze(1), signed), q_ref)
+        assert torch.equal(llama_step._rotate(k, cos.unsqueeze(1), signed), k_ref)
+
+
+def test_keys_and_values_land_in_their_halves_of_the_pool():
+    pool = torch.zeros(2, 2, 3, 10, 4)  # (layers, 2, kv_heads, pool_tokens, head_dim)
+    batch = batched_attention.step_batch(pool, [Segment(0, 2, 1), Segment(5, 0, 2)])
+    kv = torch.arange(6 * 3 * 4, dtype=torch.float32).view(1, 6, 3, 4)  # keys: heads 0-2, values 3-5
+    batched_attention.write_kv(pool[1], batch, kv)
+    assert torch.equal(pool[1, 0][:, [2, 5, 6]], kv[0, :3])
+    assert torch.equal(pool[1, 1][:, [2, 5, 6]], kv[0, 3:])
+    assert pool[0].abs().sum() == 0 and pool[1][:, :, [0, 1, 3, 4, 7, 8, 9]].abs().sum() == 0

@@ -47,7 +47,8 @@ QKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, t
 
 @dataclass(frozen=True)
 class _Layer:
-    attention: Any  # the layer's attention module: its scaling and GQA groups, read by SDPA
+    attention: Any  # the layer's attention module: its GQA groups, read by SDPA
+    scaling: float  # the attention module's
     input_norm: Projection
     post_norm: Projection
     qkv: QKV
@@ -119,6 +120,7 @@ class LlamaStep:
 
         return _Layer(
             attention=attn,
+            scaling=attn.scaling,
             input_norm=layer.input_layernorm.forward,
             post_norm=layer.post_attention_layernorm.forward,
             qkv=qkv,
@@ -142,13 +144,13 @@ class LlamaStep:
         # (1, 1, N, head_dim) each, shared by every head of every layer
         cos, sin = cos.unsqueeze(1), _signed(sin.unsqueeze(1))
         n = hidden.shape[1]
-        for index, layer in enumerate(self.layers):
+        pools = batch.pool.unbind(0)  # per layer: (2, kv_heads, pool_tokens, head_dim)
+        for layer, pool in zip(self.layers, pools, strict=True):
             residual = hidden
             h = layer.input_norm(hidden)
             q, kv = layer.qkv(h, cos, sin)
-            pool = batch.pool[index]  # (2, kv_heads, pool_tokens, head_dim)
             batched_attention.write_kv(pool, batch, kv)
-            attn = batched_attention.attend(layer.attention, q, pool, batch, scaling=layer.attention.scaling)
+            attn = batched_attention.attend(layer.attention, q, pool, batch, scaling=layer.scaling)
             hidden = residual + layer.o(attn.reshape(1, n, -1).contiguous())
             residual = hidden
             gate, up = layer.gate_up(layer.post_norm(hidden))

@@ -84,10 +84,12 @@ class WeightOnlyLinear(nn.Module):
                 return F.linear(x.to(self.dense.dtype), self.dense, bias).to(x.dtype)
             return F.linear(x, self.dense, self.bias)
         flat = x.reshape(rows, self.in_features)
+        # Called as `torch._weight_...` rather than `torch.ops.aten._weight_...`: the same kernel
+        # through torch's C++ argument parsing, not the op packet's Python one (0.7 us a call less).
         if self.bits == 8:
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales)
+            y = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size, self.scales)
+            y = torch._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

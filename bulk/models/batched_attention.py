@@ -46,7 +46,7 @@ _BATCH_KWARG = "bul_step_batch"
 _REPLACEABLE = ("sdpa", "eager", None)
 # transformers' SDPA attention lets SDPA group query heads over key heads (`enable_gqa`) for head
 # sizes up to this (`use_gqa_in_sdpa`); a decode row calls SDPA the same way.
-_GQA_HEAD_DIM = 256
+GQA_HEAD_DIM = 256
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def attend(
         q = query[:, :, offset : offset + seg.length].to(work)
         k = layer[0, :, seg.start : end].unsqueeze(0).to(work)  # no copy when the pool holds `work`
         v = layer[1, :, seg.start : end].unsqueeze(0).to(work)
-        if seg.length == 1 and k.shape[-1] <= _GQA_HEAD_DIM:
+        if seg.length == 1 and k.shape[-1] <= GQA_HEAD_DIM:
             # A decode row: the SDPA call transformers' SDPA attention makes for one query and no
             # mask, without its checks (a few microseconds a layer, a row, a step).
             out = F.scaled_dot_product_attention(

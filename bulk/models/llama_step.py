@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bulk.models import batched_attention
+from bulk.models import batched_attention, native
 from bulk.models.batched_attention import Segment, StepBatch
-from bulk.models.weight_quant import WeightOnlyLinear, fuse
+from bulk.models.weight_quant import DENSE_FROM_ROWS, WeightOnlyLinear, fuse
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,9 @@ class LlamaStep:
         self.head = model.lm_head.forward
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.layers = [self._layer(layer) for layer in inner.layers[: config.num_hidden_layers]]
+        # Decode steps of a quantized model run their layers as one native call (`bulk.models.native`)
+        # where it could be built: the same operations, without Python between them.
+        self.native = _NativeLayers.of(inner.layers[: config.num_hidden_layers], self.head_dim)
 
     def _layer(self, layer: Any) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -144,6 +147,18 @@ class LlamaStep:
         # (1, 1, N, head_dim) each, shared by every head of every layer
         cos, sin = cos.unsqueeze(1), _signed(sin.unsqueeze(1))
         n = hidden.shape[1]
+        if self.native is not None and self.native.takes(batch, n):
+            hidden = self.native.run(hidden, cos, sin, batch)
+        else:
+            hidden = self._layers(hidden, cos, sin, batch)
+        hidden = self.norm(hidden)
+        logits = self.head(hidden[:, keep, :])
+        return logits[0, : len(logits_at)]  # (len(logits_at), vocab)
+
+    def _layers(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch
+    ) -> torch.Tensor:
+        n = hidden.shape[1]
         pools = batch.pool.unbind(0)  # per layer: (2, kv_heads, pool_tokens, head_dim)
         for layer, pool in zip(self.layers, pools, strict=True):
             residual = hidden
@@ -155,9 +170,108 @@ class LlamaStep:
             residual = hidden
             gate, up = layer.gate_up(layer.post_norm(hidden))
             hidden = residual + layer.down(layer.act(gate) * up)
-        hidden = self.norm(hidden)
-        logits = self.head(hidden[:, keep, :])
-        return logits[0, : len(logits_at)]  # (len(logits_at), vocab)
+        return hidden
+
+
+@dataclass(frozen=True)
+class _NativeLayers:
+    """What `native.decode_layers` takes besides the step: every layer's norm weights and quantized
+    weights, and the model's shapes."""
+
+    call: Callable[..., torch.Tensor]
+    norms: list[torch.Tensor]  # per layer: input norm, post-attention norm
+    weights: list[torch.Tensor]  # per layer: (qweight, scales) of q/k/v, o, gate/up, down
+    bits: list[int]  # per layer: of q/k/v, o, gate/up, down
+    group_size: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    gate_size: int
+    eps: float
+    scaling: float
+    float32_attention: bool
+
+    @classmethod
+    def of(cls, layers: Sequence[Any], head_dim: int) -> _NativeLayers | None:
+        """None unless every layer is quantized and laid out as the native call expects."""
+        if head_dim > batched_attention.GQA_HEAD_DIM:
+            return None
+        try:
+            parts = [_native_parts(layer) for layer in layers]
+        except (AttributeError, TypeError):
+            return None
+        if not parts or any(p is None for p in parts):
+            return None
+        known = [p for p in parts if p is not None]
+        shapes = {p[3:] for p in known}  # group size, eps, scaling, gate size, query size
+        if len(shapes) != 1:
+            return None
+        group_size, eps, scaling, gate_size, q_out = shapes.pop()
+        call = native.decode_layers()
+        if call is None:
+            return None
+        first = layers[0]
+        param = first.input_layernorm.weight
+        return cls(
+            call=call,
+            norms=[t for p in known for t in p[0]],
+            weights=[t for p in known for t in p[1]],
+            bits=[b for p in known for b in p[2]],
+            group_size=group_size,
+            q_heads=q_out // head_dim,
+            kv_heads=first.self_attn.k_proj.out_features // head_dim,
+            head_dim=head_dim,
+            gate_size=gate_size,
+            eps=eps,
+            scaling=scaling,
+            float32_attention=batched_attention.attends_in_float32(param.dtype, param.device),
+        )
+
+    def takes(self, batch: StepBatch, n: int) -> bool:
+        """A step of decode rows only, few enough for the quantized kernels, with no padding."""
+        return (
+            n < DENSE_FROM_ROWS
+            and n == len(batch.segments) == batch.write_at.shape[0]
+            and all(seg.length == 1 for seg in batch.segments)
+        )
+
+    def run(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch
+    ) -> torch.Tensor:
+        starts = [seg.start for seg in batch.segments]
+        ends = [seg.start + seg.cached + 1 for seg in batch.segments]
+        return self.call(
+            hidden, cos, sin, batch.pool, batch.write_at, starts, ends, self.norms, self.weights, self.bits,
+            self.group_size, self.q_heads, self.kv_heads, self.head_dim, self.gate_size, self.eps,
+            self.scaling, self.float32_attention,
+        )  # fmt: skip
+
+
+def _native_parts(layer: Any) -> tuple[Any, ...] | None:
+    """One layer's (norm weights, (qweight, scales) x 4, bits x 4, group size, eps, scaling, gate
+    size, query size), or None when the native call cannot run it: a projection not quantized, or
+    with a bias, or q/k/v or gate/up not fused, or norms whose epsilons differ."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
+    gate_up = _fused([mlp.gate_proj, mlp.up_proj])
+    projections = [qkv, attn.o_proj, gate_up, mlp.down_proj]
+    if not all(isinstance(p, WeightOnlyLinear) and p.bias is None for p in projections):
+        return None
+    if len({p.group_size for p in projections}) != 1:
+        return None
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if norms[0].variance_epsilon != norms[1].variance_epsilon:
+        return None
+    return (
+        [n.weight for n in norms],
+        [t for p in projections for t in (p.qweight, p.scales)],
+        [p.bits for p in projections],
+        projections[0].group_size,
+        float(norms[0].variance_epsilon),
+        float(attn.scaling),
+        mlp.gate_proj.out_features,
+        attn.q_proj.out_features,
+    )
 
 
 def _signed(sin: torch.Tensor) -> torch.Tensor:
@@ -238,6 +352,7 @@ def _differs_from_transformers(model: Any, step: LlamaStep) -> str | None:
     for segments, ids in (
         ([Segment(0, 0, 5)], tokens[:5]),
         ([Segment(0, 2, 3), Segment(5, 0, 1)], tokens[2:6]),
+        ([Segment(0, 2, 1), Segment(5, 0, 1)], [tokens[2], tokens[5]]),  # decode rows only (native)
     ):
         results = []
         for forward in (

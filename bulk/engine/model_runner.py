@@ -65,7 +65,7 @@ class ModelRunner:
         self.plain_step = None
         if self.batched:
             checked_as = f"{lm.fingerprint}/{lm.dtype_name}/{lm.device}"
-            self.plain_step, why_plain = llama_step.build(lm.model, checked_as)
+            self.plain_step, why_plain = llama_step.build(lm.model, checked_as, config.native_decode)
             if why_plain is not None:
                 log.info("model %s runs transformers' forward for each step: %s", lm.name, why_plain)
         self.pad_rows = None

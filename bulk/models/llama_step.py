@@ -61,7 +61,7 @@ class _Layer:
 class LlamaStep:
     """`forward` has `batched_attention.forward_step`'s contract for one model."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, native: bool = True) -> None:
         inner = model.model
         config = model.config
         # Modules are called through their `forward`: the same computation without `nn.Module`'s
@@ -74,7 +74,8 @@ class LlamaStep:
         self.layers = [self._layer(layer) for layer in inner.layers[: config.num_hidden_layers]]
         # Decode steps of a quantized model run their layers as one native call (`bulk.models.native`)
         # where it could be built: the same operations, without Python between them.
-        self.native = _NativeLayers.of(inner.layers[: config.num_hidden_layers], self.head_dim)
+        layers = inner.layers[: config.num_hidden_layers]
+        self.native = _NativeLayers.of(layers, self.head_dim) if native else None
 
     def _layer(self, layer: Any) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -312,11 +313,14 @@ def _fused(parts: list[Any]) -> WeightOnlyLinear | None:
 _checked: dict[str, str | None] = {}
 
 
-def build(model: Any, checked_as: str | None = None) -> tuple[LlamaStep | None, str | None]:
+def build(
+    model: Any, checked_as: str | None = None, native: bool = True
+) -> tuple[LlamaStep | None, str | None]:
     """The plain forward for `model` (whose attention `batched_attention.enable` already routed
     through the pool), or None and why it keeps transformers' forward. `checked_as` names these
     weights in this dtype on this device (the model's fingerprint): the check against transformers
-    runs once per name in a process, not for every engine that loads the same model again."""
+    runs once per name in a process, not for every engine that loads the same model again.
+    `native`: decode steps through `bulk.models.native` where it applies and passes the check."""
     config = model.config
     if getattr(config, "model_type", None) != "llama":
         return None, f"model type {getattr(config, 'model_type', None)!r} is not llama"
@@ -326,23 +330,32 @@ def build(model: Any, checked_as: str | None = None) -> tuple[LlamaStep | None, 
     if rope.get("rope_type", "default") != "default":
         return None, f"rotary embedding {rope.get('rope_type')!r} is not the default one"
     try:
-        step = LlamaStep(model)
+        step = LlamaStep(model, native)
     except AttributeError as exc:  # a llama config over modules laid out otherwise
         return None, f"its modules are not laid out as transformers' Llama ({exc})"
-    if checked_as is not None and checked_as in _checked:
-        mismatch = _checked[checked_as]
-    else:
-        mismatch = _differs_from_transformers(model, step)
-        if checked_as is not None:
-            _checked[checked_as] = mismatch
+    mismatch = _check(model, step, checked_as)
+    if mismatch and step.native is not None:
+        log.warning("native decode layers rejected, decoding through Python: %s", mismatch)
+        step.native = None
+        mismatch = _check(model, step, checked_as)
     if mismatch:
         return None, mismatch
     return step, None
 
 
+def _check(model: Any, step: LlamaStep, checked_as: str | None) -> str | None:
+    if checked_as is None:
+        return _differs_from_transformers(model, step)
+    key = f"{checked_as}/{'native' if step.native is not None else 'python'}"
+    if key not in _checked:
+        _checked[key] = _differs_from_transformers(model, step)
+    return _checked[key]
+
+
 def _differs_from_transformers(model: Any, step: LlamaStep) -> str | None:
-    """Run a 5-token prefill and then a decode row with 2 cached through both forwards, on a scratch
-    pool; the logits must be bit-identical."""
+    """Run a 5-token prefill, a step of a chunk and a decode row, and a step of decode rows only (the
+    native layers' kind) through both forwards, on a scratch pool; the logits must be
+    bit-identical."""
     config = model.config
     param = next(model.parameters())
     kv_heads = config.num_key_value_heads

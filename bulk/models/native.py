@@ -34,9 +34,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "llama_decode.cpp"
-# BUL_NATIVE=0 keeps the Python loop (the same bits): for comparing the two, or a machine where the
-# build misbehaves.
-ENV_SWITCH = "BUL_NATIVE"
 
 
 def cache_dir() -> Path:
@@ -46,11 +43,8 @@ def cache_dir() -> Path:
 
 @functools.cache
 def decode_layers() -> Callable[..., Any] | None:
-    """`torch.ops.bul.llama_decode_layers`, built or loaded once per process; None where it is
-    switched off or cannot be built (logged once)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        log.info("native decode layers switched off (%s=0)", ENV_SWITCH)
-        return None
+    """`torch.ops.bul.llama_decode_layers`, built or loaded once per process; None where it cannot
+    be built (logged once). The `native_decode` setting decides whether it is asked for."""
     op = _loaded()
     if op is None:
         try:
@@ -66,7 +60,7 @@ def _loaded() -> Callable[..., Any] | None:
     import torch
 
     try:
-        return torch.ops.bul.llama_decode_layers  # type: ignore[no-any-return]
+        return torch.ops.bul.llama_decode_layers
     except (AttributeError, RuntimeError):  # not registered in this process
         return None
 

@@ -4,6 +4,7 @@ transformers' forward, and left aside (the Python loop, the same bits) where the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -84,12 +85,11 @@ def test_prompt_chunks_and_float_models_keep_the_python_loop():
 
 
 def test_switched_off_or_unbuildable_the_python_loop_decodes(monkeypatch, caplog):
+    model = _quantized()
+    step, why = llama_step.build(model, native=False)  # the `native_decode` setting off
+    assert why is None and step is not None and step.native is None
     native.decode_layers.cache_clear()
     try:
-        monkeypatch.setenv(native.ENV_SWITCH, "0")
-        assert native.decode_layers() is None
-        native.decode_layers.cache_clear()
-        monkeypatch.delenv(native.ENV_SWITCH)
 
         def no_compiler() -> None:
             raise RuntimeError("no C++ compiler")
@@ -99,10 +99,22 @@ def test_switched_off_or_unbuildable_the_python_loop_decodes(monkeypatch, caplog
         with caplog.at_level(logging.WARNING, logger="bulk.models.native"):
             assert native.decode_layers() is None
         assert "no C++ compiler" in caplog.text
-        step, why = llama_step.build(_quantized())
+        step, why = llama_step.build(model)
         assert why is None and step is not None and step.native is None
     finally:
         native.decode_layers.cache_clear()
+
+
+def test_native_layers_that_differ_are_dropped_for_the_python_loop(monkeypatch, caplog):
+    """The check at build runs a step of decode rows natively: layers computing otherwise (here a
+    stand-in that skips every layer) are set aside, and the Python loop, which passes, decodes."""
+    model = _quantized()
+    monkeypatch.setattr(llama_step, "_checked", {})
+    monkeypatch.setattr(native, "decode_layers", lambda: lambda hidden, *rest: hidden)
+    with caplog.at_level(logging.WARNING, logger="bulk.models.llama_step"):
+        step, why = llama_step.build(model, checked_as="demo-int4")
+    assert why is None and step is not None and step.native is None
+    assert "native decode layers rejected" in caplog.text
 
 
 def test_the_engine_answers_the_same_either_way(monkeypatch):
@@ -112,8 +124,7 @@ def test_the_engine_answers_the_same_either_way(monkeypatch):
     )
     answers: dict[bool, list[str]] = {}
     for native_on in (True, False):
-        if not native_on:
-            monkeypatch.setattr(native, "decode_layers", lambda: None)
+        config = dataclasses.replace(config, native_decode=native_on)
         with UltraAdaptiveKVCacheEngine(config, model=lm) as engine:
             answers[native_on] = [
                 engine.process_request_sync({"query": query, "temperature": 0})["result"]

@@ -12,10 +12,15 @@ as another, bit-identical to the separate ones and with fewer kernel calls. Dens
 separate, so that a float model computes exactly what transformers computes (a fused GEMM may sum
 in another order).
 
+A quantized model's decode steps (one new token per request) run the layer loop as one native call
+(`_NativeLayers`, `bulk.models.native`): the same operations in C++, without the Python between
+them. Prompt chunks, float models and machines without a C++ compiler keep the Python loop.
+
 `build` takes only what it knows: Llama's layout (`model_type == "llama"`), SiLU gating and default
-rotary embeddings, and it checks before use that a prefill chunk and a decode row give logits
-bit-identical to transformers' forward on the same inputs. A model that fails either keeps
-transformers' forward, which is always correct.
+rotary embeddings, and it checks before use that a prefill chunk, a step mixing a chunk and a decode
+row, and a step of decode rows only give logits bit-identical to transformers' forward on the same
+inputs. Native layers that fail are dropped for the Python loop; a model whose Python loop fails
+keeps transformers' forward, which is always correct.
 
     hidden   # (1, N, hidden): the step's tokens side by side
     query    # (1, heads, N, head_dim)

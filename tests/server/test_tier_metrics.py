@@ -81,8 +81,10 @@ def test_tier_fault_counters_are_exported_and_match_the_stats(faulty):
     bypassed = _by_tier(samples, "kv_cache_tier_bypassed_total")
     healthy = _by_tier(samples, "kv_cache_tier_healthy")
     assert set(corrupt) == set(errors) == set(bypassed) == {"memory", "redis", "postgres"}
-    assert corrupt["redis"] == tiers["redis"]["corrupt"] >= 1 and corrupt["memory"] == 0
-    assert errors["postgres"] == tiers["postgres"]["errors"] >= 1 and errors["redis"] == 0
+    # The tiers' own figures in the message: this failed once in a full run (no corrupt block
+    # counted) and never alone; they say which path the second query took.
+    assert corrupt["redis"] == tiers["redis"]["corrupt"] >= 1 and corrupt["memory"] == 0, tiers
+    assert errors["postgres"] == tiers["postgres"]["errors"] >= 1 and errors["redis"] == 0, tiers
     assert bypassed["postgres"] == tiers["postgres"]["skipped"]
     assert healthy == {"memory": 1.0, "redis": 1.0, "postgres": 0.0}
     blocks = _by_tier(samples, "kv_cache_tier_blocks")

@@ -168,8 +168,8 @@ def pool_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     them exactly, so attention reads the same values either way; what a float32 pool saves is
     converting every key and value a request holds at every step, in every layer (SmolLM2, a decode
     row over 200 cached tokens: 60 conversions of 38,000 values a step). It costs twice the pool's
-    memory; blocks leave the pool in the model's dtype
-    (`kv_pool.blocks_out`), so block hashes and the tiers do not change."""
+    memory; blocks leave the pool in the model's dtype (`kv_pool.blocks_out`), so block hashes and
+    the tiers do not change."""
     return torch.float32 if attends_in_float32(dtype, device) else dtype
 
 

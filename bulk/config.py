@@ -159,8 +159,13 @@ class KVCacheConfig:
             )
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise InvalidConfigError("default_max_new_tokens", "exceeds max_new_tokens_limit")
-        bools = ("enable_persistence", "response_cache", "allow_unsigned_shared_tiers", "batch_invariant")
-        for key in (*bools, "native_decode"):
+        for key in (
+            "enable_persistence",
+            "response_cache",
+            "allow_unsigned_shared_tiers",
+            "batch_invariant",
+            "native_decode",
+        ):
             if not isinstance(getattr(self, key), bool):
                 raise InvalidConfigError(key, f"must be a bool, got {getattr(self, key)!r}")
         if not isinstance(self.response_cache_ttl, int | float) or self.response_cache_ttl <= 0:

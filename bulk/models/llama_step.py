@@ -13,7 +13,7 @@ separate, so that a float model computes exactly what transformers computes (a f
 in another order).
 
 A quantized model's decode steps (one new token per request) run the layer loop as one native call
-(`_NativeLayers`, `bulk.models.native`): the same operations in C++, without the Python between
+(`bulk.models.native.NativeLayers`): the same operations in C++, without the Python between
 them. Prompt chunks, float models and machines without a C++ compiler keep the Python loop.
 
 `build` takes only what it knows: Llama's layout (`model_type == "llama"`), SiLU gating and default
@@ -38,9 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from bulk.models import batched_attention, native
+from bulk.models import batched_attention
 from bulk.models.batched_attention import Segment, StepBatch
-from bulk.models.weight_quant import DENSE_FROM_ROWS, WeightOnlyLinear, fuse
+from bulk.models.native import NativeLayers
+from bulk.models.weight_quant import WeightOnlyLinear, fuse
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class _Layer:
 class LlamaStep:
     """`forward` has `batched_attention.forward_step`'s contract for one model."""
 
-    def __init__(self, model: Any, native: bool = True) -> None:
+    def __init__(self, model: Any, use_native: bool = True) -> None:
         inner = model.model
         config = model.config
         # Modules are called through their `forward`: the same computation without `nn.Module`'s
@@ -76,11 +77,17 @@ class LlamaStep:
         self.norm = inner.norm.forward
         self.head = model.lm_head.forward
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.layers = [self._layer(layer) for layer in inner.layers[: config.num_hidden_layers]]
+        layers = inner.layers[: config.num_hidden_layers]
+        self.layers = [self._layer(layer) for layer in layers]
         # Decode steps of a quantized model run their layers as one native call (`bulk.models.native`)
         # where it could be built: the same operations, without Python between them.
-        layers = inner.layers[: config.num_hidden_layers]
-        self.native = _NativeLayers.of(layers, self.head_dim) if native else None
+        self.native: NativeLayers | None = None
+        if use_native:
+            fused = [
+                (_fused([a.q_proj, a.k_proj, a.v_proj]), _fused([m.gate_proj, m.up_proj]))
+                for a, m in ((layer.self_attn, layer.mlp) for layer in layers)
+            ]
+            self.native = NativeLayers.of(layers, fused, self.head_dim)
 
     def _layer(self, layer: Any) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -177,107 +184,6 @@ class LlamaStep:
             gate, up = layer.gate_up(layer.post_norm(hidden))
             hidden = residual + layer.down(layer.act(gate) * up)
         return hidden
-
-
-@dataclass(frozen=True)
-class _NativeLayers:
-    """What `native.decode_layers` takes besides the step: every layer's norm weights and quantized
-    weights, and the model's shapes."""
-
-    call: Callable[..., torch.Tensor]
-    norms: list[torch.Tensor]  # per layer: input norm, post-attention norm
-    weights: list[torch.Tensor]  # per layer: (qweight, scales) of q/k/v, o, gate/up, down
-    bits: list[int]  # per layer: of q/k/v, o, gate/up, down
-    group_size: int
-    q_heads: int
-    kv_heads: int
-    head_dim: int
-    gate_size: int
-    eps: float
-    scaling: float
-    float32_attention: bool
-
-    @classmethod
-    def of(cls, layers: Sequence[Any], head_dim: int) -> _NativeLayers | None:
-        """None unless every layer is quantized and laid out as the native call expects."""
-        if head_dim > batched_attention.GQA_HEAD_DIM:
-            return None
-        try:
-            parts = [_native_parts(layer) for layer in layers]
-        except (AttributeError, TypeError):
-            return None
-        if not parts or any(p is None for p in parts):
-            return None
-        known = [p for p in parts if p is not None]
-        shapes = {p[3:] for p in known}  # group size, eps, scaling, gate size, query size
-        if len(shapes) != 1:
-            return None
-        group_size, eps, scaling, gate_size, q_out = shapes.pop()
-        call = native.decode_layers()
-        if call is None:
-            return None
-        first = layers[0]
-        param = first.input_layernorm.weight
-        return cls(
-            call=call,
-            norms=[t for p in known for t in p[0]],
-            weights=[t for p in known for t in p[1]],
-            bits=[b for p in known for b in p[2]],
-            group_size=group_size,
-            q_heads=q_out // head_dim,
-            kv_heads=first.self_attn.k_proj.out_features // head_dim,
-            head_dim=head_dim,
-            gate_size=gate_size,
-            eps=eps,
-            scaling=scaling,
-            float32_attention=batched_attention.attends_in_float32(param.dtype, param.device),
-        )
-
-    def takes(self, batch: StepBatch, n: int) -> bool:
-        """A step of decode rows only, few enough for the quantized kernels, with no padding."""
-        return (
-            n < DENSE_FROM_ROWS
-            and n == len(batch.segments) == batch.write_at.shape[0]
-            and all(seg.length == 1 for seg in batch.segments)
-        )
-
-    def run(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch
-    ) -> torch.Tensor:
-        starts = [seg.start for seg in batch.segments]
-        ends = [seg.start + seg.cached + 1 for seg in batch.segments]
-        return self.call(
-            hidden, cos, sin, batch.pool, batch.write_at, starts, ends, self.norms, self.weights, self.bits,
-            self.group_size, self.q_heads, self.kv_heads, self.head_dim, self.gate_size, self.eps,
-            self.scaling, self.float32_attention,
-        )  # fmt: skip
-
-
-def _native_parts(layer: Any) -> tuple[Any, ...] | None:
-    """One layer's (norm weights, (qweight, scales) x 4, bits x 4, group size, eps, scaling, gate
-    size, query size), or None when the native call cannot run it: a projection not quantized, or
-    with a bias, or q/k/v or gate/up not fused, or norms whose epsilons differ."""
-    attn, mlp = layer.self_attn, layer.mlp
-    qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
-    gate_up = _fused([mlp.gate_proj, mlp.up_proj])
-    projections = [qkv, attn.o_proj, gate_up, mlp.down_proj]
-    if not all(isinstance(p, WeightOnlyLinear) and p.bias is None for p in projections):
-        return None
-    if len({p.group_size for p in projections}) != 1:
-        return None
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    if norms[0].variance_epsilon != norms[1].variance_epsilon:
-        return None
-    return (
-        [n.weight for n in norms],
-        [t for p in projections for t in (p.qweight, p.scales)],
-        [p.bits for p in projections],
-        projections[0].group_size,
-        float(norms[0].variance_epsilon),
-        float(attn.scaling),
-        mlp.gate_proj.out_features,
-        attn.q_proj.out_features,
-    )
 
 
 def _signed(sin: torch.Tensor) -> torch.Tensor:

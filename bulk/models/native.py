@@ -16,6 +16,9 @@ and keeps the Python loop, which computes the same bits, a little slower. The ca
 rows only (one new token per request, fewer rows than `weight_quant.DENSE_FROM_ROWS`) of a model
 whose layers are all quantized (`weight_quant.WeightOnlyLinear`, fused q/k/v and gate/up, no bias):
 prompt chunks are a few large matrix products, where Python's share is small.
+
+`NativeLayers` is the Python face of the call: what it takes from a model's layers (checked to be
+laid out as the C++ file expects), when a step is one it runs (`takes`), and the call itself (`run`).
 """
 
 from __future__ import annotations
@@ -27,9 +30,16 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import torch
+
+from bulk.models import batched_attention
+from bulk.models.batched_attention import StepBatch
+from bulk.models.weight_quant import DENSE_FROM_ROWS, WeightOnlyLinear
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +67,124 @@ def decode_layers() -> Callable[..., Any] | None:
 
 
 def _loaded() -> Callable[..., Any] | None:
-    import torch
-
     try:
         return torch.ops.bul.llama_decode_layers
     except (AttributeError, RuntimeError):  # not registered in this process
         return None
 
 
+class _LayerParts(NamedTuple):
+    norms: list[torch.Tensor]  # input norm, post-attention norm
+    weights: list[torch.Tensor]  # (qweight, scales) of q/k/v, o, gate/up, down
+    bits: list[int]  # of q/k/v, o, gate/up, down
+    shape: tuple[int, float, float, int, int]  # group size, eps, scaling, gate size, query size
+
+
+@dataclass(frozen=True)
+class NativeLayers:
+    """`decode_layers` and what it takes besides the step: every layer's norm weights and quantized
+    weights, and the model's shapes, in the order of the C++ signature."""
+
+    call: Callable[..., torch.Tensor]
+    norms: list[torch.Tensor]  # per layer: input norm, post-attention norm
+    weights: list[torch.Tensor]  # per layer: (qweight, scales) of q/k/v, o, gate/up, down
+    bits: list[int]  # per layer: of q/k/v, o, gate/up, down
+    group_size: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    gate_size: int
+    eps: float
+    scaling: float
+    float32_attention: bool
+
+    @classmethod
+    def of(
+        cls, layers: Sequence[Any], fused: Sequence[tuple[Any, Any]], head_dim: int
+    ) -> NativeLayers | None:
+        """For transformers' Llama decoder `layers` with their fused (q/k/v, gate/up) projections
+        (`llama_step`'s, or None where not fused): None unless every layer is quantized and laid
+        out as the native call expects, and the call could be built."""
+        if head_dim > batched_attention.GQA_HEAD_DIM or not layers:
+            return None
+        try:
+            parts = [
+                _layer_parts(layer, qkv, gate_up) for layer, (qkv, gate_up) in zip(layers, fused, strict=True)
+            ]
+        except (AttributeError, TypeError):
+            return None
+        known = [p for p in parts if p is not None]
+        shapes = {p.shape for p in known}
+        if len(known) != len(parts) or len(shapes) != 1:
+            return None
+        group_size, eps, scaling, gate_size, q_out = shapes.pop()
+        call = decode_layers()
+        if call is None:
+            return None
+        first = layers[0]
+        param = first.input_layernorm.weight
+        return cls(
+            call=call,
+            norms=[t for p in known for t in p.norms],
+            weights=[t for p in known for t in p.weights],
+            bits=[b for p in known for b in p.bits],
+            group_size=group_size,
+            q_heads=q_out // head_dim,
+            kv_heads=first.self_attn.k_proj.out_features // head_dim,
+            head_dim=head_dim,
+            gate_size=gate_size,
+            eps=eps,
+            scaling=scaling,
+            float32_attention=batched_attention.attends_in_float32(param.dtype, param.device),
+        )
+
+    def takes(self, batch: StepBatch, n: int) -> bool:
+        """A step of decode rows only, few enough for the quantized kernels, with no padding."""
+        return (
+            n < DENSE_FROM_ROWS
+            and n == len(batch.segments) == batch.write_at.shape[0]
+            and all(seg.length == 1 for seg in batch.segments)
+        )
+
+    def run(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch
+    ) -> torch.Tensor:
+        starts = [seg.start for seg in batch.segments]
+        ends = [seg.start + seg.cached + 1 for seg in batch.segments]
+        return self.call(
+            hidden, cos, sin, batch.pool, batch.write_at, starts, ends, self.norms, self.weights, self.bits,
+            self.group_size, self.q_heads, self.kv_heads, self.head_dim, self.gate_size, self.eps,
+            self.scaling, self.float32_attention,
+        )  # fmt: skip
+
+
+def _layer_parts(layer: Any, qkv: Any, gate_up: Any) -> _LayerParts | None:
+    """One layer's arguments, or None when the native call cannot run it: a projection not
+    quantized, or with a bias, or q/k/v or gate/up not fused, or norms whose epsilons differ."""
+    attn, mlp = layer.self_attn, layer.mlp
+    projections = [qkv, attn.o_proj, gate_up, mlp.down_proj]
+    if not all(isinstance(p, WeightOnlyLinear) and p.bias is None for p in projections):
+        return None
+    if len({p.group_size for p in projections}) != 1:
+        return None
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if norms[0].variance_epsilon != norms[1].variance_epsilon:
+        return None
+    return _LayerParts(
+        norms=[n.weight for n in norms],
+        weights=[t for p in projections for t in (p.qweight, p.scales)],
+        bits=[p.bits for p in projections],
+        shape=(
+            projections[0].group_size,
+            float(norms[0].variance_epsilon),
+            float(attn.scaling),
+            mlp.gate_proj.out_features,
+            attn.q_proj.out_features,
+        ),
+    )
+
+
 def _build_and_load() -> None:
-    import torch
     from torch.utils import cpp_extension
 
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]

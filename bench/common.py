@@ -78,6 +78,29 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: s
     return "\n".join(out)
 
 
+# The /proc/cpuinfo flags that decide which kernels a CPU engine runs (a results file names them).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_summary(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The CPU's model name and which of `CPU_FLAGS` it lists, from /proc/cpuinfo (`cpuinfo`: its
+    text, read when not given); empty where there is none (not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
+    name, flags = None, set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and name is None:
+            name = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    return {"model_name": name, "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
 def machine_info() -> dict[str, Any]:
     try:
         import transformers
@@ -90,6 +113,7 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_summary(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "transformers": transformers_version,
@@ -115,3 +139,16 @@ def write_results(name: str, payload: dict[str, Any], out_dir: str | Path | None
     path.write_text(text)
     (directory / f"{name}-latest.json").write_text(text)
     return path
+
+
+def named_model_folder(name: str) -> Path:
+    """The Hugging Face folder our server converts the named model's GGUF file into (converting it
+    now when it is not there yet), under the model cache our server uses."""
+    from bulk import named_models
+    from bulk.config import KVCacheConfig
+    from bulk.models.gguf import converted_folder
+
+    cache = os.environ.get("BUL_MODEL_CACHE_PATH") or KVCacheConfig.model_cache_path
+    named = named_models.NAMED_MODELS[name]
+    path = named_models.named_model_file(name)
+    return converted_folder(path, Path(cache).expanduser(), expected_sha256=named.sha256)

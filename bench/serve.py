@@ -1,7 +1,18 @@
 """`bul bench serve`: many users at once, against a real `bul serve` process over its socket.
 
-Every workload drives the server through the OpenAI streaming API (`/v1/completions`,
-`"stream": true`), from clients in this process (`bench.serve_load`), side by side against:
+Two sections, each a real uvicorn process per server, driven through the OpenAI streaming API from
+clients in this process (`bench.serve_load`):
+
+**Chat traffic on the real model** (the headline, `bench.serve_chat`): `bul serve` as configured by
+default on the default real model (`auto`: SmolLM2-135M-Instruct where its wheel is installed, dtype
+`auto`), through `/v1/chat/completions` with `messages`: distinct ~200-token questions with short
+(32-token) and long (128-384-token, forced) answers from 1, 4, 16 and 32 clients, shared ~1,000-token
+system prompts, multi-turn chats (16 clients), and a cold ~1,000-token prompt whose prompt tokens/s
+is set beside this machine's GEMM FLOP/s. TTFT p50/p95, ITL p50/p99, tokens/s and the mean decode
+batch (from `/api/stats`) for each; target: 16 clients' tokens/s at least 4x one client's.
+
+**The demo model's runs** (`--model`, default `demo-large`, float32), raw prompts through
+`/v1/completions`, side by side against:
 
   ours        `bul serve` as configured by default (continuous batching)
   batch 1     the same server with BUL_MAX_BATCH_SIZE=1: one request decoded at a time, as before
@@ -14,17 +25,16 @@ Every workload drives the server through the OpenAI streaming API (`/v1/completi
 Workloads:
 
   distinct    N clients (1, 4, 16, 32), each sending distinct prompts one after another: short
-              questions (48 tokens) and long answers (192 to 576 tokens, 384 on average), the
-              shape of chat traffic
+              questions (48 tokens) and long answers (192 to 576 tokens, 384 on average)
   shared      a few long system prompts and 64 questions from 16 clients: the token hit rate over
               the same requests must stay what one-at-a-time serving gets
   long        8 streams decoding, then one 2048-token prompt arrives: its prefill runs in chunks
               between their decode steps, so their inter-token latency stays near its median
 
-Each server is one uvicorn process started the same way; its peak memory is its VmHWM. Nothing here
-asserts a time: the figures and the targets' verdicts are printed and written to JSON and a PNG.
+Its peak memory is each server's VmHWM. Nothing here asserts a time: the figures and the targets'
+verdicts are printed and written to JSON and a PNG (the demo section's).
 
-    python -m bench.serve [--model demo-large] [--seconds 12] [--threads N]
+    python -m bench.serve [--sections chat,demo] [--chat-model auto] [--model demo-large] [--threads N]
     python -m bench.serve --quick        # tiny settings, for the smoke test
 """
 
@@ -48,13 +58,51 @@ import httpx
 from bench import child_env
 from bench.common import options_from, ratio, write_results
 from bench.http import ROOT, start_server, stop, wait_ready
-from bench.serve_load import Stream, closed_loop, figures, percentile, stream_completion
+from bench.serve_chat import chat_verdicts, run_chat
+from bench.serve_load import Stream, closed_loop, figures, percentile, stream_completion, wait_server_idle
 from bench.serve_report import plot, render
 
 log = logging.getLogger("bench.serve")
 
 NAME = "serve"
+SECTIONS = ("chat", "demo")
+# The chat section's settings (`bench.serve_chat`).
+CHAT_DEFAULTS: dict[str, Any] = {
+    "chat_model": "auto",  # the default real model where its wheel is installed, as `bul serve`
+    "chat_dtype": "auto",
+    "chat_concurrency": [1, 4, 16, 32],
+    "chat_seconds": 15.0,
+    "chat_warmup": 5.0,
+    "question_tokens": 200,
+    "short_tokens": 32,
+    "long_tokens": 256,  # answers of 128 to 384 tokens
+    "chat_clients": 16,  # shared system prompts and multi-turn chats
+    "chat_shared_requests": 48,
+    "chat_system_prompts": 4,
+    "chat_system_tokens": 1000,
+    "chat_turns": 4,
+    "cold_prompts": 3,
+    "cold_tokens": 1000,
+}
+CHAT_QUICK: dict[str, Any] = {
+    **CHAT_DEFAULTS,
+    "chat_concurrency": [1, 4],
+    "chat_seconds": 2.0,
+    "chat_warmup": 0.5,
+    "question_tokens": 60,
+    "short_tokens": 8,
+    "long_tokens": 16,
+    "chat_clients": 4,
+    "chat_shared_requests": 8,
+    "chat_system_prompts": 2,
+    "chat_system_tokens": 200,
+    "chat_turns": 2,
+    "cold_prompts": 1,
+    "cold_tokens": 300,
+}
 DEFAULTS: dict[str, Any] = {
+    **CHAT_DEFAULTS,
+    "sections": ",".join(SECTIONS),
     "model": "demo-large",
     "concurrency": [1, 4, 16, 32],
     "seconds": 15.0,
@@ -77,6 +125,8 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
 }
 QUICK: dict[str, Any] = {
+    **CHAT_QUICK,
+    "sections": ",".join(SECTIONS),
     "model": "demo",
     "concurrency": [1, 4],
     "seconds": 1.5,
@@ -156,17 +206,6 @@ def peak_rss_mib(pid: int) -> float | None:
     return None
 
 
-def wait_idle(url: str, timeout: float = 300) -> None:
-    """Until the server runs and queues nothing (cut-off streams are cancelled at the next step)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = json.loads(urllib.request.urlopen(f"{url}/api/stats", timeout=10).read())
-        if stats["running"] == 0 and stats["queue_depth"] == 0:
-            return
-        time.sleep(0.2)
-    raise RuntimeError("the server did not become idle")
-
-
 async def long_prefill(url: str, options: dict[str, Any]) -> dict[str, Any]:
     """`long_streams` streams decode; once each has 10 tokens, one long prompt arrives."""
     rng = random.Random(3)
@@ -244,7 +283,7 @@ def run_server(name: str, options: dict[str, Any], workloads: list[str]) -> dict
                     closed_loop(url, clients, prompt, seconds=options["seconds"], warmup=options["warmup"])
                 )
                 result["distinct"][str(clients)] = figures(streams, start, end)
-                wait_idle(url)
+                wait_server_idle(url)
         if "shared" in workloads:
             log.info("%s: shared system prompts, %d clients", name, options["shared_clients"])
             systems = system_prompts(options)
@@ -257,7 +296,7 @@ def run_server(name: str, options: dict[str, Any], workloads: list[str]) -> dict
                 closed_loop(url, options["shared_clients"], question, requests=options["shared_requests"])
             )
             result["shared"] = figures(streams, start, end)
-            wait_idle(url)
+            wait_server_idle(url)
         if "long" in workloads:
             log.info("%s: a long prompt beside %d streams", name, options["long_streams"])
             result["long"] = asyncio.run(long_prefill(url, options))
@@ -327,24 +366,48 @@ def verdicts(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(options: dict[str, Any]) -> dict[str, Any]:
+    sections = [s for s in options["sections"].split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(
+            f"unknown section(s) {', '.join(sorted(unknown))}: choose from {', '.join(SECTIONS)}"
+        )
+    result: dict[str, Any] = {"options": options, "verdicts": {}}
+    if "chat" in sections:
+        from bench.quality import load_corpus
+
+        result["chat"] = run_chat(options, load_corpus())
+        result["verdicts"].update(chat_verdicts(result["chat"]))
+    if "demo" in sections:
+        result.update(run_demo(options))
+        result["verdicts"].update(verdicts(result))
+    return result
+
+
+def run_demo(options: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"options": options, "servers": {}}
     result["servers"]["ours"] = run_server("ours", options, ["distinct", "shared", "long"])
     result["servers"]["batch1"] = run_server("batch1", options, ["distinct", "shared", "long"])
     result["servers"]["invariant"] = run_server("invariant", options, ["distinct"])
     log.info("generate_batch on %d prompts", options["generate_batch_prompts"])
     result["generate_batch"] = run_generate_batch(options)
-    result["verdicts"] = verdicts(result)
-    return result
+    return {"servers": result["servers"], "generate_batch": result["generate_batch"]}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bul bench serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help=f"model to serve (default {DEFAULTS['model']})")
-    parser.add_argument("--seconds", type=float, help="measured seconds per concurrency level")
+    parser.add_argument("--sections", help="comma-separated: chat (the real model), demo (default both)")
+    parser.add_argument("--chat-model", help="the chat section's model (default auto: the real model)")
+    parser.add_argument("--chat-dtype", help="the chat section's dtype (default auto: as bul serve)")
+    parser.add_argument("--chat-seconds", type=float, help="chat section: measured seconds per level")
+    parser.add_argument("--model", help=f"the demo section's model (default {DEFAULTS['model']})")
+    parser.add_argument("--seconds", type=float, help="demo section: measured seconds per level")
     parser.add_argument(
         "--threads", type=int, help="torch threads of each server (default 1: the clients share the machine)"
     )
-    parser.add_argument("--dtype", help=f"servers' dtype (default {DEFAULTS['dtype']}; auto: as bul serve)")
+    parser.add_argument(
+        "--dtype", help=f"demo section: servers' dtype (default {DEFAULTS['dtype']}; auto: as bul serve)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny settings, for the smoke test")
     parser.add_argument("--out", help="results directory (default bench/results)")
     return parser.parse_args(argv)
@@ -353,13 +416,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    options = options_from(QUICK if args.quick else DEFAULTS, args, ("model", "seconds", "threads", "dtype"))
+    keys = ("sections", "chat_model", "chat_dtype", "chat_seconds", "model", "seconds", "threads", "dtype")
+    options = options_from(QUICK if args.quick else DEFAULTS, args, keys)
     result = run(options)
     sys.stdout.write(render(result) + "\n")
     path = write_results(NAME, result, args.out)
-    png = plot(result, path.with_suffix(".png"))
-    (path.parent / f"{NAME}-latest.png").write_bytes(png.read_bytes())
-    sys.stdout.write(f"results: {path}\n         {png}\n")
+    sys.stdout.write(f"results: {path}\n")
+    if "servers" in result:  # the plot is the demo section's
+        png = plot(result, path.with_suffix(".png"))
+        (path.parent / f"{NAME}-latest.png").write_bytes(png.read_bytes())
+        sys.stdout.write(f"         {png}\n")
     return 0
 
 

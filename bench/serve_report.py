@@ -3,15 +3,114 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bench import gemm
 from bench.common import format_table
 
 LABELS = {"ours": "ours", "batch1": "ours, max_batch_size=1", "invariant": "ours, batch_invariant"}
 
 
+VERDICT_LABELS = {
+    "chat_short_scaling_16_over_1": "chat, real model, short answers: 16 clients / 1 client tok/s (x)",
+    "chat_long_scaling_16_over_1": "chat, real model, long answers: 16 clients / 1 client tok/s (x)",
+    "scaling_16_over_1": "demo: ours 16 clients / 1 client tok/s (x)",
+    "ours_over_generate_batch": "demo: ours 16 clients / generate_batch tok/s (x)",
+    "long_itl_p99_over_p50": "demo: long prefill: streams' ITL p99 / p50 (x)",
+    "shared_hit_rate_points": "demo: shared: token hit rate, |ours - batch 1| (points)",
+}
+
+
 def render(result: dict[str, Any]) -> str:
+    parts = []
+    if "chat" in result:
+        parts.append(render_chat(result["options"], result["chat"]))
+    if "servers" in result:
+        parts.append(render_demo(result))
+    parts.append(render_verdicts(result["verdicts"]))
+    return "\n\n".join(parts)
+
+
+def render_chat(options: Mapping[str, Any], chat: Mapping[str, Any]) -> str:
+    """The chat section: one row per workload and level."""
+    rows = []
+
+    def row(label: str, f: Mapping[str, Any]) -> list[Any]:
+        hit = f.get("token_hit_rate")
+        return [
+            label,
+            f["tokens_per_s"],
+            _ttft(f, "p50"),
+            _ttft(f, "p95"),
+            f["itl_p50_ms"],
+            f["itl_p99_ms"],
+            None if f.get("mean_batch") is None else round(f["mean_batch"], 1),
+            None if hit is None else hit * 100,
+            f["requests_completed"],
+        ]
+
+    long_low, long_high = options["long_tokens"] // 2, options["long_tokens"] * 3 // 2
+    names = {
+        "short": f"short answers (<= {options['short_tokens']})",
+        "long": f"long answers ({long_low}-{long_high})",
+    }
+    for kind, label in names.items():
+        for clients, f in chat.get(kind, {}).items():
+            rows.append(row(f"{label}, {clients} client{'s' if clients != '1' else ''}", f))
+    rows.append(
+        row(
+            f"shared: {options['chat_system_prompts']} system prompts, {chat['shared']['clients']} clients",
+            chat["shared"],
+        )
+    )
+    rows.append(row(f"multi-turn chats, {chat['chat']['clients']} clients", chat["chat"]))
+    rows.append(row(f"cold prompt (~{options['cold_tokens']} tokens), 1 client", chat["cold"]))
+    resolved = chat.get("resolved", {})
+    table = format_table(
+        ["chat traffic", "tok/s", "TTFT p50", "TTFT p95", "ITL p50", "ITL p99", "batch", "hit %", "done"],
+        rows,
+        f"Chat traffic (/v1/chat/completions), {resolved.get('model', options['chat_model'])} "
+        f"({resolved.get('dtype')}, weights {resolved.get('weight_quantization')}), "
+        f"distinct ~{options['question_tokens']}-token questions, {options['chat_seconds']:g} s per level "
+        "(times in ms; batch: mean decode batch)",
+    )
+    lines = [table]
+    short = [f for f in itertools.chain(*(chat.get(k, {}).values() for k in ("short", "long")))]
+    if any(f.get("forced_short") for f in short):
+        lines.append(
+            "WARNING: some forced answers ended before their length (the server ignored ignore_eos / "
+            "min_tokens): the long answers' figures are not what they say"
+        )
+    if "roof" in chat:
+        lines.append(gemm.describe({"ours": chat["roof"]}, chat.get("gemm")))
+    return "\n".join(lines)
+
+
+def render_verdicts(verdicts: Mapping[str, Any]) -> str:
+    rows = []
+    for key, label in VERDICT_LABELS.items():
+        if key not in verdicts:
+            continue
+        check = verdicts[key]
+        value = check["value"]
+        bound = (">= " if check["at_least"] else "<= ") + f"{check['target']:g}"
+        rows.append(
+            [label, None if value is None else round(value, 2), bound, "PASS" if check["met"] else "MISS"]
+        )
+    out = format_table(["target", "value", "target", "verdict"], rows, "Targets")
+    if "invariant_tokens_per_s_ratio" in verdicts:
+        cost = ", ".join(
+            f"{c} clients: {r * 100:.0f} % of ours"
+            for c, r in verdicts["invariant_tokens_per_s_ratio"].items()
+            if r is not None
+        )
+        out += f"\n\nbatch_invariant tokens/s: {cost or '-'}"
+    return out
+
+
+def render_demo(result: dict[str, Any]) -> str:
     options, servers = result["options"], result["servers"]
     hf = result["generate_batch"]
     parts = []
@@ -98,28 +197,6 @@ def render(result: dict[str, Any]) -> str:
     rows.append(["generate_batch", hf.get("peak_rss_mib")])
     parts.append(format_table(["process", "peak RSS MiB"], rows, "Peak memory"))
 
-    rows = []
-    v = result["verdicts"]
-    names = {
-        "scaling_16_over_1": "ours: 16 clients / 1 client tok/s (x)",
-        "ours_over_generate_batch": "ours 16 clients / generate_batch tok/s (x)",
-        "long_itl_p99_over_p50": "long prefill: streams' ITL p99 / p50 (x)",
-        "shared_hit_rate_points": "shared: token hit rate, |ours - batch 1| (points)",
-    }
-    for key, label in names.items():
-        check = v[key]
-        value = check["value"]
-        bound = (">= " if check["at_least"] else "<= ") + f"{check['target']:g}"
-        rows.append(
-            [label, None if value is None else round(value, 2), bound, "PASS" if check["met"] else "MISS"]
-        )
-    parts.append(format_table(["target", "value", "target", "verdict"], rows, "Targets"))
-    cost = ", ".join(
-        f"{c} clients: {r * 100:.0f} % of ours"
-        for c, r in v["invariant_tokens_per_s_ratio"].items()
-        if r is not None
-    )
-    parts.append(f"batch_invariant tokens/s: {cost or '-'}")
     return "\n\n".join(parts)
 
 

@@ -102,7 +102,8 @@ class KVCacheConfig:
     max_batch_tokens: int = 16384
     # While other requests decode, a prompt is computed a chunk per step, so their next tokens never
     # wait for a whole long prompt: a chunk of at most this many tokens, fewer when measured costs
-    # say it would hold them up more than about 1.5 decode steps. Alone, a prompt runs in one go.
+    # say it would hold them up more than 1.5 decode steps or 0.1 s, whichever is longer. Alone, a
+    # prompt runs in one go.
     # In batch-invariant mode every prompt is cut into chunks of exactly this many tokens.
     prefill_chunk_tokens: int = 256
     # A greedy request's tokens and logits are bit-identical whatever runs beside it (decode rows

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,7 @@ from bulk.generation.decode import decode_one, prefill
 from bulk.generation.sampling import SamplingParams, make_generator, sample
 from bulk.models.gguf import converted_folder
 from bulk.models.loader import LoadedModel, load_model
-from bulk.models.tokenizer import TextStream
+from bulk.models.tokenizer import ByteTokenizer, TextStream
 from tests.tiny_hf_model import save_tiny_llama
 
 # Two cores, shared with subprocesses some tests start: more torch threads than one only spin.
@@ -131,6 +131,23 @@ def demo_model() -> LoadedModel:
     return load_model(KVCacheConfig(model="demo", device="cpu", dtype="float32"))
 
 
+class _EndsAtJ(ByteTokenizer):
+    eos_token_ids = frozenset({ByteTokenizer.EOS, ord("J")})
+
+
+# The demo model's greedy answer to this prompt is "XXJXJXJX...": with `eos_model`, "XX", then EOS.
+ENDS_EARLY = "Create marketing strategy"
+
+
+@pytest.fixture(scope="session")
+def eos_model(demo_model) -> LoadedModel:
+    """The demo model whose tokenizer also counts "J" as an end of sequence. The demo model never
+    chooses its own EOS (its output row is zeroed, see `bulk.models.demo`), so none of its answers
+    ends early; with this tokenizer its greedy answer to `ENDS_EARLY` does, after two tokens, as a
+    real model's answer ends at its EOS. Same weights: it shares the demo model's modules."""
+    return replace(demo_model, tokenizer=_EndsAtJ())
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _real_model_converted() -> None:
     """Convert the real model's GGUF file before any test runs (once per machine: later sessions find
@@ -175,19 +192,30 @@ class Completion:
 def generate_without_cache(lm: LoadedModel, prompt: str, max_new_tokens: int, **params) -> Completion:
     """The reference: prefill the whole prompt from nothing, then feed back one token at a time with
     transformers' own cache: no KV reuse, no pool, no batching. Stop strings end the text before
-    them, as the engine does."""
+    them, as the engine does. vLLM's `ignore_eos` (EOS is an ordinary token) and `min_tokens` (EOS
+    impossible and no stop string looked for before that many tokens; then only in new text)."""
     sampling = SamplingParams(max_new_tokens=max_new_tokens, **params)
     generator = make_generator(sampling)
+    eos = sorted(lm.tokenizer.eos_token_ids)
     logits, cache = prefill(lm, lm.tokenizer.encode(prompt), None)
     stream, tokens, reason = TextStream(lm.tokenizer), [], "length"
+    unchecked = 0  # text out before min_tokens was reached: a stop string must end after it
     for i in range(max_new_tokens):
+        if len(tokens) < sampling.min_tokens:
+            logits = logits.clone()  # a copy: the model's logits are inference tensors
+            logits[eos] = float("-inf")
         token = sample(logits, sampling, generator)
-        if token in lm.tokenizer.eos_token_ids:
+        if token in lm.tokenizer.eos_token_ids and not sampling.ignore_eos:
             reason = "stop"
             break
         tokens.append(token)
         stream.push(token)
-        cuts = [c for c in (stream.text.find(s) for s in sampling.stop) if c >= 0]
+        if len(tokens) < sampling.min_tokens:
+            unchecked = len(stream.text)
+            cuts = []
+        else:
+            starts = (stream.text.find(s, max(0, unchecked - len(s) + 1)) for s in sampling.stop)
+            cuts = [c for c in starts if c >= 0]
         if cuts:
             return Completion(tokens, stream.text[: min(cuts)], "stop")
         if i + 1 < max_new_tokens:

@@ -40,7 +40,7 @@ def test_the_request_fields_are_one_list():
 def test_grpc_carries_every_request_field_it_declares():
     message = bul_pb2.QueryRequest(
         query="q", priority=3, max_new_tokens=5, temperature=0.5, top_p=0.9, seed=7, session_id="s",
-        stop=["."], response_cache=False, request_id="r",
+        stop=["."], ignore_eos=True, min_tokens=2, response_cache=False, request_id="r",
     )  # fmt: skip
     assert set(convert.request_to_engine(message)) == set(FIELDS) - convert.NOT_IN_PROTO
 
@@ -55,6 +55,8 @@ def test_to_payload_writes_every_field_and_parses_back():
         "seed": 7,
         "session_id": "s",
         "stop": ["."],
+        "ignore_eos": True,
+        "min_tokens": 2,
         "response_cache": False,
         "request_id": "r",
     }

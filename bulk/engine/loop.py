@@ -9,9 +9,11 @@
       post        sample and stream each token; store the prompt blocks of finished prompts
       retire      answer the finished ones: blocks stored, lease released, KV range freed
 
-A request's prompt blocks are offered to the prefix cache right after its first token is streamed
-(off its TTFT), and every block it computed when it retires, so the next turn of a conversation
-reuses the answer too. An error in a step fails the requests that step touched, not the loop."""
+A request's prompt blocks are offered to the prefix cache as each chunk of its prompt completes
+(the last chunk's right after its first token is streamed, off its TTFT), so that a request sharing
+them can start as soon as they exist, and every block it computed when it retires, so the next
+turn of a conversation reuses the answer too. An error in a step fails the requests that step
+touched, not the loop."""
 
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ class EngineLoop:
             config.max_batch_tokens,
             config.prefill_chunk_tokens,
             always_chunk=config.batch_invariant,
+            prefix=runner.prefix,
         )
         self.inbox = inbox
         self.stats = stats
@@ -98,8 +101,9 @@ class EngineLoop:
             self._retire(seq)
 
     def _forward(self, chunks: list[Chunk], decode: list[Sequence], pad_to: int | None) -> None:
-        """One forward, its tokens sampled and streamed; then the prompt blocks of the requests
-        whose prompt it finished are stored (off their TTFT: their first token is already out)."""
+        """One forward, its tokens sampled and streamed; then the full prompt blocks its chunks
+        completed are stored (off the TTFT of those whose prompt it finished: their first token is
+        already out), where requests waiting to share them will find them."""
         if not chunks and not decode:
             return
         try:
@@ -119,11 +123,10 @@ class EngineLoop:
             self.stats.record_decode_step(len(decode))
         self.stats.record_generated(len(rows), time.monotonic())
         for seq, _ in chunks:
-            if seq.prompt_left == 0:
-                try:
-                    self.runner.store(seq)
-                except Exception:
-                    log.exception("storing the prompt blocks of %s failed", seq.request.request_id)
+            try:
+                self.runner.store(seq)
+            except Exception:
+                log.exception("storing the prompt blocks of %s failed", seq.request.request_id)
 
     def _emit(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
         if self.logits_observer is not None:

@@ -23,9 +23,9 @@ from bulk.config import KVCacheConfig
 from bulk.engine.sequence import Sequence, Status
 from bulk.errors import InvalidRequestError, PromptTooLongError
 from bulk.generation.decode import decode_one, prefill
-from bulk.generation.sampling import sample
+from bulk.generation.sampling import sample, suppress_tokens
 from bulk.kv.hashing import chain_hashes
-from bulk.models import batched_attention, hf_cache, llama_step
+from bulk.models import batched_attention, hf_cache, llama_step, native
 from bulk.models.batched_attention import Segment
 from bulk.models.kv_pool import KVPool, blocks_out, copy_blocks_in
 from bulk.models.loader import LoadedModel
@@ -49,6 +49,8 @@ class ModelRunner:
         self.batched = why_not is None
         if why_not is not None:
             log.warning("model %s decodes one request at a time: %s", lm.name, why_not)
+        # Decode rows go to the native decode attention where it is built (`bulk.models.native`).
+        self.decode_attention = native.decode_attention() if self.batched and config.native_decode else None
         # Batched attention may read a pool in float32 (`batched_attention.pool_dtype`); transformers'
         # own cache over the pool needs the model's dtype.
         dtype = batched_attention.pool_dtype(lm.dtype, lm.device) if self.batched else lm.dtype
@@ -100,11 +102,9 @@ class ModelRunner:
                 f"max_batch_tokens ({self.config.max_batch_tokens}) holds",
             )
         seq.start(ids, max_new, lm.tokenizer)
-        bs = self.prefix.block_size
-        if len(ids) >= bs and lm.supports_block_reuse:
-            # Requests whose first blocks agree may share a prefix: the scheduler starts their
-            # prefills one after another, so the later one finds the earlier one's blocks.
-            seq.prefix_key = chain_hashes(ids[:bs], bs, self.prefix.namespace)[0]
+        if lm.supports_block_reuse:
+            # The scheduler compares them with the prefills under way (`Scheduler._waits_for`).
+            seq.block_hashes = tuple(chain_hashes(ids, self.prefix.block_size, self.prefix.namespace))
 
     # ---- prefill ------------------------------------------------------------------------------
 
@@ -156,7 +156,7 @@ class ModelRunner:
             tokens.append(seq.next_token)
             logits_at.append(len(tokens) - 1)
             ready.append(seq)
-        batch = batched_attention.step_batch(self.pool.buffer, segments)
+        batch = batched_attention.step_batch(self.pool.buffer, segments, self.decode_attention)
         if self.plain_step is not None:
             logits = self.plain_step.forward(tokens, batch, logits_at, pad_to)
         else:
@@ -191,9 +191,15 @@ class ModelRunner:
 
     def sample(self, rows: Seq[tuple[Sequence, torch.Tensor]]) -> list[int]:
         """One token per (request, logits) row, each with its request's parameters and generator: a
-        seeded request samples the same tokens whatever runs beside it."""
+        seeded request samples the same tokens whatever runs beside it. A request short of its
+        `min_tokens` has its end-of-sequence logits set to -inf first (in its row, greedy or sampled),
+        so it cannot end yet; the other rows are left as they are. Both the batched forward and the
+        one-by-one fallback come here."""
         if not rows:
             return []
+        for seq, logits in rows:
+            if seq.min_tokens_pending:
+                suppress_tokens(logits, seq.eos_ids)
         greedy = torch.stack([logits for _, logits in rows]).argmax(dim=-1).tolist()
         return [
             greedy[i] if seq.params.temperature == 0.0 else sample(logits, seq.params, seq.generator)

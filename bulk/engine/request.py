@@ -28,6 +28,8 @@ FIELDS = (
     "seed",
     "session_id",
     "stop",
+    "ignore_eos",
+    "min_tokens",
     "response_cache",
     "request_id",
     "raw",
@@ -112,6 +114,10 @@ class GenerationRequest:
             payload["seed"] = params.seed
         if params.stop:
             payload["stop"] = list(params.stop)
+        if params.ignore_eos:
+            payload["ignore_eos"] = True
+        if params.min_tokens:
+            payload["min_tokens"] = params.min_tokens
         if self.session_id is not None:
             payload["session_id"] = self.session_id
         if self.response_cache is not None:
@@ -161,12 +167,23 @@ def parse_request(query: Any, config: KVCacheConfig) -> GenerationRequest:
     seed = _int(query, "seed", None)
     if seed is not None and not 0 <= seed < 2**63:
         raise InvalidRequestError("seed", "must be a non-negative 64-bit integer")
+    ignore_eos = query.get("ignore_eos")
+    if ignore_eos is not None and not isinstance(ignore_eos, bool):
+        raise InvalidRequestError("ignore_eos", "must be true, false or null")
+    min_tokens = _int(query, "min_tokens", 0)
+    if not 0 <= min_tokens <= max_new_tokens:
+        # vLLM refuses it too: the answer could never hold that many tokens.
+        raise InvalidRequestError(
+            "min_tokens", f"must be between 0 and the request's maximum of new tokens ({max_new_tokens})"
+        )
     params = SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
         seed=seed,
         stop=_stop(query.get("stop")),
+        ignore_eos=bool(ignore_eos),
+        min_tokens=min_tokens,
     )
     response_cache = query.get("response_cache")
     if response_cache is not None and not isinstance(response_cache, bool):

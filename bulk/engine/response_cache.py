@@ -115,6 +115,9 @@ def request_key(model_fingerprint: str, prompt: str, params: Any) -> Hashable:
         params.top_p,
         params.seed,
         tuple(params.stop),
+        # An answer forced past the end of sequence (or to a minimum length) is another answer.
+        params.ignore_eos,
+        params.min_tokens,
     )
 
 

@@ -11,25 +11,39 @@ queue does not fit, nothing behind it jumps ahead (a long prompt is never starve
 
 Then the step picks the model work of its one forward: one token for every request past its
 prompt, and prompt tokens for the admitted requests still prefilling, oldest first, within a token
-budget. With nothing decoding, the budget is `PREFILL_STEP_TOKENS` (or the whole first prompt, if
-longer: a prompt alone runs in one go). While others decode, it is sized so that the prompt work
-delays their next token by about `CHUNK_STALL` decode steps: the step loop reports what a prompt
-token and a decode step cost (`observe_step`), and the budget is that many decode steps' worth of
-prompt tokens, between `MIN_CHUNK` and `prefill_chunk_tokens`. Sarathi-Serve sizes its token budget
-from the inter-token latency it allows in the same way; a fixed token count would stall a large
-model's streams far longer than a small one's. In batch-invariant mode at most one prompt is
+budget; several prompts share one forward. With nothing decoding, the budget is
+`PREFILL_STEP_TOKENS` (or the whole first prompt, if longer: a prompt alone runs in one go). While
+others decode, it is sized so that the prompt work delays their next token by `CHUNK_STALL` decode
+steps or `PROMPT_STALL_SECONDS`, whichever is longer: the step loop reports what a prompt token and
+a decode step cost (`observe_step`), and the budget is the prompt tokens that fit in that time,
+between `MIN_CHUNK` and `prefill_chunk_tokens`. Sarathi-Serve sizes its token budget from the
+inter-token latency it allows in the same way; a fixed token count would stall a large model's
+streams far longer than a small one's. The floor in seconds is for small models: their decode step
+is a few milliseconds, and a budget of 1.5 of those (a dozen prompt tokens) admitted new requests
+more slowly than chat traffic arrives (a 200-token question every 32 decode steps per stream at
+16 streams is 100 prompt tokens a step), so requests queued for their prompt while the batch ran
+half empty. In batch-invariant mode at most one prompt is
 computed per step, in chunks of exactly `prefill_chunk_tokens` and in a forward of its own (the
 loop runs the decode rows in another), so that a prompt is computed the same way whatever runs
 beside it.
 
-Requests that may share a prefix (their first blocks agree) are prefilled one after another: a
-request's prefix lookup happens when its prefill starts, after the one ahead of it has stored its
-prompt blocks, so requests arriving together still share a common system prompt."""
+Requests in flight share prefixes without queueing behind each other. A request's prefill starts
+with its prefix lookup (`start`, the model runner's), which takes every block cached at that moment;
+the blocks a prefill computes are stored as each chunk completes (`EngineLoop._forward`), not when
+its whole prompt is done, as vLLM marks each full block cached the moment it is computed. So a
+request waits only when a prefill already under way is computing blocks of its own prompt that are
+not cached yet, and only until that prefill has passed them; then its lookup finds them. A prefix
+already cached (a chat template's header, a system prompt seen before) costs no wait, and a short
+shared part is computed twice rather than waited for: waiting costs at least one step, so it pays
+only when computing the shared tokens again would cost more than a step (`worth_waiting`, from the
+measured costs; SGLang's in-batch prefix caching waits only above a length threshold too)."""
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from bulk.engine.sequence import Sequence, Status
 from bulk.kv.slots import SlotAllocator
@@ -37,10 +51,26 @@ from bulk.kv.slots import SlotAllocator
 # A prefill chunk beside decoding requests costs about this many of their decode steps: their
 # inter-token latency during a long prefill stays near (1 + CHUNK_STALL) times its usual value.
 CHUNK_STALL = 1.5
+# ...or by this long, when that is more: a stream still gets ten tokens a second, above reading
+# speed, while new requests' prompts go through at the rate chat traffic brings them.
+PROMPT_STALL_SECONDS = 0.1
 MIN_CHUNK = 16  # tokens: a long prompt always progresses
 # Prompt tokens a step computes when nothing decodes (more when the first prompt alone is longer).
 PREFILL_STEP_TOKENS = 2048
 _SMOOTHING = 0.3  # weight of the newest measurement in the running cost estimates
+# Before any step is measured, a request waits for an in-flight prefill's blocks from this many
+# shared uncached tokens on (SGLang's in-batch prefix caching threshold).
+WAIT_FROM_TOKENS = 32
+
+
+class PrefixView(Protocol):
+    """What the scheduler reads of the prefix cache: which blocks exist now (no pins, no tensors)."""
+
+    block_size: int
+
+    def cached_blocks(self, hashes: Seq[bytes]) -> int:
+        """How many of `hashes`, a prompt's block chain from its start, are cached now."""
+        ...
 
 
 @dataclass
@@ -58,8 +88,10 @@ class Scheduler:
         max_batch_tokens: int,
         prefill_chunk_tokens: int,
         always_chunk: bool = False,
+        prefix: PrefixView | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
+        self.prefix = prefix
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.always_chunk = always_chunk
         self.slots = SlotAllocator(max_batch_tokens)
@@ -96,11 +128,11 @@ class Scheduler:
         step = ScheduledStep()
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting[0][2]
-            start = self.slots.allocate(seq.capacity)
-            if start is None:
+            slot = self.slots.allocate(seq.capacity)
+            if slot is None:
                 break  # wait for a running request to finish; never skip the head of the queue
             heapq.heappop(self.waiting)
-            seq.slot, seq.status = start, Status.PREFILL
+            seq.slot, seq.status = slot, Status.PREFILL
             self.running.append(seq)
             step.admitted.append(seq)
 
@@ -110,30 +142,63 @@ class Scheduler:
             step.separate = True
             if prefilling:
                 seq = prefilling[0]
-                step.prefill = [(seq, min(seq.prompt_left, self.prefill_chunk_tokens))]
+                step.prefill = [(seq, min(self._prompt_to_compute(seq), self.prefill_chunk_tokens))]
             return step
-        if step.decode:
-            budget = self.chunk_beside_decode()
-        else:
-            budget = max(PREFILL_STEP_TOKENS, prefilling[0].prompt_left) if prefilling else 0
-        started = {s.prefix_key for s in prefilling if s.prefill_started and s.prefix_key is not None}
+        under_way = [s for s in prefilling if s.prefill_started]
+        budget = 0
         for seq in prefilling:
-            if budget <= 0:
+            if step.prefill and budget <= 0:
                 break
-            if not seq.prefill_started and seq.prefix_key is not None:
-                if seq.prefix_key in started:
-                    continue  # after the request ahead with the same first block has stored it
-                started.add(seq.prefix_key)
-            take = min(seq.prompt_left, budget)
+            if not seq.prefill_started:
+                if self._waits_for(seq, under_way):
+                    continue  # until the prefill ahead has computed the blocks they share
+                under_way.append(seq)  # its lookup runs with this step's forward
+            left = self._prompt_to_compute(seq)
+            if not step.prefill:
+                budget = self.chunk_beside_decode() if step.decode else max(PREFILL_STEP_TOKENS, left)
+            take = min(left, budget)
             step.prefill.append((seq, take))
             budget -= take
         return step
+
+    def _prompt_to_compute(self, seq: Sequence) -> int:
+        """Prompt tokens `seq` still has to compute: before its prefill starts, what its prefix
+        lookup will not find in memory (the model runner clips a chunk to what the lookup left)."""
+        if seq.prefill_started or self.prefix is None or not seq.block_hashes:
+            return seq.prompt_left
+        cached = self.prefix.cached_blocks(seq.block_hashes) * self.prefix.block_size
+        return seq.prompt_left - min(cached, seq.prompt_left - 1)
+
+    def _waits_for(self, seq: Sequence, under_way: list[Sequence]) -> bool:
+        """Whether `seq` should not start yet: a prefill under way is computing blocks of its prompt
+        that are not cached, and computing them again would cost more than waiting for them."""
+        if self.prefix is None or not seq.block_hashes:
+            return False
+        bs = self.prefix.block_size
+        cached: int | None = None  # read from the cache only when some prefill shares blocks
+        for other in under_way:
+            shared = _common_blocks(seq.block_hashes, other.block_hashes)
+            if shared == 0 or other.num_computed >= shared * bs:
+                continue  # nothing shared, or computed (and stored) already
+            if cached is None:
+                cached = self.prefix.cached_blocks(seq.block_hashes)
+            if shared > cached and self.worth_waiting((shared - cached) * bs):
+                return True
+        return False
+
+    def worth_waiting(self, tokens: int) -> bool:
+        """Whether `tokens` of prompt cost more to compute than a step costs to wait: a request that
+        waits for another's blocks starts at least one step later."""
+        if self._prefill_seconds_per_token is None or self._decode_step_seconds is None:
+            return tokens >= WAIT_FROM_TOKENS
+        return tokens * self._prefill_seconds_per_token >= self._decode_step_seconds
 
     def chunk_beside_decode(self) -> int:
         """Prompt tokens to compute in a step that also decodes (see the module's docstring)."""
         if self._prefill_seconds_per_token is None or self._decode_step_seconds is None:
             return self.prefill_chunk_tokens  # nothing measured yet
-        tokens = int(CHUNK_STALL * self._decode_step_seconds / self._prefill_seconds_per_token)
+        seconds = max(CHUNK_STALL * self._decode_step_seconds, PROMPT_STALL_SECONDS)
+        tokens = int(seconds / self._prefill_seconds_per_token)
         return max(min(MIN_CHUNK, self.prefill_chunk_tokens), min(tokens, self.prefill_chunk_tokens))
 
     def observe_step(self, prompt_tokens: int, decode_rows: int, seconds: float) -> None:
@@ -167,6 +232,17 @@ class Scheduler:
         waiting = [s for _, _, s in sorted(self.waiting)]
         self.waiting.clear()
         return waiting
+
+
+def _common_blocks(a: Seq[bytes], b: Seq[bytes]) -> int:
+    """How many leading blocks two prompts' chains share (chained hashes: the first difference
+    ends it)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _smooth(previous: float | None, value: float) -> float:

@@ -57,7 +57,9 @@ class Sequence:
         self.capacity = 0  # KV tokens reserved: prompt + max_new_tokens
         self.eos_ids: frozenset[int] = frozenset()
         self.stream: TextStream | None = None
-        self.prefix_key: bytes | None = None  # its first block's hash, when it has a full block
+        # Its prompt's full blocks' chained hashes (`bulk.kv.hashing`; empty for a model without
+        # prefix reuse): what the scheduler compares with the prefills under way.
+        self.block_hashes: tuple[bytes, ...] = ()
         # Filled in at admission and prefill.
         self.slot: int | None = None  # start of its range in the KV pool
         self.hit: PrefixHit | None = None  # the cached prefix, pinned until retirement
@@ -69,6 +71,9 @@ class Sequence:
         self.output_ids: list[int] = []
         self.text = ""
         self.next_token: int | None = None  # sampled, not yet fed to the model
+        # Where in the text a stop string may start being found: text out before `min_tokens` was
+        # reached is not searched again (vLLM looks only at new text, and skips the look before).
+        self._stop_from = 0
         self.finish_reason: str | None = None
         self.ttft_ms: float | None = None
         self.last_token_at: float | None = None
@@ -111,25 +116,37 @@ class Sequence:
         return self.finish_reason is not None
 
     @property
+    def min_tokens_pending(self) -> bool:
+        """Fewer than `min_tokens` tokens are out: the next one may not be an end of sequence."""
+        return len(self.output_ids) < self.params.min_tokens
+
+    @property
     def token_ids(self) -> list[int]:
         """Prompt and answer so far."""
         return self.prompt_ids + self.output_ids
 
     def append(self, token: int) -> str:
         """Take the token sampled for this sequence; return the text it completes ("" while a
-        character is incomplete, or when the token ends the answer). Sets `finish_reason` on EOS, on
-        a stop string (the text ends before it, as OpenAI's API does) and at `max_new_tokens`."""
+        character is incomplete, or when the token ends the answer). Sets `finish_reason` on EOS
+        (unless `ignore_eos`: then it is an ordinary token), on a stop string (the text ends before
+        it, as OpenAI's API does; looked for only once `min_tokens` tokens are out) and at
+        `max_new_tokens`. The sampler keeps EOS out before `min_tokens` (`ModelRunner.sample`)."""
         assert self.stream is not None
         now = time.perf_counter()
         if self.ttft_ms is None:
             self.ttft_ms = (now - self.started) * 1000
         self.last_token_at = now
-        if token in self.eos_ids:
+        params = self.params
+        if token in self.eos_ids and not params.ignore_eos:
             self.finish_reason = "stop"
             return ""
         self.output_ids.append(token)
         delta = self.stream.push(token)
-        cut = _stop_index(self.stream.text, self.params.stop)
+        cut = None
+        if len(self.output_ids) < params.min_tokens:
+            self._stop_from = len(self.stream.text)
+        elif params.stop:
+            cut = _stop_index(self.stream.text, params.stop, self._stop_from)
         if cut is not None:
             emitted = len(self.text)
             self.text = self.stream.text[:cut]
@@ -159,6 +176,7 @@ class Sequence:
         }
 
 
-def _stop_index(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+def _stop_index(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
+    """Where the first stop string in `text` begins, among those with a character at or after `start`."""
+    hits = [i for i in (text.find(s, max(0, start - len(s) + 1)) for s in stops) if i >= 0]
     return min(hits) if hits else None

@@ -1,7 +1,9 @@
-"""Choosing the next token from logits: greedy, temperature and nucleus (top-p) sampling."""
+"""Choosing the next token from logits: greedy, temperature and nucleus (top-p) sampling, and the
+tokens a request may not choose yet (`suppress_tokens`, for `min_tokens`)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,11 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # vLLM's extra fields, with its semantics: the end of sequence does not end the answer (it is kept
+    # as an ordinary token); and until `min_tokens` tokens are out it cannot be chosen and no stop
+    # string is looked for.
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
     @property
     def deterministic(self) -> bool:
@@ -32,6 +39,19 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     else:
         generator.manual_seed(params.seed)
     return generator
+
+
+def suppress_tokens(logits: torch.Tensor, token_ids: Collection[int]) -> torch.Tensor:
+    """Set `logits[token_ids]` (logits: (vocab,)) to -inf, so that neither greedy decoding nor sampling
+    can choose them; returns `logits`. In place: the caller's row is what the token is sampled from
+    (and what a logits observer is shown). Ids beyond the logits are skipped: a generation config may
+    name an end-of-turn id outside the model's vocabulary, which must not fail the step."""
+    index = [i for i in token_ids if 0 <= i < logits.shape[-1]]
+    if index:
+        # The model's logits are inference tensors, which may only be changed in place in this mode.
+        with torch.inference_mode():
+            logits.index_fill_(-1, torch.tensor(index, device=logits.device), float("-inf"))
+    return logits
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

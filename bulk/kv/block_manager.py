@@ -111,6 +111,17 @@ class BlockManager:
             self._token_hits += lease.num_tokens
         return lease
 
+    def cached_blocks(self, hashes: Sequence[bytes]) -> int:
+        """How many of `hashes`, a chain from its first block, are cached now (nothing pinned, no
+        token comparison: a hint for scheduling, not a hit)."""
+        with self._lock:
+            n = 0
+            for digest in hashes:
+                if digest not in self._blocks:
+                    break
+                n += 1
+            return n
+
     def extend(self, lease: PrefixLease, token_ids: Sequence[int]) -> list[tuple[int, bytes]]:
         """Admit the full blocks of `token_ids` after the lease's blocks, pinning each into the lease.
         Returns (block_index, hash) for each newly cached block, whose tensors the caller now stores.

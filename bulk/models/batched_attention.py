@@ -8,11 +8,14 @@ tokens at once, one GEMM per weight, which is where batching pays: a step reads 
 however many requests it serves (as vLLM and SGLang lay out their batches). Attention is the one
 part that differs per segment, so a custom function registered through `AttentionInterface` takes
 it over: it writes every new key and value into the pool (one `index_copy_` per layer) and runs one
-SDPA per segment over that request's contiguous keys and values, with a causal mask offset by the
-tokens it already holds. One SDPA per segment was faster on CPU than one padded, masked SDPA over
-all rows, and it is the same call a request running alone makes, so a request's attention is
-exactly its solo attention. (On CUDA, `flash_attn_with_kvcache` over the pool would do all decode
-rows in one kernel: a later step.)
+SDPA per prompt chunk over that request's contiguous keys and values, with a causal mask offset by
+the tokens it already holds, and one SDPA per decode row (one new token each, after the chunks):
+the rows' calls made from C++ in one call of the native decode attention where it is built
+(`bulk.models.native.decode_attention`, which spreads the rows over the threads), from here
+otherwise, the same calls either way. Each row's attention is computed on its own, the same way
+whatever runs beside it, so a request's attention is exactly its solo attention. One SDPA per
+segment was faster on CPU than one padded, masked SDPA over all rows. (On CUDA,
+`flash_attn_with_kvcache` over the pool would do all decode rows in one kernel: a later step.)
 
 Calls that carry no `StepBatch` (transformers' own `generate`, the benchmarks' baselines) go to
 transformers' SDPA attention unchanged, with the SDPA mask function registered beside ours: an
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,6 +61,11 @@ class Segment:
     length: int  # new tokens in this step: 1 for a decode row, a chunk for a prefill
 
 
+# (query (1, heads, rows, head_dim), layer (2, kv_heads, pool_tokens, head_dim), starts, ends,
+# scaling, in float32) -> (1, rows, heads, head_dim): `bulk.models.native.decode_attention`
+DecodeAttention = Callable[[torch.Tensor, torch.Tensor, list[int], list[int], float, bool], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class StepBatch:
     """What the attention function needs to know about the segments of one step."""
@@ -66,9 +74,17 @@ class StepBatch:
     segments: Sequence[Segment]
     write_at: torch.Tensor  # (tokens,) long: the pool position of each new key and value
     masks: tuple[torch.Tensor | None, ...]  # per segment: its causal mask, or None (SDPA's own)
+    # The decode rows at the end of the step (from segment `rows_from` on) go to `decode_attention`
+    # in one call, each over the pool range [row_starts[i], row_ends[i]); without it, SDPA per row.
+    decode_attention: DecodeAttention | None = None
+    rows_from: int = 0
+    row_starts: list[int] = field(default_factory=list)
+    row_ends: list[int] = field(default_factory=list)
 
 
-def step_batch(pool: torch.Tensor, segments: Sequence[Segment]) -> StepBatch:
+def step_batch(
+    pool: torch.Tensor, segments: Sequence[Segment], decode_attention: DecodeAttention | None = None
+) -> StepBatch:
     positions: list[int] = []
     masks: list[torch.Tensor | None] = []
     for seg in segments:
@@ -76,7 +92,23 @@ def step_batch(pool: torch.Tensor, segments: Sequence[Segment]) -> StepBatch:
         positions.extend(range(first, first + seg.length))
         masks.append(_offset_causal_mask(seg, pool.device))
     write_at = torch.tensor(positions, dtype=torch.long, device=pool.device)
-    return StepBatch(pool, segments, write_at, tuple(masks))
+    rows_from = len(segments)
+    if decode_attention is not None and pool.device.type == "cpu":
+        while rows_from and segments[rows_from - 1].length == 1:
+            rows_from -= 1
+    else:
+        decode_attention = None
+    rows = segments[rows_from:]
+    return StepBatch(
+        pool,
+        segments,
+        write_at,
+        tuple(masks),
+        decode_attention,
+        rows_from,
+        [seg.start for seg in rows],
+        [seg.start + seg.cached + 1 for seg in rows],
+    )
 
 
 def _offset_causal_mask(seg: Segment, device: torch.device) -> torch.Tensor | None:
@@ -120,14 +152,16 @@ def attend(
     module: Any, query: torch.Tensor, layer: torch.Tensor, batch: StepBatch, **kwargs: Any
 ) -> torch.Tensor:
     """Each segment's queries over its request's keys and values in the pool (after `write_kv`):
-    one SDPA per segment, as transformers' SDPA attention runs it. query: (1, heads, N, head_dim);
-    returns (1, N, heads, head_dim)."""
+    one SDPA per prompt chunk, as transformers' SDPA attention runs it, and the decode rows at the
+    end in one `batch.decode_attention` call where the batch has one, else one SDPA each. query:
+    (1, heads, N, head_dim); returns (1, N, heads, head_dim)."""
     tokens = batch.write_at.shape[0]
     outputs = []
     offset = 0
     float32 = layer.dtype == torch.float32 or attends_in_float32(query.dtype, query.device)
     work = torch.float32 if float32 else query.dtype
-    for seg, mask in zip(batch.segments, batch.masks, strict=True):
+    segments, masks = batch.segments[: batch.rows_from], batch.masks[: batch.rows_from]
+    for seg, mask in zip(segments, masks, strict=True):
         end = seg.start + seg.cached + seg.length
         q = query[:, :, offset : offset + seg.length].to(work)
         k = layer[0, :, seg.start : end].unsqueeze(0).to(work)  # no copy when the pool holds `work`
@@ -142,6 +176,13 @@ def attend(
             out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)
         outputs.append(out.to(query.dtype))  # (1, length, heads, head_dim)
         offset += seg.length
+    if batch.decode_attention is not None and batch.row_starts:
+        rows = query[:, :, offset : offset + len(batch.row_starts)]
+        scaling = kwargs.get("scaling")
+        scaling = module.scaling if scaling is None else scaling
+        outputs.append(
+            batch.decode_attention(rows, layer, batch.row_starts, batch.row_ends, scaling, float32)
+        )
     padding = query.shape[2] - tokens
     if padding:
         # Tokens added only to fix the GEMM shape (batch-invariant mode): their output is never read.

@@ -75,6 +75,12 @@ def has_bf16_instructions() -> bool:
     return bool(probed)
 
 
+def flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where there is none): what a library
+    built for this machine's instruction set depends on."""
+    return _flags() or frozenset()
+
+
 def has_avx2() -> bool:
     """True when /proc/cpuinfo lists AVX2 (x86 only; False where there is no /proc/cpuinfo)."""
     flags = _flags()

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from bulk.models import batched_attention
-from bulk.models.batched_attention import Segment, StepBatch
+from bulk.models import native as native_code
+from bulk.models.batched_attention import DecodeAttention, Segment, StepBatch
 from bulk.models.native import NativeLayers
 from bulk.models.weight_quant import WeightOnlyLinear, fuse
 
@@ -244,29 +245,34 @@ def build(
         step = LlamaStep(model, native)
     except AttributeError as exc:  # a llama config over modules laid out otherwise
         return None, f"its modules are not laid out as transformers' Llama ({exc})"
-    mismatch = _check(model, step, checked_as)
+    decode_attention = native_code.decode_attention() if native else None
+    mismatch = _check(model, step, checked_as, decode_attention)
     if mismatch and step.native is not None:
         log.warning("native decode layers rejected, decoding through Python: %s", mismatch)
         step.native = None
-        mismatch = _check(model, step, checked_as)
+        mismatch = _check(model, step, checked_as, decode_attention)
     if mismatch:
         return None, mismatch
     return step, None
 
 
-def _check(model: Any, step: LlamaStep, checked_as: str | None) -> str | None:
+def _check(
+    model: Any, step: LlamaStep, checked_as: str | None, decode_attention: DecodeAttention | None
+) -> str | None:
     if checked_as is None:
-        return _differs_from_transformers(model, step)
-    key = f"{checked_as}/{'native' if step.native is not None else 'python'}"
+        return _differs_from_transformers(model, step, decode_attention)
+    key = f"{checked_as}/{'native' if step.native is not None else 'python'}/{decode_attention is not None}"
     if key not in _checked:
-        _checked[key] = _differs_from_transformers(model, step)
+        _checked[key] = _differs_from_transformers(model, step, decode_attention)
     return _checked[key]
 
 
-def _differs_from_transformers(model: Any, step: LlamaStep) -> str | None:
+def _differs_from_transformers(
+    model: Any, step: LlamaStep, decode_attention: DecodeAttention | None
+) -> str | None:
     """Run a 5-token prefill, a step of a chunk and a decode row, and a step of decode rows only (the
-    native layers' kind) through both forwards, on a scratch pool; the logits must be
-    bit-identical."""
+    native layers' kind) through both forwards, on a scratch pool, with the decode attention the
+    engine's steps will use; the logits must be bit-identical."""
     config = model.config
     param = next(model.parameters())
     kv_heads = config.num_key_value_heads
@@ -289,7 +295,7 @@ def _differs_from_transformers(model: Any, step: LlamaStep) -> str | None:
             if segments[0].cached:
                 warm = batched_attention.step_batch(pool, [Segment(0, 0, segments[0].cached)])
                 batched_attention.forward_step(model, tokens[: segments[0].cached], warm, [0])
-            batch = batched_attention.step_batch(pool, segments)
+            batch = batched_attention.step_batch(pool, segments, decode_attention)
             at = [sum(s.length for s in segments[: i + 1]) - 1 for i in range(len(segments))]
             results.append(forward(ids, batch, at))
         if not torch.equal(results[0], results[1]):

@@ -22,7 +22,7 @@ from bulk.models.demo import DEMO_SPECS, build_demo_model, is_demo
 from bulk.models.gguf import converted_folder, is_gguf_path, manifest_weight_bits
 from bulk.models.progress import quiet_progress_bars
 from bulk.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
-from bulk.models.weight_quant import quantize_weights
+from bulk.models.weight_quant import measure_dense_from_rows, quantize_weights, set_dense_from_rows
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,10 @@ def load_model(config: KVCacheConfig) -> LoadedModel:
             # Many-row products (prompt chunks) use a dense copy of the weights: bfloat16 where the
             # CPU multiplies it in hardware, else float32, several times faster there.
             quantize_weights(model, scheme, torch.bfloat16 if has_bf16_instructions() else torch.float32)
+            # From how many rows on the dense copy is faster, on this CPU (decode batches).
+            dense_from = measure_dense_from_rows(model)
+            set_dense_from_rows(model, dense_from)
+            log.info("quantized layers multiply %d rows or more through their dense copies", dense_from)
             fingerprint = f"{fingerprint}+w{scheme}"
     except ModelLoadError:
         raise

@@ -1,24 +1,42 @@
-"""The decode step's layers as one native call: `csrc/llama_decode.cpp`, built on first use.
+"""The native code of the decode step: `csrc/`, built on first use.
 
-Why: a decode step of SmolLM2-135M with 4-bit weights runs about 2,000 small PyTorch operations
-(65 a layer, 30 layers: norms, rotary embedding, the KV write, attention, residuals), each a
-microsecond or more of Python and argument parsing around a few hundred nanoseconds of work, and
-holds the interpreter lock between them, so that the server's event loop, which streams each token,
-waits for it. The C++ file runs the same ATen operations, with the same arguments, in the same
-order as `llama_step.LlamaStep`'s Python loop (bit-identical, and `llama_step.build` checks it
+Two operations, in one library:
+
+  decode_layers     a quantized Llama model's decode step, every layer, as one call
+                    (`csrc/llama_decode.cpp`)
+  decode_attention  every decode row's attention over its KV range in the pool, for one layer, as
+                    one call (`csrc/decode_attention.cpp`; `batched_attention.attend` uses it for
+                    the decode rows of every model it batches, `decode_layers` for its rows)
+
+Why the layers: a decode step of SmolLM2-135M with 4-bit weights runs about 2,000 small PyTorch
+operations (65 a layer, 30 layers: norms, rotary embedding, the KV write, attention, residuals),
+each a microsecond or more of Python and argument parsing around a few hundred nanoseconds of work,
+and holds the interpreter lock between them, so that the server's event loop, which streams each
+token, waits for it. The C++ file runs the same ATen operations, with the same arguments, in the
+same order as `llama_step.LlamaStep`'s Python loop (bit-identical, and `llama_step.build` checks it
 against transformers' forward at load as it checks the Python loop), in one call that releases the
 lock throughout.
 
-It is built with torch's own extension builder (`torch.utils.cpp_extension.load`: a C++ compiler
-and ninja, about 10 s on 2 cores) into `~/.cache/bul/native/`, once per source and torch version;
-later processes load the built library. Where it cannot be built (no compiler) the engine logs why
-and keeps the Python loop, which computes the same bits, a little slower. The call covers decode
-rows only (one new token per request, fewer rows than `weight_quant.DENSE_FROM_ROWS`) of a model
-whose layers are all quantized (`weight_quant.WeightOnlyLinear`, fused q/k/v and gate/up, no bias):
-prompt chunks are a few large matrix products, where Python's share is small.
+Why the attention: a decode row's SDPA call is tens of microseconds, mostly its own setup, and
+from Python each call costs a few more; a step of 16 rows made 16 x layers of them, each splitting
+a row's three key heads over the threads. `decode_attention` makes the same calls from C++, with
+the same arguments (so the same bits as the Python loop's, and the engine's forwards stay
+bit-identical to transformers' SDPA attention), and with as many rows as threads spreads the rows
+over the threads instead.
 
-`NativeLayers` is the Python face of the call: what it takes from a model's layers (checked to be
-laid out as the C++ file expects), when a step is one it runs (`takes`), and the call itself (`run`).
+It is built with torch's own extension builder (`torch.utils.cpp_extension.load`: a C++ compiler
+and ninja, about 15 s on 2 cores), for this machine's instruction set, into `~/.cache/bul/native/`,
+once per source, torch version and CPU; later processes load the built library. Where it cannot be
+built (no compiler) the engine logs why and keeps the Python loop and one SDPA call per row from
+Python, which compute the same bits, a little slower. `decode_layers` covers steps of decode rows only (one
+new token per request; each matrix product takes the quantized kernel or the dense copy by the
+number of rows, as `WeightOnlyLinear` does) of a model whose layers are all quantized
+(`weight_quant.WeightOnlyLinear`, fused q/k/v and gate/up, no bias): prompt chunks are a few large
+matrix products, where Python's share is small.
+
+`NativeLayers` is the Python face of the layers' call: what it takes from a model's layers (checked
+to be laid out as the C++ file expects), when a step is one it runs (`takes`), and the call itself
+(`run`).
 """
 
 from __future__ import annotations
@@ -39,11 +57,16 @@ import torch
 
 from bulk.models import batched_attention
 from bulk.models.batched_attention import StepBatch
-from bulk.models.weight_quant import DENSE_FROM_ROWS, WeightOnlyLinear
+from bulk.models.weight_quant import WeightOnlyLinear
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "llama_decode.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "llama_decode.cpp", CSRC / "decode_attention.cpp")
+HEADERS = (CSRC / "decode_attention.h",)
+# For this machine's instruction set (the library's name carries the CPU's flags, so that another
+# CPU builds its own); `omp simd` vectorises the attention's dot products without -ffast-math.
+CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
 
 
 def cache_dir() -> Path:
@@ -52,23 +75,33 @@ def cache_dir() -> Path:
 
 
 @functools.cache
-def decode_layers() -> Callable[..., Any] | None:
-    """`torch.ops.bul.llama_decode_layers`, built or loaded once per process; None where it cannot
-    be built (logged once). The `native_decode` setting decides whether it is asked for."""
-    op = _loaded()
-    if op is None:
-        try:
-            _build_and_load()
-        except Exception as exc:  # no compiler, no ninja, a build error: the Python loop stays
-            log.warning("native decode layers unavailable, decoding through Python: %s", exc)
-            return None
-        op = _loaded()
-    return op
-
-
-def _loaded() -> Callable[..., Any] | None:
+def library() -> bool:
+    """Build or load the native library once per process; False where it cannot be built (logged
+    once). The `native_decode` setting decides whether it is asked for."""
+    if _loaded("llama_decode_layers") is not None:
+        return True
     try:
-        return torch.ops.bul.llama_decode_layers
+        _build_and_load()
+    except Exception as exc:  # no compiler, no ninja, a build error: Python and SDPA stay
+        log.warning("native decode code unavailable, decoding through Python and SDPA: %s", exc)
+        return False
+    return _loaded("llama_decode_layers") is not None
+
+
+def decode_layers() -> Callable[..., Any] | None:
+    """`torch.ops.bul.llama_decode_layers`, or None where the library cannot be built."""
+    return _loaded("llama_decode_layers") if library() else None
+
+
+def decode_attention() -> Callable[..., Any] | None:
+    """`torch.ops.bul.decode_attention` (see the module's docstring), or None where the library
+    cannot be built."""
+    return _loaded("decode_attention") if library() else None
+
+
+def _loaded(name: str) -> Callable[..., Any] | None:
+    try:
+        return getattr(torch.ops.bul, name)
     except (AttributeError, RuntimeError):  # not registered in this process
         return None
 
@@ -76,8 +109,10 @@ def _loaded() -> Callable[..., Any] | None:
 class _LayerParts(NamedTuple):
     norms: list[torch.Tensor]  # input norm, post-attention norm
     weights: list[torch.Tensor]  # (qweight, scales) of q/k/v, o, gate/up, down
+    dense: list[torch.Tensor]  # the dense copies of q/k/v, o, gate/up, down
     bits: list[int]  # of q/k/v, o, gate/up, down
-    shape: tuple[int, float, float, int, int]  # group size, eps, scaling, gate size, query size
+    # group size, eps, scaling, gate size, query size, dense_from_rows
+    shape: tuple[int, float, float, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -88,8 +123,10 @@ class NativeLayers:
     call: Callable[..., torch.Tensor]
     norms: list[torch.Tensor]  # per layer: input norm, post-attention norm
     weights: list[torch.Tensor]  # per layer: (qweight, scales) of q/k/v, o, gate/up, down
+    dense: list[torch.Tensor]  # per layer: the dense copies of q/k/v, o, gate/up, down
     bits: list[int]  # per layer: of q/k/v, o, gate/up, down
     group_size: int
+    dense_from_rows: int  # `WeightOnlyLinear.dense_from_rows`
     q_heads: int
     kv_heads: int
     head_dim: int
@@ -117,7 +154,7 @@ class NativeLayers:
         shapes = {p.shape for p in known}
         if len(known) != len(parts) or len(shapes) != 1:
             return None
-        group_size, eps, scaling, gate_size, q_out = shapes.pop()
+        group_size, eps, scaling, gate_size, q_out, dense_from_rows = shapes.pop()
         call = decode_layers()
         if call is None:
             return None
@@ -127,8 +164,10 @@ class NativeLayers:
             call=call,
             norms=[t for p in known for t in p.norms],
             weights=[t for p in known for t in p.weights],
+            dense=[t for p in known for t in p.dense],
             bits=[b for p in known for b in p.bits],
             group_size=group_size,
+            dense_from_rows=dense_from_rows,
             q_heads=q_out // head_dim,
             kv_heads=first.self_attn.k_proj.out_features // head_dim,
             head_dim=head_dim,
@@ -139,11 +178,9 @@ class NativeLayers:
         )
 
     def takes(self, batch: StepBatch, n: int) -> bool:
-        """A step of decode rows only, few enough for the quantized kernels, with no padding."""
-        return (
-            n < DENSE_FROM_ROWS
-            and n == len(batch.segments) == batch.write_at.shape[0]
-            and all(seg.length == 1 for seg in batch.segments)
+        """A step of decode rows only, with no padding."""
+        return n == len(batch.segments) == batch.write_at.shape[0] and all(
+            seg.length == 1 for seg in batch.segments
         )
 
     def run(
@@ -152,9 +189,9 @@ class NativeLayers:
         starts = [seg.start for seg in batch.segments]
         ends = [seg.start + seg.cached + 1 for seg in batch.segments]
         return self.call(
-            hidden, cos, sin, batch.pool, batch.write_at, starts, ends, self.norms, self.weights, self.bits,
-            self.group_size, self.q_heads, self.kv_heads, self.head_dim, self.gate_size, self.eps,
-            self.scaling, self.float32_attention,
+            hidden, cos, sin, batch.pool, batch.write_at, starts, ends, self.norms, self.weights, self.dense,
+            self.bits, self.group_size, self.dense_from_rows, self.q_heads, self.kv_heads, self.head_dim,
+            self.gate_size, self.eps, self.scaling, self.float32_attention,
         )  # fmt: skip
 
 
@@ -165,7 +202,7 @@ def _layer_parts(layer: Any, qkv: Any, gate_up: Any) -> _LayerParts | None:
     projections = [qkv, attn.o_proj, gate_up, mlp.down_proj]
     if not all(isinstance(p, WeightOnlyLinear) and p.bias is None for p in projections):
         return None
-    if len({p.group_size for p in projections}) != 1:
+    if len({p.group_size for p in projections}) != 1 or len({p.dense_from_rows for p in projections}) != 1:
         return None
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     if norms[0].variance_epsilon != norms[1].variance_epsilon:
@@ -173,6 +210,7 @@ def _layer_parts(layer: Any, qkv: Any, gate_up: Any) -> _LayerParts | None:
     return _LayerParts(
         norms=[n.weight for n in norms],
         weights=[t for p in projections for t in (p.qweight, p.scales)],
+        dense=[p.dense for p in projections],
         bits=[p.bits for p in projections],
         shape=(
             projections[0].group_size,
@@ -180,6 +218,7 @@ def _layer_parts(layer: Any, qkv: Any, gate_up: Any) -> _LayerParts | None:
             float(attn.scaling),
             mlp.gate_proj.out_features,
             attn.q_proj.out_features,
+            projections[0].dense_from_rows,
         ),
     )
 
@@ -187,8 +226,14 @@ def _layer_parts(layer: Any, qkv: Any, gate_up: Any) -> _LayerParts | None:
 def _build_and_load() -> None:
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-    name = f"bul_llama_decode_{digest}"
+    from bulk.models import cpu
+
+    digest = hashlib.sha256()
+    for path in (*SOURCES, *HEADERS):
+        digest.update(path.read_bytes())
+    digest.update(" ".join(CFLAGS).encode())
+    digest.update(" ".join(sorted(cpu.flags())).encode())
+    name = f"bul_native_{digest.hexdigest()[:12]}"
     build = cache_dir() / f"torch-{torch.__version__}" / name
     build.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -199,10 +244,11 @@ def _build_and_load() -> None:
         os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
     cpp_extension.load(
         name=name,
-        sources=[str(SOURCE)],
+        sources=[str(path) for path in SOURCES],
         build_directory=str(build),
-        extra_cflags=["-O2"],
+        extra_cflags=CFLAGS,
+        extra_include_paths=[str(CSRC)],
         is_python_module=False,
         verbose=False,
     )
-    log.info("native decode layers ready (%s, %.1f s)", build, time.perf_counter() - started)
+    log.info("native decode code ready (%s, %.1f s)", build, time.perf_counter() - started)

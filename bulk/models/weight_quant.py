@@ -29,6 +29,8 @@ bfloat16; they are torch's CPU kernels, so quantization is applied on the CPU on
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -50,12 +52,21 @@ DENSE_FROM_ROWS = 24
 # prompt "What is the capital of France?" went through the kernel, whose outputs differ from the
 # GEMM's in the last bfloat16 bit, and its greedy answer turned from "The capital of France is
 # Paris." into a French non-answer. A 135M 4-bit model is that sensitive to rounding.
+# Where the CPU multiplies bfloat16 matrices in hardware much faster than the kernels dequantize
+# (AMX tiles), the dense copy wins far earlier: the four weight shapes of a SmolLM2 layer, int4
+# kernel against bfloat16 GEMM, Intel Xeon with AMX-BF16, 2 threads, per 30 layers: 12 rows 15 / 9
+# ms, 16: 20 / 9, 24: 30 / 9. So the split is measured once per process on the model's own shapes
+# (`measure_dense_from_rows`) and only ever lowered from DENSE_FROM_ROWS: a prompt chunk still
+# takes the dense path on every CPU.
+DENSE_WIN_MARGIN = 0.8  # the dense copy must be this much faster, so that close calls do not flip
 ACTIVATION_DTYPE = torch.bfloat16
 
 
 class WeightOnlyLinear(nn.Module):
-    """A linear layer with quantized weights: `rows < DENSE_FROM_ROWS` go through the quantized
-    kernel, more through the dequantized copy."""
+    """A linear layer with quantized weights: `rows < dense_from_rows` (at most `DENSE_FROM_ROWS`;
+    `set_dense_from_rows`) go through the quantized kernel, more through the dequantized copy."""
+
+    dense_from_rows = DENSE_FROM_ROWS
 
     def __init__(
         self,
@@ -78,7 +89,7 @@ class WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows >= DENSE_FROM_ROWS:
+        if rows >= self.dense_from_rows:
             if self.dense.dtype != x.dtype:  # a float32 copy (CPUs without bfloat16 instructions)
                 bias = None if self.bias is None else self.bias.to(self.dense.dtype)
                 return F.linear(x.to(self.dense.dtype), self.dense, bias).to(x.dtype)
@@ -120,6 +131,7 @@ def fuse(parts: list[WeightOnlyLinear]) -> WeightOnlyLinear | None:
     # int8: (out,); int4: (groups, out, 2)
     fused.scales = torch.cat([p.scales for p in parts], dim=0 if first.bits == 8 else 1)
     fused.bias = None if first.bias is None else torch.cat([p.bias for p in parts if p.bias is not None])
+    fused.dense_from_rows = first.dense_from_rows
     row = 0
     for p in parts:
         p.qweight = fused.qweight[row : row + p.out_features]
@@ -182,3 +194,60 @@ def quantize_weights(model: Any, scheme: str, dense_dtype: torch.dtype = ACTIVAT
             counts[f"int{bits}"] += 1
     log.info("weights quantized (%s): %d layers int4, %d int8", scheme, counts["int4"], counts["int8"])
     return counts
+
+
+def set_dense_from_rows(model: Any, rows: int) -> None:
+    """Every quantized layer of `model` multiplies `rows` rows or more with its dense copy."""
+    for module in model.modules():
+        if isinstance(module, WeightOnlyLinear):
+            module.dense_from_rows = rows
+
+
+def measure_dense_from_rows(model: Any, candidates: tuple[int, ...] = (4, 8, 12, 16, 20)) -> int:
+    """The fewest rows from which `model`'s quantized layers multiply faster through their dense
+    copies than through the quantized kernels, on this CPU: every distinct weight shape of the model
+    timed at each candidate row count, both ways (about 50 ms). `DENSE_FROM_ROWS` when the dense
+    copy does not win by `DENSE_WIN_MARGIN` at some candidate and every larger one."""
+    layers: dict[tuple[int, int, int], WeightOnlyLinear] = {}
+    for module in model.modules():
+        if isinstance(module, WeightOnlyLinear) and module.bits == 4:
+            layers.setdefault((module.in_features, module.out_features, module.bits), module)
+    if not layers:
+        return DENSE_FROM_ROWS
+    generator = torch.Generator().manual_seed(0)
+    wins = []
+    with torch.inference_mode():
+        for rows in candidates:
+            kernel = dense = 0.0
+            for layer in layers.values():
+                x = torch.randn((rows, layer.in_features), generator=generator).to(ACTIVATION_DTYPE)
+                kernel += _best_seconds(_kernel_product, x, layer)
+                dense += _best_seconds(_dense_product, x, layer)
+            wins.append(dense < DENSE_WIN_MARGIN * kernel)
+            log.debug("%d rows: int4 kernel %.0f us, dense copy %.0f us", rows, kernel * 1e6, dense * 1e6)
+    for i, rows in enumerate(candidates):
+        if all(wins[i:]):
+            return rows
+    return DENSE_FROM_ROWS
+
+
+def _kernel_product(x: torch.Tensor, layer: WeightOnlyLinear) -> torch.Tensor:
+    return torch._weight_int4pack_mm_for_cpu(x, layer.qweight, layer.group_size, layer.scales)
+
+
+def _dense_product(x: torch.Tensor, layer: WeightOnlyLinear) -> torch.Tensor:
+    return F.linear(x.to(layer.dense.dtype), layer.dense)
+
+
+def _best_seconds(
+    product: Callable[[torch.Tensor, WeightOnlyLinear], torch.Tensor],
+    x: torch.Tensor,
+    layer: WeightOnlyLinear,
+    repeats: int = 5,
+) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        product(x, layer)
+        times.append(time.perf_counter() - started)
+    return min(times[1:])  # the first run pays for allocations

@@ -29,12 +29,24 @@ class _Sampling(BaseModel):
     n: Literal[1] = Field(1, description="Only one choice per request is served.")
     stop: StrictStr | list[StrictStr] | None = None
     seed: Integer | None = None
+    # vLLM's extra sampling fields, which it takes at the top level of the body (users force vLLM and
+    # BUL KV to the same answer length with them).
+    ignore_eos: StrictBool | None = Field(None, description="vLLM's: do not stop at the end of sequence.")
+    min_tokens: Integer | None = Field(
+        None, description="vLLM's: no end of sequence and no stop string before this many tokens."
+    )
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
 
     def engine_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"temperature": 1.0 if self.temperature is None else self.temperature}
-        for ours, theirs in (("max_new_tokens", self.max_tokens), ("top_p", self.top_p), ("seed", self.seed)):
+        for ours, theirs in (
+            ("max_new_tokens", self.max_tokens),
+            ("top_p", self.top_p),
+            ("seed", self.seed),
+            ("ignore_eos", self.ignore_eos),
+            ("min_tokens", self.min_tokens),
+        ):
             if theirs is not None:
                 params[ours] = theirs
         # An empty list is "no stop strings"; an empty string goes on, for the engine to refuse (422),

@@ -4,11 +4,13 @@ the schema that the API rejects, and on any it accepts that the schema forbids).
 
 FastAPI writes the types from the pydantic models. The limits are enforced elsewhere: by the engine
 (`bulk/engine/request.py`: `max_new_tokens` up to `max_new_tokens_limit`, `temperature`, `top_p`,
-`seed`, `stop`, the ids, a query that is not blank, `query` or `text` but not both) and by the
-server's settings (`schemas.check_limits`: prompt length, priority range; the batch size). They are
-written into the schema here, from the same settings, once, when it is first built. JSON Schema
+`seed`, `stop`, `min_tokens`, the ids, a query that is not blank, `query` or `text` but not both) and
+by the server's settings (`schemas.check_limits`: prompt length, priority range; the batch size).
+They are written into the schema here, from the same settings, once, when it is first built. JSON Schema
 applies `minimum`, `maxLength`, `maxItems`, `items` only to values of their type, so each limit sits
 on its property beside the property's `anyOf` of types, and null stays allowed where it was.
+`min_tokens` is bounded here by `max_new_tokens_limit`; that it is not above the request's own
+`max_new_tokens` relates two fields, which JSON Schema cannot state (the test allows that 422).
 """
 
 from __future__ import annotations
@@ -49,7 +51,13 @@ def state_limits(schema: dict[str, Any], settings: ServerSettings, max_new_token
     components = schema.get("components", {}).get("schemas", {})
     prompt: dict[str, Any] = {"maxLength": settings.max_query_chars, "pattern": NOT_BLANK}
     tokens: dict[str, Any] = {"minimum": 1, "maximum": max_new_tokens_limit}
-    sampling: dict[str, Any] = {"temperature": TEMPERATURE, "top_p": TOP_P, "seed": SEED, "stop": STOP}
+    sampling: dict[str, Any] = {
+        "temperature": TEMPERATURE,
+        "top_p": TOP_P,
+        "seed": SEED,
+        "stop": STOP,
+        "min_tokens": {"minimum": 0, "maximum": max_new_tokens_limit},
+    }
 
     query = components.get("QueryRequest")
     _constrain(

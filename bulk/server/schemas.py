@@ -59,6 +59,14 @@ class QueryRequest(BaseModel):
     seed: Integer | None = None
     session_id: StrictStr | None = None
     stop: StrictStr | list[StrictStr] | None = None
+    ignore_eos: StrictBool | None = Field(
+        None, description="Do not stop at the end of sequence: generate up to max_new_tokens (as vLLM)."
+    )
+    min_tokens: Integer | None = Field(
+        None,
+        description="No end of sequence and no stop string before this many tokens (as vLLM); at most "
+        "max_new_tokens. Default 0.",
+    )
     response_cache: StrictBool | None = Field(
         None, description="Answer from the response cache; default: only when the request is deterministic."
     )

@@ -122,6 +122,11 @@ class PrefixCache:
                 usable = len(records)
         return PrefixHit(lease=lease, blocks=[self.decode(r) for r in records[:usable] if r is not None])
 
+    def cached_blocks(self, hashes: Sequence[bytes]) -> int:
+        """How many of a prompt's block hashes are in the memory tier now, from the first (the
+        scheduler's view: `bulk.engine.scheduler.PrefixView`)."""
+        return self.manager.cached_blocks(hashes)
+
     def _promote(self, lease: PrefixLease, token_ids: Sequence[int], wanted: int) -> list[BlockRecord]:
         """Fetch the blocks after the lease's from the lower tiers, admit them into memory, pin them."""
         assert self.lower is not None

@@ -1,6 +1,7 @@
-"""Smoke test of `bul bench serve`: the quick settings start every server (real uvicorn processes),
-drive them through the OpenAI streaming API over real sockets, run transformers' generate_batch in
-its own process, and write complete results.
+"""Smoke test of `bul bench serve`: the quick settings start every server (real uvicorn processes):
+the chat section's on the default model (`auto`: the real model where its wheel is installed), driven
+through the chat API, then the demo model's, driven through the completions API, all over real
+sockets; transformers' generate_batch runs in its own process; the results are complete.
 
 No timing assertions: the machine running the tests is noisy."""
 
@@ -38,5 +39,22 @@ def test_quick_run_writes_every_server_and_workload(tmp_path, capsys, monkeypatc
     assert hf["prompts"] == serve.QUICK["generate_batch_prompts"] and hf["tokens_per_s"] > 0
     assert set(data["verdicts"]) >= {"scaling_16_over_1", "ours_over_generate_batch", "long_itl_p99_over_p50"}
 
+    chat = data["chat"]
+    for kind in ("short", "long"):
+        assert set(chat[kind]) == {str(c) for c in serve.QUICK["chat_concurrency"]}
+        for figures in chat[kind].values():
+            assert figures["tokens_per_s"] > 0 and figures["ttft_p50_ms"] > 0
+            assert figures["mean_batch"] >= 1 and figures["decode_steps"] > 0
+    assert chat["shared"]["requests_completed"] == serve.QUICK["chat_shared_requests"]
+    assert chat["shared"]["token_hit_rate"] > 0  # the system prompts are reused
+    assert chat["chat"]["requests_completed"] == serve.QUICK["chat_clients"] * serve.QUICK["chat_turns"]
+    assert chat["cold"]["prompt_tokens_per_s"] > 0 and chat["server_stats"]["errors"] == 0
+    assert set(data["verdicts"]) >= {"chat_short_scaling_16_over_1", "chat_long_scaling_16_over_1"}
+
     out = capsys.readouterr().out
-    assert "Distinct prompts" in out and "Targets" in out and "batch_invariant tokens/s" in out
+    assert (
+        "Chat traffic" in out
+        and "Distinct prompts" in out
+        and "Targets" in out
+        and "batch_invariant tokens/s" in out
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bulk.config import KVCacheConfig
 from bulk.engine.request import parse_request
-from bulk.engine.scheduler import MIN_CHUNK, Scheduler
+from bulk.engine.scheduler import MIN_CHUNK, PROMPT_STALL_SECONDS, WAIT_FROM_TOKENS, Scheduler
 from bulk.engine.sequence import Sequence, Status
 from bulk.models.tokenizer import ByteTokenizer
 
@@ -61,10 +61,15 @@ def test_prompt_budget_alone_beside_decode_and_invariant():
     step = scheduler.schedule()
     # Nothing measured yet: the configured chunk, for the oldest prompt first.
     assert step.prefill == [(second, 64)] and step.decode == [first]
-    # A decode step costs 20 ms and a prompt token 1 ms: 1.5 decode steps' worth is 30 tokens.
-    scheduler.observe_step(0, 1, 0.020)
-    scheduler.observe_step(100, 0, 0.100)
+    # A decode step costs 200 ms and a prompt token 10 ms: 1.5 decode steps' worth is 30 tokens.
+    scheduler.observe_step(0, 1, 0.200)
+    scheduler.observe_step(100, 0, 1.0)
     assert scheduler.schedule().prefill == [(second, 30)]
+    # A fast decode step (20 ms; a token 2 ms): PROMPT_STALL_SECONDS' worth, 50 tokens, not 15.
+    fast = Scheduler(max_batch_size=8, max_batch_tokens=10_000, prefill_chunk_tokens=64)
+    fast.observe_step(0, 1, 0.020)
+    fast.observe_step(100, 0, 0.200)
+    assert fast.chunk_beside_decode() == int(PROMPT_STALL_SECONDS / 0.002) == 50
     scheduler.observe_step(10, 0, 1.0)  # very slow tokens: never below MIN_CHUNK
     assert scheduler.schedule().prefill == [(second, MIN_CHUNK)]
     # With nothing decoding, several prompts share one step's budget.
@@ -82,18 +87,84 @@ def test_prompt_budget_alone_beside_decode_and_invariant():
     assert step.separate and step.prefill == [(a, 64)]  # one prompt, exactly one chunk, alone or not
 
 
-def test_prompts_that_may_share_a_prefix_are_prefilled_one_after_another():
-    scheduler = Scheduler(max_batch_size=8, max_batch_tokens=10_000, prefill_chunk_tokens=64)
-    a, b, c = _seq(40), _seq(40), _seq(40)
-    a.prefix_key = b.prefix_key = b"system prompt block"
-    c.prefix_key = b"another"
+class _Cache:
+    """The prefix cache as the scheduler sees it: which block hashes exist now."""
+
+    block_size = 16
+
+    def __init__(self) -> None:
+        self.blocks: set[bytes] = set()
+
+    def cached_blocks(self, hashes) -> int:
+        n = 0
+        for digest in hashes:
+            if digest not in self.blocks:
+                break
+            n += 1
+        return n
+
+
+def _chain(*names: str) -> tuple[bytes, ...]:
+    """Block hashes of a prompt: each block named by its whole prefix, as chained hashes are."""
+    return tuple("/".join(names[: i + 1]).encode() for i in range(len(names)))
+
+
+def _sharing_scheduler(cache: _Cache, chunk: int = 64) -> Scheduler:
+    return Scheduler(max_batch_size=8, max_batch_tokens=10_000, prefill_chunk_tokens=chunk, prefix=cache)
+
+
+def test_a_request_waits_for_blocks_a_prefill_under_way_computes_and_only_until_they_exist():
+    cache = _Cache()
+    scheduler = _sharing_scheduler(cache)
+    system = ("s1", "s2", "s3", "s4")  # 64 tokens of a system prompt nobody computed yet
+    a, b, c = _seq(80), _seq(80), _seq(80)
+    a.block_hashes = _chain(*system, "a")
+    b.block_hashes = _chain(*system, "b")
+    c.block_hashes = _chain("other", "c1", "c2", "c3", "c4")
     for seq in (a, b, c):
         scheduler.add(seq)
-    assert scheduler.schedule().prefill == [(a, 40), (c, 40)]  # b waits for a's blocks
-    a.hit = object()  # a's prefill has started (its lookup is done), its prompt not finished
+    # a starts; b would compute a's 64 uncached tokens again: it waits; c shares nothing.
     assert [s for s, _ in scheduler.schedule().prefill] == [a, c]
-    a.status = Status.DECODE  # a's prompt is done and stored: b may look it up now
-    assert [s for s, _ in scheduler.schedule().prefill] == [b, c]
+    a.hit = c.hit = object()  # their lookups ran with that step's forward
+    a.num_computed = 32  # a's first chunk: two of the four shared blocks exist
+    cache.blocks |= set(a.block_hashes[:2])
+    assert [s for s, _ in scheduler.schedule().prefill] == [a, c]  # b still waits for two
+    a.num_computed = 64  # the shared blocks exist now, though a's prompt is not done
+    cache.blocks |= set(a.block_hashes[:4])
+    step = scheduler.schedule()
+    assert [s for s, _ in step.prefill] == [a, b, c]  # admission order
+    assert step.prefill[1] == (b, 80 - 64)  # b's budget counts only what its lookup will not find
+
+
+def test_nothing_waits_on_a_cached_header_and_short_shared_parts_are_computed_twice():
+    cache = _Cache()
+    scheduler = _sharing_scheduler(cache)
+    header = ("template header",)
+    cache.blocks.add(_chain(*header)[0])  # cached by an earlier request
+    first, second = _seq(48), _seq(48)
+    first.block_hashes = _chain(*header, "q1", "q1b")
+    second.block_hashes = _chain(*header, "q2", "q2b")
+    scheduler.add(first)
+    scheduler.add(second)
+    # They share only the cached header: both start in the same step, each computing its own rest.
+    assert scheduler.schedule().prefill == [(first, 48 - 16), (second, 48 - 16)]
+
+    # Uncached, a 16-token shared part is below the default threshold: computed twice, no wait.
+    scheduler = _sharing_scheduler(_Cache())
+    x, y = _seq(48), _seq(48)
+    x.block_hashes = _chain("short", "x1", "x2")
+    y.block_hashes = _chain("short", "y1", "y2")
+    scheduler.add(x)
+    scheduler.add(y)
+    assert [s for s, _ in scheduler.schedule().prefill] == [x, y]
+
+
+def test_whether_to_wait_follows_the_measured_costs():
+    scheduler = _sharing_scheduler(_Cache())
+    assert not scheduler.worth_waiting(WAIT_FROM_TOKENS - 1) and scheduler.worth_waiting(WAIT_FROM_TOKENS)
+    scheduler.observe_step(0, 4, 0.040)  # a decode step: 40 ms
+    scheduler.observe_step(1000, 0, 1.0)  # a prompt token: 1 ms
+    assert not scheduler.worth_waiting(39) and scheduler.worth_waiting(40)  # 40 tokens cost a step
 
 
 def test_cancelled_requests_leave_the_queue_and_the_batch():

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bulk.generation.sampling import SamplingParams, make_generator, sample
+from bulk.generation.sampling import SamplingParams, make_generator, sample, suppress_tokens
 
 
 def test_greedy_is_argmax():
@@ -49,3 +49,26 @@ def test_a_tiny_top_p_keeps_the_most_likely_token(top_p):
     params = SamplingParams(temperature=1.0, top_p=top_p, seed=1)
     generator = make_generator(params)
     assert {sample(logits, params, generator) for _ in range(20)} == {1}
+
+
+def test_suppressed_tokens_are_never_chosen_greedy_or_sampled():
+    # Token 1 is by far the likeliest: with it suppressed, greedy takes the next best, and no draw
+    # at any temperature or top_p ever picks it.
+    logits = torch.tensor([0.5, 9.0, 0.4, 0.3])
+    assert suppress_tokens(logits, {1, 99}) is logits  # in place; an id past the vocabulary is skipped
+    assert logits[1] == float("-inf") and logits[[0, 2, 3]].tolist() == pytest.approx([0.5, 0.4, 0.3])
+    assert sample(logits, SamplingParams(), None) == 0
+    for params in (
+        SamplingParams(temperature=2.0, seed=3),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=4),
+    ):
+        generator = make_generator(params)
+        assert 1 not in {sample(logits, params, generator) for _ in range(300)}
+
+
+def test_suppressing_works_on_the_models_inference_tensors():
+    # A forward's logits are made under torch.inference_mode; the sampler runs outside it.
+    with torch.inference_mode():
+        rows = torch.tensor([[1.0, 5.0, 2.0], [1.0, 5.0, 2.0]])
+    suppress_tokens(rows[0], [1])
+    assert rows.argmax(dim=-1).tolist() == [2, 1]  # the other row is untouched

@@ -74,6 +74,8 @@ async def test_get_stats_reports_requests_latency_and_tiers(stub):
         ({"query": QUERY, "top_p": 0.0}, "top_p"),
         ({"query": QUERY, "seed": 2**63}, "seed"),
         ({"query": QUERY, "session_id": ""}, "session_id"),
+        ({"query": QUERY, "max_new_tokens": 4, "min_tokens": 5}, "min_tokens"),
+        ({"query": QUERY, "min_tokens": -1}, "min_tokens"),
         ({"query": "x" * 5000, "max_new_tokens": 2}, "query"),  # longer than the model's context
     ],
 )

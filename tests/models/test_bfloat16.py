@@ -158,11 +158,14 @@ def test_blocks_leave_a_float32_pool_in_the_models_dtype():
 
 
 def test_a_bfloat16_engine_answers_the_same_over_either_pool(monkeypatch):
-    """End to end: the demo model in bfloat16, float32 attention; the float32 pool gives the logits of
+    """End to end: the demo model in bfloat16, float32 attention through SDPA (the path without the
+    native decode attention, which reads either pool as it is); the float32 pool gives the logits of
     every token bit for bit as a bfloat16 pool does, and the blocks it stores are bfloat16."""
     monkeypatch.setattr(batched_attention.cpu, "half_attention_is_faster", lambda dtype: False)
     lm = load_model(KVCacheConfig(model="demo", device="cpu", dtype="bfloat16"))
-    config = KVCacheConfig(model="demo", dtype="bfloat16", response_cache=False, default_max_new_tokens=12)
+    config = KVCacheConfig(
+        model="demo", dtype="bfloat16", response_cache=False, default_max_new_tokens=12, native_decode=False
+    )
     query = {"query": "the same prompt, twice over, so that blocks are stored " * 3}
     stored_dtypes: set[torch.dtype] = set()
 
@@ -173,7 +176,7 @@ def test_a_bfloat16_engine_answers_the_same_over_either_pool(monkeypatch):
 
     monkeypatch.setattr(model_runner, "blocks_out", blocks_out)
     runs = []
-    for pool_dtype in (batched_attention.pool_dtype, lambda dtype, device: dtype):
+    for pool_dtype in (batched_attention.pool_dtype, lambda dtype, device, native=False: dtype):
         monkeypatch.setattr(batched_attention, "pool_dtype", pool_dtype)
         logits: list[torch.Tensor] = []
         observer = lambda seq, row, out=logits: out.append(row.clone())  # noqa: E731

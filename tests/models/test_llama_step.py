@@ -109,9 +109,9 @@ def test_the_check_runs_once_per_named_model(monkeypatch):
     runs: list[int] = []
     check = llama_step._differs_from_transformers
 
-    def counting(model, step):
+    def counting(model, step, decode_attention):
         runs.append(1)
-        return check(model, step)
+        return check(model, step, decode_attention)
 
     monkeypatch.setattr(llama_step, "_differs_from_transformers", counting)
     monkeypatch.setattr(llama_step, "_checked", {})

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class QueryRequest(_message.Message):
-    __slots__ = ("query", "priority", "max_new_tokens", "temperature", "top_p", "seed", "session_id", "stop", "response_cache", "request_id")
+    __slots__ = ("query", "priority", "max_new_tokens", "temperature", "top_p", "seed", "session_id", "stop", "response_cache", "request_id", "ignore_eos", "min_tokens")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,8 @@ class QueryRequest(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CACHE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     query: str
     priority: int
     max_new_tokens: int
@@ -30,7 +32,9 @@ class QueryRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     response_cache: bool
     request_id: str
-    def __init__(self, query: _Optional[str] = ..., priority: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., session_id: _Optional[str] = ..., stop: _Optional[_Iterable[str]] = ..., response_cache: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    ignore_eos: bool
+    min_tokens: int
+    def __init__(self, query: _Optional[str] = ..., priority: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., session_id: _Optional[str] = ..., stop: _Optional[_Iterable[str]] = ..., response_cache: _Optional[bool] = ..., request_id: _Optional[str] = ..., ignore_eos: _Optional[bool] = ..., min_tokens: _Optional[int] = ...) -> None: ...
 
 class QueryResponse(_message.Message):
     __slots__ = ("result", "cache_hit", "latency_ms", "response_cached", "ttft_ms", "cached_tokens", "prompt_tokens", "completion_tokens", "finish_reason", "request_id", "model")

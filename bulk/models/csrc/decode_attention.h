@@ -1,0 +1,14 @@
+// Decode attention for all decode rows of a layer in one call (decode_attention.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace bul {
+
+// query (1, q_heads, N, head_dim); layer (2, kv_heads, pool_tokens, head_dim); per row its KV range
+// [starts[r], ends[r]) in the pool; float32: attend in float32. Returns (1, N, q_heads, head_dim) in
+// the query's dtype.
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& layer, c10::IntArrayRef starts,
+                            c10::IntArrayRef ends, double scaling, bool float32);
+
+}  // namespace bul

@@ -51,9 +51,11 @@ class ModelRunner:
             log.warning("model %s decodes one request at a time: %s", lm.name, why_not)
         # Decode rows go to the native decode attention where it is built (`bulk.models.native`).
         self.decode_attention = native.decode_attention() if self.batched and config.native_decode else None
-        # Batched attention may read a pool in float32 (`batched_attention.pool_dtype`); transformers'
-        # own cache over the pool needs the model's dtype.
-        dtype = batched_attention.pool_dtype(lm.dtype, lm.device) if self.batched else lm.dtype
+        # Batched attention may read a pool in float32 (`batched_attention.pool_dtype`), unless the
+        # native decode attention reads it as it is; transformers' own cache over the pool needs
+        # the model's dtype.
+        kernel = self.decode_attention is not None and native.has_decode_kernel(lm.model)
+        dtype = batched_attention.pool_dtype(lm.dtype, lm.device, kernel) if self.batched else lm.dtype
         self.pool = KVPool(
             lm.num_layers,
             lm.num_kv_heads,

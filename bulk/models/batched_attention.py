@@ -9,11 +9,11 @@ however many requests it serves (as vLLM and SGLang lay out their batches). Atte
 part that differs per segment, so a custom function registered through `AttentionInterface` takes
 it over: it writes every new key and value into the pool (one `index_copy_` per layer) and runs one
 SDPA per prompt chunk over that request's contiguous keys and values, with a causal mask offset by
-the tokens it already holds, and one SDPA per decode row (one new token each, after the chunks):
-the rows' calls made from C++ in one call of the native decode attention where it is built
-(`bulk.models.native.decode_attention`, which spreads the rows over the threads), from here
-otherwise, the same calls either way. Each row's attention is computed on its own, the same way
-whatever runs beside it, so a request's attention is exactly its solo attention. One SDPA per
+the tokens it already holds, and the decode rows (one new token each, after the chunks) in one call
+of the native decode attention where it is built (`bulk.models.native.decode_attention`: every
+row's keys and values read once, the rows spread over the threads), else one SDPA per row. Each
+row's attention is computed on its own, the same way whatever runs beside it, so a request's
+attention is exactly its solo attention. One SDPA per
 segment was faster on CPU than one padded, masked SDPA over all rows. (On CUDA,
 `flash_attn_with_kvcache` over the pool would do all decode rows in one kernel: a later step.)
 
@@ -203,14 +203,19 @@ def attends_in_float32(dtype: torch.dtype, device: torch.device) -> bool:
     )
 
 
-def pool_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype of the KV pool for a model computing in `dtype`: float32 where attention runs in
-    float32, else the model's. Keys and values come out of the model in its dtype and float32 holds
-    them exactly, so attention reads the same values either way; what a float32 pool saves is
-    converting every key and value a request holds at every step, in every layer (SmolLM2, a decode
-    row over 200 cached tokens: 60 conversions of 38,000 values a step). It costs twice the pool's
-    memory; blocks leave the pool in the model's dtype (`kv_pool.blocks_out`), so block hashes and
-    the tiers do not change."""
+def pool_dtype(dtype: torch.dtype, device: torch.device, decode_kernel: bool = False) -> torch.dtype:
+    """The dtype of the KV pool for a model computing in `dtype`: the model's where decode rows go
+    to the native decode attention's own kernel (`decode_kernel`: it reads half-precision keys and
+    values as they are, converting in registers, so the bytes every decode step reads stay half),
+    else float32 where attention runs in float32. Keys and values come out of the model in its dtype
+    and float32 holds them exactly, so attention reads the same values either way; what a float32
+    pool saves SDPA is converting every key and value a request holds at every step, in every layer
+    (SmolLM2, a decode row over 200 cached tokens: 60 conversions of 38,000 values a step), at twice
+    the pool's memory. Prompt chunks convert their request's keys and values once a chunk. Blocks
+    leave the pool in the model's dtype (`kv_pool.blocks_out`), so block hashes and the tiers do not
+    change."""
+    if decode_kernel and device.type == "cpu":
+        return dtype
     return torch.float32 if attends_in_float32(dtype, device) else dtype
 
 

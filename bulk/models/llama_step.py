@@ -289,7 +289,8 @@ def _differs_from_transformers(
             lambda ids, batch, at: batched_attention.forward_step(model, ids, batch, at),
             step.forward,
         ):
-            dtype = batched_attention.pool_dtype(param.dtype, param.device)  # as the runner's pool
+            kernel = decode_attention is not None and native_code.has_decode_kernel(model)
+            dtype = batched_attention.pool_dtype(param.dtype, param.device, kernel)  # as the runner's
             pool = torch.zeros(shape, dtype=dtype, device=param.device)
             # Keys and values of the cached tokens: a prefill of them through transformers first.
             if segments[0].cached:

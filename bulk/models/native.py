@@ -17,22 +17,25 @@ same order as `llama_step.LlamaStep`'s Python loop (bit-identical, and `llama_st
 against transformers' forward at load as it checks the Python loop), in one call that releases the
 lock throughout.
 
-Why the attention: a decode row's SDPA call is tens of microseconds, mostly its own setup, and
-from Python each call costs a few more; a step of 16 rows made 16 x layers of them, each splitting
-a row's three key heads over the threads. `decode_attention` makes the same calls from C++, with
-the same arguments (so the same bits as the Python loop's, and the engine's forwards stay
-bit-identical to transformers' SDPA attention), and with as many rows as threads spreads the rows
-over the threads instead.
+Why the attention: a decode row's attention is a few microseconds of arithmetic over its request's
+keys and values, and one SDPA call per row and layer cost more than that in the call's own setup
+and, from Python, in the calls themselves: at 16 rows, a third of a SmolLM2 step. `decode_attention`
+does every row of a layer in one call: (row, key head, slice of keys) tasks spread over the threads,
+each key and value read once (a bfloat16 pool as it is) for all the query heads of its group, the
+slices' softmaxes merged per row. It sums in another order than SDPA, so its outputs differ from
+SDPA's in the last bits: both of the engine's forwards use it for decode rows (through the step
+batch) and stay bit-identical to each other, and a row computes the same bits whatever runs beside
+it. Shapes it has no kernel for go to SDPA, one call per row, from C++.
 
 It is built with torch's own extension builder (`torch.utils.cpp_extension.load`: a C++ compiler
 and ninja, about 15 s on 2 cores), for this machine's instruction set, into `~/.cache/bul/native/`,
 once per source, torch version and CPU; later processes load the built library. Where it cannot be
-built (no compiler) the engine logs why and keeps the Python loop and one SDPA call per row from
-Python, which compute the same bits, a little slower. `decode_layers` covers steps of decode rows only (one
-new token per request; each matrix product takes the quantized kernel or the dense copy by the
-number of rows, as `WeightOnlyLinear` does) of a model whose layers are all quantized
-(`weight_quant.WeightOnlyLinear`, fused q/k/v and gate/up, no bias): prompt chunks are a few large
-matrix products, where Python's share is small.
+built (no compiler) the engine logs why and keeps the Python loop and one SDPA call per decode
+row from Python, slower, with the same answers up to the last bits of attention. `decode_layers`
+covers steps of decode rows only (one new token per request; each matrix product takes the
+quantized kernel or the dense copy by the number of rows, as `WeightOnlyLinear` does) of a model
+whose layers are all quantized (`weight_quant.WeightOnlyLinear`, fused q/k/v and gate/up, no bias):
+prompt chunks are a few large matrix products, where Python's share is small.
 
 `NativeLayers` is the Python face of the layers' call: what it takes from a model's layers (checked
 to be laid out as the C++ file expects), when a step is one it runs (`takes`), and the call itself
@@ -99,6 +102,19 @@ def decode_attention() -> Callable[..., Any] | None:
     return _loaded("decode_attention") if library() else None
 
 
+def has_decode_kernel(model: Any) -> bool:
+    """Whether `decode_attention` reads `model`'s pool (in its dtype) through its own kernel, half
+    precision as it is, rather than through SDPA per row: its head size and grouping have one."""
+    op = _loaded("has_decode_kernel") if library() else None
+    if op is None:
+        return False
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return bool(op(next(model.parameters()).dtype, head_dim, heads // kv_heads))
+
+
 def _loaded(name: str) -> Callable[..., Any] | None:
     try:
         return getattr(torch.ops.bul, name)
@@ -109,7 +125,7 @@ def _loaded(name: str) -> Callable[..., Any] | None:
 class _LayerParts(NamedTuple):
     norms: list[torch.Tensor]  # input norm, post-attention norm
     weights: list[torch.Tensor]  # (qweight, scales) of q/k/v, o, gate/up, down
-    dense: list[torch.Tensor]  # the dense copies of q/k/v, o, gate/up, down
+    dense: list[torch.Tensor]  # the dense weights (`dense_weight`) of q/k/v, o, gate/up, down
     bits: list[int]  # of q/k/v, o, gate/up, down
     # group size, eps, scaling, gate size, query size, dense_from_rows
     shape: tuple[int, float, float, int, int, int]
@@ -123,7 +139,7 @@ class NativeLayers:
     call: Callable[..., torch.Tensor]
     norms: list[torch.Tensor]  # per layer: input norm, post-attention norm
     weights: list[torch.Tensor]  # per layer: (qweight, scales) of q/k/v, o, gate/up, down
-    dense: list[torch.Tensor]  # per layer: the dense copies of q/k/v, o, gate/up, down
+    dense: list[torch.Tensor]  # per layer: the dense weights (`dense_weight`) of q/k/v, o, gate/up, down
     bits: list[int]  # per layer: of q/k/v, o, gate/up, down
     group_size: int
     dense_from_rows: int  # `WeightOnlyLinear.dense_from_rows`
@@ -210,7 +226,7 @@ def _layer_parts(layer: Any, qkv: Any, gate_up: Any) -> _LayerParts | None:
     return _LayerParts(
         norms=[n.weight for n in norms],
         weights=[t for p in projections for t in (p.qweight, p.scales)],
-        dense=[p.dense for p in projections],
+        dense=[p.dense_weight() for p in projections],
         bits=[p.bits for p in projections],
         shape=(
             projections[0].group_size,

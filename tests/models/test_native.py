@@ -1,13 +1,14 @@
 """The decode step's native code (`bulk.models.native`): built on this machine; the decode
-attention (`csrc/decode_attention.cpp`) making every row's SDPA call in one; the layers
-(`csrc/llama_decode.cpp`) taken for decode rows of a quantized Llama model; both bit-identical to
-the Python loop and to transformers' forward, and left aside (the Python loop, the same bits) where
-they cannot run."""
+attention (`csrc/decode_attention.cpp`) computing SDPA's attention for every row at once, a row's
+bits independent of its batch; the layers (`csrc/llama_decode.cpp`) taken for decode rows of a
+quantized Llama model, bit-identical to the Python loop and to transformers' forward over the same
+attention; and both left aside (the Python loop, SDPA per row) where they cannot run."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -121,26 +122,34 @@ def test_native_layers_that_differ_are_dropped_for_the_python_loop(monkeypatch, 
     assert "native decode layers rejected" in caplog.text
 
 
-def test_the_engine_answers_the_same_either_way():
-    """The native layers and the native decode attention compute the Python loop's bits: an engine
-    with the `native_decode` setting on answers as one with it off (and as transformers' SDPA
-    attention over the same pool)."""
+def test_the_engine_answers_the_same_with_or_without_the_native_layers(monkeypatch):
+    """The native layers compute the Python loop's bits: an engine answers the same with them as
+    with the Python loop over the same decode attention. The `native_decode` setting off also drops
+    the native decode attention for SDPA, which sums in another order: the first token (the prompt's,
+    SDPA in both) is the same, and every answer runs to its length."""
     lm = load_model(KVCacheConfig(model="demo", device="cpu", weight_quantization="int4"))
     config = KVCacheConfig(
         model="demo", weight_quantization="int4", response_cache=False, default_max_new_tokens=16
     )
-    answers: dict[bool, list[str]] = {}
-    for native_on in (True, False):
-        config = dataclasses.replace(config, native_decode=native_on)
+    queries = ("the first of two prompts", "another prompt, decoded beside nothing")
+    real_layers = native.decode_layers
+
+    def answers(config: KVCacheConfig) -> list[str]:
         with UltraAdaptiveKVCacheEngine(config, model=lm) as engine:
-            answers[native_on] = [
-                engine.process_request_sync({"query": query, "temperature": 0})["result"]
-                for query in ("the first of two prompts", "another prompt, decoded beside nothing")
-            ]
             runner = engine._ensure_loop().runner
-            assert (runner.plain_step.native is not None) is native_on
-            assert (runner.decode_attention is not None) is native_on
-    assert answers[True] == answers[False] and all(answers[True])
+            layers = runner.plain_step.native is not None
+            assert layers is (config.native_decode and native.decode_layers is real_layers)
+            assert (runner.decode_attention is not None) is config.native_decode
+            return [engine.process_request_sync({"query": q, "temperature": 0})["result"] for q in queries]
+
+    with_layers = answers(config)
+    monkeypatch.setattr(llama_step, "_checked", {})
+    monkeypatch.setattr(native, "decode_layers", lambda: None)  # the Python loop, the same attention
+    assert answers(config) == with_layers and all(with_layers)
+    monkeypatch.setattr(native, "decode_layers", real_layers)
+    off = answers(dataclasses.replace(config, native_decode=False))
+    assert [a[0] for a in off] == [a[0] for a in with_layers]
+    assert [len(a) for a in off] == [len(a) for a in with_layers]
 
 
 def _sdpa_rows(query, layer, starts, ends, scaling, float32):
@@ -157,29 +166,77 @@ def _sdpa_rows(query, layer, starts, ends, scaling, float32):
     return torch.cat(rows, 1)  # (1, rows, heads, head_dim)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("dtype", "float32"), [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
-)
-@pytest.mark.parametrize(
-    ("lengths", "heads"),
+    ("lengths", "heads", "head_dim"),
     [
-        ([1], (4, 4)),  # one key; no grouping; one row: SDPA splits the heads over the threads
-        ([5, 700, 64, 1, 250], (9, 3)),  # rows of every length, SmolLM2's grouping, over the threads
-        ([40] * 24, (8, 2)),
+        ([1], (4, 4), 64),  # one key; no grouping
+        ([3000], (9, 3), 64),  # one long row: slices of its keys over the threads, merged
+        ([5, 700, 64, 1, 250, 257], (9, 3), 64),  # rows of every length, SmolLM2's grouping
+        ([40] * 24, (8, 2), 128),
+        ([33, 300], (14, 2), 64),  # Qwen2.5-0.5B's grouping
     ],
 )
-def test_the_decode_attention_computes_sdpa_for_every_row(dtype, float32, lengths, heads):
-    """One call for all rows, placed anywhere in the pool: each row's output is, bit for bit, the
-    SDPA call the Python loop makes for it (in float32 when asked, converting the pool's values)."""
+def test_the_decode_attention_computes_what_sdpa_computes_for_every_row(dtype, lengths, heads, head_dim):
+    """One call for all rows, placed anywhere in the pool: each row's output is SDPA's over its own
+    range (float32 arithmetic whatever the pool holds), up to the order of summation."""
     q_heads, kv_heads = heads
     generator = torch.Generator().manual_seed(len(lengths))
     starts = [17 + 3100 * i for i in range(len(lengths))]
     ends = [start + n for start, n in zip(starts, lengths, strict=True)]
-    layer = torch.randn(2, kv_heads, ends[-1] + 5, 64, generator=generator).to(dtype)
-    query = torch.randn(1, q_heads, len(lengths), 64, generator=generator).to(dtype)
-    out = native.decode_attention()(query, layer, starts, ends, 0.125, float32)
-    assert out.shape == (1, len(lengths), q_heads, 64) and out.dtype == dtype
-    assert torch.equal(out, _sdpa_rows(query, layer, starts, ends, 0.125, float32))
+    layer = torch.randn(2, kv_heads, ends[-1] + 5, head_dim, generator=generator).to(dtype)
+    query = torch.randn(1, q_heads, len(lengths), head_dim, generator=generator).to(dtype)
+    assert native.has_decode_kernel(_Model(dtype, head_dim, q_heads, kv_heads))
+    out = native.decode_attention()(query, layer, starts, ends, head_dim**-0.5, False)
+    assert out.shape == (1, len(lengths), q_heads, head_dim) and out.dtype == dtype
+    expected = _sdpa_rows(query.float(), layer.float(), starts, ends, head_dim**-0.5, True)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: the output's rounding
+    assert (out.float() - expected).abs().max().item() < tolerance
+
+
+def test_a_rows_attention_is_the_same_bits_in_any_batch():
+    generator = torch.Generator().manual_seed(3)
+    layer = torch.randn(2, 3, 8000, 64, generator=generator).to(torch.bfloat16)
+    query = torch.randn(1, 9, 6, 64, generator=generator).to(torch.bfloat16)
+    starts, ends = [0, 1000, 2000, 3000, 4000, 5000], [700, 1003, 2999, 3257, 4001, 5600]
+    attend = native.decode_attention()
+    together = attend(query, layer, starts, ends, 0.125, False)
+    for r in range(6):
+        alone = attend(query[:, :, r : r + 1], layer, starts[r : r + 1], ends[r : r + 1], 0.125, False)
+        assert torch.equal(alone[0, 0], together[0, r])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "heads"), [(torch.float16, 64, (9, 3)), (torch.float32, 40, (4, 2))]
+)
+def test_shapes_without_a_kernel_take_sdpa_per_row(dtype, head_dim, heads):
+    """A half-precision pool, a head size the kernel has no version for: SDPA, the Python loop's
+    calls, bit for bit."""
+    q_heads, kv_heads = heads
+    assert not native.has_decode_kernel(_Model(dtype, head_dim, q_heads, kv_heads))
+    generator = torch.Generator().manual_seed(5)
+    layer = torch.randn(2, kv_heads, 3000, head_dim, generator=generator).to(dtype)
+    query = torch.randn(1, q_heads, 3, head_dim, generator=generator).to(dtype)
+    starts, ends = [0, 1000, 2000], [10, 1700, 2003]
+    for float32 in (False, True):
+        out = native.decode_attention()(query, layer, starts, ends, 0.125, float32)
+        assert torch.equal(out, _sdpa_rows(query, layer, starts, ends, 0.125, float32))
+
+
+class _Model:
+    """What `native.has_decode_kernel` reads of a model: its config and its parameters' dtype."""
+
+    def __init__(self, dtype: torch.dtype, head_dim: int, heads: int, kv_heads: int) -> None:
+        self.config = SimpleNamespace(
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            hidden_size=heads * head_dim,
+        )
+        self._param = torch.zeros(1, dtype=dtype)
+
+    def parameters(self):
+        return iter([self._param])
 
 
 def test_the_decode_attention_refuses_what_it_cannot_read():
@@ -197,7 +254,7 @@ def test_the_decode_attention_refuses_what_it_cannot_read():
 def test_a_batched_step_sends_its_decode_rows_to_it_in_one_call():
     """A step mixing a prompt chunk and decode rows: the chunk through SDPA, the rows at the end in
     one decode attention call; the logits are those of the rows run alone, and those of the same
-    step without the native call."""
+    step through SDPA, up to the order of summation."""
     lm = load_model(KVCacheConfig(model="demo", device="cpu", dtype="float32"))
     model = lm.model
     assert batched_attention.enable(model) is None
@@ -225,6 +282,10 @@ def test_a_batched_step_sends_its_decode_rows_to_it_in_one_call():
     tokens = [*chunk, 5, 9]
     mixed = batched_attention.forward_step(model, tokens, batch, [11, 12, 13])
     assert calls == [2] * config.num_hidden_layers  # every layer: both rows in one call
+    sdpa = batched_attention.forward_step(
+        model, tokens, batched_attention.step_batch(pool, segments), [11, 12, 13]
+    )
+    assert torch.allclose(mixed, sdpa, atol=1e-4)  # SDPA per row: the same up to summation order
     for i, (row, token) in enumerate(zip(rows, (5, 9), strict=True)):
         alone = batched_attention.forward_step(
             model, [token], batched_attention.step_batch(pool, [row], attention), [0]

@@ -1,20 +1,34 @@
 // Decode attention for every decode row of a step in one call: each row's one query over its
-// request's keys and values in the KV pool, the SDPA call transformers' SDPA attention makes for
-// one query and no mask, for all rows of a layer at once. Built with the native decode layers by
-// `bulk/models/native.py`; `bulk/models/batched_attention.py` says when it is used.
+// request's keys and values in the KV pool (softmax of scaled dot products, grouped query heads, as
+// transformers' SDPA attention computes it), for all rows of a layer at once. Built with the native
+// decode layers by `bulk/models/native.py`; `bulk/models/batched_attention.py` says when it is used.
 //
-// Why: a row's SDPA call is tens of microseconds, mostly its own setup, and from Python each call
-// costs a few more; a step of 16 rows makes 16 x layers of them. Here they are made from C++, and
-// with as many rows as threads or more, the rows are spread over the threads (each row's SDPA then
-// runs on one thread: torch runs a parallel section inside another serially), where a row alone
-// splits only its few key heads. Each row's call is the one the Python loop makes, with the same
-// arguments, so the outputs are bit-identical to it: its computation does not depend on the thread.
+// Why not one SDPA call per row: a decode row's attention is a few microseconds of arithmetic over
+// its request's keys and values, and SDPA's own setup per call (buffers, its thread split over the
+// row's few key heads) cost more than the arithmetic; with the calls from Python, 16 rows x 30
+// layers of them were a third of a 16-row step of SmolLM2. Here the work is cut into tasks of one
+// row, one key head and one slice of `kSlice` keys, spread over the threads; a task reads each key
+// and value once, converts it to float32 in registers (a bfloat16 pool is read as it is, half the
+// bytes of float32), and serves every query head of its group with it, keeping a running softmax
+// (flash attention's) in registers. The slices' partial softmaxes are merged per row afterwards, as
+// flash-decoding does. A row's result depends on its own keys only (the slices are fixed, not
+// sized by how many rows run), so a row computes the same bits in any batch.
+//
+// The arithmetic is float32 whatever the pool holds, summed in another order than SDPA's, so the
+// outputs differ from SDPA's in the last bits; the engine's two forwards (transformers' modules and
+// `llama_step`'s loop) both call this for decode rows and stay bit-identical to each other. Shapes
+// it has no kernel for (a head size that is not a multiple of 16 up to 256, more than 8 query heads
+// per key head, a half-precision pool) take SDPA, one call per row, the rows spread over the
+// threads.
+//
+// GCC's vector extensions (16 floats) keep it portable: the compiler lowers them to AVX-512, AVX2 or
+// NEON, whichever `-march=native` offers.
 //
 //   query    (1, q_heads, N, head_dim)            after rotary
 //   layer    (2, kv_heads, pool_tokens, head_dim) one layer of the pool: keys, then values
 //   starts, ends                                  per row: its KV range in the pool (this step's
 //                                                 token included)
-//   float32  attend in float32 (`batched_attention.attends_in_float32`), converting what is not
+//   float32  the SDPA path only: attend in float32 (`batched_attention.attends_in_float32`)
 //   returns  (1, N, q_heads, head_dim), in the query's dtype
 
 #include "decode_attention.h"
@@ -22,31 +36,255 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 namespace bul {
+namespace {
 
-at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& layer, c10::IntArrayRef starts,
-                            c10::IntArrayRef ends, double scaling, bool float32) {
-  TORCH_CHECK(query.dim() == 4 && query.size(0) == 1, "query: (1, q_heads, N, head_dim)");
-  TORCH_CHECK(layer.dim() == 4 && layer.size(0) == 2, "layer: (2, kv_heads, pool_tokens, head_dim)");
-  const int64_t q_heads = query.size(1), rows = query.size(2);
-  TORCH_CHECK(layer.size(3) == query.size(3), "query and pool head_dim differ");
-  TORCH_CHECK(q_heads % layer.size(1) == 0, "query heads must be a multiple of key heads");
-  TORCH_CHECK(static_cast<int64_t>(starts.size()) == rows && static_cast<int64_t>(ends.size()) == rows,
-              "one KV range per row");
-  for (int64_t r = 0; r < rows; ++r) {
-    TORCH_CHECK(0 <= starts[r] && starts[r] < ends[r] && ends[r] <= layer.size(2),
-                "a row's KV range is outside the pool");
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+constexpr int kLanes = 16;
+constexpr int kBlock = 32;         // keys scored at a time, before their values are summed
+constexpr int64_t kSlice = 256;    // keys per task
+
+inline f32x16 splat(float x) { return f32x16{} + x; }
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline f32x16 load16(const c10::BFloat16* p) {
+  // bfloat16 is the top half of a float32: widen and shift.
+  u16x16 raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  const u32x16 wide = __builtin_convertvector(raw, u32x16) << 16;
+  f32x16 v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+
+inline float sum16(f32x16 v) {
+  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// e^x for x <= 0 (scores minus their maximum), within 2 ulp: x = n ln 2 + r, e^r by Cephes' expf
+// polynomial, 2^n written into the exponent bits.
+inline f32x16 exp16(f32x16 x) {
+  x = x < splat(-87.f) ? splat(-87.f) : x;
+  const f32x16 t = x * splat(1.44269504088896341f) + splat(0.5f);
+  i32x16 n = __builtin_convertvector(t, i32x16);  // truncation: rounds negative t up
+  n = n + (__builtin_convertvector(n, f32x16) > t);  // ... so step those down: floor(t)
+  const f32x16 nf = __builtin_convertvector(n, f32x16);
+  f32x16 r = x - nf * splat(0.693359375f);
+  r = r - nf * splat(-2.12194440e-4f);
+  f32x16 p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.f);
+  const i32x16 bits = (n + 127) << 23;
+  f32x16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// A slice's partial softmax for the G query heads of one key head: the largest score, the sum of
+// e^(score - largest), and the values weighted by those.
+struct Partial {
+  float* max;  // (G)
+  float* sum;  // (G)
+  float* acc;  // (G, D)
+};
+
+// q: (G, D) float32, already scaled; keys and values: `len` rows `stride` elements apart.
+template <int D, int G, typename T>
+void attend_slice(const float* q, const T* keys, const T* values, int64_t stride, int64_t len, Partial out) {
+  constexpr int V = D / kLanes;
+  f32x16 qv[G][V], acc[G][V];
+  float m[G], l[G];
+  for (int g = 0; g < G; ++g) {
+    for (int v = 0; v < V; ++v) {
+      qv[g][v] = load16(q + g * D + v * kLanes);
+      acc[g][v] = splat(0.f);
+    }
+    m[g] = -std::numeric_limits<float>::infinity();
+    l[g] = 0.f;
   }
-  const bool gqa = q_heads != layer.size(1);
+  alignas(64) float s[G][kBlock];
+  for (int64_t b = 0; b < len; b += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, len - b));
+    for (int t = 0; t < n; ++t) {  // scores: each key read once for the G queries
+      const T* k = keys + (b + t) * stride;
+      f32x16 kv[V];
+      for (int v = 0; v < V; ++v) kv[v] = load16(k + v * kLanes);
+      for (int g = 0; g < G; ++g) {
+        f32x16 d = qv[g][0] * kv[0];
+        for (int v = 1; v < V; ++v) d += qv[g][v] * kv[v];
+        s[g][t] = sum16(d);
+      }
+    }
+    for (int g = 0; g < G; ++g) {  // the running softmax, rescaled to the block's new maximum
+      float top = m[g];
+      for (int t = 0; t < n; ++t) top = std::max(top, s[g][t]);
+      const float rescale = std::exp(m[g] - top);  // 0 before the first block
+      for (int t = n; t < kBlock; ++t) s[g][t] = -std::numeric_limits<float>::infinity();
+      f32x16 total = splat(0.f);
+      for (int t = 0; t < kBlock; t += kLanes) {
+        const f32x16 e = exp16(load16(&s[g][t]) - splat(top));
+        std::memcpy(&s[g][t], &e, sizeof(e));
+        total += e;
+      }
+      l[g] = l[g] * rescale + sum16(total);
+      m[g] = top;
+      for (int v = 0; v < V; ++v) acc[g][v] *= splat(rescale);
+    }
+    for (int t = 0; t < n; ++t) {  // values: each read once for the G queries
+      const T* val = values + (b + t) * stride;
+      f32x16 vv[V];
+      for (int v = 0; v < V; ++v) vv[v] = load16(val + v * kLanes);
+      for (int g = 0; g < G; ++g) {
+        const f32x16 p = splat(s[g][t]);
+        for (int v = 0; v < V; ++v) acc[g][v] += p * vv[v];
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    out.max[g] = m[g];
+    out.sum[g] = l[g];
+    for (int v = 0; v < V; ++v) std::memcpy(out.acc + g * D + v * kLanes, &acc[g][v], sizeof(f32x16));
+  }
+}
+
+using SliceKernel = void (*)(const float*, const void*, const void*, int64_t, int64_t, Partial);
+
+template <int D, int G, typename T>
+void slice_kernel(const float* q, const void* keys, const void* values, int64_t stride, int64_t len, Partial out) {
+  attend_slice<D, G, T>(q, static_cast<const T*>(keys), static_cast<const T*>(values), stride, len, out);
+}
+
+template <int D, typename T>
+SliceKernel kernel_for_groups(int64_t groups) {
+  switch (groups) {
+    case 1: return slice_kernel<D, 1, T>;
+    case 2: return slice_kernel<D, 2, T>;
+    case 3: return slice_kernel<D, 3, T>;
+    case 4: return slice_kernel<D, 4, T>;
+    case 5: return slice_kernel<D, 5, T>;
+    case 6: return slice_kernel<D, 6, T>;
+    case 7: return slice_kernel<D, 7, T>;
+    case 8: return slice_kernel<D, 8, T>;
+    default: return nullptr;
+  }
+}
+
+template <typename T>
+SliceKernel kernel_for(int64_t head_dim, int64_t groups) {
+  switch (head_dim) {
+    case 32: return kernel_for_groups<32, T>(groups);
+    case 64: return kernel_for_groups<64, T>(groups);
+    case 80: return kernel_for_groups<80, T>(groups);
+    case 96: return kernel_for_groups<96, T>(groups);
+    case 128: return kernel_for_groups<128, T>(groups);
+    case 256: return kernel_for_groups<256, T>(groups);
+    default: return nullptr;
+  }
+}
+
+SliceKernel find_kernel(at::ScalarType dtype, int64_t head_dim, int64_t groups) {
+  if (dtype == at::kFloat) return kernel_for<float>(head_dim, groups);
+  if (dtype == at::kBFloat16) return kernel_for<c10::BFloat16>(head_dim, groups);
+  return nullptr;
+}
+
+at::Tensor attend_with_kernel(SliceKernel kernel, const at::Tensor& query, const at::Tensor& layer,
+                              const std::vector<int64_t>& starts, const std::vector<int64_t>& ends, float scale) {
+  const int64_t q_heads = query.size(1), rows = query.size(2), head_dim = query.size(3);
+  const int64_t kv_heads = layer.size(1), groups = q_heads / kv_heads;
+  const int64_t head_stride = layer.stride(1), token_stride = layer.stride(2);
+  const char* keys = static_cast<const char*>(layer.select(0, 0).const_data_ptr());
+  const char* values = static_cast<const char*>(layer.select(0, 1).const_data_ptr());
+  const int64_t item = layer.element_size();
+  // (N, q_heads, head_dim) float32, scaled: a few kilobytes
+  const at::Tensor q = (query.select(0, 0).transpose(0, 1).to(at::kFloat) * scale).contiguous();
+  const float* qp = q.const_data_ptr<float>();
+  // Tasks row by row, key head by key head, slice by slice; task_first[r]: row r's first.
+  std::vector<int64_t> task_first(static_cast<size_t>(rows + 1), 0), slices(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    slices[r] = (ends[r] - starts[r] + kSlice - 1) / kSlice;
+    task_first[r + 1] = task_first[r] + slices[r] * kv_heads;
+  }
+  const int64_t tasks = task_first[rows];
+  const int64_t part = groups * (head_dim + 2);
+  std::vector<float> partials(static_cast<size_t>(tasks * part));
+  at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t last) {
+    int64_t r = std::upper_bound(task_first.begin(), task_first.end(), first) - task_first.begin() - 1;
+    for (int64_t task = first; task < last; ++task) {
+      while (task >= task_first[r + 1]) ++r;
+      const int64_t local = task - task_first[r];
+      const int64_t h = local / slices[r], slice = local % slices[r];
+      const int64_t begin = starts[r] + slice * kSlice, end = std::min(ends[r], begin + kSlice);
+      const int64_t offset = (h * head_stride + begin * token_stride) * item;
+      float* base = partials.data() + task * part;
+      kernel(qp + (r * q_heads + h * groups) * head_dim, keys + offset, values + offset, token_stride,
+             end - begin, Partial{base, base + groups, base + 2 * groups});
+    }
+  });
+  // Merge each (row, head) pair's slices: rescale each to the largest maximum, then normalise.
+  at::Tensor out = at::empty({rows, q_heads, head_dim}, q.options());
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const float* first = partials.data() + (task_first[r] + h * slices[r]) * part;
+      for (int64_t g = 0; g < groups; ++g) {
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < slices[r]; ++s) top = std::max(top, first[s * part + g]);
+        float* dst = op + (r * q_heads + h * groups + g) * head_dim;
+        std::fill(dst, dst + head_dim, 0.f);
+        float total = 0.f;
+        for (int64_t s = 0; s < slices[r]; ++s) {
+          const float* base = first + s * part;
+          const float w = std::exp(base[g] - top);
+          total += base[groups + g] * w;
+          const float* acc = base + 2 * groups + g * head_dim;
+          for (int64_t i = 0; i < head_dim; ++i) dst[i] += w * acc[i];
+        }
+        const float inv = 1.f / total;
+        for (int64_t i = 0; i < head_dim; ++i) dst[i] *= inv;
+      }
+    }
+  }
+  return out.to(query.scalar_type()).unsqueeze(0);  // (1, N, q_heads, head_dim)
+}
+
+// Shapes without a kernel: SDPA, one call per row (transformers' call for one query and no mask),
+// the rows spread over the threads when there are as many as threads.
+at::Tensor attend_with_sdpa(const at::Tensor& query, const at::Tensor& layer, const std::vector<int64_t>& starts,
+                            const std::vector<int64_t>& ends, double scaling, bool float32) {
+  const int64_t rows = query.size(2);
+  const bool gqa = query.size(1) != layer.size(1);
   const at::ScalarType work = layer.scalar_type() == at::kFloat || float32 ? at::kFloat : query.scalar_type();
-  const std::vector<int64_t> first(starts.begin(), starts.end()), last(ends.begin(), ends.end());
   std::vector<at::Tensor> outputs(static_cast<size_t>(rows));
   auto attend_row = [&](int64_t r) {
     at::Tensor q = query.slice(2, r, r + 1).to(work);
-    at::Tensor k = layer.select(0, 0).slice(1, first[r], last[r]).unsqueeze(0).to(work);
-    at::Tensor v = layer.select(0, 1).slice(1, first[r], last[r]).unsqueeze(0).to(work);
+    at::Tensor k = layer.select(0, 0).slice(1, starts[r], ends[r]).unsqueeze(0).to(work);
+    at::Tensor v = layer.select(0, 1).slice(1, starts[r], ends[r]).unsqueeze(0).to(work);
     outputs[r] = at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/std::nullopt, /*dropout_p=*/0.0,
                                                   /*is_causal=*/false, scaling, gqa)
                      .transpose(1, 2)
@@ -62,6 +300,33 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& layer, c1
   return rows == 1 ? outputs[0] : at::cat(outputs, 1);
 }
 
+}  // namespace
+
+bool has_decode_kernel(at::ScalarType dtype, int64_t head_dim, int64_t groups) {
+  return find_kernel(dtype, head_dim, groups) != nullptr;
+}
+
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& layer, c10::IntArrayRef starts,
+                            c10::IntArrayRef ends, double scaling, bool float32) {
+  TORCH_CHECK(query.dim() == 4 && query.size(0) == 1, "query: (1, q_heads, N, head_dim)");
+  TORCH_CHECK(layer.dim() == 4 && layer.size(0) == 2, "layer: (2, kv_heads, pool_tokens, head_dim)");
+  TORCH_CHECK(query.device().is_cpu() && layer.device().is_cpu(), "decode_attention runs on the CPU");
+  const int64_t q_heads = query.size(1), rows = query.size(2), head_dim = query.size(3);
+  TORCH_CHECK(layer.size(3) == head_dim, "query and pool head_dim differ");
+  TORCH_CHECK(q_heads % layer.size(1) == 0, "query heads must be a multiple of key heads");
+  TORCH_CHECK(static_cast<int64_t>(starts.size()) == rows && static_cast<int64_t>(ends.size()) == rows,
+              "one KV range per row");
+  const std::vector<int64_t> first(starts.begin(), starts.end()), last(ends.begin(), ends.end());
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(0 <= first[r] && first[r] < last[r] && last[r] <= layer.size(2),
+                "a row's KV range is outside the pool");
+  }
+  SliceKernel kernel = layer.stride(3) == 1 ? find_kernel(layer.scalar_type(), head_dim, q_heads / layer.size(1))
+                                            : nullptr;
+  if (kernel == nullptr) return attend_with_sdpa(query, layer, first, last, scaling, float32);
+  return attend_with_kernel(kernel, query, layer, first, last, static_cast<float>(scaling));
+}
+
 }  // namespace bul
 
 TORCH_LIBRARY_FRAGMENT(bul, m) {
@@ -69,4 +334,5 @@ TORCH_LIBRARY_FRAGMENT(bul, m) {
       "decode_attention(Tensor query, Tensor layer, int[] starts, int[] ends, float scaling, bool float32) "
       "-> Tensor",
       &bul::decode_attention);
+  m.def("has_decode_kernel(ScalarType dtype, int head_dim, int groups) -> bool", &bul::has_decode_kernel);
 }

@@ -6,9 +6,13 @@
 namespace bul {
 
 // query (1, q_heads, N, head_dim); layer (2, kv_heads, pool_tokens, head_dim); per row its KV range
-// [starts[r], ends[r]) in the pool; float32: attend in float32. Returns (1, N, q_heads, head_dim) in
-// the query's dtype.
+// [starts[r], ends[r]) in the pool; float32: attend in float32 where SDPA computes it. Returns
+// (1, N, q_heads, head_dim) in the query's dtype.
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& layer, c10::IntArrayRef starts,
                             c10::IntArrayRef ends, double scaling, bool float32);
+
+// Whether `decode_attention` has its own kernel for a pool of `dtype` with these heads (else it
+// calls SDPA per row).
+bool has_decode_kernel(at::ScalarType dtype, int64_t head_dim, int64_t groups);
 
 }  // namespace bul

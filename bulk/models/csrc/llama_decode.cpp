@@ -12,6 +12,7 @@
 //                                                after this step's token
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "decode_attention.h"
@@ -29,6 +30,20 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return weight * h.to(x.scalar_type());
 }
 
+// `weight_quant.dense_product` over a weight prepacked for oneDNN: x (..., in) -> (..., out).
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                         std::optional<c10::string_view>)>();
+  at::Tensor flat = x.reshape({-1, x.size(-1)}).contiguous();
+  at::Tensor y = op.call(flat, packed, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(y.size(-1));
+  return y.view(shape);
+}
+
 // `WeightOnlyLinear.forward` (no bias): the quantized kernel over fewer than `dense_from_rows` rows,
 // the dense copy over more.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& dense,
@@ -36,6 +51,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   const int64_t in_features = x.size(-1);
   const int64_t rows = x.numel() / in_features;
   if (rows >= dense_from_rows) {
+    if (dense.is_mkldnn()) return packed_linear(x, dense);  // prepacked (`weight_quant.pack_dense`)
     if (dense.scalar_type() != x.scalar_type()) return at::linear(x.to(dense.scalar_type()), dense).to(x.scalar_type());
     return at::linear(x, dense);
   }

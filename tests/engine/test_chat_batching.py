@@ -15,6 +15,7 @@ import random
 import torch
 
 from bulk.config import KVCacheConfig
+from bulk.engine import scheduler
 from tests.engine.loop_harness import LoopHarness, solo
 
 # Long enough (about 150 tokens of the tiny tokenizer, whose context is 512) that waiting for it
@@ -59,7 +60,9 @@ def _first_step(harness: LoopHarness, kind: str) -> dict[str, int]:
     return first
 
 
-def test_distinct_chat_questions_decode_as_one_batch_and_wait_on_no_cached_header(chat_model):
+def test_distinct_chat_questions_decode_as_one_batch_and_wait_on_no_cached_header(chat_model, monkeypatch):
+    # A step's prompt budget large enough for all sixteen: what is checked is that none waits.
+    monkeypatch.setattr(scheduler, "PREFILL_STEP_TOKENS", 4096)
     config = _config(SHORT_SYSTEM)
     harness = LoopHarness(chat_model, config)
     # An earlier question: the template's header (its system turn) is cached now.

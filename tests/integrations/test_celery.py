@@ -49,6 +49,15 @@ def test_document_task_returns_the_engine_result_from_an_engine_built_once():
     assert second["result"] == first["result"]
 
 
+def test_vllms_sampling_fields_reach_the_workers_engine(redis13):
+    """`ignore_eos` and `min_tokens` cross the broker as JSON and are the engine's to check."""
+    query = {"query": "The quick brown fox", "max_new_tokens": 6, "min_tokens": 6, "ignore_eos": True}
+    answer = process_document_task.delay(query).get(timeout=TIMEOUT_S)
+    assert answer["completion_tokens"] == 6 and answer["finish_reason"] == "length"
+    task, _ = send_flaky({**query, "min_tokens": 7}, failures=0, redis13=redis13)
+    assert wait_for_status(task.id, "failed")["error"].startswith("min_tokens:")
+
+
 def test_bad_input_fails_at_once_without_retries(redis13):
     task, counter_key = send_flaky({"query": "", "max_new_tokens": 4}, failures=0, redis13=redis13)
     answer = wait_for_status(task.id, "failed")

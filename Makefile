@@ -26,6 +26,7 @@ bench: $(STAMP) services
 	$(BIN)/bul bench tiers
 	$(BIN)/bul bench http
 	$(BIN)/bul bench serve
+	$(BIN)/bul bench decode
 	$(BIN)/bul bench policies
 	$(BIN)/bul bench quality
 	$(BIN)/bul bench dtype

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,25 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def serve_env(
+    model: str, dtype: str, threads: int | None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The `BUL_*` settings of a `bul serve` a benchmark starts on `model`: on the CPU, quiet, the
+    response cache off (every request runs the model), `threads` OpenMP threads when given; then
+    `extra`."""
+    env = {
+        "BUL_MODEL": model,
+        "BUL_DTYPE": dtype,
+        "BUL_DEVICE": "cpu",
+        "BUL_ACCESS_LOG": "false",
+        "BUL_LOG_LEVEL": "warning",
+        "BUL_RESPONSE_CACHE": "false",
+    }
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return {**env, **(extra or {})}
 
 
 def start_server(factory: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:

@@ -53,7 +53,7 @@ from typing import Any
 
 from bench import chat_traffic, child_env, gemm
 from bench.common import cpu_summary, format_table, named_model_folder, options_from, ratio, write_results
-from bench.http import ROOT, _free_port, start_server, stop, wait_ready
+from bench.http import ROOT, _free_port, serve_env, start_server, stop, wait_ready
 from bench.peers_build import LLAMA, PEERS, VLLM, PeerBuild, default_build, ensure_built
 from bench.serve_load import MODEL, Request, closed_loop, figures, mean_batch, prefill_rate, server_stats
 
@@ -167,16 +167,8 @@ class Server:
 
 
 def ours_env(options: Mapping[str, Any], model: str) -> dict[str, str]:
-    return {
-        "BUL_MODEL": model,
-        "BUL_DEVICE": "cpu",
-        "BUL_DTYPE": options["dtype"],
-        "BUL_WEIGHT_QUANTIZATION": options["weights"],
-        "BUL_RESPONSE_CACHE": "false",
-        "BUL_ACCESS_LOG": "false",
-        "BUL_LOG_LEVEL": "warning",
-        "OMP_NUM_THREADS": str(options["threads_ours"]),
-    }
+    extra = {"BUL_WEIGHT_QUANTIZATION": options["weights"]}
+    return serve_env(model, options["dtype"], options["threads_ours"], extra)
 
 
 def llama_args(gguf: Path, port: int, options: Mapping[str, Any]) -> list[str]:

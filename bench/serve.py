@@ -57,7 +57,7 @@ import httpx
 
 from bench import child_env
 from bench.common import options_from, ratio, write_results
-from bench.http import ROOT, start_server, stop, wait_ready
+from bench.http import ROOT, serve_env, start_server, stop, wait_ready
 from bench.serve_chat import chat_verdicts, run_chat
 from bench.serve_load import Stream, closed_loop, figures, percentile, stream_completion, wait_server_idle
 from bench.serve_report import plot, render
@@ -182,18 +182,7 @@ def system_prompts(options: dict[str, Any]) -> list[str]:
 
 
 def server_env(options: dict[str, Any], extra: dict[str, str]) -> dict[str, str]:
-    env = {
-        "BUL_MODEL": options["model"],
-        "BUL_DTYPE": options.get("dtype", "float32"),
-        "BUL_DEVICE": "cpu",
-        "BUL_ACCESS_LOG": "false",
-        "BUL_LOG_LEVEL": "warning",
-        "BUL_RESPONSE_CACHE": "false",  # every request runs the model
-        **extra,
-    }
-    if options.get("threads"):
-        env["OMP_NUM_THREADS"] = str(options["threads"])
-    return env
+    return serve_env(options["model"], options.get("dtype", "float32"), options.get("threads"), extra)
 
 
 def peak_rss_mib(pid: int) -> float | None:

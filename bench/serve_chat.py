@@ -30,7 +30,7 @@ from typing import Any
 
 from bench import chat_traffic, gemm
 from bench.common import named_model_folder, ratio
-from bench.http import start_server, stop, wait_ready
+from bench.http import serve_env, start_server, stop, wait_ready
 from bench.serve_load import (
     Request,
     Stream,
@@ -49,17 +49,7 @@ TARGET_SCALING = 4.0  # 16 clients / 1 client, tokens/s, chat traffic on the rea
 
 
 def chat_env(options: Mapping[str, Any]) -> dict[str, str]:
-    env = {
-        "BUL_MODEL": options["chat_model"],
-        "BUL_DTYPE": options["chat_dtype"],
-        "BUL_DEVICE": "cpu",
-        "BUL_ACCESS_LOG": "false",
-        "BUL_LOG_LEVEL": "warning",
-        "BUL_RESPONSE_CACHE": "false",  # every request runs the model
-    }
-    if options.get("threads"):
-        env["OMP_NUM_THREADS"] = str(options["threads"])
-    return env
+    return serve_env(options["chat_model"], options["chat_dtype"], options.get("threads"))
 
 
 def parameters_of(model: str) -> tuple[int, int] | None:

@@ -109,9 +109,11 @@ class KVCacheConfig:
     # A greedy request's tokens and logits are bit-identical whatever runs beside it (decode rows
     # padded to shapes whose kernels agree; prompts always chunked). Costs speed at small batches.
     batch_invariant: bool = False
-    # A quantized Llama model's decode steps run their layers as one native call, built on first use
-    # with a C++ compiler (`bulk/models/native.py`): the same operations and bits as the Python loop,
-    # about 20 % faster a step. Without a compiler, or off, the Python loop decodes.
+    # The decode step's native code, built on first use with a C++ compiler (`bulk/models/native.py`):
+    # every decode row's attention of a layer in one call, spread over the threads, and a quantized
+    # Llama model's layers as one call (the Python loop's operations and bits). Without a compiler,
+    # or off, the Python loop decodes with one SDPA call per row (the same answers up to the last
+    # bits of attention, slower).
     native_decode: bool = True
 
     def __new__(cls, *args: Any, **kwargs: Any) -> KVCacheConfig:

@@ -1,5 +1,6 @@
-"""A tiny Hugging Face Llama and BPE tokenizer, trained and saved by the tests themselves (no download),
-for the tests of the loader and of chat templates."""
+"""Tiny Hugging Face models built by the tests themselves (no download): a Llama and BPE tokenizer,
+trained and saved, for the tests of the loader and of chat templates; a sliding-window Mistral, for
+the engine's path of models that cannot batch."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from bulk.models.loader import LoadedModel
+from bulk.models.tokenizer import ByteTokenizer
 
 
 def save_tiny_llama(
@@ -51,3 +61,40 @@ def save_tiny_llama(
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+def sliding_window_model(eos: int | None = None) -> LoadedModel:
+    """A tiny Mistral (random weights, the byte tokenizer) whose layers keep a sliding window: its
+    cache cannot be rebuilt from blocks, so it can neither reuse KV nor decode in the batched way;
+    the engine runs it one request at a time (`ModelRunner._forward_one_by_one`). `eos`: one more
+    token that ends an answer."""
+    config = MistralConfig(
+        vocab_size=ByteTokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+        max_position_embeddings=512,
+        bos_token_id=ByteTokenizer.BOS,
+        eos_token_id=ByteTokenizer.EOS,
+        pad_token_id=ByteTokenizer.PAD,
+    )
+    torch.manual_seed(5)
+    tokenizer = ByteTokenizer()
+    if eos is not None:
+        tokenizer.eos_token_ids = frozenset({ByteTokenizer.EOS, eos})
+    return LoadedModel(
+        name="tiny-sliding",
+        model=MistralForCausalLM(config).train(False),
+        tokenizer=tokenizer,
+        fingerprint="tiny-sliding:test",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        context_length=512,
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=16,
+        supports_block_reuse=False,
+    )

@@ -8,14 +8,11 @@ import logging
 import random
 
 import pytest
-import torch
-from transformers import MistralConfig, MistralForCausalLM
 
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
-from bulk.models.loader import LoadedModel
-from bulk.models.tokenizer import ByteTokenizer
 from tests.conftest import generate_without_cache
+from tests.tiny_hf_model import sliding_window_model
 
 SYSTEM = "You are BUL, an assistant for business documents. Answer briefly.\n"
 
@@ -89,41 +86,8 @@ async def test_stats_report_batching(demo_model):
     assert histograms["batch_size"]["count"] == batch["decode_steps"]
 
 
-def _sliding_window_model() -> LoadedModel:
-    """A tiny Mistral whose layers keep a sliding window: its cache cannot be rebuilt from blocks,
-    so it can neither reuse KV nor decode in the batched way."""
-    config = MistralConfig(
-        vocab_size=ByteTokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=16,
-        max_position_embeddings=512,
-        bos_token_id=ByteTokenizer.BOS,
-        eos_token_id=ByteTokenizer.EOS,
-        pad_token_id=ByteTokenizer.PAD,
-    )
-    torch.manual_seed(5)
-    model = MistralForCausalLM(config).train(False)
-    return LoadedModel(
-        name="tiny-sliding",
-        model=model,
-        tokenizer=ByteTokenizer(),
-        fingerprint="tiny-sliding:test",
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        context_length=512,
-        num_layers=2,
-        num_kv_heads=2,
-        head_dim=16,
-        supports_block_reuse=False,
-    )
-
-
 async def test_a_model_that_cannot_batch_runs_one_request_at_a_time(caplog):
-    lm = _sliding_window_model()
+    lm = sliding_window_model()
     prompts = [f"sliding window prompt number {i}, long enough to slide" for i in range(4)]
     with caplog.at_level(logging.WARNING, logger="bulk.engine.model_runner"):
         engine = UltraAdaptiveKVCacheEngine(

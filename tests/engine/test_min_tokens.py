@@ -11,16 +11,15 @@ from collections import defaultdict
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM
 
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.engine.request import parse_request
 from bulk.engine.response_cache import request_key
 from bulk.errors import InvalidRequestError
-from bulk.models.loader import LoadedModel
 from bulk.models.tokenizer import ByteTokenizer
 from tests.conftest import ENDS_EARLY, generate_without_cache
+from tests.tiny_hf_model import sliding_window_model
 
 J = ord("J")  # `eos_model`'s other end of sequence
 
@@ -115,46 +114,11 @@ async def test_stop_strings_are_looked_for_only_from_min_tokens_on(demo_model):
     assert held["result"] == expected.text
 
 
-def _sliding_window_model(eos: int | None = None) -> LoadedModel:
-    """A tiny Mistral with a sliding window: it cannot batch, so the engine runs it one request at a
-    time (`ModelRunner._forward_one_by_one`). `eos`: one more token that ends an answer."""
-    config = MistralConfig(
-        vocab_size=ByteTokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=16,
-        max_position_embeddings=512,
-        bos_token_id=ByteTokenizer.BOS,
-        eos_token_id=ByteTokenizer.EOS,
-        pad_token_id=ByteTokenizer.PAD,
-    )
-    torch.manual_seed(5)
-    tokenizer = ByteTokenizer()
-    if eos is not None:
-        tokenizer.eos_token_ids = frozenset({ByteTokenizer.EOS, eos})
-    return LoadedModel(
-        name="tiny-sliding",
-        model=MistralForCausalLM(config).train(False),
-        tokenizer=tokenizer,
-        fingerprint="tiny-sliding:test",
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        context_length=512,
-        num_layers=2,
-        num_kv_heads=2,
-        head_dim=16,
-        supports_block_reuse=False,
-    )
-
-
 async def test_min_tokens_and_ignore_eos_on_the_one_by_one_fallback():
     prompt = "sliding window prompt, long enough to slide past its window"
     # Its third greedy token made an end of sequence: its answer ends by then on its own.
-    third = generate_without_cache(_sliding_window_model(), prompt, 8).token_ids[2]
-    lm = _sliding_window_model(eos=third)
+    third = generate_without_cache(sliding_window_model(), prompt, 8).token_ids[2]
+    lm = sliding_window_model(eos=third)
     config = KVCacheConfig(model="demo", dtype="float32", response_cache=False)
     with UltraAdaptiveKVCacheEngine(config, model=lm) as engine:
         assert engine._loop is not None and not engine._loop.runner.batched

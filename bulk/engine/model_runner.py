@@ -158,7 +158,7 @@ class ModelRunner:
             tokens.append(seq.next_token)
             logits_at.append(len(tokens) - 1)
             ready.append(seq)
-        batch = batched_attention.step_batch(self.pool.buffer, segments, self.decode_attention)
+        batch = batched_attention.step_batch(self.pool.buffer, segments, self.decode_attention, len(chunks))
         if self.plain_step is not None:
             logits = self.plain_step.forward(tokens, batch, logits_at, pad_to)
         else:

@@ -83,8 +83,15 @@ class StepBatch:
 
 
 def step_batch(
-    pool: torch.Tensor, segments: Sequence[Segment], decode_attention: DecodeAttention | None = None
+    pool: torch.Tensor,
+    segments: Sequence[Segment],
+    decode_attention: DecodeAttention | None = None,
+    rows_from: int | None = None,
 ) -> StepBatch:
+    """The step's batch. `segments[rows_from:]` are decode rows (each the one token the model
+    produced last; default: none), which go to `decode_attention` when given. A one-token prompt
+    chunk (a prompt whose every other token was cached) is not a decode row: it is computed as
+    SDPA computes the last token of a prompt, so that reusing a prefix changes nothing but speed."""
     positions: list[int] = []
     masks: list[torch.Tensor | None] = []
     for seg in segments:
@@ -92,13 +99,12 @@ def step_batch(
         positions.extend(range(first, first + seg.length))
         masks.append(_offset_causal_mask(seg, pool.device))
     write_at = torch.tensor(positions, dtype=torch.long, device=pool.device)
-    rows_from = len(segments)
-    if decode_attention is not None and pool.device.type == "cpu":
-        while rows_from and segments[rows_from - 1].length == 1:
-            rows_from -= 1
-    else:
-        decode_attention = None
+    rows_from = len(segments) if rows_from is None else rows_from
     rows = segments[rows_from:]
+    if any(seg.length != 1 for seg in rows):
+        raise ValueError("a decode row holds one new token")
+    if decode_attention is None or pool.device.type != "cpu":
+        decode_attention, rows_from, rows = None, len(segments), []
     return StepBatch(
         pool,
         segments,

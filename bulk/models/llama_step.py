@@ -279,10 +279,10 @@ def _differs_from_transformers(
     shape = (config.num_hidden_layers, 2, kv_heads, 8, step.head_dim)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (6,), generator=generator).tolist()
-    for segments, ids in (
-        ([Segment(0, 0, 5)], tokens[:5]),
-        ([Segment(0, 2, 3), Segment(5, 0, 1)], tokens[2:6]),
-        ([Segment(0, 2, 1), Segment(5, 0, 1)], [tokens[2], tokens[5]]),  # decode rows only (native)
+    for segments, ids, rows_from in (  # rows_from: where the decode rows start
+        ([Segment(0, 0, 5)], tokens[:5], 1),
+        ([Segment(0, 2, 3), Segment(5, 0, 1)], tokens[2:6], 1),
+        ([Segment(0, 2, 1), Segment(5, 0, 1)], [tokens[2], tokens[5]], 0),  # decode rows only (native)
     ):
         results = []
         for forward in (
@@ -296,7 +296,7 @@ def _differs_from_transformers(
             if segments[0].cached:
                 warm = batched_attention.step_batch(pool, [Segment(0, 0, segments[0].cached)])
                 batched_attention.forward_step(model, tokens[: segments[0].cached], warm, [0])
-            batch = batched_attention.step_batch(pool, segments, decode_attention)
+            batch = batched_attention.step_batch(pool, segments, decode_attention, rows_from)
             at = [sum(s.length for s in segments[: i + 1]) - 1 for i in range(len(segments))]
             results.append(forward(ids, batch, at))
         if not torch.equal(results[0], results[1]):

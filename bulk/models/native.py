@@ -194,10 +194,9 @@ class NativeLayers:
         )
 
     def takes(self, batch: StepBatch, n: int) -> bool:
-        """A step of decode rows only, with no padding."""
-        return n == len(batch.segments) == batch.write_at.shape[0] and all(
-            seg.length == 1 for seg in batch.segments
-        )
+        """A step of decode rows only (`StepBatch.rows_from`: not one-token prompt chunks, which
+        SDPA computes), with no padding."""
+        return batch.rows_from == 0 and n == len(batch.segments) == batch.write_at.shape[0]
 
     def run(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch

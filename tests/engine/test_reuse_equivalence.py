@@ -12,6 +12,7 @@ from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.generation.decode import prefill
 from bulk.models import hf_cache
 from bulk.storage.prefix_cache import PrefixCache
+from tests.engine.loop_harness import LoopHarness
 
 NEW_TOKENS = 24
 
@@ -115,3 +116,31 @@ def test_multi_turn_reuses_the_previous_answer(demo_model, reference):
         second = engine.process_request_sync({"query": turn2})
     assert second["cached_tokens"] > first["prompt_tokens"]
     assert second["result"] == reference(turn2, 40).text
+
+
+def test_a_prompt_cached_but_its_last_token_computes_it_as_a_prompt(demo_model):
+    """The second time, every token of the prompt but the last comes from the cache and the last one
+    is computed alone, as a one-token chunk: with the attention of the last row of the whole prompt
+    (SDPA), not the decode rows' native attention, which sums in another order (a last-bit
+    difference there turned a 120-token greedy answer of the random-weight model in bfloat16). The
+    rows the native attention gets are the decode rows only."""
+    config = KVCacheConfig(model="demo", dtype="float32", response_cache=False, default_max_new_tokens=6)
+    harness = LoopHarness(demo_model, config)
+    kernel = harness.runner.decode_attention
+    assert kernel is not None  # the native code is built on this machine (tests/models/test_native.py)
+    rows_seen: list[int] = []
+
+    def counted(query, layer, starts, ends, scaling, float32):
+        rows_seen.append(len(starts))
+        return kernel(query, layer, starts, ends, scaling, float32)
+
+    harness.runner.decode_attention = counted
+    prompt = "question 9, " * 4  # 48 characters and BOS: three full blocks and one token
+    (whole,) = harness.run({0: [(prompt, {})]})
+    layers = demo_model.num_layers
+    assert rows_seen == [1] * (5 * layers)  # 6 tokens: the prompt's, then 5 decode steps
+    rows_seen.clear()
+    (cached,) = harness.run({harness.steps: [(prompt, {})]})
+    assert cached.cached_tokens == len(cached.prompt_ids) - 1
+    assert rows_seen == [1] * (5 * layers)  # its one-token chunk went to SDPA
+    assert cached.output_ids == whole.output_ids

@@ -49,7 +49,7 @@ def _decode(step, model, native_on: bool, rows: list[Segment]) -> torch.Tensor:
     saved = step.native
     step.native = saved if native_on else None
     try:
-        batch = batched_attention.step_batch(pool, rows, attention)
+        batch = batched_attention.step_batch(pool, rows, attention, 0)
         tokens = torch.randint(0, config.vocab_size, (len(rows),), generator=gen).tolist()
         return step.forward(tokens, batch, list(range(len(rows))))
     finally:
@@ -80,9 +80,15 @@ def test_prompt_chunks_and_float_models_keep_the_python_loop():
     step, _ = llama_step.build(model)
     assert step is not None and step.native is not None
     pool = torch.zeros(1, 1, 1, 8, 1)
-    assert step.native.takes(batched_attention.step_batch(pool, [Segment(0, 2, 1), Segment(4, 0, 1)]), 2)
+    attention = native.decode_attention()
+    rows = [Segment(0, 2, 1), Segment(4, 0, 1)]
+    assert step.native.takes(batched_attention.step_batch(pool, rows, attention, 0), 2)
+    # The same one-token segments as prompts (every other token of theirs cached): SDPA's.
+    assert not step.native.takes(batched_attention.step_batch(pool, rows, attention), 2)
     assert not step.native.takes(batched_attention.step_batch(pool, [Segment(0, 2, 3)]), 3)  # a chunk
-    assert not step.native.takes(batched_attention.step_batch(pool, [Segment(0, 2, 1)]), 4)  # padded
+    assert not step.native.takes(
+        batched_attention.step_batch(pool, [Segment(0, 2, 1)], attention, 0), 4
+    )  # padded
     float_model = load_model(KVCacheConfig(model="demo", device="cpu", dtype="float32")).model
     batched_attention.enable(float_model)
     float_step, _ = llama_step.build(float_model)
@@ -277,7 +283,7 @@ def test_a_batched_step_sends_its_decode_rows_to_it_in_one_call():
     chunk = torch.randint(0, config.vocab_size, (12,), generator=gen).tolist()
     rows = [Segment(128, 33, 1), Segment(256, 7, 1)]
     segments = [Segment(384, 0, 12), *rows]
-    batch = batched_attention.step_batch(pool, segments, counted)
+    batch = batched_attention.step_batch(pool, segments, counted, 1)
     assert batch.rows_from == 1 and batch.row_starts == [128, 256] and batch.row_ends == [162, 264]
     tokens = [*chunk, 5, 9]
     mixed = batched_attention.forward_step(model, tokens, batch, [11, 12, 13])
@@ -288,6 +294,6 @@ def test_a_batched_step_sends_its_decode_rows_to_it_in_one_call():
     assert torch.allclose(mixed, sdpa, atol=1e-4)  # SDPA per row: the same up to summation order
     for i, (row, token) in enumerate(zip(rows, (5, 9), strict=True)):
         alone = batched_attention.forward_step(
-            model, [token], batched_attention.step_batch(pool, [row], attention), [0]
+            model, [token], batched_attention.step_batch(pool, [row], attention, 0), [0]
         )
         assert torch.allclose(mixed[1 + i], alone[0], atol=1e-4)

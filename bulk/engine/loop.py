@@ -109,7 +109,8 @@ class EngineLoop:
         try:
             started = time.perf_counter()
             rows = self.runner.forward(chunks, decode, pad_to)
-            prompt_tokens = sum(take for _, take in chunks)
+            # What the forward computed: a chunk the prefix lookup found cached costs nothing.
+            prompt_tokens = self.runner.prompt_tokens_computed
             self.scheduler.observe_step(prompt_tokens, len(decode), time.perf_counter() - started)
             tokens = self.runner.sample(rows)
         except Exception as exc:

@@ -49,8 +49,10 @@ class ModelRunner:
         self.batched = why_not is None
         if why_not is not None:
             log.warning("model %s decodes one request at a time: %s", lm.name, why_not)
-        # Decode rows go to the native decode attention where it is built (`bulk.models.native`).
-        self.decode_attention = native.decode_attention() if self.batched and config.native_decode else None
+        # Decode rows go to the native decode attention where it is built (`bulk.models.native`:
+        # CPU code, so not asked for on another device).
+        native_code = config.native_decode and lm.device.type == "cpu"
+        self.decode_attention = native.decode_attention() if self.batched and native_code else None
         # Batched attention may read a pool in float32 (`batched_attention.pool_dtype`), unless the
         # native decode attention reads it as it is; transformers' own cache over the pool needs
         # the model's dtype.
@@ -69,7 +71,7 @@ class ModelRunner:
         self.plain_step = None
         if self.batched:
             checked_as = f"{lm.fingerprint}/{lm.dtype_name}/{lm.device}"
-            self.plain_step, why_plain = llama_step.build(lm.model, checked_as, config.native_decode)
+            self.plain_step, why_plain = llama_step.build(lm.model, checked_as, native_code)
             if why_plain is not None:
                 log.info("model %s runs transformers' forward for each step: %s", lm.name, why_plain)
         self.pad_rows = None
@@ -84,6 +86,7 @@ class ModelRunner:
         # The model decodes one request per step when it cannot batch, or when batch invariance
         # can only be had that way.
         self.max_batch_size = config.max_batch_size if self.batched else 1
+        self.prompt_tokens_computed = 0  # by the last forward: its chunks after the prefix lookup
         if config.batch_invariant and self.pad_rows is None:
             self.max_batch_size = 1
 
@@ -139,6 +142,7 @@ class ModelRunner:
                 self.begin_prefill(seq)
         # The scheduler counted from before the prefix lookup: what is cached needs no computing.
         chunks = [(seq, min(take, seq.prompt_left)) for seq, take in chunks]
+        self.prompt_tokens_computed = sum(take for _, take in chunks)
         if not self.batched:
             return self._forward_one_by_one(chunks, decode)
         segments: list[Segment] = []

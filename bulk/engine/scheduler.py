@@ -155,18 +155,22 @@ class Scheduler:
             step.separate = True
             if prefilling:
                 seq = prefilling[0]
-                step.prefill = [(seq, min(self._prompt_to_compute(seq), self.prefill_chunk_tokens))]
+                step.prefill = [(seq, min(seq.prompt_left, self.prefill_chunk_tokens))]
             return step
         under_way = [s for s in prefilling if s.prefill_started]
         budget = 0
         for seq in prefilling:
             if step.prefill and budget <= 0:
                 break
+            left = seq.prompt_left
             if not seq.prefill_started:
-                if self._waits_for(seq, under_way):
+                cached = self._cached_blocks(seq)
+                if self._waits_for(seq, cached, under_way):
                     continue  # until the prefill ahead has computed the blocks they share
                 under_way.append(seq)  # its lookup runs with this step's forward
-            left = self._prompt_to_compute(seq)
+                # What the lookup will not find in memory (the model runner clips the chunk to
+                # what it actually left: lower tiers may hold more).
+                left -= min(cached * self._block_size, left - 1)
             if not step.prefill:
                 budget = self.chunk_beside_decode() if step.decode else max(PREFILL_STEP_TOKENS, left)
             take = min(left, budget)
@@ -174,28 +178,26 @@ class Scheduler:
             budget -= take
         return step
 
-    def _prompt_to_compute(self, seq: Sequence) -> int:
-        """Prompt tokens `seq` still has to compute: before its prefill starts, what its prefix
-        lookup will not find in memory (the model runner clips a chunk to what the lookup left)."""
-        if seq.prefill_started or self.prefix is None or not seq.block_hashes:
-            return seq.prompt_left
-        cached = self.prefix.cached_blocks(seq.block_hashes) * self.prefix.block_size
-        return seq.prompt_left - min(cached, seq.prompt_left - 1)
+    @property
+    def _block_size(self) -> int:
+        return self.prefix.block_size if self.prefix is not None else 1
 
-    def _waits_for(self, seq: Sequence, under_way: list[Sequence]) -> bool:
-        """Whether `seq` should not start yet: a prefill under way is computing blocks of its prompt
-        that are not cached, and computing them again would cost more than waiting for them."""
+    def _cached_blocks(self, seq: Sequence) -> int:
+        """How many of `seq`'s prompt blocks are in the memory tier now."""
         if self.prefix is None or not seq.block_hashes:
-            return False
-        bs = self.prefix.block_size
-        cached: int | None = None  # read from the cache only when some prefill shares blocks
+            return 0
+        return self.prefix.cached_blocks(seq.block_hashes)
+
+    def _waits_for(self, seq: Sequence, cached: int, under_way: list[Sequence]) -> bool:
+        """Whether `seq`, whose first `cached` prompt blocks are cached, should not start yet: a
+        prefill under way is computing blocks of its prompt that are not cached, and computing them
+        again would cost more than waiting for them."""
+        bs = self._block_size
         for other in under_way:
             shared = _common_blocks(seq.block_hashes, other.block_hashes)
-            if shared == 0 or other.num_computed >= shared * bs:
-                continue  # nothing shared, or computed (and stored) already
-            if cached is None:
-                cached = self.prefix.cached_blocks(seq.block_hashes)
-            if shared > cached and self.worth_waiting((shared - cached) * bs):
+            if shared <= cached or other.num_computed >= shared * bs:
+                continue  # nothing uncached shared, or computed (and stored) already
+            if self.worth_waiting((shared - cached) * bs):
                 return True
         return False
 

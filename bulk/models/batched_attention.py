@@ -74,8 +74,8 @@ class StepBatch:
     segments: Sequence[Segment]
     write_at: torch.Tensor  # (tokens,) long: the pool position of each new key and value
     masks: tuple[torch.Tensor | None, ...]  # per segment: its causal mask, or None (SDPA's own)
-    # The decode rows at the end of the step (from segment `rows_from` on) go to `decode_attention`
-    # in one call, each over the pool range [row_starts[i], row_ends[i]); without it, SDPA per row.
+    # The decode rows at the end of the step (from segment `rows_from` on), each over the pool range
+    # [row_starts[i], row_ends[i]): in one call of `decode_attention` when given, else SDPA per row.
     decode_attention: DecodeAttention | None = None
     rows_from: int = 0
     row_starts: list[int] = field(default_factory=list)
@@ -103,8 +103,8 @@ def step_batch(
     rows = segments[rows_from:]
     if any(seg.length != 1 for seg in rows):
         raise ValueError("a decode row holds one new token")
-    if decode_attention is None or pool.device.type != "cpu":
-        decode_attention, rows_from, rows = None, len(segments), []
+    if pool.device.type != "cpu":
+        decode_attention = None  # CPU code
     return StepBatch(
         pool,
         segments,
@@ -166,7 +166,9 @@ def attend(
     offset = 0
     float32 = layer.dtype == torch.float32 or attends_in_float32(query.dtype, query.device)
     work = torch.float32 if float32 else query.dtype
-    segments, masks = batch.segments[: batch.rows_from], batch.masks[: batch.rows_from]
+    native_rows = batch.decode_attention is not None
+    sdpa_to = batch.rows_from if native_rows else len(batch.segments)
+    segments, masks = batch.segments[:sdpa_to], batch.masks[:sdpa_to]
     for seg, mask in zip(segments, masks, strict=True):
         end = seg.start + seg.cached + seg.length
         q = query[:, :, offset : offset + seg.length].to(work)
@@ -182,7 +184,8 @@ def attend(
             out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)
         outputs.append(out.to(query.dtype))  # (1, length, heads, head_dim)
         offset += seg.length
-    if batch.decode_attention is not None and batch.row_starts:
+    if native_rows and batch.row_starts:
+        assert batch.decode_attention is not None
         rows = query[:, :, offset : offset + len(batch.row_starts)]
         scaling = kwargs.get("scaling")
         scaling = module.scaling if scaling is None else scaling

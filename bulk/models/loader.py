@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,19 @@ from bulk import named_models
 from bulk.config import KVCacheConfig
 from bulk.errors import ModelLoadError
 from bulk.models import hf_cache
+from bulk.models.cpu import flags as cpu_flags
 from bulk.models.cpu import has_avx2, has_bf16_instructions
 from bulk.models.demo import DEMO_SPECS, build_demo_model, is_demo
 from bulk.models.gguf import converted_folder, is_gguf_path, manifest_weight_bits
 from bulk.models.progress import quiet_progress_bars
 from bulk.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
-from bulk.models.weight_quant import measure_dense_from_rows, quantize_weights, set_dense_from_rows
+from bulk.models.weight_quant import (
+    DENSE_FROM_ROWS,
+    dense_shapes,
+    measure_dense_from_rows,
+    quantize_weights,
+    set_dense_from_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +140,10 @@ def load_model(config: KVCacheConfig) -> LoadedModel:
             # CPU multiplies it in hardware, else float32, several times faster there.
             quantize_weights(model, scheme, torch.bfloat16 if has_bf16_instructions() else torch.float32)
             # From how many rows on the dense copy is faster, on this CPU (decode batches).
-            dense_from = measure_dense_from_rows(model)
-            set_dense_from_rows(model, dense_from)
-            log.info("quantized layers multiply %d rows or more through their dense copies", dense_from)
+            for bits in (4, 8):
+                dense_from = _dense_from_rows(model, bits)
+                set_dense_from_rows(model, dense_from, bits)
+                log.info("int%d layers multiply %d rows or more through their dense copies", bits, dense_from)
             fingerprint = f"{fingerprint}+w{scheme}"
     except ModelLoadError:
         raise
@@ -169,6 +178,38 @@ def load_model(config: KVCacheConfig) -> LoadedModel:
         context_length,
     )
     return loaded
+
+
+def _dense_from_rows(model: Any, bits: int) -> int:
+    """`measure_dense_from_rows`, remembered per CPU, torch version and weight shapes in
+    `~/.cache/bul/dense_from_rows.json`: the two paths differ in the last bits, so a process must
+    split where the last one on this machine did, or the same request could be answered otherwise
+    after a restart, or by another replica on the same machine. JSON; a file that cannot be read or
+    written is measured around (logged)."""
+    shapes = dense_shapes(model, bits)
+    if not shapes:
+        return DENSE_FROM_ROWS
+    key = hashlib.sha256(
+        json.dumps([bits, shapes, torch.__version__, platform.machine(), sorted(cpu_flags())]).encode()
+    ).hexdigest()[:16]
+    path = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "bul" / "dense_from_rows.json"
+    known: dict[str, int] = {}
+    try:
+        known = json.loads(path.read_text()) if path.exists() else {}
+        if isinstance(known.get(key), int):
+            return known[key]
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("cannot read %s (%s): measuring again", path, exc)
+        known = {}
+    rows = measure_dense_from_rows(model, bits)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written = path.with_suffix(f".{os.getpid()}.tmp")
+        written.write_text(json.dumps({**known, key: rows}))
+        written.replace(path)
+    except OSError as exc:
+        log.warning("cannot write %s (%s): the next process measures again", path, exc)
+    return rows
 
 
 def _weights_fingerprint(name: str, model: Any) -> str:

@@ -48,6 +48,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import sys
 import time
@@ -195,18 +196,20 @@ class NativeLayers:
 
     def takes(self, batch: StepBatch, n: int) -> bool:
         """A step of decode rows only (`StepBatch.rows_from`: not one-token prompt chunks, which
-        SDPA computes), with no padding."""
-        return batch.rows_from == 0 and n == len(batch.segments) == batch.write_at.shape[0]
+        SDPA computes) with the native decode attention, and no padding."""
+        return (
+            batch.rows_from == 0
+            and batch.decode_attention is not None
+            and n == len(batch.segments) == batch.write_at.shape[0]
+        )
 
     def run(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch
     ) -> torch.Tensor:
-        starts = [seg.start for seg in batch.segments]
-        ends = [seg.start + seg.cached + 1 for seg in batch.segments]
         return self.call(
-            hidden, cos, sin, batch.pool, batch.write_at, starts, ends, self.norms, self.weights, self.dense,
-            self.bits, self.group_size, self.dense_from_rows, self.q_heads, self.kv_heads, self.head_dim,
-            self.gate_size, self.eps, self.scaling, self.float32_attention,
+            hidden, cos, sin, batch.pool, batch.write_at, batch.row_starts, batch.row_ends, self.norms,
+            self.weights, self.dense, self.bits, self.group_size, self.dense_from_rows, self.q_heads,
+            self.kv_heads, self.head_dim, self.gate_size, self.eps, self.scaling, self.float32_attention,
         )  # fmt: skip
 
 
@@ -246,8 +249,14 @@ def _build_and_load() -> None:
     digest = hashlib.sha256()
     for path in (*SOURCES, *HEADERS):
         digest.update(path.read_bytes())
-    digest.update(" ".join(CFLAGS).encode())
-    digest.update(" ".join(sorted(cpu.flags())).encode())
+    flags = cpu.flags()
+    # For this machine's instruction set only where its features are known (x86's /proc/cpuinfo
+    # flags, in the library's name): elsewhere a library built for one CPU could be loaded on
+    # another from a shared cache and die of an illegal instruction.
+    cflags = CFLAGS if flags else [f for f in CFLAGS if f != "-march=native"]
+    digest.update(" ".join(cflags).encode())
+    digest.update(platform.machine().encode())
+    digest.update(" ".join(sorted(flags)).encode())
     name = f"bul_native_{digest.hexdigest()[:12]}"
     build = cache_dir() / f"torch-{torch.__version__}" / name
     build.mkdir(parents=True, exist_ok=True)
@@ -261,7 +270,7 @@ def _build_and_load() -> None:
         name=name,
         sources=[str(path) for path in SOURCES],
         build_directory=str(build),
-        extra_cflags=CFLAGS,
+        extra_cflags=cflags,
         extra_include_paths=[str(CSRC)],
         is_python_module=False,
         verbose=False,

@@ -13,15 +13,17 @@ bfloat16 weights, 30.5 ms with int8 and 19.8 ms with int4 (`torch.ops.aten._weig
            keep it at 8 bits or more too: it is the layer most sensitive to rounding)
 
 Those kernels win only for a few rows. From `DENSE_FROM_ROWS` rows on (prompt chunks, wide decode
-batches) torch's bfloat16 GEMM is faster (on SmolLM2, a forward of 64 new tokens took 217 ms through
-the dequantized weights against 322 ms through the int4 kernel; at 16 tokens the kernel still won),
-so each layer also keeps its quantized weights dequantized into bfloat16 and multiplies many rows
-with that. Both paths use the same weight values (the dequantized ones); they differ only in
-rounding. That copy costs memory (int4: 1.25x the bfloat16 model, not 0.25x): this transform buys
-decode speed, not memory. On a CPU without bfloat16 instructions the copy is float32 (2.25x), and
-many rows are multiplied in float32: torch emulates bfloat16 GEMMs there, and a 1,024-token
-SmolLM2 prompt took 16.0 s through bfloat16 copies against 3.5 s through float32 ones (AMD EPYC
-with AVX2, 2 threads).
+batches), or from fewer where the CPU says so (`measure_dense_from_rows`), torch's bfloat16 GEMM is
+faster (on SmolLM2, a forward of 64 new tokens took 217 ms through the dequantized weights against
+322 ms through the int4 kernel; at 16 tokens the kernel still won), so each layer also keeps its
+quantized weights dequantized into bfloat16 and multiplies many rows with that (prepacked for oneDNN
+where torch's bfloat16 products go through it: `pack_dense`). Both paths use the same weight values
+(the dequantized ones); they differ only in rounding. That copy costs memory (int4: 1.25x the
+bfloat16 model, not 0.25x; up to 2.25x with the prepacked copies): this transform buys decode
+speed, not memory. On a CPU without bfloat16 instructions the copy is float32 (2.25x), and many
+rows are multiplied in float32: torch emulates bfloat16 GEMMs there, and a 1,024-token SmolLM2
+prompt took 16.0 s through bfloat16 copies against 3.5 s through float32 ones (AMD EPYC with AVX2,
+2 threads).
 
 The kernels take bfloat16 activations (float32 ones ran 6-26x slower), so a quantized model runs in
 bfloat16; they are torch's CPU kernels, so quantization is applied on the CPU only."""
@@ -213,7 +215,9 @@ def pack_dense(dense: torch.Tensor) -> torch.Tensor:
     SmolLM2's 30 layers at 16 rows took 19 ms through `F.linear` and 12.5 ms prepacked, 1 row 18 and
     13 ms, 512 rows 10 % less (Intel Xeon with AMX-BF16, 2 threads). The products are bit-identical
     to `F.linear`'s (`tests/models/test_weight_quant.py` checks it on the machine it runs on). The
-    packed copy is memory of its own, made only for the layers that multiply many rows."""
+    packed copy is memory of its own, beside the plain one (whose views the unfused parts of a fused
+    layer read): made on first use, so only for the layers the engine multiplies many rows with
+    (a Llama model's fused q/k/v and gate/up, its other projections and the LM head)."""
     if dense.dtype != torch.bfloat16 or dense.device.type != "cpu" or not _onednn_bf16():
         return dense
     return torch.ops.mkldnn._reorder_linear_weight(dense, DENSE_FROM_ROWS)
@@ -233,58 +237,66 @@ def _onednn_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def set_dense_from_rows(model: Any, rows: int) -> None:
-    """Every quantized layer of `model` multiplies `rows` rows or more with its dense copy."""
+def set_dense_from_rows(model: Any, rows: int, bits: int | None = None) -> None:
+    """Every quantized layer of `model` (of `bits` bits, or every one) multiplies `rows` rows or
+    more with its dense copy."""
     for module in model.modules():
-        if isinstance(module, WeightOnlyLinear):
+        if isinstance(module, WeightOnlyLinear) and bits in (None, module.bits):
             module.dense_from_rows = rows
 
 
-def measure_dense_from_rows(model: Any, candidates: tuple[int, ...] = (4, 8, 12, 16, 20)) -> int:
-    """The fewest rows from which `model`'s quantized layers multiply faster through their dense
-    copies than through the quantized kernels, on this CPU: every distinct weight shape of the model
-    timed at each candidate row count, both ways (about 50 ms). `DENSE_FROM_ROWS` when the dense
-    copy does not win by `DENSE_WIN_MARGIN` at some candidate and every larger one."""
-    layers: dict[tuple[int, int, int], WeightOnlyLinear] = {}
+def dense_shapes(model: Any, bits: int) -> list[tuple[int, int]]:
+    """The distinct (in, out) shapes of `model`'s `bits`-bit layers: what `measure_dense_from_rows`
+    times, and what a remembered measure of it is keyed by."""
+    return sorted({(m.in_features, m.out_features) for m in model.modules() if _quantized(m, bits)})
+
+
+def measure_dense_from_rows(model: Any, bits: int, candidates: tuple[int, ...] = (4, 8, 12, 16, 20)) -> int:
+    """The fewest rows from which `model`'s `bits`-bit layers multiply faster through their dense
+    copies (prepacked as they would be) than through the quantized kernels, on this CPU: every
+    distinct weight shape timed at each candidate row count, both ways (about 50 ms).
+    `DENSE_FROM_ROWS` when the dense copy does not win by `DENSE_WIN_MARGIN` at some candidate and
+    every larger one. The timing's packed copies are dropped afterwards: only the layers that the
+    engine multiplies many rows with keep one."""
+    layers: dict[tuple[int, int], WeightOnlyLinear] = {}
     for module in model.modules():
-        if isinstance(module, WeightOnlyLinear) and module.bits == 4:
-            layers.setdefault((module.in_features, module.out_features, module.bits), module)
+        if _quantized(module, bits):
+            layers.setdefault((module.in_features, module.out_features), module)
     if not layers:
         return DENSE_FROM_ROWS
+    packed = {shape: pack_dense(layer.dense) for shape, layer in layers.items()}
     generator = torch.Generator().manual_seed(0)
     wins = []
     with torch.inference_mode():
         for rows in candidates:
             kernel = dense = 0.0
-            for layer in layers.values():
+            for shape, layer in layers.items():
                 x = torch.randn((rows, layer.in_features), generator=generator).to(ACTIVATION_DTYPE)
-                kernel += _best_seconds(_kernel_product, x, layer)
-                dense += _best_seconds(_dense_product, x, layer)
+                kernel += _best_seconds(functools.partial(_kernel_product, x, layer))
+                dense_x = x.to(layer.dense.dtype)
+                dense += _best_seconds(functools.partial(dense_product, dense_x, packed[shape], None))
             wins.append(dense < DENSE_WIN_MARGIN * kernel)
-            log.debug("%d rows: int4 kernel %.0f us, dense copy %.0f us", rows, kernel * 1e6, dense * 1e6)
+            log.debug("%d rows: int%d kernel %.0f us, dense %.0f us", rows, bits, kernel * 1e6, dense * 1e6)
     for i, rows in enumerate(candidates):
         if all(wins[i:]):
             return rows
     return DENSE_FROM_ROWS
 
 
+def _quantized(module: Any, bits: int) -> bool:
+    return isinstance(module, WeightOnlyLinear) and module.bits == bits
+
+
 def _kernel_product(x: torch.Tensor, layer: WeightOnlyLinear) -> torch.Tensor:
+    if layer.bits == 8:
+        return torch._weight_int8pack_mm(x, layer.qweight, layer.scales)
     return torch._weight_int4pack_mm_for_cpu(x, layer.qweight, layer.group_size, layer.scales)
 
 
-def _dense_product(x: torch.Tensor, layer: WeightOnlyLinear) -> torch.Tensor:
-    return dense_product(x.to(layer.dense.dtype), layer.dense_weight(), None)
-
-
-def _best_seconds(
-    product: Callable[[torch.Tensor, WeightOnlyLinear], torch.Tensor],
-    x: torch.Tensor,
-    layer: WeightOnlyLinear,
-    repeats: int = 5,
-) -> float:
+def _best_seconds(product: Callable[[], torch.Tensor], repeats: int = 5) -> float:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        product(x, layer)
+        product()
         times.append(time.perf_counter() - started)
     return min(times[1:])  # the first run pays for allocations

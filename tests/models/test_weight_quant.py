@@ -244,3 +244,52 @@ def test_auto_runs_a_quantized_file_in_bfloat16_on_an_avx2_cpu(monkeypatch):
     assert loader.resolve_dtype("float32", CPU, quantized_weights=True) == torch.float32
     monkeypatch.setattr(loader, "has_avx2", lambda: False)
     assert loader.resolve_dtype("auto", CPU, quantized_weights=True) == torch.float32
+
+
+def _two_layer_model(bits_of_second: int = 4) -> nn.Module:
+    model = nn.Sequential(_linear(128, 64, seed=1), _linear(64, 128, seed=2)).to(torch.bfloat16)
+    quantize_weights(model, "int4")
+    if bits_of_second == 8:
+        model[1] = WeightOnlyLinear(_linear(64, 128, seed=2).to(torch.bfloat16), 8)
+    return model
+
+
+def test_the_dense_split_is_measured_per_bit_width_without_packing_the_layers():
+    model = _two_layer_model(bits_of_second=8)
+    for bits in (4, 8):
+        rows = weight_quant.measure_dense_from_rows(model, bits)
+        assert rows in (4, 8, 12, 16, 20, DENSE_FROM_ROWS)
+    assert all(layer._packed is None for layer in model)  # the timing's packed copies are dropped
+    weight_quant.set_dense_from_rows(model, 6, bits=8)
+    assert [layer.dense_from_rows for layer in model] == [DENSE_FROM_ROWS, 6]
+    assert weight_quant.dense_shapes(model, 4) == [(64, 128)] and weight_quant.dense_shapes(model, 8) == [
+        (128, 64)
+    ]
+
+
+def test_the_dense_split_is_remembered_per_machine(tmp_path, monkeypatch):
+    """Measured once; later loads on this machine split where it did (the two paths differ in the
+    last bits), read from a JSON file; a file that cannot be read is measured around."""
+    from bulk.models import loader
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls: list[int] = []
+    monkeypatch.setattr(loader, "measure_dense_from_rows", lambda model, bits: calls.append(bits) or 12)
+    model = _two_layer_model()
+    assert loader._dense_from_rows(model, 4) == 12 and loader._dense_from_rows(model, 4) == 12
+    assert calls == [4]
+    remembered = json.loads((tmp_path / "bul" / "dense_from_rows.json").read_text())
+    assert list(remembered.values()) == [12]
+    assert loader._dense_from_rows(model, 8) == DENSE_FROM_ROWS  # no 8-bit layer: nothing to time
+    (tmp_path / "bul" / "dense_from_rows.json").write_text("not json")
+    assert loader._dense_from_rows(model, 4) == 12 and calls == [4, 4]
+
+
+def test_a_prepacked_dense_copy_multiplies_as_f_linear_does():
+    layer = WeightOnlyLinear(_linear(256, 128, seed=3).to(torch.bfloat16), 4)
+    layer.dense_from_rows = 1
+    for rows in (1, 16, 300):
+        x = torch.randn(rows, 128).to(torch.bfloat16)
+        assert torch.equal(layer(x), F.linear(x, layer.dense))
+    if weight_quant._onednn_bf16():
+        assert layer._packed is not None and layer._packed.is_mkldnn

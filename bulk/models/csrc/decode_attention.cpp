@@ -17,7 +17,7 @@
 // The arithmetic is float32 whatever the pool holds, summed in another order than SDPA's, so the
 // outputs differ from SDPA's in the last bits; the engine's two forwards (transformers' modules and
 // `llama_step`'s loop) both call this for decode rows and stay bit-identical to each other. Shapes
-// it has no kernel for (a head size that is not a multiple of 16 up to 256, more than 8 query heads
+// it has no kernel for (a head size other than 32, 64, 80, 96, 128 or 256, more than 8 query heads
 // per key head, a half-precision pool) take SDPA, one call per row, the rows spread over the
 // threads.
 //
@@ -82,10 +82,11 @@ inline float sum16(f32x16 v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-// e^x for x <= 0 (scores minus their maximum), within 2 ulp: x = n ln 2 + r, e^r by Cephes' expf
-// polynomial, 2^n written into the exponent bits.
+// e^x for x <= 0 (scores minus their maximum), within 2 ulp; anything below -87 counts as -87 (a
+// padded score's -inf adds about 1e-38 to its sum, nothing to the values): x = n ln 2 + r, e^r by
+// Cephes' expf polynomial, 2^n written into the exponent bits.
 inline f32x16 exp16(f32x16 x) {
-  x = x < splat(-87.f) ? splat(-87.f) : x;
+  x = x > splat(-87.f) ? x : splat(-87.f);  // also NaN -> -87: converting NaN to int is undefined
   const f32x16 t = x * splat(1.44269504088896341f) + splat(0.5f);
   i32x16 n = __builtin_convertvector(t, i32x16);  // truncation: rounds negative t up
   n = n + (__builtin_convertvector(n, f32x16) > t);  // ... so step those down: floor(t)

@@ -90,14 +90,15 @@ def cpu_summary(cpuinfo: str | None = None) -> dict[str, Any]:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return {}
-    name, flags = None, set()
+    from bulk.models.cpu import cpuinfo_flags
+
+    name = None
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and name is None:
+        if key.strip() == "model name":
             name = value.strip()
-        elif key == "flags" and not flags:
-            flags = set(value.split())
+            break
+    flags = cpuinfo_flags(cpuinfo) or frozenset()
     return {"model_name": name, "flags": [f for f in CPU_FLAGS if f in flags]}
 
 

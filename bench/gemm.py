@@ -89,6 +89,18 @@ def measure_in_child(threads: int, timeout: float = 300) -> dict[str, Any] | Non
         return None
 
 
+def named_model_parameters(model: str) -> tuple[int, int] | None:
+    """(parameters, embedding parameters) of a named real model, from the config of the folder our
+    server converts its GGUF file into; None for the demo models (no roof is worked out for them)."""
+    from bench.common import named_model_folder
+    from bulk import named_models
+
+    if not named_models.is_named(model):
+        return None
+    config = json.loads((named_model_folder(model) / "config.json").read_text())
+    return llama_parameters(config), embedding_parameters(config)
+
+
 def llama_parameters(config: Mapping[str, Any]) -> int:
     """The parameters of a Llama-architecture model from its Hugging Face `config.json`: embeddings,
     each layer's attention and MLP projections and norms, the final norm, and an LM head unless tied."""

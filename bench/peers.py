@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import subprocess
@@ -673,8 +672,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.only:
         wanted = set(args.only.split(","))
         loads = {k: v for k, v in loads.items() if k in wanted}
-    config = json.loads((named_model_folder(MODEL_NAME) / "config.json").read_text())
-    parameters, embedding = gemm.llama_parameters(config), gemm.embedding_parameters(config)
+    counts = gemm.named_model_parameters(MODEL_NAME)
+    assert counts is not None  # a named real model
+    parameters, embedding = counts
     # Before any server starts: the GEMM roof at the threads our server gets.
     roof = gemm.measure_in_child(int(options["threads_ours"]))
     result: dict[str, Any] = {

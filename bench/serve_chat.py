@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import random
 from collections.abc import Mapping
 from typing import Any
 
 from bench import chat_traffic, gemm
-from bench.common import named_model_folder, ratio
+from bench.common import ratio
 from bench.http import serve_env, start_server, stop, wait_ready
 from bench.serve_load import (
     Request,
@@ -50,15 +49,6 @@ TARGET_SCALING = 4.0  # 16 clients / 1 client, tokens/s, chat traffic on the rea
 
 def chat_env(options: Mapping[str, Any]) -> dict[str, str]:
     return serve_env(options["chat_model"], options["chat_dtype"], options.get("threads"))
-
-
-def parameters_of(model: str) -> tuple[int, int] | None:
-    """(parameters, embedding parameters) of a named real model, from the config of the folder our
-    server converts its GGUF file into; None for the demo models (no roof is worked out for them)."""
-    if not named_models.is_named(model):
-        return None
-    config = json.loads((named_model_folder(model) / "config.json").read_text())
-    return gemm.llama_parameters(config), gemm.embedding_parameters(config)
 
 
 def _measure(url: str, name: str, run: Any) -> tuple[dict[str, Any], list[Stream]]:
@@ -158,7 +148,7 @@ def run_chat(options: Mapping[str, Any], text: str) -> dict[str, Any]:
         }
     finally:
         stop(process)
-    counts = parameters_of(result.get("resolved", {}).get("model") or options["chat_model"])
+    counts = gemm.named_model_parameters(result.get("resolved", {}).get("model") or options["chat_model"])
     if counts is not None:
         # After the server has stopped: the roof at the threads the server had, on an idle machine.
         roof = gemm.measure_in_child(int(options.get("threads") or 1))

@@ -69,8 +69,9 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "llama_decode.cpp", CSRC / "decode_attention.cpp")
 HEADERS = (CSRC / "decode_attention.h",)
 # For this machine's instruction set (the library's name carries the CPU's flags, so that another
-# CPU builds its own); `omp simd` vectorises the attention's dot products without -ffast-math.
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+# CPU builds its own). OpenMP as torch's own: `at::parallel_for` is a header's `omp parallel`, which
+# a file compiled without -fopenmp runs on one thread.
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
 def cache_dir() -> Path:
@@ -271,6 +272,7 @@ def _build_and_load() -> None:
         sources=[str(path) for path in SOURCES],
         build_directory=str(build),
         extra_cflags=cflags,
+        extra_ldflags=["-fopenmp"],
         extra_include_paths=[str(CSRC)],
         is_python_module=False,
         verbose=False,

@@ -11,7 +11,10 @@
 // and value once, converts it to float32 in registers (a bfloat16 pool is read as it is, half the
 // bytes of float32), and serves every query head of its group with it, keeping a running softmax
 // (flash attention's) in registers. The slices' partial softmaxes are merged per row afterwards, as
-// flash-decoding does. A row's result depends on its own keys only (the slices are fixed, not
+// flash-decoding does. A step reads a pool far larger than the caches, so what sets the speed is how
+// fast the keys and values arrive: the task asks for the rows ahead of the block it computes
+// (`prefetch_rows`), widens bfloat16 without moving lanes (`Row`), and scores 16 keys with one
+// packed reduction (`sums16`), so that both threads stream the pool at the memory's speed. A row's result depends on its own keys only (the slices are fixed, not
 // sized by how many rows run), so a row computes the same bits in any batch.
 //
 // The arithmetic is float32 whatever the pool holds, summed in another order than SDPA's, so the
@@ -106,6 +109,84 @@ inline f32x16 exp16(f32x16 x) {
   return p * scale;
 }
 
+// A row of keys or values, D elements, read as D / 16 float32 vectors. A float32 row is loaded as
+// it is. A bfloat16 row is widened: 32 elements loaded as 16 32-bit lanes hold an even element in
+// each lane's low half and an odd one in its high half, so a shift and a mask give the evens and
+// the odds as two float32 vectors (bfloat16 is the top half of a float32), two operations and no
+// movement across lanes. A dot product does not care in which order its terms come, so the query is
+// laid out in the same order once per task (`Row::dim`), and the weighted sum of the values is kept
+// in that order and put back in place at the end. (A head size that is not a multiple of 32 widens
+// 16 elements at a time, in place.)
+template <typename T, int D>
+struct Row {
+  static constexpr int V = D / kLanes;
+  static constexpr bool kPairs = false;
+  static void load(const T* p, f32x16* out) {
+    for (int v = 0; v < V; ++v) out[v] = load16(p + v * kLanes);
+  }
+  static int dim(int v, int lane) { return v * kLanes + lane; }  // the element in vector v's lane
+};
+
+template <int D>
+struct Row<c10::BFloat16, D> {
+  static constexpr int V = D / kLanes;
+  static constexpr bool kPairs = D % (2 * kLanes) == 0;
+  static void load(const c10::BFloat16* p, f32x16* out) {
+    if constexpr (kPairs) {
+      for (int c = 0; c < V / 2; ++c) {
+        u32x16 raw;
+        std::memcpy(&raw, p + c * 2 * kLanes, sizeof(raw));
+        const u32x16 even = raw << 16, odd = raw & 0xFFFF0000u;
+        std::memcpy(&out[2 * c], &even, sizeof(even));
+        std::memcpy(&out[2 * c + 1], &odd, sizeof(odd));
+      }
+    } else {
+      for (int v = 0; v < V; ++v) out[v] = load16(p + v * kLanes);
+    }
+  }
+  static int dim(int v, int lane) { return kPairs ? (v / 2) * 2 * kLanes + 2 * lane + v % 2 : v * kLanes + lane; }
+};
+
+// Lane t of the result is the sum of d[t]'s lanes: 16 horizontal sums at once, by halving (each step
+// adds the two halves of every vector's partial sums and packs two vectors' into one), 15 additions
+// instead of 16 reductions of 4 steps each and 16 scalar stores.
+inline f32x16 sums16(const f32x16* d) {
+  f32x16 e[8], f[4], g[2];
+  for (int j = 0; j < 8; ++j) {  // lanes 0-7: 8 partial sums of d[2j]; 8-15: of d[2j+1]
+    const f32x16 a = d[2 * j], b = d[2 * j + 1];
+    e[j] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int j = 0; j < 4; ++j) {  // 4 partial sums of each of d[4j .. 4j+3]
+    const f32x16 a = e[2 * j], b = e[2 * j + 1];
+    f[j] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int j = 0; j < 2; ++j) {  // 2 partial sums of each of d[8j .. 8j+7]
+    const f32x16 a = f[2 * j], b = f[2 * j + 1];
+    g[j] = __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(g[0], g[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(g[0], g[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Asks the memory for the rows of keys and values `ahead` rows on while this block is computed: a
+// step reads a pool far larger than the caches (16 rows of 256 tokens are 94 MB over SmolLM2's 30
+// layers), and two threads that wait for each block in turn read it at a third of the memory's speed.
+template <int D, typename T>
+inline void prefetch_rows(const T* keys, const T* values, int64_t stride, int64_t first, int64_t last) {
+  constexpr int64_t bytes = D * static_cast<int64_t>(sizeof(T));
+  for (int64_t t = first; t < last; ++t) {
+    const char* k = reinterpret_cast<const char*>(keys + t * stride);
+    const char* v = reinterpret_cast<const char*>(values + t * stride);
+    for (int64_t at = 0; at < bytes; at += 64) {
+      __builtin_prefetch(k + at);
+      __builtin_prefetch(v + at);
+    }
+  }
+}
+
 // A slice's partial softmax for the G query heads of one key head: the largest score, the sum of
 // e^(score - largest), and the values weighted by those.
 struct Partial {
@@ -114,31 +195,48 @@ struct Partial {
   float* acc;  // (G, D)
 };
 
+constexpr int64_t kAhead = 2 * kBlock;  // rows prefetched ahead of the block being computed
+
 // q: (G, D) float32, already scaled; keys and values: `len` rows `stride` elements apart.
 template <int D, int G, typename T>
 void attend_slice(const float* q, const T* keys, const T* values, int64_t stride, int64_t len, Partial out) {
-  constexpr int V = D / kLanes;
+  using R = Row<T, D>;
+  constexpr int V = R::V;
   f32x16 qv[G][V], acc[G][V];
   float m[G], l[G];
   for (int g = 0; g < G; ++g) {
     for (int v = 0; v < V; ++v) {
-      qv[g][v] = load16(q + g * D + v * kLanes);
+      alignas(64) float lanes[kLanes];
+      for (int i = 0; i < kLanes; ++i) lanes[i] = q[g * D + R::dim(v, i)];
+      qv[g][v] = load16(lanes);
       acc[g][v] = splat(0.f);
     }
     m[g] = -std::numeric_limits<float>::infinity();
     l[g] = 0.f;
   }
+  prefetch_rows<D>(keys, values, stride, 0, std::min(kAhead, len));
   alignas(64) float s[G][kBlock];
+  alignas(64) f32x16 dots[G][kLanes];
   for (int64_t b = 0; b < len; b += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, len - b));
-    for (int t = 0; t < n; ++t) {  // scores: each key read once for the G queries
-      const T* k = keys + (b + t) * stride;
-      f32x16 kv[V];
-      for (int v = 0; v < V; ++v) kv[v] = load16(k + v * kLanes);
+    prefetch_rows<D>(keys, values, stride, std::min(b + kAhead, len), std::min(b + kAhead + kBlock, len));
+    for (int h = 0; h < n; h += kLanes) {  // scores, 16 keys at a time: each key read once for the G queries
+      const int keys_here = std::min(kLanes, n - h);
+      for (int t = 0; t < keys_here; ++t) {
+        f32x16 kv[V];
+        R::load(keys + (b + h + t) * stride, kv);
+        for (int g = 0; g < G; ++g) {
+          f32x16 d = qv[g][0] * kv[0];
+          for (int v = 1; v < V; ++v) d += qv[g][v] * kv[v];
+          dots[g][t] = d;
+        }
+      }
+      for (int t = keys_here; t < kLanes; ++t) {
+        for (int g = 0; g < G; ++g) dots[g][t] = splat(0.f);
+      }
       for (int g = 0; g < G; ++g) {
-        f32x16 d = qv[g][0] * kv[0];
-        for (int v = 1; v < V; ++v) d += qv[g][v] * kv[v];
-        s[g][t] = sum16(d);
+        const f32x16 scores = sums16(dots[g]);
+        std::memcpy(&s[g][h], &scores, sizeof(scores));
       }
     }
     for (int g = 0; g < G; ++g) {  // the running softmax, rescaled to the block's new maximum
@@ -157,9 +255,8 @@ void attend_slice(const float* q, const T* keys, const T* values, int64_t stride
       for (int v = 0; v < V; ++v) acc[g][v] *= splat(rescale);
     }
     for (int t = 0; t < n; ++t) {  // values: each read once for the G queries
-      const T* val = values + (b + t) * stride;
       f32x16 vv[V];
-      for (int v = 0; v < V; ++v) vv[v] = load16(val + v * kLanes);
+      R::load(values + (b + t) * stride, vv);
       for (int g = 0; g < G; ++g) {
         const f32x16 p = splat(s[g][t]);
         for (int v = 0; v < V; ++v) acc[g][v] += p * vv[v];
@@ -169,7 +266,11 @@ void attend_slice(const float* q, const T* keys, const T* values, int64_t stride
   for (int g = 0; g < G; ++g) {
     out.max[g] = m[g];
     out.sum[g] = l[g];
-    for (int v = 0; v < V; ++v) std::memcpy(out.acc + g * D + v * kLanes, &acc[g][v], sizeof(f32x16));
+    for (int v = 0; v < V; ++v) {
+      alignas(64) float lanes[kLanes];
+      std::memcpy(lanes, &acc[g][v], sizeof(lanes));
+      for (int i = 0; i < kLanes; ++i) out.acc[g * D + R::dim(v, i)] = lanes[i];
+    }
   }
 }
 

@@ -73,6 +73,20 @@ def render_simple(messages: Sequence[Turn]) -> str:
     return "".join(parts) + ASSISTANT_HEADER
 
 
+def missing_template_notice(tokenizer: Any | None, model: str) -> str | None:
+    """What a model without a chat template will be given instead, said once when it loads (None for
+    a model with one): users who bring a base model or a GGUF file without `tokenizer.chat_template`
+    should know that their chats are not in the format the model was trained on."""
+    if has_chat_template(tokenizer):
+        return None
+    return (
+        f"model {model!r} has no chat template: conversations (OpenAI's messages) are rendered in BUL's "
+        "fallback format, one '<|role|>' line before each message and an open '<|assistant|>' block "
+        "at the end, and queries are sent as they are (after the system prompt and a blank line); "
+        "give the model a chat template for the format it was trained on"
+    )
+
+
 def has_chat_template(tokenizer: Any | None) -> bool:
     """True for a tokenizer with its own chat template (our `HFTokenizer` over a model that has one)."""
     return callable(getattr(tokenizer, "apply_chat_template", None)) and bool(

@@ -20,6 +20,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any, cast
 
 from bulk.config import KVCacheConfig
+from bulk.engine import chat
 from bulk.engine.loop import EngineLoop, LogitsObserver
 from bulk.engine.model_runner import ModelRunner
 from bulk.engine.model_thread import ModelThread
@@ -444,6 +445,9 @@ class UltraAdaptiveKVCacheEngine:
             codec=quantization.codec(self.config.quantization),
         )
         runner = ModelRunner(model, self._prefix, self.config)
+        notice = chat.missing_template_notice(model.tokenizer, model.name)
+        if notice:
+            log.warning(notice)
         self._loop = EngineLoop(runner, self._inbox, self._stats, self._retired, self._logits_observer)
         self._model = model
 

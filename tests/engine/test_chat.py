@@ -101,3 +101,22 @@ def test_bad_chat_fields_are_typed_errors(request_body, field):
     with pytest.raises(InvalidRequestError) as info:
         parse_request(request_body, KVCacheConfig(model="demo"))
     assert info.value.field == field
+
+
+def test_a_model_without_a_chat_template_is_named_at_load_with_the_fallback_format(caplog):
+    engine = UltraAdaptiveKVCacheEngine(KVCacheConfig(model="demo", response_cache=False))
+    try:
+        with caplog.at_level("WARNING", logger="bulk.engine.engine"):
+            engine.process_request_sync({"query": "hello", "max_new_tokens": 1})
+    finally:
+        engine.shutdown()
+    notices = [r.getMessage() for r in caplog.records if "no chat template" in r.getMessage()]
+    assert len(notices) == 1
+    assert "'demo'" in notices[0] and "<|role|>" in notices[0] and "<|assistant|>" in notices[0]
+    # The format it names is the one conversations get.
+    assert chat.render_simple([("user", "Hi")]) == "<|user|>\nHi\n<|assistant|>\n"
+
+
+def test_a_model_with_a_chat_template_loads_without_the_notice(templated):
+    assert chat.missing_template_notice(templated.tokenizer, "tiny") is None
+    assert chat.missing_template_notice(None, "tiny") is not None

@@ -20,13 +20,17 @@ from bulk.models.batched_attention import Segment
 from bulk.models.loader import load_model
 
 
-def _quantized():
-    model = load_model(KVCacheConfig(model="demo", device="cpu", weight_quantization="int4")).model
+def _quantized(dtype: str = "auto", weights: str = "int4"):
+    model = load_model(
+        KVCacheConfig(model="demo", device="cpu", dtype=dtype, weight_quantization=weights)
+    ).model
     assert batched_attention.enable(model) is None
     return model
 
 
-def _decode(step, model, native_on: bool, rows: list[Segment]) -> torch.Tensor:
+def _decode(
+    step, model, native_on: bool, rows: list[Segment], dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Prefill each row's cached tokens, then one decode step over all rows, on a fresh pool."""
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
@@ -37,7 +41,7 @@ def _decode(step, model, native_on: bool, rows: list[Segment]) -> torch.Tensor:
         config.num_key_value_heads,
         256,
         head_dim,
-        dtype=batched_attention.pool_dtype(param.dtype, param.device),
+        dtype=dtype or batched_attention.pool_dtype(param.dtype, param.device),
     )
     attention = native.decode_attention()
     gen = torch.Generator().manual_seed(4)
@@ -60,17 +64,21 @@ def test_the_native_code_builds_on_this_machine():
     assert native.decode_layers() is not None and native.decode_attention() is not None
 
 
-def test_decode_rows_of_a_quantized_model_run_natively_and_bit_identically():
-    model = _quantized()
+# Quantized weights run in bfloat16: the rotary embedding and the pool write fused in C++, rounded
+# as ATen rounds, equal the Python loop's operations bit for bit.
+@pytest.mark.parametrize("weights", ["int4", "int8"])
+@pytest.mark.parametrize("pool", [torch.bfloat16, torch.float32])
+def test_decode_rows_of_a_quantized_model_run_natively_and_bit_identically(weights, pool):
+    model = _quantized("bfloat16", weights)
     step, why = llama_step.build(model)  # the check against transformers includes a native step
     assert why is None and step is not None and step.native is not None
     calls: list[int] = []
     call = step.native.call
     object.__setattr__(step.native, "call", lambda *a: calls.append(1) or call(*a))
     rows = [Segment(0, 9, 1), Segment(64, 30, 1), Segment(128, 2, 1)]
-    ours = _decode(step, model, True, rows)
+    ours = _decode(step, model, True, rows, pool)
     assert len(calls) == 1  # the prefills above went through Python; the decode step natively
-    python = _decode(step, model, False, rows)
+    python = _decode(step, model, False, rows, pool)
     assert ours.shape == (3, model.config.vocab_size)
     assert torch.equal(ours, python)
 

@@ -17,6 +17,8 @@
 
 #include "decode_attention.h"
 
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace bul {
@@ -72,6 +74,115 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return (x * cos) + (x.roll({x.size(-1) / 2}, {-1}) * signed_sin);
 }
 
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+inline f32x16 widen(const c10::BFloat16* p) {  // 16 bfloat16 -> float32 (exact)
+  u16x16 raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  const u32x16 wide = __builtin_convertvector(raw, u32x16) << 16;
+  f32x16 v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+
+// float32 -> bfloat16 bits, rounded to nearest even as ATen rounds (a NaN stays a NaN).
+inline u32x16 bf16_bits(f32x16 v) {
+  u32x16 u;
+  std::memcpy(&u, &v, sizeof(u));
+  const u32x16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const i32x16 nan = v != v;
+  return nan ? u32x16{} + 0x7FC0u : rounded;
+}
+
+inline f32x16 round_bf16(f32x16 v) {  // the float32 value of v rounded to bfloat16
+  const u32x16 bits = bf16_bits(v) << 16;
+  f32x16 out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+template <typename P>
+inline void store16(P* dst, u32x16 bits);
+
+template <>
+inline void store16(c10::BFloat16* dst, u32x16 bits) {
+  const u16x16 narrow = __builtin_convertvector(bits, u16x16);
+  std::memcpy(dst, &narrow, sizeof(narrow));
+}
+
+template <>
+inline void store16(float* dst, u32x16 bits) {  // a float32 pool takes the bfloat16 value exactly
+  const u32x16 wide = bits << 16;
+  std::memcpy(dst, &wide, sizeof(wide));
+}
+
+// `rotate`, the query's slice, `cat` and `index_copy_` of the Python loop in one pass over the fused
+// q/k/v output, for bfloat16 activations: each product and each sum rounded to bfloat16 as ATen's
+// bfloat16 operators round them, so the query and the pool's keys and values are bit for bit what
+// those four operations write, without their intermediate tensors (about 10 operations a layer,
+// each a few microseconds of dispatch and allocation around less than one of arithmetic). float32
+// activations keep the operations: there a sum of products written in C++ may be contracted into a
+// fused multiply-add, which ATen's separate kernels never do.
+//   qkv (1, N, (q + 2 kv) * hd) bfloat16; cos, sin (1, 1, N, hd) bfloat16; layer (2, kv, pool, hd)
+//   returns the query after rotary, (1, q_heads, N, hd)
+template <typename P>
+at::Tensor rotary_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& layer,
+                           const at::Tensor& write_at, int64_t q_heads, int64_t kv_heads, int64_t head_dim) {
+  using BF16 = c10::BFloat16;
+  const int64_t n = qkv.size(1), all_heads = q_heads + 2 * kv_heads, rotated = q_heads + kv_heads;
+  const int64_t half = head_dim / 2, tokens = write_at.size(0);
+  at::Tensor query = at::empty({1, n, q_heads, head_dim}, qkv.options());
+  const BF16* x = qkv.const_data_ptr<BF16>();
+  const BF16* c = cos.const_data_ptr<BF16>();
+  const BF16* s = sin.const_data_ptr<BF16>();
+  const int64_t* at_pos = write_at.const_data_ptr<int64_t>();
+  BF16* q = query.data_ptr<BF16>();
+  P* pool = layer.data_ptr<P>();
+  const int64_t kind_stride = layer.stride(0), head_stride = layer.stride(1), token_stride = layer.stride(2);
+  BF16 rolled[256];
+  for (int64_t r = 0; r < n; ++r) {
+    const BF16* row = x + r * all_heads * head_dim;
+    const BF16* cr = c + r * head_dim;
+    const BF16* sr = s + r * head_dim;
+    for (int64_t j = 0; j < rotated; ++j) {
+      const BF16* in = row + j * head_dim;
+      std::memcpy(rolled, in + half, half * sizeof(BF16));  // roll by half: [x2, x1]
+      std::memcpy(rolled + half, in, half * sizeof(BF16));
+      P* key = j >= q_heads && r < tokens ? pool + (j - q_heads) * head_stride + at_pos[r] * token_stride : nullptr;
+      for (int64_t d = 0; d < head_dim; d += 16) {
+        const f32x16 a = round_bf16(widen(in + d) * widen(cr + d));
+        const f32x16 b = round_bf16(widen(rolled + d) * widen(sr + d));
+        const u32x16 bits = bf16_bits(a + b);
+        if (j < q_heads) {
+          store16(q + (r * q_heads + j) * head_dim + d, bits);
+        } else if (key != nullptr) {
+          store16(key + d, bits);
+        }
+      }
+    }
+    if (r < tokens) {  // the values, as they are
+      for (int64_t j = 0; j < kv_heads; ++j) {
+        const BF16* in = row + (rotated + j) * head_dim;
+        P* value = pool + kind_stride + j * head_stride + at_pos[r] * token_stride;
+        for (int64_t d = 0; d < head_dim; d += 16) store16(value + d, bf16_bits(widen(in + d)));
+      }
+    }
+  }
+  return query.transpose(1, 2);
+}
+
+// Whether `rotary_write_kv` takes this step (else the ATen operations run).
+bool fused_rotary(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& layer,
+                  int64_t head_dim) {
+  return qkv.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16 &&
+         sin.scalar_type() == at::kBFloat16 && qkv.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() &&
+         (layer.scalar_type() == at::kBFloat16 || layer.scalar_type() == at::kFloat) && layer.stride(3) == 1 &&
+         head_dim % 16 == 0 && head_dim <= 256 && head_dim % 2 == 0;
+}
+
 at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& pool, const at::Tensor& write_at, c10::IntArrayRef starts,
                          c10::IntArrayRef ends, at::TensorList norms, at::TensorList weights,
@@ -96,14 +207,22 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos, con
     at::Tensor residual = hidden;
     at::Tensor h = rms_norm(hidden, norms[2 * i], eps);
     // qkv: one fused layer; the query and key heads rotated together
-    at::Tensor x = heads(linear(h, w[0], w[1], d[0], b[0], group_size, dense_from_rows), head_dim);  // (1, q + 2 kv, N, hd)
-    at::Tensor qk = rotate(x.slice(1, 0, qk_heads), cos, sin);
-    at::Tensor query = qk.slice(1, 0, q_heads);
-    at::Tensor kv = at::cat({qk.slice(1, q_heads), x.slice(1, qk_heads)}, 1);  // (1, 2 kv, N, hd)
-    // write_kv
+    at::Tensor fused = linear(h, w[0], w[1], d[0], b[0], group_size, dense_from_rows);  // (1, N, (q + 2 kv) hd)
     at::Tensor layer = pool.select(0, i);  // (2, kv_heads, pool_tokens, head_dim)
-    at::Tensor layer_heads = layer.view({-1, layer.size(2), layer.size(3)});
-    layer_heads.index_copy_(1, write_at, kv.select(0, 0).slice(1, 0, tokens).to(layer.scalar_type()));
+    at::Tensor query;
+    if (fused_rotary(fused, cos, sin, layer, head_dim)) {
+      query = layer.scalar_type() == at::kFloat
+                  ? rotary_write_kv<float>(fused, cos, sin, layer, write_at, q_heads, kv_heads, head_dim)
+                  : rotary_write_kv<c10::BFloat16>(fused, cos, sin, layer, write_at, q_heads, kv_heads, head_dim);
+    } else {
+      at::Tensor x = heads(fused, head_dim);  // (1, q + 2 kv, N, hd)
+      at::Tensor qk = rotate(x.slice(1, 0, qk_heads), cos, sin);
+      query = qk.slice(1, 0, q_heads);
+      at::Tensor kv = at::cat({qk.slice(1, q_heads), x.slice(1, qk_heads)}, 1);  // (1, 2 kv, N, hd)
+      // write_kv
+      at::Tensor layer_heads = layer.view({-1, layer.size(2), layer.size(3)});
+      layer_heads.index_copy_(1, write_at, kv.select(0, 0).slice(1, 0, tokens).to(layer.scalar_type()));
+    }
     // attend: every row in one call (decode_attention.cpp), as the Python loop calls it
     at::Tensor attn = decode_attention(query, layer, starts, ends, scaling, float32_attention);
     hidden = residual + linear(attn.reshape({1, n, -1}).contiguous(), w[2], w[3], d[1], b[1], group_size, dense_from_rows);

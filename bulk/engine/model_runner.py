@@ -57,6 +57,9 @@ class ModelRunner:
         # native decode attention reads it as it is; transformers' own cache over the pool needs
         # the model's dtype.
         kernel = self.decode_attention is not None and native.has_decode_kernel(lm.model)
+        # Greedy rows' choice: ATen's argmax walks a row an element at a time (a 16-row step's
+        # logits over SmolLM2's 49,152 tokens: about 1.5 ms), the native one at vector width.
+        self.argmax = (native.argmax_rows() if native_code else None) or _argmax
         dtype = batched_attention.pool_dtype(lm.dtype, lm.device, kernel) if self.batched else lm.dtype
         self.pool = KVPool(
             lm.num_layers,
@@ -206,7 +209,7 @@ class ModelRunner:
         for seq, logits in rows:
             if seq.min_tokens_pending:
                 suppress_tokens(logits, seq.eos_ids)
-        greedy = torch.stack([logits for _, logits in rows]).argmax(dim=-1).tolist()
+        greedy = self.argmax(torch.stack([logits for _, logits in rows])).tolist()
         return [
             greedy[i] if seq.params.temperature == 0.0 else sample(logits, seq.params, seq.generator)
             for i, (seq, logits) in enumerate(rows)
@@ -231,3 +234,7 @@ class ModelRunner:
         if seq.hit is not None and not seq.hit.lease.released:
             self.prefix.release(seq.hit)
         seq.cache = None
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)

@@ -1,12 +1,14 @@
 """The native code of the decode step: `csrc/`, built on first use.
 
-Two operations, in one library:
+Three operations, in one library:
 
   decode_layers     a quantized Llama model's decode step, every layer, as one call
                     (`csrc/llama_decode.cpp`)
   decode_attention  every decode row's attention over its KV range in the pool, for one layer, as
                     one call (`csrc/decode_attention.cpp`; `batched_attention.attend` uses it for
                     the decode rows of every model it batches, `decode_layers` for its rows)
+  argmax_rows       greedy rows' choice over a step's logits, `torch.argmax` at vector width
+                    (`csrc/greedy.cpp`; the model runner's `sample`)
 
 Why the layers: a decode step of SmolLM2-135M with 4-bit weights runs about 2,000 small PyTorch
 operations (65 a layer, 30 layers: norms, rotary embedding, the KV write, attention, residuals),
@@ -66,7 +68,7 @@ from bulk.models.weight_quant import WeightOnlyLinear
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "llama_decode.cpp", CSRC / "decode_attention.cpp")
+SOURCES = (CSRC / "llama_decode.cpp", CSRC / "decode_attention.cpp", CSRC / "greedy.cpp")
 HEADERS = (CSRC / "decode_attention.h",)
 # For this machine's instruction set (the library's name carries the CPU's flags, so that another
 # CPU builds its own). OpenMP as torch's own: `at::parallel_for` is a header's `omp parallel`, which
@@ -102,6 +104,12 @@ def decode_attention() -> Callable[..., Any] | None:
     """`torch.ops.bul.decode_attention` (see the module's docstring), or None where the library
     cannot be built."""
     return _loaded("decode_attention") if library() else None
+
+
+def argmax_rows() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`torch.ops.bul.argmax_rows`: `torch.argmax(logits, dim=-1)` over a step's (rows, vocab) logits
+    at vector width (`csrc/greedy.cpp`), or None where the library cannot be built."""
+    return _loaded("argmax_rows") if library() else None
 
 
 def has_decode_kernel(model: Any) -> bool:

@@ -305,3 +305,20 @@ def test_a_batched_step_sends_its_decode_rows_to_it_in_one_call():
             model, [token], batched_attention.step_batch(pool, [row], attention, 0), [0]
         )
         assert torch.allclose(mixed[1 + i], alone[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_argmax_chooses_what_torch_argmax_chooses(dtype):
+    argmax = native.argmax_rows()
+    assert argmax is not None
+    generator = torch.Generator().manual_seed(3)
+    for vocab in (49152, 1000, 7):  # whole vectors, and a tail after them
+        logits = torch.randn(6, vocab, generator=generator).to(dtype)
+        logits[1, : min(vocab, 5)] = 40.0  # ties: the first of them
+        logits[2, vocab // 2] = float("nan")  # a NaN wins, the first one
+        logits[2, vocab - 1] = float("nan")
+        logits[3] = float("-inf")  # all -inf: index 0
+        logits[4, vocab - 1] = 1e4  # the largest in the tail
+        assert torch.equal(argmax(logits), logits.argmax(dim=-1))
+    strided = torch.randn(4, 64, generator=generator)[:, ::2]  # not contiguous: torch's own
+    assert torch.equal(argmax(strided), strided.argmax(dim=-1))

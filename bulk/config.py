@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hmac
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,54 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 QUANTIZATIONS = ("none", "int8", "int4")
 WEIGHT_QUANTIZATIONS = ("auto", *QUANTIZATIONS)  # the same bit widths, for weights
 SECRET_ENV = "BUL_CACHE_SECRET"  # noqa: S105 (the variable's name, not a secret)
+# What a `Secret` shows instead of its value (pydantic's `SecretStr` shows the same).
+SECRET_MASK = "**********"  # noqa: S105 (a mask, not a secret)
+
+
+class Secret:
+    """A value that must never be shown (the cache's HMAC key): its repr and str are masked, so a
+    configuration printed, logged, dumped or put in an error message does not leak it, and the one
+    place that needs it (signing) asks for it by name, `get_secret_value()`. The face of pydantic's
+    `SecretStr`, which the settings classes use; the core does not depend on pydantic, hence this
+    small class. Frozen, compared in constant time."""
+
+    __slots__ = ("_value",)
+    _value: str
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"a Secret holds a str, not {type(value).__name__}")
+        object.__setattr__(self, "_value", value)
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("a Secret is immutable")
+
+    def __repr__(self) -> str:
+        return f"Secret('{SECRET_MASK}')"
+
+    def __str__(self) -> str:
+        return SECRET_MASK
+
+    def __format__(self, spec: str) -> str:  # f"{secret}" and "{}".format(secret): masked too
+        return format(SECRET_MASK, spec)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash((Secret, self._value))
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __reduce__(self) -> tuple[type[Secret], tuple[str]]:
+        # copy.deepcopy (dataclasses.asdict does one) would otherwise set the slot by __setattr__.
+        return (Secret, (self._value,))
 
 
 @dataclass(frozen=True)
@@ -81,9 +130,10 @@ class KVCacheConfig:
     # in a restart, expired, or deleted by another replica are forgotten); also after a reconnect.
     tier_resync_seconds: float = 60.0
     # Key for the HMAC on stored blocks; falls back to the BUL_CACHE_SECRET environment variable.
+    # Never shown: a plain str is kept as a `Secret`, masked in every repr, log line and /api/stats.
     # Without one, blocks carry a plain SHA-256 (catches corruption, not tampering): fine for the
     # local disk, refused for Redis and PostgreSQL, which other processes can write to...
-    cache_secret: str | None = dataclasses.field(default=None, repr=False)
+    cache_secret: Secret | str | None = None
     # ...unless this is set: then whoever can write to those tiers can have forged KV served.
     allow_unsigned_shared_tiers: bool = False
     # Response cache: identical deterministic requests are answered without running the model.
@@ -150,7 +200,8 @@ class KVCacheConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 raise InvalidConfigError(key, f"must be a positive number of seconds, got {value!r}")
-        for key in ("cache_secret", "database_schema", "system_prompt"):
+        _wrap_secret(self)
+        for key in ("database_schema", "system_prompt"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, str) or not value):
                 raise InvalidConfigError(key, "must be a non-empty string or None")
@@ -217,8 +268,10 @@ class KVCacheConfig:
 
     def signing_secret(self) -> bytes | None:
         """The HMAC key of stored blocks: `cache_secret`, else BUL_CACHE_SECRET, else None."""
-        secret = self.cache_secret or os.environ.get(SECRET_ENV)
-        return secret.encode() if secret else None
+        secret = self.cache_secret
+        value = secret.get_secret_value() if isinstance(secret, Secret) else secret
+        value = value or os.environ.get(SECRET_ENV)
+        return value.encode() if value else None
 
     @property
     def max_blocks(self) -> int:
@@ -236,6 +289,20 @@ SECRET_REQUIRED = (
     f"give every replica the same {SECRET_ENV} (or cache_secret). To run unsigned anyway, unsafely: "
     "BUL_ALLOW_UNSIGNED_SHARED_TIERS=true (allow_unsigned_shared_tiers)"
 )
+
+
+def _wrap_secret(config: KVCacheConfig) -> None:
+    """`cache_secret` as a `Secret`, whatever it was given as: a plain str (the constructor, Django's
+    and Flask's settings dicts), a `Secret`, or anything with `get_secret_value()` (pydantic's
+    `SecretStr`, from the `BUL_*` settings classes). The error never quotes the value."""
+    given = config.cache_secret
+    if given is None:
+        return
+    getter = getattr(given, "get_secret_value", None)
+    value = getter() if callable(getter) else given
+    if not isinstance(value, str) or not value:
+        raise InvalidConfigError("cache_secret", "must be a non-empty string or None")
+    object.__setattr__(config, "cache_secret", given if isinstance(given, Secret) else Secret(value))
 
 
 def _check_int(config: KVCacheConfig, key: str, minimum: int) -> None:

@@ -20,10 +20,10 @@ import types
 import typing
 from typing import Any
 
-from pydantic import AliasChoices, ValidationError, ValidationInfo, create_model, field_validator
+from pydantic import AliasChoices, SecretStr, ValidationError, ValidationInfo, create_model, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bulk.config import KVCacheConfig
+from bulk.config import KVCacheConfig, Secret
 from bulk.errors import InvalidConfigError
 
 ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(KVCacheConfig))
@@ -37,6 +37,10 @@ def engine_fields() -> dict[str, Any]:
         kind, default = hints[field.name], field.default
         if isinstance(kind, type) and issubclass(kind, enum.Enum):
             kind, default = str, default.value
+        elif Secret in typing.get_args(kind):
+            # pydantic's own secret type: masked in the settings' repr and dumps as the config's
+            # `Secret` is; `KVCacheConfig` unwraps it (`get_secret_value`).
+            kind = SecretStr | None
         fields[field.name] = (kind, default)
     return fields
 

@@ -10,7 +10,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from bulk.errors import (
     BulError,
@@ -22,6 +22,7 @@ from bulk.errors import (
     invalid_request_body,
     unexpected_error_body,
 )
+from bulk.server.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnectedError
 
 __all__ = ["OPENAI_FIELDS", "error_body", "install_error_handlers", "invalid_request_response"]
 
@@ -69,6 +70,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def model_failed(request: Request, exc: ModelLoadError) -> JSONResponse:
         log.error("model load failed: %s", exc)
         return JSONResponse(engine_error_body(exc), status_code=503)
+
+    @app.exception_handler(ClientDisconnectedError)
+    async def client_gone(request: Request, exc: ClientDisconnectedError) -> Response:
+        # Nobody reads it (the server drops it); the access log shows the request ended this way.
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(BulError)
     async def other_engine_error(request: Request, exc: BulError) -> JSONResponse:

@@ -12,13 +12,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bulk.engine.protocol import ServingEngine
 from bulk.errors import BulError, InvalidRequestError
 from bulk.metrics import PrometheusExporter
 from bulk.server.deps import Engine, Metrics, Settings
+from bulk.server.disconnect import until_disconnected
 from bulk.server.json_input import JSONRoute
 from bulk.server.openai_schemas import (
     ChatCompletionRequest,
@@ -44,7 +45,7 @@ async def list_models(settings: Settings) -> dict[str, Any]:
 
 @router.post("/completions", response_model=None)
 async def completions(
-    body: CompletionRequest, engine: Engine, settings: Settings, metrics: Metrics
+    body: CompletionRequest, request: Request, engine: Engine, settings: Settings, metrics: Metrics
 ) -> Response:
     prompt = body.prompt_text()
     if prompt is None:
@@ -52,12 +53,12 @@ async def completions(
     # Raw completion: the prompt goes to the model as it is, without the chat template.
     payload = {"query": prompt, "raw": True, **body.engine_params()}
     check_limits(payload, settings)
-    return await _answer(engine, settings, metrics, body, payload, chat=False)
+    return await _answer(request, engine, settings, metrics, body, payload, chat=False)
 
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatCompletionRequest, engine: Engine, settings: Settings, metrics: Metrics
+    body: ChatCompletionRequest, request: Request, engine: Engine, settings: Settings, metrics: Metrics
 ) -> Response:
     # The engine renders the conversation with the model's chat template (`bulk.engine.chat`).
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -71,10 +72,11 @@ async def chat_completions(
     ):
         # The newer name wins, but the older one, given too, must still be valid (the schema says so).
         raise InvalidRequestError("max_tokens", f"must be between 1 and {limit}")
-    return await _answer(engine, settings, metrics, body, payload, chat=True)
+    return await _answer(request, engine, settings, metrics, body, payload, chat=True)
 
 
 async def _answer(
+    request: Request,
     engine: ServingEngine,
     settings: ServerSettings,
     metrics: PrometheusExporter,
@@ -87,7 +89,8 @@ async def _answer(
     model = settings.model_name
     api = "openai_chat" if chat else "openai_completions"
     if not body.stream:
-        result = await engine.process_request(payload)
+        # A client gone before its answer cancels the generation, as a stream's does (below).
+        result = await until_disconnected(request, engine.process_request(payload))
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(result), "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": result["result"]}

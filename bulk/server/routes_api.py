@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from bulk.errors import InvalidRequestError
 from bulk.server.deps import Engine, ServerState, Settings, Tasks
+from bulk.server.disconnect import until_disconnected
 from bulk.server.errors import error_body
 from bulk.server.json_body import VALIDATION_ERROR_RESPONSE, json_body_openapi, parse_json_body, read_body
 from bulk.server.json_input import JSONRoute
@@ -53,12 +54,14 @@ async def process_query(request: Request) -> Response:
     state: ServerState = request.app.state.bul
     body = await read_body(request)
     parsed = state.parsed_bodies.get(request, body)
+    # A client gone before its answer cancels the generation (`until_disconnected`; free for an
+    # answer from the response cache, which is ready at once).
     if parsed is not None:
-        answer = await state.engine.process_request_json(parsed.renewed())
+        answer = await until_disconnected(request, state.engine.process_request_json(parsed.renewed()))
     else:
         payload = parse_json_body(request, body, QueryRequest).to_engine(state.settings)
         parsed = state.engine.parse(payload)  # the engine's checks (and stats of invalid requests)
-        answer = await state.engine.process_request_json(parsed)
+        answer = await until_disconnected(request, state.engine.process_request_json(parsed))
         state.parsed_bodies.put(request, body, parsed)
     response = Response(answer, media_type="application/json")
     state.metrics.observe_e2e("rest", _perf() - started)

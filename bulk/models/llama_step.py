@@ -52,13 +52,18 @@ Projection = Callable[[torch.Tensor], torch.Tensor]
 QKV = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+# (normed hidden, cos, signed sin, the layer's pool, the step) -> the query after rotary, its keys and
+# values written into the pool
+QKVWrite = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, StepBatch], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class _Layer:
     attention: Any  # the layer's attention module: its GQA groups, read by SDPA
     scaling: float  # the attention module's
     input_norm: Projection
     post_norm: Projection
-    qkv: QKV
+    qkv_write: QKVWrite
     o: Projection
     gate_up: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     act: Callable[[torch.Tensor], torch.Tensor]
@@ -79,6 +84,7 @@ class LlamaStep:
         self.head = model.lm_head.forward
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         layers = inner.layers[: config.num_hidden_layers]
+        self._fused_write = native_code.rotary_write_kv() if use_native else None
         self.layers = [self._layer(layer) for layer in layers]
         # Decode steps of a quantized model run their layers as one native call (`bulk.models.native`)
         # where it could be built: the same operations, without Python between them.
@@ -123,6 +129,22 @@ class LlamaStep:
                 kv = torch.cat((_rotate(k, cos, sin), heads(v_forward(h))), dim=1)
                 return _rotate(q, cos, sin), kv
 
+        kv_heads = k_proj.out_features // head_dim
+        fused_write = self._fused_write if qkv_fused is not None and head_dim % 16 == 0 else None
+
+        def qkv_write(
+            h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pool: torch.Tensor, batch: StepBatch
+        ) -> torch.Tensor:
+            if fused_write is not None and h.dtype is torch.bfloat16 and cos.dtype is torch.bfloat16:
+                # Rotary, the query's slice, the cat and the pool write in one native pass, bit for
+                # bit: in a 512-token chunk those operations each move a few hundred kilobytes.
+                assert qkv_fused is not None
+                x = qkv_fused(h).contiguous()  # (1, N, (heads + 2 * kv_heads) * head_dim)
+                return fused_write(x, cos, sin, pool, batch.write_at, q_heads, kv_heads, head_dim)
+            q, kv = qkv(h, cos, sin)
+            batched_attention.write_kv(pool, batch, kv)
+            return q
+
         if gate_up_fused is not None:
             gate_size = mlp.gate_proj.out_features
 
@@ -140,7 +162,7 @@ class LlamaStep:
             scaling=attn.scaling,
             input_norm=layer.input_layernorm.forward,
             post_norm=layer.post_attention_layernorm.forward,
-            qkv=qkv,
+            qkv_write=qkv_write,
             o=attn.o_proj.forward,
             gate_up=gate_up,
             act=mlp.act_fn.forward,
@@ -176,9 +198,7 @@ class LlamaStep:
         pools = batch.pool.unbind(0)  # per layer: (2, kv_heads, pool_tokens, head_dim)
         for layer, pool in zip(self.layers, pools, strict=True):
             residual = hidden
-            h = layer.input_norm(hidden)
-            q, kv = layer.qkv(h, cos, sin)
-            batched_attention.write_kv(pool, batch, kv)
+            q = layer.qkv_write(layer.input_norm(hidden), cos, sin, pool, batch)
             attn = batched_attention.attend(layer.attention, q, pool, batch, scaling=layer.scaling)
             hidden = residual + layer.o(attn.reshape(1, n, -1).contiguous())
             residual = hidden

@@ -106,6 +106,14 @@ def decode_attention() -> Callable[..., Any] | None:
     return _loaded("decode_attention") if library() else None
 
 
+def rotary_write_kv() -> Callable[..., torch.Tensor] | None:
+    """`torch.ops.bul.rotary_write_kv`: one layer's rotary embedding of the query and key heads and
+    the pool write of the keys and values, from the fused q/k/v output, for bfloat16 activations (bit
+    for bit what `llama_step`'s operations compute; `csrc/llama_decode.cpp`), or None where the
+    library cannot be built."""
+    return _loaded("rotary_write_kv") if library() else None
+
+
 def argmax_rows() -> Callable[[torch.Tensor], torch.Tensor] | None:
     """`torch.ops.bul.argmax_rows`: `torch.argmax(logits, dim=-1)` over a step's (rows, vocab) logits
     at vector width (`csrc/greedy.cpp`), or None where the library cannot be built."""

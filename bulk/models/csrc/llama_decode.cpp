@@ -183,6 +183,23 @@ bool fused_rotary(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
          head_dim % 16 == 0 && head_dim <= 256 && head_dim % 2 == 0;
 }
 
+// The Python loop's prompt chunks (`llama_step.LlamaStep`): the same pass for one layer, where
+// `fused_rotary` holds (the caller checks the dtypes; anything else is refused).
+at::Tensor rotary_write_kv_op(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor layer,
+                              const at::Tensor& write_at, int64_t q_heads, int64_t kv_heads, int64_t head_dim) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(0) == 1 && qkv.size(2) == (q_heads + 2 * kv_heads) * head_dim,
+              "qkv: (1, N, (q_heads + 2 kv_heads) head_dim)");
+  TORCH_CHECK(layer.dim() == 4 && layer.size(0) == 2 && layer.size(1) == kv_heads && layer.size(3) == head_dim,
+              "layer: (2, kv_heads, pool_tokens, head_dim)");
+  TORCH_CHECK(cos.numel() == qkv.size(1) * head_dim && sin.numel() == cos.numel(), "cos, sin: (1, 1, N, head_dim)");
+  TORCH_CHECK(write_at.scalar_type() == at::kLong && write_at.dim() == 1 && write_at.size(0) <= qkv.size(1),
+              "write_at: (tokens,) int64");
+  TORCH_CHECK(fused_rotary(qkv, cos, sin, layer, head_dim), "bfloat16 activations, contiguous, a known head size");
+  return layer.scalar_type() == at::kFloat
+             ? rotary_write_kv<float>(qkv, cos, sin, layer, write_at, q_heads, kv_heads, head_dim)
+             : rotary_write_kv<c10::BFloat16>(qkv, cos, sin, layer, write_at, q_heads, kv_heads, head_dim);
+}
+
 at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& pool, const at::Tensor& write_at, c10::IntArrayRef starts,
                          c10::IntArrayRef ends, at::TensorList norms, at::TensorList weights,
@@ -246,4 +263,8 @@ TORCH_LIBRARY_FRAGMENT(bul, m) {
       "int q_heads, int kv_heads, int head_dim, int gate_size, float eps, float scaling, "
       "bool float32_attention) -> Tensor",
       &bul::decode_layers);
+  m.def(
+      "rotary_write_kv(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) layer, Tensor write_at, int q_heads, "
+      "int kv_heads, int head_dim) -> Tensor",
+      &bul::rotary_write_kv_op);
 }

@@ -50,7 +50,7 @@ class TierError(BulError):
 
 
 # ---- errors as data, across a process boundary ------------------------------------------------
-# A replica of a cluster (`bulk.integrations.ray_serve`) answers a failed request with the error's
+# A replica of a cluster (`bulk.cluster.app`) answers a failed request with the error's
 # class name, field and message, never a pickled exception; the caller raises the same class again, so
 # an `InvalidRequestError` raised on a replica is the same 422 at the ingress as in `bul serve`.
 

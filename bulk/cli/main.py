@@ -17,7 +17,7 @@ SERVICE_COMMANDS = {
     "serve": "bulk.server.cli",
     "worker": "bulk.integrations.celery.cli",
     "grpc": "bulk.grpc_service.cli",
-    "cluster": "bulk.integrations.ray_cli",
+    "cluster": "bulk.cluster.cli",
 }
 
 

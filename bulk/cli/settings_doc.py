@@ -18,11 +18,11 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from bulk.cluster.settings import ClusterSettings
 from bulk.config import KVCacheConfig
 from bulk.engine_settings import ENGINE_FIELDS, BulSettings, EngineSettings
 from bulk.grpc_service.settings import GrpcSettings
 from bulk.integrations.celery.settings import CelerySettings
-from bulk.integrations.ray_settings import ClusterSettings
 from bulk.server.settings import ServerOptions
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "settings.md"

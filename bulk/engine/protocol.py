@@ -3,7 +3,7 @@
 The routes (`bulk.server`) never name an implementation. Two exist:
 
 - `UltraAdaptiveKVCacheEngine` (`bulk.engine.engine`), the engine in this process (`bul serve`);
-- `RayEngineClient` (`bulk.integrations.ray_serve`), a thin client of a cluster's engine replicas
+- `RayEngineClient` (`bulk.cluster.app`), a thin client of a cluster's engine replicas
   reached through a Ray Serve `DeploymentHandle` (`bul cluster`).
 
 So no route is written twice: whatever the routes need is a method here, and both keep its meaning.

@@ -6,5 +6,5 @@
   replica's queue exceeds the least loaded one's by a threshold (then power-of-two choices); sessions
   stay with their replica while it is up.
 
-`bulk.integrations.ray_router` wires the policy into Ray Serve's request router; `bench/routing.py`
+`bulk.cluster.router` wires the policy into Ray Serve's request router; `bench/routing.py`
 drives the same policy in a trace-driven simulation of up to 128 replicas."""

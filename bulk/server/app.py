@@ -4,7 +4,7 @@ The engine is built once, in the lifespan (not at import time, not per request),
 routes through `Depends` (see `deps.py`). The model warms up in the background, so the server
 accepts connections at once and `/health` says 503 until the model is ready; queries sent meanwhile
 simply wait for it. Passing `engine=` serves an engine the caller built (and shuts down) itself: any
-`ServingEngine`, such as a cluster's client (`bulk.integrations.ray_serve`)."""
+`ServingEngine`, such as a cluster's client (`bulk.cluster.app`)."""
 
 from __future__ import annotations
 

@@ -7,12 +7,12 @@ import dataclasses
 
 import pytest
 
+from bulk.cluster.settings import ClusterSettings
 from bulk.config import KVCacheConfig
 from bulk.engine_settings import EngineSettings
 from bulk.errors import InvalidConfigError
 from bulk.grpc_service.settings import GrpcSettings
 from bulk.integrations.celery.settings import CelerySettings
-from bulk.integrations.ray_settings import ClusterSettings
 from bulk.server import cli
 from bulk.server.app import create_app
 from bulk.server.settings import ServerSettings

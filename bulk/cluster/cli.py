@@ -1,7 +1,7 @@
 """`bul cluster`: BUL on Ray Serve, N engine replicas behind one API (see docs/cluster.md).
 
 Starts a local Ray instance (or joins the one at `--address` / `BUL_RAY_ADDRESS`), deploys the
-application of `bulk.integrations.ray_serve` and serves the BUL API on `--port` (`BUL_PORT`, 8002)
+application of `bulk.cluster.app` and serves the BUL API on `--port` (`BUL_PORT`, 8002)
 until Ctrl-C, which shuts it down. Every `BUL_*` variable of this shell goes to every replica."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bulk.integrations.ray_serve import ClusterSettings
+    from bulk.cluster.app import ClusterSettings
 
 HELP = "serve the BUL API from N engine replicas on Ray Serve (pip install 'bulk[ray]')"
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         os.environ["BUL_MODEL"] = args.model
     try:
-        from bulk.integrations.ray_serve import ClusterSettings
+        from bulk.cluster.app import ClusterSettings
     except ImportError as exc:
         log.error("bul cluster needs Ray Serve: pip install 'bulk[ray]' (%s)", exc)
         return 2
@@ -72,7 +72,7 @@ def serve_cluster(cluster: ClusterSettings, host: str, port: int, num_cpus: int 
     import ray
     from ray import serve
 
-    from bulk.integrations.ray_serve import APP_NAME, bul_application
+    from bulk.cluster.app import APP_NAME, bul_application
 
     env = {k: v for k, v in os.environ.items() if k.startswith("BUL_")}
     address = cluster.address

@@ -1,4 +1,4 @@
-"""BUL on a real local Ray instance: the Serve application of `bulk.integrations.ray_serve`, two
+"""BUL on a real local Ray instance: the Serve application of `bulk.cluster.app`, two
 replicas of the demo model sharing the real Redis (database 14), reached through the ingress over
 real sockets.
 
@@ -7,6 +7,7 @@ order, and the last one kills a replica."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import secrets
 import socket
@@ -22,13 +23,14 @@ import requests
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from bulk.engine.protocol import ServingEngine  # noqa: E402
-from bulk.integrations.ray_serve import (  # noqa: E402
+from bulk.cluster.app import (  # noqa: E402
     APP_NAME,
     ENGINE_DEPLOYMENT,
     ClusterSettings,
+    build_app,
     bul_application,
 )
+from bulk.engine.protocol import ServingEngine  # noqa: E402
 from bulk.server.app import create_app  # noqa: E402
 from bulk.server.settings import ServerSettings  # noqa: E402
 from tests.helpers import wait_until  # noqa: E402
@@ -310,7 +312,9 @@ def test_the_serve_config_and_the_rayservice_manifest_deploy_this_application():
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(embedded)
     for app in (config["applications"][0], embedded["applications"][0]):
-        assert app["import_path"] == "bulk.integrations.ray_serve:build_app"
+        assert app["import_path"] == "bulk.cluster.app:build_app"
+        module, _, attr = app["import_path"].partition(":")
+        assert getattr(importlib.import_module(module), attr) is build_app
         # No secret in a config file: BUL_CACHE_SECRET comes from the nodes' environment.
         assert "BUL_CACHE_SECRET" not in json.dumps(app)
         settings = ClusterSettings(**app.get("args", {}))

@@ -1,7 +1,7 @@
 """BUL on Ray Serve: one application of two deployments (see docs/cluster.md).
 
 - `BULEngine`: N replicas, each one `UltraAdaptiveKVCacheEngine` built from the same `BUL_*` settings
-  (Redis and PostgreSQL tiers shared by all), routed by `bulk.integrations.ray_router`'s prefix-aware
+  (Redis and PostgreSQL tiers shared by all), routed by `bulk.cluster.router`'s prefix-aware
   router. Each answers with plain data: a result, or an error as its class name, field and message
   (`bulk.errors.error_data`); and reports the blocks its memory tier holds to the routers.
 - `BULIngress`: BUL's own FastAPI app (`bulk.server.app.create_app`: every route, `/metrics`,
@@ -15,7 +15,7 @@ replica. Ray moves these messages between its processes with pickle: the Ray clu
 boundary (its ports are never exposed); what BUL stores in Redis and PostgreSQL stays pickle-free and
 signed.
 
-`bul cluster` deploys the application (`bulk.integrations.ray_cli`); a Serve config file does the same
+`bul cluster` deploys the application (`bulk.cluster.cli`); a Serve config file does the same
 through `build_app` (`deploy/ray/serve-config.yaml`)."""
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from ray.exceptions import RayActorError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
+from bulk.cluster.router import TARGET_KWARG
+from bulk.cluster.settings import ClusterSettings
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.engine.request import GenerationRequest, parse_request
@@ -40,8 +42,6 @@ from bulk.engine.response_cache import ResponseCache
 from bulk.engine.result import GenerationResult
 from bulk.engine_settings import EngineSettings
 from bulk.errors import BulError, InvalidRequestError, error_data, error_from_data
-from bulk.integrations.ray_router import TARGET_KWARG
-from bulk.integrations.ray_settings import ClusterSettings
 from bulk.routing.chains import pack_block_ids
 from bulk.routing.cluster_stats import merge_stats
 from bulk.routing.registry import find_router
@@ -52,8 +52,8 @@ APP_NAME = "bul"
 ENGINE_DEPLOYMENT = "BULEngine"
 INGRESS_DEPLOYMENT = "BULIngress"
 ROUTERS = {
-    "prefix": "bulk.integrations.ray_router.PrefixAwareRouter",
-    "pow2": "bulk.integrations.ray_router.PowerOfTwoRouter",
+    "prefix": "bulk.cluster.router.PrefixAwareRouter",
+    "pow2": "bulk.cluster.router.PowerOfTwoRouter",
 }
 
 
@@ -375,6 +375,6 @@ def bul_application(cluster: ClusterSettings | None = None, env: dict[str, str] 
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """The Serve config's entry point (`import_path: bulk.integrations.ray_serve:build_app`); `args`
+    """The Serve config's entry point (`import_path: bulk.cluster.app:build_app`); `args`
     are `ClusterSettings` fields (`replicas`, `router`, ...), over the `BUL_RAY_*` variables."""
     return bul_application(ClusterSettings(**(args or {})))

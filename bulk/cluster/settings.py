@@ -1,4 +1,4 @@
-"""`bul cluster`'s own settings, `BUL_RAY_*`: apart from `ray_serve.py`, so that reading (and
+"""`bul cluster`'s own settings, `BUL_RAY_*`: apart from `app.py`, so that reading (and
 documenting, `bulk.cli.settings_doc`) them does not import Ray."""
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.engine.request import FIELDS, parse_request
-from bulk.engine.result import PER_REQUEST_FIELDS, RESULT_FIELDS, GenerationResult
+from bulk.engine.result import LOGPROBS_FIELD, PER_REQUEST_FIELDS, RESULT_FIELDS, GenerationResult
 from bulk.grpc_service import convert
 from bulk.grpc_service.generated import bul_pb2
 from bulk.server import websocket
@@ -41,6 +41,8 @@ def test_grpc_carries_every_request_field_it_declares():
     message = bul_pb2.QueryRequest(
         query="q", priority=3, max_new_tokens=5, temperature=0.5, top_p=0.9, seed=7, session_id="s",
         stop=["."], ignore_eos=True, min_tokens=2, response_cache=False, request_id="r",
+        presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1,
+        logit_bias=[bul_pb2.LogitBias(token_id=5, bias=1.0)], stop_token_ids=[3], logprobs=2,
     )  # fmt: skip
     assert set(convert.request_to_engine(message)) == set(FIELDS) - convert.NOT_IN_PROTO
 
@@ -59,6 +61,12 @@ def test_to_payload_writes_every_field_and_parses_back():
         "min_tokens": 2,
         "response_cache": False,
         "request_id": "r",
+        "logprobs": 2,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "repetition_penalty": 1.2,
+        "logit_bias": {"5": 10, "7": -3.5},
+        "stop_token_ids": [9, 3],
     }
     raw = parse_request({**common, "text": "hello", "raw": True}, config)
     chat = parse_request({**common, "messages": [{"role": "user", "content": "hi"}]}, config)
@@ -72,7 +80,8 @@ def test_to_payload_writes_every_field_and_parses_back():
 def test_the_result_fields_are_one_list():
     assert tuple(GenerationResult.__annotations__) == RESULT_FIELDS
     assert set(RESULT_FIELDS) > PER_REQUEST_FIELDS
-    names = {convert.RESPONSE_NAMES.get(name, name) for name in RESULT_FIELDS}
+    # And `logprobs`, which an answer holds only when its request asked (`LOGPROBS_FIELD`).
+    names = {convert.RESPONSE_NAMES.get(name, name) for name in RESULT_FIELDS} | {LOGPROBS_FIELD}
     assert proto_message_fields("QueryResponse") == names, "proto/bul.proto's QueryResponse vs RESULT_FIELDS"
     assert {f.name for f in bul_pb2.QueryResponse.DESCRIPTOR.fields} == names, "run `make proto`"
     assert websocket.ANSWER_FIELDS == RESULT_FIELDS

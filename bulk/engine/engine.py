@@ -26,7 +26,7 @@ from bulk.engine.model_runner import ModelRunner
 from bulk.engine.model_thread import ModelThread
 from bulk.engine.request import GenerationRequest, parse_request
 from bulk.engine.response_cache import ResponseCache, StoredAnswer, json_bytes, request_key
-from bulk.engine.result import GenerationResult
+from bulk.engine.result import LOGPROBS_FIELD, GenerationResult
 from bulk.engine.sequence import OnToken, Sequence
 from bulk.engine.stats import EngineStats, Listeners, config_summary
 from bulk.errors import EngineClosedError, InvalidRequestError
@@ -173,7 +173,8 @@ class UltraAdaptiveKVCacheEngine:
         return json_bytes(await asyncio.wrap_future(self._submit(request, started).future))
 
     async def stream_request(self, query: Any) -> AsyncGenerator[dict[str, Any], None]:
-        """Yield `{"token": text}` as tokens come, then the full result with `"done": True`.
+        """Yield `{"token": text}` as tokens come (with `"logprobs"`, a list of `TokenLogprobs`, when the
+        request asks for them), then the full result with `"done": True`.
         Stopping the iteration early cancels the generation (its slot is free at the next step)."""
         started = time.perf_counter()
         request = self.parse(query)
@@ -183,19 +184,31 @@ class UltraAdaptiveKVCacheEngine:
             yield {**cached, "done": True}
             return
         loop = asyncio.get_running_loop()
-        texts: asyncio.Queue[str | None] = asyncio.Queue()
+        texts: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        # A request asking for logprobs: each event carries the entries of the tokens it completes
+        # (a token that ends inside a character comes with the next text; those of a stop string,
+        # which has no text, only in the result).
+        sent = 0
+        submitted: list[Sequence] = []
 
         def on_token(text: str) -> None:  # on the model thread
-            loop.call_soon_threadsafe(texts.put_nowait, text)
+            nonlocal sent
+            event: dict[str, Any] = {"token": text}
+            entries = submitted[0].logprobs if submitted else None
+            if entries is not None:
+                event[LOGPROBS_FIELD] = entries[sent:]
+                sent = len(entries)
+            loop.call_soon_threadsafe(texts.put_nowait, event)
 
         seq = self._submit(request, started, on_token)
+        submitted.append(seq)
         done = asyncio.wrap_future(seq.future)
         # The model thread hands over each token, then the result, in that order; the None after
         # the result ends the token stream.
         done.add_done_callback(lambda _: texts.put_nowait(None))
         try:
-            while (text := await texts.get()) is not None:
-                yield {"token": text}
+            while (event := await texts.get()) is not None:
+                yield event
             yield {**done.result(), "done": True}
         finally:
             seq.cancel()  # a no-op once it has finished

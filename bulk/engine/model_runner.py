@@ -23,7 +23,7 @@ from bulk.config import KVCacheConfig
 from bulk.engine.sequence import Sequence, Status
 from bulk.errors import InvalidRequestError, PromptTooLongError
 from bulk.generation.decode import decode_one, prefill
-from bulk.generation.sampling import sample, suppress_tokens
+from bulk.generation.sampling import process_logits, sample, suppress_tokens, token_logprobs
 from bulk.kv.hashing import chain_hashes
 from bulk.models import batched_attention, hf_cache, llama_step, native
 from bulk.models.batched_attention import Segment
@@ -109,6 +109,15 @@ class ModelRunner:
                 f"the prompt ({len(ids)} tokens) and max_new_tokens ({max_new}) need more KV than "
                 f"max_batch_tokens ({self.config.max_batch_tokens}) holds",
             )
+        vocab = lm.tokenizer.vocab_size
+        for name, tokens in (
+            ("logit_bias", [token for token, _ in seq.params.logit_bias]),
+            ("stop_token_ids", seq.params.stop_token_ids),
+        ):
+            if tokens and max(tokens) >= vocab:
+                raise InvalidRequestError(
+                    name, f"token id {max(tokens)} is not in the model's vocabulary ({vocab} tokens)"
+                )
         seq.start(ids, max_new, lm.tokenizer)
         if lm.supports_block_reuse:
             # The scheduler compares them with the prefills under way (`Scheduler._waits_for`).
@@ -200,20 +209,28 @@ class ModelRunner:
 
     def sample(self, rows: Seq[tuple[Sequence, torch.Tensor]]) -> list[int]:
         """One token per (request, logits) row, each with its request's parameters and generator: a
-        seeded request samples the same tokens whatever runs beside it. A request short of its
-        `min_tokens` has its end-of-sequence logits set to -inf first (in its row, greedy or sampled),
-        so it cannot end yet; the other rows are left as they are. Both the batched forward and the
-        one-by-one fallback come here."""
+        seeded request samples the same tokens whatever runs beside it. A row whose request asks for
+        them gets its logit bias and penalties (`process_logits`), then, short of its `min_tokens`,
+        its end-of-sequence and stop-token logits set to -inf, so it cannot end yet: in its row, greedy
+        or sampled; the other rows are left as they are. A request asking for logprobs has them
+        computed from that same row (`token_logprobs`), and only then. Both the batched forward and
+        the one-by-one fallback come here."""
         if not rows:
             return []
         for seq, logits in rows:
+            if seq.params.processes_logits:
+                process_logits(logits, seq.params, seq.prompt_ids, seq.output_ids)
             if seq.min_tokens_pending:
-                suppress_tokens(logits, seq.eos_ids)
+                suppress_tokens(logits, seq.end_ids)
         greedy = self.argmax(torch.stack([logits for _, logits in rows])).tolist()
-        return [
+        tokens = [
             greedy[i] if seq.params.temperature == 0.0 else sample(logits, seq.params, seq.generator)
             for i, (seq, logits) in enumerate(rows)
         ]
+        for (seq, logits), token in zip(rows, tokens, strict=True):
+            if seq.logprobs is not None:
+                seq.sampled_logprobs = token_logprobs(logits, token, seq.params.logprobs or 0)
+        return tokens
 
     # ---- retirement ---------------------------------------------------------------------------
 

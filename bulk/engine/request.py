@@ -13,7 +13,7 @@ from typing import Any
 from bulk.config import KVCacheConfig
 from bulk.engine import chat
 from bulk.errors import InvalidRequestError
-from bulk.generation.sampling import SamplingParams
+from bulk.generation.sampling import MAX_LOGPROBS, SamplingParams
 
 # The one list of a request dict's fields. The faces follow it (`tests/test_schemas.py` fails when one
 # does not): the API's `QueryRequest`, gRPC's `QueryRequest` message and its conversion, and
@@ -34,9 +34,21 @@ FIELDS = (
     "request_id",
     "raw",
     "messages",
+    "logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "stop_token_ids",
 )
 _KNOWN = frozenset(FIELDS)
 MAX_STOP_STRINGS = 8
+# The faces read the sampler's limit on logprobs here (`MAX_LOGPROBS`, imported above): they reach
+# the generation layer only through the engine.
+# Bounds on the per-token lists a request may carry (each entry costs work on every step).
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
+MAX_STOP_TOKEN_IDS = 64
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 _ids = itertools.count()
 # Unique across processes (the pid: forked workers share what was imported before the fork) and
 # restarts (a random part), without a uuid4 per request on the hot path.
@@ -88,6 +100,10 @@ class GenerationRequest:
 
     @property
     def use_response_cache(self) -> bool:
+        # An answer with logprobs is never cached: the cache keeps scalar fields only (see
+        # `response_cache.StoredAnswer`), and a caller asking for logprobs wants the model's numbers.
+        if self.params.logprobs is not None:
+            return False
         return self.params.deterministic if self.response_cache is None else self.response_cache
 
     def to_payload(self) -> dict[str, Any]:
@@ -118,6 +134,19 @@ class GenerationRequest:
             payload["ignore_eos"] = True
         if params.min_tokens:
             payload["min_tokens"] = params.min_tokens
+        if params.logprobs is not None:
+            payload["logprobs"] = params.logprobs
+        if params.presence_penalty:
+            payload["presence_penalty"] = params.presence_penalty
+        if params.frequency_penalty:
+            payload["frequency_penalty"] = params.frequency_penalty
+        if params.repetition_penalty != 1.0:
+            payload["repetition_penalty"] = params.repetition_penalty
+        if params.logit_bias:
+            # JSON object keys are strings, as OpenAI's `logit_bias` writes token ids.
+            payload["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
+        if params.stop_token_ids:
+            payload["stop_token_ids"] = list(params.stop_token_ids)
         if self.session_id is not None:
             payload["session_id"] = self.session_id
         if self.response_cache is not None:
@@ -176,6 +205,24 @@ def parse_request(query: Any, config: KVCacheConfig) -> GenerationRequest:
         raise InvalidRequestError(
             "min_tokens", f"must be between 0 and the request's maximum of new tokens ({max_new_tokens})"
         )
+    logprobs = _int(query, "logprobs", None)
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise InvalidRequestError(
+            "logprobs", f"must be between 0 and {MAX_LOGPROBS} (alternatives per token)"
+        )
+    penalties = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        penalties[name] = _number(query, name, 0.0)
+        if not -2.0 <= penalties[name] <= 2.0:
+            raise InvalidRequestError(name, "must be between -2 and 2")
+    repetition_penalty = _number(query, "repetition_penalty", 1.0)
+    # Above 0 (vLLM's rule), and bounded so that a logit divided or multiplied by it stays finite: an
+    # infinite one would fail the whole step's sampling, the other rows' with it.
+    if not MIN_REPETITION_PENALTY <= repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise InvalidRequestError(
+            "repetition_penalty",
+            f"must be between {MIN_REPETITION_PENALTY} and {MAX_REPETITION_PENALTY:g} (1 changes nothing)",
+        )
     params = SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -184,6 +231,11 @@ def parse_request(query: Any, config: KVCacheConfig) -> GenerationRequest:
         stop=_stop(query.get("stop")),
         ignore_eos=bool(ignore_eos),
         min_tokens=min_tokens,
+        logprobs=logprobs,
+        repetition_penalty=repetition_penalty,
+        logit_bias=_logit_bias(query.get("logit_bias")),
+        stop_token_ids=_token_ids(query.get("stop_token_ids"), "stop_token_ids", MAX_STOP_TOKEN_IDS),
+        **penalties,
     )
     response_cache = query.get("response_cache")
     if response_cache is not None and not isinstance(response_cache, bool):
@@ -241,3 +293,42 @@ def _stop(value: Any) -> tuple[str, ...]:
     if len(stops) > MAX_STOP_STRINGS:
         raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings")
     return tuple(stops)
+
+
+def _token_id(value: Any, name: str) -> int:
+    """A token id: an int, or its decimal string (JSON object keys are strings). The model's
+    vocabulary bounds it at intake (`ModelRunner.tokenize`), where the tokenizer is known."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 10:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+        raise InvalidRequestError(name, f"token ids must be non-negative integers, got {value!r:.40}")
+    return value
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError("logit_bias", "must be an object mapping token ids to biases")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError("logit_bias", f"at most {MAX_LOGIT_BIAS} tokens")
+    biases: dict[int, float] = {}
+    for key, bias in value.items():
+        token = _token_id(key, "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100.0 <= bias <= 100.0:
+            raise InvalidRequestError(
+                "logit_bias", f"token {token}: the bias must be a number between -100 and 100"
+            )
+        biases[token] = float(bias)
+    # Ordered, so that equal maps make equal (and equally cached) requests.
+    return tuple(sorted((token, bias) for token, bias in biases.items() if bias != 0.0))
+
+
+def _token_ids(value: Any, name: str, limit: int) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise InvalidRequestError(name, "must be a list of token ids")
+    if len(value) > limit:
+        raise InvalidRequestError(name, f"at most {limit} token ids")
+    return tuple(sorted({_token_id(token, name) for token in value}))

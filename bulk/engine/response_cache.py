@@ -118,6 +118,12 @@ def request_key(model_fingerprint: str, prompt: str, params: Any) -> Hashable:
         # An answer forced past the end of sequence (or to a minimum length) is another answer.
         params.ignore_eos,
         params.min_tokens,
+        # The logit changes make other answers (logprobs are never cached: `use_response_cache`).
+        params.presence_penalty,
+        params.frequency_penalty,
+        params.repetition_penalty,
+        params.logit_bias,
+        params.stop_token_ids,
     )
 
 

@@ -33,6 +33,28 @@ class GenerationResult(TypedDict):
 
 RESULT_FIELDS: tuple[str, ...] = tuple(GenerationResult.__annotations__)
 
+# Not one of `RESULT_FIELDS`: an answer holds it only when its request asked for logprobs (the
+# request field `logprobs`), as a list of `TokenLogprobs`, one per answer token (`completion_tokens`
+# of them, a stop string's tokens included, the end of sequence not). The faces shape it their way
+# (OpenAI's chat and legacy completions formats, gRPC's `TokenLogprobs`); a stream's token events
+# carry theirs too.
+LOGPROBS_FIELD = "logprobs"
+
+
+class TokenLogprob(TypedDict):
+    token_id: int
+    # The token's text alone (undecodable bytes as U+FFFD) and its UTF-8 bytes.
+    token: str
+    bytes: list[int]
+    # Natural log of its probability (see `bulk.generation.sampling` for which distribution).
+    logprob: float
+
+
+class TokenLogprobs(TokenLogprob):
+    # The request's `logprobs` most likely tokens at that position, most likely first.
+    top_logprobs: list[TokenLogprob]
+
+
 # The fields of an answer from the response cache that belong to the request, not to the stored
 # answer: set afresh on every hit (`response_cache.StoredAnswer`).
 PER_REQUEST_FIELDS = frozenset(

@@ -12,10 +12,10 @@ import itertools
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from bulk.engine.request import GenerationRequest
-from bulk.engine.result import GenerationResult
+from bulk.engine.result import LOGPROBS_FIELD, GenerationResult, TokenLogprob, TokenLogprobs
 from bulk.generation.sampling import make_generator
 from bulk.models.tokenizer import TextStream, Tokenizer
 
@@ -56,7 +56,12 @@ class Sequence:
         self.max_new_tokens = 0
         self.capacity = 0  # KV tokens reserved: prompt + max_new_tokens
         self.eos_ids: frozenset[int] = frozenset()
+        # The request's `stop_token_ids`: they end the answer like the end of sequence, even with
+        # `ignore_eos` (as vLLM). `end_ids`: every token kept out before `min_tokens` (at intake).
+        self.stop_ids = frozenset(self.params.stop_token_ids)
+        self.end_ids: frozenset[int] = self.stop_ids
         self.stream: TextStream | None = None
+        self._tokenizer: Tokenizer | None = None
         # Its prompt's full blocks' chained hashes (`bulk.kv.hashing`; empty for a model without
         # prefix reuse): what the scheduler compares with the prefills under way.
         self.block_hashes: tuple[bytes, ...] = ()
@@ -71,6 +76,10 @@ class Sequence:
         self.output_ids: list[int] = []
         self.text = ""
         self.next_token: int | None = None  # sampled, not yet fed to the model
+        # Requests asking for logprobs: one entry per answer token; the sampler leaves the chosen
+        # token's numbers in `sampled_logprobs` for `append` to take. None (and never computed) else.
+        self.logprobs: list[TokenLogprobs] | None = [] if self.params.logprobs is not None else None
+        self.sampled_logprobs: tuple[float, list[tuple[int, float]]] | None = None
         # Where in the text a stop string may start being found: text out before `min_tokens` was
         # reached is not searched again (vLLM looks only at new text, and skips the look before).
         self._stop_from = 0
@@ -95,7 +104,9 @@ class Sequence:
         self.max_new_tokens = max_new_tokens
         self.capacity = len(prompt_ids) + max_new_tokens
         self.eos_ids = tokenizer.eos_token_ids
+        self.end_ids = self.eos_ids | self.stop_ids
         self.stream = TextStream(tokenizer)
+        self._tokenizer = tokenizer
 
     @property
     def priority(self) -> int:
@@ -137,10 +148,12 @@ class Sequence:
             self.ttft_ms = (now - self.started) * 1000
         self.last_token_at = now
         params = self.params
-        if token in self.eos_ids and not params.ignore_eos:
+        if token in self.stop_ids or (token in self.eos_ids and not params.ignore_eos):
             self.finish_reason = "stop"
             return ""
         self.output_ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(self._logprob_entry(token))
         delta = self.stream.push(token)
         cut = None
         if len(self.output_ids) < params.min_tokens:
@@ -159,7 +172,27 @@ class Sequence:
         self.next_token = token
         return delta
 
+    def _logprob_entry(self, token: int) -> TokenLogprobs:
+        """The sampler's numbers for `token` (`ModelRunner.sample`), with the tokens' texts."""
+        # Every token of a request asking for logprobs is chosen by `ModelRunner.sample`, which sets them.
+        assert self.sampled_logprobs is not None, "a token without the sampler's logprobs"
+        chosen, alternatives = self.sampled_logprobs
+        self.sampled_logprobs = None
+        top = [self._token_logprob(i, value) for i, value in alternatives]
+        return {**self._token_logprob(token, chosen), "top_logprobs": top}
+
+    def _token_logprob(self, token: int, logprob: float) -> TokenLogprob:
+        assert self._tokenizer is not None
+        text = self._tokenizer.decode([token])
+        return {"token_id": token, "token": text, "bytes": list(text.encode()), "logprob": logprob}
+
     def result(self, model_name: str) -> GenerationResult:
+        result = self._result(model_name)
+        if self.logprobs is not None:
+            cast(dict[str, Any], result)[LOGPROBS_FIELD] = self.logprobs
+        return result
+
+    def _result(self, model_name: str) -> GenerationResult:
         now = time.perf_counter()
         return {
             "result": self.text,

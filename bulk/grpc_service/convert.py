@@ -12,7 +12,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
 
 from bulk.engine.request import FIELDS
-from bulk.engine.result import RESULT_FIELDS
+from bulk.engine.result import LOGPROBS_FIELD, RESULT_FIELDS
 from bulk.engine.stats import COUNTS
 from bulk.grpc_service.generated import bul_pb2
 
@@ -20,9 +20,11 @@ from bulk.grpc_service.generated import bul_pb2
 # `FIELDS` minus these): `text` is the guide's other name for `query`; a raw prompt and a conversation
 # are the REST and OpenAI faces' (gRPC sends a query through the chat template).
 NOT_IN_PROTO = frozenset(("text", "raw", "messages"))
-# Every other field but `query` (always sent) and `stop` (repeated) has explicit presence and maps one
+# Repeated fields: sent when not empty (proto3 cannot tell an empty list from none).
+_REPEATED_FIELDS = ("stop", "logit_bias", "stop_token_ids")
+# Every other field but `query` (always sent) and the repeated ones has explicit presence and maps one
 # to one onto the engine's request key: unset means the engine's default.
-_OPTIONAL_FIELDS = tuple(name for name in FIELDS if name not in NOT_IN_PROTO | {"query", "stop"})
+_OPTIONAL_FIELDS = tuple(name for name in FIELDS if name not in NOT_IN_PROTO | {"query", *_REPEATED_FIELDS})
 # Result fields whose proto name differs (the unit in the name, as proto style asks).
 RESPONSE_NAMES = {"latency": "latency_ms"}
 _EMPTY = {bool: False, float: 0.0, int: 0, str: ""}
@@ -35,18 +37,46 @@ def request_to_engine(message: bul_pb2.QueryRequest) -> dict[str, Any]:
             request[name] = getattr(message, name)
     if message.stop:
         request["stop"] = list(message.stop)
+    if message.logit_bias:
+        # The engine's (and OpenAI's) form: token id -> bias; a repeated id: the last one counts.
+        request["logit_bias"] = {str(entry.token_id): entry.bias for entry in message.logit_bias}
+    if message.stop_token_ids:
+        request["stop_token_ids"] = list(message.stop_token_ids)
     return request
 
 
 def result_to_response(result: Mapping[str, Any]) -> bul_pb2.QueryResponse:
-    """Every `RESULT_FIELDS` field; a missing or None value is the proto's empty value."""
+    """Every `RESULT_FIELDS` field; a missing or None value is the proto's empty value. `logprobs`,
+    which an answer holds only when its request asked (`bulk.engine.result.LOGPROBS_FIELD`), too."""
     fields: dict[str, Any] = {}
     for name in RESULT_FIELDS:
         proto_name = RESPONSE_NAMES.get(name, name)
         value = result.get(name)
         kind = _PROTO_TYPES[proto_name]
         fields[proto_name] = _EMPTY[kind] if value is None else kind(value)
+    entries = result.get(LOGPROBS_FIELD)
+    if entries:
+        fields[LOGPROBS_FIELD] = logprobs_to_proto(entries)
     return bul_pb2.QueryResponse(**fields)
+
+
+def logprobs_to_proto(entries: list[Mapping[str, Any]]) -> list[bul_pb2.TokenLogprobs]:
+    return [
+        bul_pb2.TokenLogprobs(
+            **_token_logprob(entry),
+            top_logprobs=[bul_pb2.TokenLogprob(**_token_logprob(top)) for top in entry["top_logprobs"]],
+        )
+        for entry in entries
+    ]
+
+
+def _token_logprob(entry: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "token_id": entry["token_id"],
+        "token": entry["token"],
+        "bytes": bytes(entry["bytes"]),
+        "logprob": entry["logprob"],
+    }
 
 
 _PYTHON_TYPES = {
@@ -58,7 +88,10 @@ _PYTHON_TYPES = {
     FieldDescriptor.TYPE_BOOL: bool,
     FieldDescriptor.TYPE_STRING: str,
 }
-_PROTO_TYPES = {f.name: _PYTHON_TYPES[f.type] for f in bul_pb2.QueryResponse.DESCRIPTOR.fields}
+# The scalar fields (`RESULT_FIELDS`'); the repeated message `logprobs` is converted apart.
+_PROTO_TYPES = {
+    f.name: _PYTHON_TYPES[f.type] for f in bul_pb2.QueryResponse.DESCRIPTOR.fields if f.type in _PYTHON_TYPES
+}
 
 
 def stats_to_response(stats: Mapping[str, Any]) -> bul_pb2.StatsResponse:

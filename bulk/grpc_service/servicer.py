@@ -10,6 +10,7 @@ from contextlib import aclosing, asynccontextmanager
 import grpc
 
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
+from bulk.engine.result import LOGPROBS_FIELD
 from bulk.errors import (
     BulError,
     EngineClosedError,
@@ -17,7 +18,12 @@ from bulk.errors import (
     InvalidRequestError,
     ModelLoadError,
 )
-from bulk.grpc_service.convert import request_to_engine, result_to_response, stats_to_response
+from bulk.grpc_service.convert import (
+    logprobs_to_proto,
+    request_to_engine,
+    result_to_response,
+    stats_to_response,
+)
 from bulk.grpc_service.generated import bul_pb2, bul_pb2_grpc
 from bulk.grpc_service.handlers import FIELD_METADATA_KEY
 
@@ -74,6 +80,10 @@ class BULServicer(bul_pb2_grpc.BULServiceServicer):
             async for event in events:
                 if event.get("done"):
                     yield bul_pb2.TokenChunk(response=result_to_response(event))
+                elif event.get(LOGPROBS_FIELD):
+                    yield bul_pb2.TokenChunk(
+                        token=event["token"], logprobs=logprobs_to_proto(event[LOGPROBS_FIELD])
+                    )
                 else:
                     yield bul_pb2.TokenChunk(token=event["token"])
 

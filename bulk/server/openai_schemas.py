@@ -1,17 +1,38 @@
 """Request bodies of the OpenAI-compatible API (the subset BUL KV serves) and the answer shapes.
 
-Unknown fields are ignored, as OpenAI-compatible servers do: clients send parameters we do not use
-(`presence_penalty`, `user`, ...). Fields we do use are type-checked; a bad one is a 422 naming it."""
+Fields we use are type-checked; a bad one is a 422 naming it. A field we do not serve is refused
+with a 422 naming it (`unserved_field`), not dropped: a client must be able to tell that
+`response_format` or `tools` did not happen. Accepted and ignored: the fields that only describe the
+caller (`user`, `metadata`, `store`), and a few unserved ones sent with the value that asks for
+nothing (`NO_OP_VALUES`: `"echo": false`, `"tools": []`, ...), which some clients always send."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
+from bulk.engine.result import TokenLogprobs
+from bulk.errors import InvalidRequestError
 from bulk.server.schemas import Integer, Number
+
+# Choices per request (`n`): each is a request of the batch.
+MAX_CHOICES = 8
+# Unserved fields with the value that asks for nothing: accepted as if absent.
+NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
+    "echo": (False, None),
+    "best_of": (1, None),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none"),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+}
 
 
 class StreamOptions(BaseModel):
@@ -20,13 +41,17 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Other fields are kept (not ignored) so that `unserved_field` can name them; the published
+    # schema says what is served (`additionalProperties: false`).
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
 
     model: StrictStr | None = None
     max_tokens: Integer | None = Field(None, description="Default: the server's BUL_DEFAULT_MAX_NEW_TOKENS.")
     temperature: Number | None = Field(None, description="Default 1.0, as OpenAI; 0 decodes greedily.")
     top_p: Number | None = None
-    n: Literal[1] = Field(1, description="Only one choice per request is served.")
+    n: Integer | None = Field(
+        None, description=f"Choices (1 to {MAX_CHOICES}), generated together; their prompt's KV is shared."
+    )
     stop: StrictStr | list[StrictStr] | None = None
     seed: Integer | None = None
     # vLLM's extra sampling fields, which it takes at the top level of the body (users force vLLM and
@@ -37,6 +62,38 @@ class _Sampling(BaseModel):
     )
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: Number | None = Field(None, description="-2 to 2; default 0.")
+    frequency_penalty: Number | None = Field(None, description="-2 to 2; default 0.")
+    logit_bias: dict[StrictStr, Number] | None = Field(
+        None, description="Token id (as a string) -> a bias from -100 to 100 added to its logit."
+    )
+    # vLLM's extra fields.
+    repetition_penalty: Number | None = Field(
+        None, description="vLLM's (Hugging Face's semantics): 0.01 to 100; 1 (the default) changes nothing."
+    )
+    stop_token_ids: list[Integer] | None = Field(
+        None, description="vLLM's: token ids that end the answer as the end of sequence does."
+    )
+    # Describe the caller; accepted and ignored.
+    user: StrictStr | None = None
+    metadata: dict[StrictStr, StrictStr] | None = None
+    store: StrictBool | None = None
+
+    def choices(self) -> int:
+        """`n`, checked (a 422 naming it)."""
+        if self.n is None:
+            return 1
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise InvalidRequestError("n", f"must be between 1 and {MAX_CHOICES}")
+        return self.n
+
+    def unserved_field(self) -> str | None:
+        """The first field of the body this server does not serve (not one of the fields above, nor a
+        no-op value of `NO_OP_VALUES`), or None."""
+        for name, value in (self.model_extra or {}).items():
+            if value not in NO_OP_VALUES.get(name, ()):
+                return name
+        return None
 
     def engine_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"temperature": 1.0 if self.temperature is None else self.temperature}
@@ -46,6 +103,11 @@ class _Sampling(BaseModel):
             ("seed", self.seed),
             ("ignore_eos", self.ignore_eos),
             ("min_tokens", self.min_tokens),
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+            ("repetition_penalty", self.repetition_penalty),
+            ("logit_bias", self.logit_bias),
+            ("stop_token_ids", self.stop_token_ids),
         ):
             if theirs is not None:
                 params[ours] = theirs
@@ -62,6 +124,15 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: StrictStr | list[StrictStr] = Field(..., description="One prompt (a list must hold exactly one).")
+    logprobs: Integer | None = Field(
+        None, description="Each token's log-probability, with this many most likely alternatives (0-20)."
+    )
+
+    def engine_params(self) -> dict[str, Any]:
+        params = super().engine_params()
+        if self.logprobs is not None:
+            params["logprobs"] = self.logprobs
+        return params
 
     def prompt_text(self) -> str | None:
         if isinstance(self.prompt, str):
@@ -91,22 +162,32 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: Integer | None = Field(None, description="The newer name of max_tokens.")
+    logprobs: StrictBool | None = Field(None, description="Return each answer token's log-probability.")
+    top_logprobs: Integer | None = Field(
+        None, description="With logprobs: this many most likely alternatives per token (0-20)."
+    )
 
     def engine_params(self) -> dict[str, Any]:
         params = super().engine_params()
         if self.max_completion_tokens is not None:
             params["max_new_tokens"] = self.max_completion_tokens
+        if self.logprobs:
+            # The engine's `logprobs` is the number of alternatives (None: no logprobs).
+            params["logprobs"] = self.top_logprobs or 0
         return params
 
 
-def usage(result: Mapping[str, Any]) -> dict[str, Any]:
-    prompt = int(result.get("prompt_tokens", 0))
-    completion = int(result.get("completion_tokens", 0))
+def usage(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One usage for a request's choices: the prompt counted once (as OpenAI counts it), the
+    completions added up; `cached_tokens`: the first choice's (the prompt as the request found the
+    cache; the other choices find more of it, computed by the first)."""
+    prompt = int(results[0].get("prompt_tokens", 0))
+    completion = sum(int(result.get("completion_tokens", 0)) for result in results)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": int(result.get("cached_tokens", 0))},
+        "prompt_tokens_details": {"cached_tokens": int(results[0].get("cached_tokens", 0))},
     }
 
 
@@ -116,3 +197,47 @@ def finish_reason(result: Mapping[str, Any]) -> str:
 
 def envelope(kind: str, request_id: str, model: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
     return {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
+
+
+# ---- logprobs, as each route writes them ----------------------------------------------------------
+
+
+def chat_logprobs(entries: list[TokenLogprobs] | None) -> dict[str, Any] | None:
+    """The chat format: `{"content": [{token, logprob, bytes, top_logprobs: [...]}], "refusal": None}`."""
+    if entries is None:
+        return None
+    content = [
+        {
+            **_chat_token(entry),
+            "top_logprobs": [_chat_token(alternative) for alternative in entry["top_logprobs"]],
+        }
+        for entry in entries
+    ]
+    return {"content": content, "refusal": None}
+
+
+def _chat_token(entry: Mapping[str, Any]) -> dict[str, Any]:
+    return {"token": entry["token"], "logprob": entry["logprob"], "bytes": entry["bytes"]}
+
+
+def completion_logprobs(entries: list[TokenLogprobs] | None, offset: int = 0) -> dict[str, Any] | None:
+    """The legacy completions format: `tokens`, `token_logprobs`, `top_logprobs` (token text ->
+    logprob: the alternatives and, as OpenAI's, always the chosen token, so up to `logprobs` + 1) and
+    `text_offset` (each token's start in the answer's text, from `offset`: the text streamed before)."""
+    if entries is None:
+        return None
+    tokens, offsets, tops = [], [], []
+    for entry in entries:
+        tokens.append(entry["token"])
+        offsets.append(offset)
+        offset += len(entry["token"])
+        top: dict[str, float] = {}
+        for alternative in [*entry["top_logprobs"], entry]:
+            top.setdefault(alternative["token"], alternative["logprob"])
+        tops.append(top)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [entry["logprob"] for entry in entries],
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }

@@ -10,7 +10,9 @@ They are written into the schema here, from the same settings, once, when it is 
 applies `minimum`, `maxLength`, `maxItems`, `items` only to values of their type, so each limit sits
 on its property beside the property's `anyOf` of types, and null stays allowed where it was.
 `min_tokens` is bounded here by `max_new_tokens_limit`; that it is not above the request's own
-`max_new_tokens` relates two fields, which JSON Schema cannot state (the test allows that 422).
+`max_new_tokens` relates two fields, which JSON Schema cannot state (the test allows that 422), as
+does chat's `top_logprobs` needing `logprobs: true`; and token ids (`logit_bias`, `stop_token_ids`)
+must be in the model's vocabulary, which the schema does not know.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from bulk.engine.request import MAX_STOP_STRINGS
+from bulk.engine.request import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_REPETITION_PENALTY,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MIN_REPETITION_PENALTY,
+)
+from bulk.server.openai_schemas import MAX_CHOICES
 from bulk.server.settings import ServerSettings
 
 # The engine's own limits (bulk/engine/request.py).
@@ -28,6 +38,19 @@ TOP_P = {"exclusiveMinimum": 0, "maximum": 1}
 SEED = {"minimum": 0, "maximum": 2**63 - 1}
 ID = {"minLength": 1, "maxLength": 256}
 STOP = {"minLength": 1, "maxItems": MAX_STOP_STRINGS, "items": {"type": "string", "minLength": 1}}
+LOGPROBS = {"minimum": 0, "maximum": MAX_LOGPROBS}
+CHOICES = {"minimum": 1, "maximum": MAX_CHOICES}
+PENALTY = {"minimum": -2, "maximum": 2}
+REPETITION_PENALTY = {"minimum": MIN_REPETITION_PENALTY, "maximum": MAX_REPETITION_PENALTY}
+# Token ids: the model's vocabulary bounds them too, which the schema cannot know before the model is
+# loaded (a 422 naming the field, as for `min_tokens` above `max_new_tokens`).
+TOKEN_ID = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
+LOGIT_BIAS = {
+    "maxProperties": MAX_LOGIT_BIAS,
+    "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+    "additionalProperties": {"minimum": -100, "maximum": 100},
+}
+STOP_TOKEN_IDS = {"maxItems": MAX_STOP_TOKEN_IDS, "items": TOKEN_ID}
 # A prompt that is only whitespace is refused ("must not be empty": `str.strip()`), so a prompt must
 # hold one character outside Python's whitespace. Spelled out: a regex `\S` means other sets in
 # other dialects (ECMA's leaves out U+001C-U+001F and U+0085, and adds U+FEFF).
@@ -57,6 +80,11 @@ def state_limits(schema: dict[str, Any], settings: ServerSettings, max_new_token
         "seed": SEED,
         "stop": STOP,
         "min_tokens": {"minimum": 0, "maximum": max_new_tokens_limit},
+        "presence_penalty": PENALTY,
+        "frequency_penalty": PENALTY,
+        "repetition_penalty": REPETITION_PENALTY,
+        "logit_bias": LOGIT_BIAS,
+        "stop_token_ids": STOP_TOKEN_IDS,
     }
 
     query = components.get("QueryRequest")
@@ -69,6 +97,7 @@ def state_limits(schema: dict[str, Any], settings: ServerSettings, max_new_token
             "max_new_tokens": tokens,
             "session_id": ID,
             "request_id": ID,
+            "logprobs": LOGPROBS,
             **sampling,
         },
     )
@@ -79,11 +108,18 @@ def state_limits(schema: dict[str, Any], settings: ServerSettings, max_new_token
         ]
     completion_prompt = {**prompt, "minItems": 1, "maxItems": 1, "items": {"type": "string", **prompt}}
     _constrain(
-        components.get("CompletionRequest"), {"prompt": completion_prompt, "max_tokens": tokens, **sampling}
+        components.get("CompletionRequest"),
+        {"prompt": completion_prompt, "max_tokens": tokens, "logprobs": LOGPROBS, "n": CHOICES, **sampling},
     )
     _constrain(
         components.get("ChatCompletionRequest"),
-        {"max_tokens": tokens, "max_completion_tokens": tokens, **sampling},
+        {
+            "max_tokens": tokens,
+            "max_completion_tokens": tokens,
+            "top_logprobs": LOGPROBS,
+            "n": CHOICES,
+            **sampling,
+        },
     )
     # The whole conversation's text is limited to max_query_chars; each message's text at least is.
     _constrain(components.get("ChatMessage"), {"content": {"maxLength": settings.max_query_chars}})

@@ -76,6 +76,29 @@ class QueryRequest(BaseModel):
         "chat template, after the server's system prompt (BUL_SYSTEM_PROMPT).",
     )
     request_id: StrictStr | None = None
+    logprobs: Integer | None = Field(
+        None,
+        description="Return each answer token's log-probability with this many most likely alternatives "
+        "(0-20) in the answer's `logprobs` list; default: none (not computed).",
+    )
+    presence_penalty: Number | None = Field(
+        None, description="-2 to 2 (as OpenAI): subtracted from the logit of every token the answer holds."
+    )
+    frequency_penalty: Number | None = Field(
+        None,
+        description="-2 to 2 (as OpenAI): times its count in the answer, subtracted from a token's logit.",
+    )
+    repetition_penalty: Number | None = Field(
+        None,
+        description="0.01 to 100 (as Hugging Face and vLLM): the logits of the prompt's and answer's tokens "
+        "divided by it when positive, multiplied when negative; 1 (the default) changes nothing.",
+    )
+    logit_bias: dict[StrictStr, Number] | None = Field(
+        None, description="Token id (as a string) -> a bias from -100 to 100 added to its logit (as OpenAI)."
+    )
+    stop_token_ids: list[Integer] | None = Field(
+        None, description="Token ids that end the answer as the end of sequence does (as vLLM)."
+    )
 
     def to_engine(self, settings: ServerSettings) -> dict[str, Any]:
         # `model_dump(exclude_none=True)` for this flat model, at a fraction of its cost (hot path).

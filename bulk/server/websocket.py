@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from bulk.engine.protocol import ServingEngine
-from bulk.engine.result import RESULT_FIELDS
+from bulk.engine.result import LOGPROBS_FIELD, RESULT_FIELDS
 from bulk.errors import (
     BulError,
     InvalidRequestError,
@@ -78,7 +78,7 @@ async def _answer(
                 if event.get("done"):
                     await websocket.send_json({**echo, **_answer_fields(event), "done": True})
                 else:
-                    await websocket.send_json({**echo, "token": event["token"]})
+                    await websocket.send_json({**echo, **_token_fields(event)})
         else:
             result = await engine.process_request(data)
             await websocket.send_json({**echo, **_answer_fields(result)})
@@ -108,4 +108,9 @@ def _parse(raw: str) -> dict[str, Any]:
 
 
 def _answer_fields(result: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: result[key] for key in ANSWER_FIELDS if key in result}
+    # `logprobs` is in an answer only when its request asked for them (`bulk.engine.result`).
+    return {key: result[key] for key in (*ANSWER_FIELDS, LOGPROBS_FIELD) if key in result}
+
+
+def _token_fields(event: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: event[key] for key in ("token", LOGPROBS_FIELD) if key in event}

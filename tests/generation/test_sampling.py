@@ -1,9 +1,19 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from bulk.generation.sampling import SamplingParams, make_generator, sample, suppress_tokens
+from bulk.generation.sampling import (
+    LOGPROB_FLOOR,
+    SamplingParams,
+    make_generator,
+    process_logits,
+    sample,
+    suppress_tokens,
+    token_logprobs,
+)
 
 
 def test_greedy_is_argmax():
@@ -72,3 +82,69 @@ def test_suppressing_works_on_the_models_inference_tensors():
         rows = torch.tensor([[1.0, 5.0, 2.0], [1.0, 5.0, 2.0]])
     suppress_tokens(rows[0], [1])
     assert rows.argmax(dim=-1).tolist() == [2, 1]  # the other row is untouched
+
+
+# ---- logit processing and logprobs ----------------------------------------------------------------
+
+
+def test_rows_that_ask_for_nothing_are_not_processed():
+    assert not SamplingParams().processes_logits
+    assert not SamplingParams(logprobs=5, stop_token_ids=(3,)).processes_logits
+    for change in (
+        {"presence_penalty": 0.1},
+        {"frequency_penalty": -0.1},
+        {"repetition_penalty": 1.1},
+        {"logit_bias": ((2, 1.0),)},
+    ):
+        assert SamplingParams(**change).processes_logits, change
+    # Computed, so not a parameter: equal requests compare (and cache) equal.
+    assert SamplingParams(presence_penalty=0.5) == SamplingParams(presence_penalty=0.5)
+
+
+def test_logit_bias_is_added_to_its_tokens():
+    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    params = SamplingParams(logit_bias=((0, 100.0), (2, -1.5), (99, 5.0)))  # 99: beyond, skipped
+    assert process_logits(logits, params, [], []) is logits  # in place
+    assert logits.tolist() == [101.0, 2.0, 1.5, 4.0]
+
+
+def test_presence_and_frequency_penalties_count_the_answer_not_the_prompt():
+    logits = torch.zeros(6)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    process_logits(logits, params, prompt_ids=[4, 4, 5], output_ids=[1, 2, 2, 2])
+    # OpenAI's formula: logit - count * frequency_penalty - (count > 0) * presence_penalty.
+    assert logits.tolist() == [0.0, -0.75, -1.25, 0.0, 0.0, 0.0]
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_prompt_and_answer():
+    logits = torch.tensor([2.0, -2.0, 2.0, -2.0, 2.0])
+    process_logits(logits, SamplingParams(repetition_penalty=2.0), prompt_ids=[0, 1], output_ids=[1, 3])
+    # Hugging Face's RepetitionPenaltyLogitsProcessor: each seen token once, however often it occurs.
+    assert logits.tolist() == [1.0, -4.0, 2.0, -4.0, 2.0]
+
+
+def test_processing_a_bfloat16_row_writes_it_back_in_place():
+    logits = torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16)
+    process_logits(logits, SamplingParams(logit_bias=((0, 8.0),)), [], [])
+    assert logits.dtype == torch.bfloat16 and logits.tolist() == [9.0, 2.0, 3.0]
+
+
+def test_token_logprobs_are_a_float32_log_softmax_with_sorted_alternatives():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(3))
+    expected = torch.log_softmax(logits, dim=-1)
+    chosen, top = token_logprobs(logits, 7, 5)
+    assert chosen == pytest.approx(float(expected[7]))
+    values = [value for _, value in top]
+    assert values == sorted(values, reverse=True) and len(top) == 5
+    assert top[0][0] == int(torch.argmax(logits))
+    assert [i for i, _ in top] == expected.topk(5).indices.tolist()
+    assert sum(math.exp(value) for value in values) <= 1.0
+    assert token_logprobs(logits, 7, 0) == (chosen, [])
+
+
+def test_the_chosen_token_leads_its_ties_and_minus_infinity_is_shown_as_the_floor():
+    logits = torch.tensor([1.0, 3.0, 3.0, float("-inf")])
+    _, top = token_logprobs(logits, 2, 2)
+    assert [i for i, _ in top] == [2, 1]
+    chosen, top = token_logprobs(logits, 3, 4)
+    assert chosen == LOGPROB_FLOOR and top[-1] == (3, LOGPROB_FLOOR)

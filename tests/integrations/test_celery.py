@@ -58,6 +58,17 @@ def test_vllms_sampling_fields_reach_the_workers_engine(redis13):
     assert wait_for_status(task.id, "failed")["error"].startswith("min_tokens:")
 
 
+def test_logprobs_and_logit_changes_reach_the_workers_engine(redis13):
+    """The engine's `logprobs` list crosses the broker back as JSON; `logit_bias` and the penalties
+    cross it as request fields (+100 forces its token)."""
+    query = {"query": "The quick brown fox", "max_new_tokens": 4, "raw": True, "logprobs": 2}
+    answer = process_document_task.delay({**query, "logit_bias": {str(ord("A")): 100}}).get(timeout=TIMEOUT_S)
+    assert answer["result"] == "AAAA" and [e["token"] for e in answer["logprobs"]] == ["A"] * 4
+    assert all(len(e["top_logprobs"]) == 2 for e in answer["logprobs"])
+    task, _ = send_flaky({**query, "frequency_penalty": 3}, failures=0, redis13=redis13)
+    assert wait_for_status(task.id, "failed")["error"].startswith("frequency_penalty:")
+
+
 def test_bad_input_fails_at_once_without_retries(redis13):
     task, counter_key = send_flaky({"query": "", "max_new_tokens": 4}, failures=0, redis13=redis13)
     answer = wait_for_status(task.id, "failed")

@@ -69,6 +69,7 @@ MARK_PATHS = {
     "tests/integrations/test_celery_chat.py": ("services",),
     "tests/integrations/test_guide_examples.py": ("services", "live"),
     "tests/cluster/test_ray_cluster.py": ("live", "slow"),
+    "tests/cluster/test_multi_node.py": ("live", "services", "slow"),
     "tests/server/test_chat_template_hf.py": ("live",),
     "tests/server/test_guide_fastapi_example.py": ("live",),
     "tests/server/test_protection.py": ("live",),

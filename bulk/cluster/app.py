@@ -349,6 +349,10 @@ def bul_application(cluster: ClusterSettings | None = None, env: dict[str, str] 
             "imbalance_threshold": cluster.imbalance_threshold,
             "min_match_ratio": cluster.min_match_ratio,
         }
+    # Replicas spread over nodes: a node lost takes at most this many with it.
+    placement: dict[str, Any] = (
+        {"max_replicas_per_node": cluster.max_replicas_per_node} if cluster.max_replicas_per_node else {}
+    )
     engine = serve.deployment(
         EngineReplica,
         name=ENGINE_DEPLOYMENT,
@@ -362,6 +366,7 @@ def bul_application(cluster: ClusterSettings | None = None, env: dict[str, str] 
             request_routing_stats_period_s=cluster.stats_period_s,  # type: ignore[arg-type]
         ),
         health_check_period_s=2.0,
+        **placement,
     )
     ingress = serve.deployment(
         serve.ingress()(BULIngress),

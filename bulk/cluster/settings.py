@@ -35,6 +35,8 @@ class ClusterSettings(BulSettings):
     report_blocks: int = Field(65_536, ge=0)
     # Ray CPUs each engine replica reserves.
     replica_cpus: float = Field(1.0, ge=0)
+    # At most this many engine replicas on one Ray node (Serve's max_replicas_per_node); empty: no limit.
+    max_replicas_per_node: int | None = Field(None, ge=1)
     # Ingress replicas (each keeps its own rate limits and batch tasks: see docs/cluster.md).
     ingress_replicas: int = Field(1, ge=1)
     # Requests one ingress replica takes at once.

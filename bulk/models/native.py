@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC / "llama_decode.cpp", CSRC / "decode_attention.cpp", CSRC / "greedy.cpp")
-HEADERS = (CSRC / "decode_attention.h",)
+HEADERS = (CSRC / "decode_attention.h", CSRC / "vec.h")
 # For this machine's instruction set (the library's name carries the CPU's flags, so that another
 # CPU builds its own). OpenMP as torch's own: `at::parallel_for` is a header's `omp parallel`, which
 # a file compiled without -fopenmp runs on one thread.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
 import threading
 import time
 import uuid
@@ -28,6 +27,7 @@ from ray.util.state import list_actors, list_nodes  # noqa: E402
 
 from bulk.cluster.app import APP_NAME, ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, bul_application  # noqa: E402
 from bulk.cluster.settings import ClusterSettings  # noqa: E402
+from tests.cluster.serve_client import ServeClient, free_port  # noqa: E402
 from tests.helpers import wait_until  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -50,12 +50,6 @@ ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # One engine replica per node (the placement); each worker node has one CPU, each replica takes it.
 # Reports twice a second; retries enough to outlast Ray noticing a lost node (a few seconds).
 CLUSTER = ClusterSettings(
@@ -73,7 +67,7 @@ HEAD = {
     "object_store_memory": 80 * 2**20,
     # The dashboard serves Ray's state API (`ray.util.state`), which the tests read placement from.
     "include_dashboard": True,
-    "dashboard_port": _free_port(),
+    "dashboard_port": free_port(),
     # Ray declares a silent node dead after ~1.5 s instead of ~15 s.
     "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3},
 }
@@ -86,21 +80,11 @@ def _wait_for(predicate, timeout: float = 60, what: str = "the condition"):
     return wait_until(predicate, timeout, 0.25, what)
 
 
-class Fleet:
+class Fleet(ServeClient):
     def __init__(self, ray_cluster: RayCluster, workers: list, url: str) -> None:
+        super().__init__(url)
         self.ray_cluster = ray_cluster
         self.workers = workers
-        self.url = url
-        self.handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=APP_NAME)
-
-    def stats(self) -> dict:
-        return requests.get(f"{self.url}/api/stats", timeout=30).json()
-
-    def query(self, text: str, **params) -> dict:
-        body = {"query": text, "response_cache": False, **params}
-        answer = requests.post(f"{self.url}/api/query", json=body, timeout=120)
-        assert answer.status_code == 200, answer.text
-        return answer.json()
 
     def replica_nodes(self, prefix: str = REPLICA_PREFIX) -> dict[str, str]:
         """Each live replica's id -> the id of the Ray node its actor runs on (Ray's state API)."""
@@ -121,7 +105,7 @@ def fleet():
     try:
         workers = [ray_cluster.add_node(**WORKER), ray_cluster.add_node(**WORKER)]
         ray.init(address=ray_cluster.address, log_to_driver=False)
-        port = _free_port()
+        port = free_port()
         # One HTTP proxy, on the head: the nodes share this machine's address, so proxies on every
         # node would all want the same port.
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})

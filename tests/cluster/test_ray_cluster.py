@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import json
 import secrets
-import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,6 @@ from ray import serve  # noqa: E402
 
 from bulk.cluster.app import (  # noqa: E402
     APP_NAME,
-    ENGINE_DEPLOYMENT,
     ClusterSettings,
     build_app,
     bul_application,
@@ -33,6 +31,7 @@ from bulk.cluster.app import (  # noqa: E402
 from bulk.engine.protocol import ServingEngine  # noqa: E402
 from bulk.server.app import create_app  # noqa: E402
 from bulk.server.settings import ServerSettings  # noqa: E402
+from tests.cluster.serve_client import ServeClient, free_port  # noqa: E402
 from tests.helpers import wait_until  # noqa: E402
 from tests.server.live_server import LiveServer  # noqa: E402
 from tests.server.test_metrics_endpoint import dashboard_metric_names, scrape  # noqa: E402
@@ -55,26 +54,10 @@ CLUSTER = ClusterSettings(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Cluster:
+class Cluster(ServeClient):
     def __init__(self, url: str) -> None:
-        self.url = url
+        super().__init__(url)
         self.ws_url = url.replace("http://", "ws://")
-        self.handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=APP_NAME)
-
-    def stats(self) -> dict:
-        return requests.get(f"{self.url}/api/stats", timeout=30).json()
-
-    def query(self, text: str, **params) -> dict:
-        body = {"query": text, "response_cache": False, **params}
-        answer = requests.post(f"{self.url}/api/query", json=body, timeout=120)
-        assert answer.status_code == 200, answer.text
-        return answer.json()
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +66,7 @@ def cluster():
     store.flushdb()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(bul_application(CLUSTER, ENV), name=APP_NAME, route_prefix="/")
         url = f"http://127.0.0.1:{port}"

@@ -24,8 +24,8 @@
 // per key head, a half-precision pool) take SDPA, one call per row, the rows spread over the
 // threads.
 //
-// GCC's vector extensions (16 floats) keep it portable: the compiler lowers them to AVX-512, AVX2 or
-// NEON, whichever `-march=native` offers.
+// GCC's vector extensions (16 floats, `vec.h`) keep it portable: the compiler lowers them to AVX-512,
+// AVX2 or NEON, whichever `-march=native` offers.
 //
 //   query    (1, q_heads, N, head_dim)            after rotary
 //   layer    (2, kv_heads, pool_tokens, head_dim) one layer of the pool: keys, then values
@@ -35,6 +35,7 @@
 //   returns  (1, N, q_heads, head_dim), in the query's dtype
 
 #include "decode_attention.h"
+#include "vec.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -49,34 +50,10 @@
 namespace bul {
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
+using namespace vec;
 
-constexpr int kLanes = 16;
 constexpr int kBlock = 32;         // keys scored at a time, before their values are summed
 constexpr int64_t kSlice = 256;    // keys per task
-
-inline f32x16 splat(float x) { return f32x16{} + x; }
-
-inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline f32x16 load16(const c10::BFloat16* p) {
-  // bfloat16 is the top half of a float32: widen and shift.
-  u16x16 raw;
-  std::memcpy(&raw, p, sizeof(raw));
-  const u32x16 wide = __builtin_convertvector(raw, u32x16) << 16;
-  f32x16 v;
-  std::memcpy(&v, &wide, sizeof(v));
-  return v;
-}
 
 inline float sum16(f32x16 v) {
   const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +

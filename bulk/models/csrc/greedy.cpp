@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -22,32 +24,13 @@
 namespace bul {
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
+using namespace vec;
 
 inline float as_float(float x) { return x; }
 inline float as_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
-inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline f32x16 load16(const c10::BFloat16* p) {  // bfloat16 is the top half of a float32
-  u16x16 raw;
-  std::memcpy(&raw, p, sizeof(raw));
-  const u32x16 wide = __builtin_convertvector(raw, u32x16) << 16;
-  f32x16 v;
-  std::memcpy(&v, &wide, sizeof(v));
-  return v;
-}
-
 template <typename T>
 int64_t argmax_row(const T* row, int64_t n) {
-  constexpr int kLanes = 16;
   const int64_t body = n - n % kLanes;
   f32x16 top = f32x16{} - std::numeric_limits<float>::infinity();
   i32x16 nan = i32x16{};

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "decode_attention.h"
+#include "vec.h"
 
 #include <cstdint>
 #include <cstring>
@@ -74,19 +75,7 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return (x * cos) + (x.roll({x.size(-1) / 2}, {-1}) * signed_sin);
 }
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-
-inline f32x16 widen(const c10::BFloat16* p) {  // 16 bfloat16 -> float32 (exact)
-  u16x16 raw;
-  std::memcpy(&raw, p, sizeof(raw));
-  const u32x16 wide = __builtin_convertvector(raw, u32x16) << 16;
-  f32x16 v;
-  std::memcpy(&v, &wide, sizeof(v));
-  return v;
-}
+using namespace vec;
 
 // float32 -> bfloat16 bits, rounded to nearest even as ATen rounds (a NaN stays a NaN).
 inline u32x16 bf16_bits(f32x16 v) {
@@ -153,8 +142,8 @@ at::Tensor rotary_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const a
       std::memcpy(rolled + half, in, half * sizeof(BF16));
       P* key = j >= q_heads && r < tokens ? pool + (j - q_heads) * head_stride + at_pos[r] * token_stride : nullptr;
       for (int64_t d = 0; d < head_dim; d += 16) {
-        const f32x16 a = round_bf16(widen(in + d) * widen(cr + d));
-        const f32x16 b = round_bf16(widen(rolled + d) * widen(sr + d));
+        const f32x16 a = round_bf16(load16(in + d) * load16(cr + d));
+        const f32x16 b = round_bf16(load16(rolled + d) * load16(sr + d));
         const u32x16 bits = bf16_bits(a + b);
         if (j < q_heads) {
           store16(q + (r * q_heads + j) * head_dim + d, bits);
@@ -167,7 +156,7 @@ at::Tensor rotary_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const a
       for (int64_t j = 0; j < kv_heads; ++j) {
         const BF16* in = row + (rotated + j) * head_dim;
         P* value = pool + kind_stride + j * head_stride + at_pos[r] * token_stride;
-        for (int64_t d = 0; d < head_dim; d += 16) store16(value + d, bf16_bits(widen(in + d)));
+        for (int64_t d = 0; d < head_dim; d += 16) store16(value + d, bf16_bits(load16(in + d)));
       }
     }
   }

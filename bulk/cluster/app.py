@@ -39,7 +39,7 @@ from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.engine.request import GenerationRequest, parse_request
 from bulk.engine.response_cache import ResponseCache
-from bulk.engine.result import GenerationResult
+from bulk.engine.result import LOGPROBS_FIELD, GenerationResult
 from bulk.engine_settings import EngineSettings
 from bulk.errors import BulError, InvalidRequestError, error_data, error_from_data
 from bulk.routing.chains import pack_block_ids
@@ -197,10 +197,13 @@ class RayEngineClient:
         request = self.parse(query)
         payload = request.to_payload()
         delivered = ""
+        # A request asking for logprobs: the entries delivered so far, skipped in a retry as its text is.
+        delivered_entries = 0
         for attempt in range(self._retries + 1):
             stream = _remote(self._streams.stream_request, payload)
             finished = False
             produced = ""
+            produced_entries: list[Any] = []
             try:
                 async for event in stream:
                     if "error" in event:
@@ -211,6 +214,7 @@ class RayEngineClient:
                         yield event
                         return
                     produced += event["token"]
+                    produced_entries.extend(event.get(LOGPROBS_FIELD) or ())
                     if len(produced) <= len(delivered):
                         if not delivered.startswith(produced):
                             raise EngineUnavailableError("a replica died mid-stream; the retry diverged")
@@ -218,7 +222,11 @@ class RayEngineClient:
                     if not produced.startswith(delivered):
                         raise EngineUnavailableError("a replica died mid-stream; the retry diverged")
                     delta, delivered = produced[len(delivered) :], produced
-                    yield {"token": delta}
+                    out: dict[str, Any] = {"token": delta}
+                    if LOGPROBS_FIELD in event:
+                        out[LOGPROBS_FIELD] = produced_entries[delivered_entries:]
+                        delivered_entries = len(produced_entries)
+                    yield out
                 finished = True
                 return
             except RayActorError as exc:

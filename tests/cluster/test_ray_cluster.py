@@ -130,6 +130,24 @@ def test_every_route_answers_through_the_ingress(cluster):
     assert chunks[-1].usage.completion_tokens == 5
     streamed = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=4, stream=True)
     assert len([c for c in streamed if c.choices and c.choices[0].text]) >= 1
+    # Logprobs come with the chunks of their tokens, through the replicas' streams too.
+    with_logprobs = [
+        c
+        for c in client.chat.completions.create(
+            model="demo",
+            messages=messages,
+            temperature=0,
+            max_tokens=5,
+            stream=True,
+            logprobs=True,
+            top_logprobs=2,
+        )
+        if c.choices and c.choices[0].logprobs
+    ]
+    assert len(with_logprobs) >= 2  # not all in the last chunk
+    entries = [e for c in with_logprobs for e in c.choices[0].logprobs.content]
+    assert "".join(e.token for e in entries) == reply.choices[0].message.content
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.logprob for e in entries)
 
     with connect(f"{cluster.ws_url}/ws/query") as socket_:
         socket_.send(json.dumps({"query": "Hello over a socket", "stream": True, "id": 7}))

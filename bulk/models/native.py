@@ -259,6 +259,15 @@ def _layer_parts(layer: Any, qkv: Any, gate_up: Any) -> _LayerParts | None:
 
 
 def _build_and_load() -> None:
+    try:
+        _build_and_load_with(openmp=True)
+    except Exception as exc:
+        # A compiler without OpenMP (Apple's clang, say): the same code, its tasks on one thread.
+        log.warning("native code without OpenMP, its attention on one thread: %s", exc)
+        _build_and_load_with(openmp=False)
+
+
+def _build_and_load_with(openmp: bool) -> None:
     from torch.utils import cpp_extension
 
     from bulk.models import cpu
@@ -271,6 +280,8 @@ def _build_and_load() -> None:
     # flags, in the library's name): elsewhere a library built for one CPU could be loaded on
     # another from a shared cache and die of an illegal instruction.
     cflags = CFLAGS if flags else [f for f in CFLAGS if f != "-march=native"]
+    if not openmp:
+        cflags = [f for f in cflags if f != "-fopenmp"]
     digest.update(" ".join(cflags).encode())
     digest.update(platform.machine().encode())
     digest.update(" ".join(sorted(flags)).encode())
@@ -288,7 +299,7 @@ def _build_and_load() -> None:
         sources=[str(path) for path in SOURCES],
         build_directory=str(build),
         extra_cflags=cflags,
-        extra_ldflags=["-fopenmp"],
+        extra_ldflags=["-fopenmp"] if openmp else [],
         extra_include_paths=[str(CSRC)],
         is_python_module=False,
         verbose=False,

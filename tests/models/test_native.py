@@ -322,3 +322,18 @@ def test_the_native_argmax_chooses_what_torch_argmax_chooses(dtype):
         assert torch.equal(argmax(logits), logits.argmax(dim=-1))
     strided = torch.randn(4, 64, generator=generator)[:, ::2]  # not contiguous: torch's own
     assert torch.equal(argmax(strided), strided.argmax(dim=-1))
+
+
+def test_a_compiler_without_openmp_builds_the_same_code_for_one_thread(monkeypatch, caplog):
+    calls: list[bool] = []
+
+    def build(openmp: bool) -> None:
+        calls.append(openmp)
+        if openmp:
+            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+
+    monkeypatch.setattr(native, "_build_and_load_with", build)
+    with caplog.at_level(logging.WARNING, logger="bulk.models.native"):
+        native._build_and_load()
+    assert calls == [True, False]
+    assert "without OpenMP" in caplog.text and "-fopenmp" in caplog.text

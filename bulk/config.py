@@ -109,7 +109,8 @@ class KVCacheConfig:
     quantization: str = "none"
     # The model's linear weights, for decode speed on the CPU (`bulk.models.weight_quant`): "int8"
     # or "int4" (the model then runs in bfloat16), "none", or "auto": a GGUF file's own bit width
-    # (its Q4 layers as int4, Q8 as int8) when the model runs in bfloat16 on the CPU, else none.
+    # (Q4_K and smaller layouts as int4; Q5_0, Q5_1, Q5_K, Q6_K, Q8_0 as int8) when the model runs in
+    # bfloat16 on the CPU, else none.
     # Part of the model fingerprint, so KV computed with other weights is never reused.
     weight_quantization: str = "auto"
     # Lower tiers. Each has its own budget in tokens and evicts with `cache_strategy`.

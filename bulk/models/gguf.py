@@ -8,8 +8,11 @@ model cache (`model_cache_path`); later loads find that folder and load it like 
 without the GGUF packages. A model loaded from GGUF refuses `save_pretrained`, so its state dict is
 copied into a fresh model built from the same configuration without its `quantization_config`.
 
-The manifest also records the bit width of the file's transformer weights (`weight_bits`), so that
-`weight_quantization="auto"` can serve a 4-bit file at 4 bits without reading the file again.
+The manifest also records the layout of the file's transformer weights (`weight_layout`: "Q4_K",
+"Q8_0"...) and its bit width (`weight_bits`), so that `weight_quantization="auto"` can serve a 4-bit
+file at 4 bits without reading the file again, and the load log line can say why. A file whose
+architecture transformers cannot read as a causal language model is refused before conversion, with
+a message naming it (`check_architecture`).
 
 The folder appears under its final name only once complete (written under a temporary name, then
 renamed), so two processes converting the same file at once both end with one good folder."""
@@ -54,6 +57,12 @@ def weight_bits(path: Path) -> int | None:
     losing precision they have: 4 for Q4 and smaller layouts, 8 for Q5 to Q8, None for 16- and
     32-bit floats. Decided by the most common layout among the blocks' matrices (files keep a few
     layers at more bits). Needs the `gguf` package; about 2 s for a 100 MB file."""
+    return layout_bits(weight_layout(path))
+
+
+def weight_layout(path: Path) -> str | None:
+    """The most common layout (ggml type name: "Q4_K", "Q8_0", "F16"...) among the transformer
+    blocks' matrices of the GGUF file `path`, None if it has none. Needs the `gguf` package."""
     from collections import Counter
 
     from gguf import GGUFReader
@@ -62,30 +71,78 @@ def weight_bits(path: Path) -> int | None:
     layouts = Counter(
         t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2
     )
-    if not layouts:
-        return None
-    layout = layouts.most_common(1)[0][0]
-    if layout.startswith(("F", "BF")):
+    return layouts.most_common(1)[0][0] if layouts else None
+
+
+def layout_bits(layout: str | None) -> int | None:
+    """`weight_bits` of a file whose blocks' matrices are mostly `layout`."""
+    if layout is None or layout.startswith(("F", "BF")):
         return None
     if layout.startswith(("Q5", "Q6", "Q8")):
         return 8
     return 4  # Q4_*, Q3_K, Q2_K, IQ*: 4 bits or fewer
 
 
+# General architectures transformers reads from GGUF but that are not causal language models.
+_NOT_CAUSAL = {"t5", "t5encoder", "umt5"}
+
+
+def architecture(path: Path) -> str:
+    """The `general.architecture` of the GGUF file `path` (needs the `gguf` package)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get("general.architecture")
+    if field is None or not field.data:
+        return ""
+    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+
+
+def check_architecture(path: Path) -> None:
+    """Raises `ModelLoadError`, naming the architecture, when transformers cannot read the GGUF file
+    `path` as a causal language model (an architecture it has no GGUF mapping for, or an encoder)."""
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    name = architecture(path)
+    # transformers' own renames (load_gguf_checkpoint): llama.cpp spells some without underscores.
+    renamed = name.replace("-", "_").replace("moe", "_moe").replace("__", "_")
+    supported = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"} - _NOT_CAUSAL)
+    if name in supported or renamed in supported:
+        return
+    if name in _NOT_CAUSAL:
+        why = "it is an encoder or encoder-decoder model, not a causal language model"
+    else:
+        why = f"transformers {transformers.__version__} reads only these from GGUF: {', '.join(supported)}"
+    raise ModelLoadError(
+        f"{path}: GGUF architecture {name or '(none)'!r} cannot be served ({why}); "
+        "load the model's Hugging Face folder instead"
+    )
+
+
 def manifest_weight_bits(folder: Path, path: Path) -> int | None:
-    """`weight_bits` of the file converted into `folder`, from its manifest; a folder converted before
-    the manifest recorded it gets it added, read once from `path` (None without the `gguf` package)."""
+    """`weight_bits` of the file converted into `folder`, from its manifest (see `manifest_weights`)."""
+    return manifest_weights(folder, path)[1]
+
+
+def manifest_weights(folder: Path, path: Path) -> tuple[str | None, int | None]:
+    """`weight_layout` and `weight_bits` of the file converted into `folder`, from its manifest; a
+    folder converted before the manifest recorded them gets them added, read once from `path`
+    (without the `gguf` package: what the manifest has, else None)."""
     manifest_path = folder / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
         manifest = {}
-    if "weight_bits" in manifest:
-        bits = manifest["weight_bits"]
-        return bits if bits in (4, 8) else None
-    if missing_packages():
-        return None
-    bits = weight_bits(path)
+    recorded = manifest.get("weight_bits")
+    recorded_bits = recorded if recorded in (4, 8) else None
+    if "weight_bits" in manifest and "weight_layout" in manifest:
+        layout = manifest["weight_layout"]
+        return (layout if isinstance(layout, str) else None), recorded_bits
+    if missing_packages():  # (a folder converted before the layout was recorded has its bits)
+        return None, recorded_bits
+    layout = weight_layout(path)
+    bits = layout_bits(layout)
+    manifest["weight_layout"] = layout
     manifest["weight_bits"] = bits
     partial = folder / f".{MANIFEST}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -94,7 +151,7 @@ def manifest_weight_bits(folder: Path, path: Path) -> int | None:
     except OSError:  # a read-only cache still loads; the bits are read again next time
         log.debug("could not record weight_bits in %s", manifest_path, exc_info=True)
         partial.unlink(missing_ok=True)
-    return bits
+    return layout, bits
 
 
 def missing_packages() -> list[str]:
@@ -142,6 +199,7 @@ def converted_folder(path: Path, cache_root: Path, expected_sha256: str | None =
             f"loading the GGUF model {path} needs the {' and '.join(missing)} package(s): "
             "pip install 'bulk[gguf]'"
         )
+    check_architecture(path)
     log.info("converting GGUF %s into %s, once (later starts load the folder)", path, folder)
     with quiet_progress_bars():
         _convert(path, folder, digest)
@@ -172,7 +230,8 @@ def _convert(path: Path, folder: Path, digest: str) -> None:
             "source": path.name,
             "sha256": digest,
             "transformers": transformers.__version__,
-            "weight_bits": weight_bits(path),
+            "weight_layout": (layout := weight_layout(path)),
+            "weight_bits": layout_bits(layout),
         }
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         try:

@@ -21,7 +21,7 @@ from bulk.models import hf_cache
 from bulk.models.cpu import flags as cpu_flags
 from bulk.models.cpu import has_avx2, has_bf16_instructions
 from bulk.models.demo import DEMO_SPECS, build_demo_model, is_demo
-from bulk.models.gguf import converted_folder, is_gguf_path, manifest_weight_bits
+from bulk.models.gguf import converted_folder, is_gguf_path, manifest_weights
 from bulk.models.progress import quiet_progress_bars
 from bulk.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from bulk.models.weight_quant import (
@@ -112,7 +112,7 @@ def load_model(config: KVCacheConfig) -> LoadedModel:
     scheme = "none"
     try:
         source, gguf_file = (None, None) if is_demo(config.model) else _hf_source(config)
-        bits = manifest_weight_bits(Path(source), gguf_file) if source and gguf_file else None
+        layout, bits = manifest_weights(Path(source), gguf_file) if source and gguf_file else (None, None)
         # Whether the weights would stay quantized if the model ran in bfloat16: on some CPUs that
         # decides what `auto` dtype is.
         keeps_bits = resolve_weight_quantization(config, device, torch.bfloat16, bits) != "none"
@@ -173,11 +173,35 @@ def load_model(config: KVCacheConfig) -> LoadedModel:
         config.model,
         device,
         loaded.dtype_name,
-        "unquantized" if scheme == "none" else scheme,
+        _weights_reason(config, scheme, layout, device, dtype),
         parameters / 1e6,
         context_length,
     )
     return loaded
+
+
+def _weights_reason(
+    config: KVCacheConfig, scheme: str, layout: str | None, device: torch.device, dtype: torch.dtype
+) -> str:
+    """The bits the weights are served at, and why: for the load log line."""
+    served = "unquantized" if scheme == "none" else scheme
+    if config.weight_quantization != "auto":
+        return f"{served}: weight_quantization={config.weight_quantization}"
+    if layout is None:
+        if scheme != "none":  # a folder converted before its manifest recorded the layout
+            return f"{served}: the GGUF file's weights are {scheme.removeprefix('int')}-bit"
+        return f"{served}: not a quantized GGUF file"
+    if scheme != "none":
+        return f"{served}: the file's blocks are {layout}"
+    if layout.startswith(("F", "BF")):
+        return f"{served}: the file's blocks are {layout}"
+    if device.type != "cpu":
+        where = f"on {device.type} the quantized kernels are CPU-only"
+    elif config.batch_invariant:
+        where = "batch_invariant is on"
+    else:
+        where = f"the model runs in {str(dtype).removeprefix('torch.')}, the quantized kernels need bfloat16"
+    return f"{served}: the file's blocks are {layout}, dequantized because {where}"
 
 
 def _dense_from_rows(model: Any, bits: int) -> int:

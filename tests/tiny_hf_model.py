@@ -1,6 +1,7 @@
 """Tiny Hugging Face models built by the tests themselves (no download): a Llama and BPE tokenizer,
 trained and saved, for the tests of the loader and of chat templates; a sliding-window Mistral, for
-the engine's path of models that cannot batch."""
+the engine's path of models that cannot batch; a Mistral and a Qwen2 laid out as Llama, for the
+plain step's other families."""
 
 from __future__ import annotations
 
@@ -97,4 +98,48 @@ def sliding_window_model(eos: int | None = None) -> LoadedModel:
         num_kv_heads=2,
         head_dim=16,
         supports_block_reuse=False,
+    )
+
+
+def llama_layout_model(family: str) -> LoadedModel:
+    """A tiny random-weight model of a family laid out as Llama ("mistral" without a sliding window,
+    "qwen2" with its q/k/v biases made non-zero), over the byte tokenizer: batched, with prefix reuse,
+    through the plain step (`bulk.models.llama_step.LLAMA_LAYOUT`)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(
+        vocab_size=ByteTokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=ByteTokenizer.BOS,
+        eos_token_id=ByteTokenizer.EOS,
+        pad_token_id=ByteTokenizer.PAD,
+    )
+    torch.manual_seed(9)
+    if family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**shape, sliding_window=None))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**shape))
+        with torch.no_grad():  # their initialisation leaves the biases at zero
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    else:
+        raise ValueError(f"no tiny {family} model")
+    return LoadedModel(
+        name=f"tiny-{family}",
+        model=model.train(False),
+        tokenizer=ByteTokenizer(),
+        fingerprint=f"tiny-{family}:test",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        context_length=512,
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=16,
+        supports_block_reuse=True,
     )

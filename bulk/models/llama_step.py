@@ -16,11 +16,12 @@ A quantized model's decode steps (one new token per request) run the layer loop 
 (`bulk.models.native.NativeLayers`): the same operations in C++, without the Python between
 them. Prompt chunks, float models and machines without a C++ compiler keep the Python loop.
 
-`build` takes only what it knows: Llama's layout (`model_type == "llama"`), SiLU gating and default
-rotary embeddings, and it checks before use that a prefill chunk, a step mixing a chunk and a decode
-row, and a step of decode rows only give logits bit-identical to transformers' forward on the same
-inputs. Native layers that fail are dropped for the Python loop; a model whose Python loop fails
-keeps transformers' forward, which is always correct.
+`build` takes only what it knows: Llama's layout (Llama, Mistral and Qwen2: `LLAMA_LAYOUT`) without
+a sliding window, SiLU gating and default rotary embeddings, and it checks before use that a prefill
+chunk, a step mixing a chunk and a decode row, and a step of decode rows only give logits
+bit-identical to transformers' forward on the same inputs. Native layers that fail are dropped for
+the Python loop; a model whose Python loop fails keeps transformers' forward, which is always
+correct.
 
     hidden   # (1, N, hidden): the step's tokens side by side
     query    # (1, heads, N, head_dim)
@@ -241,6 +242,24 @@ def _fused(parts: list[Any]) -> WeightOnlyLinear | None:
     return fused
 
 
+# Families whose decoder layer is transformers' Llama layer, module for module (RMS norms; q, k, v, o;
+# a SiLU-gated MLP; default rotary): Mistral is Llama without the bias option, Qwen2 adds a bias to
+# q, k and v (the projections' own `forward` adds it; the native layers, which take no bias, are not
+# built for it). What else may differ is caught by the check against transformers at build.
+LLAMA_LAYOUT = ("llama", "mistral", "qwen2")
+
+
+def _sliding(config: Any) -> bool:
+    """Whether some layer attends through a sliding window (which `attend` does not apply): Mistral's
+    `sliding_window`, Qwen2's `use_sliding_window`, or any `layer_types` entry other than full."""
+    layer_types = getattr(config, "layer_types", None) or ()
+    if any(kind != "full_attention" for kind in layer_types):
+        return True
+    if config.model_type == "mistral":
+        return getattr(config, "sliding_window", None) is not None
+    return bool(getattr(config, "use_sliding_window", False))
+
+
 # Outcomes of the check against transformers, by `build`'s `checked_as` key.
 _checked: dict[str, str | None] = {}
 
@@ -254,8 +273,11 @@ def build(
     runs once per name in a process, not for every engine that loads the same model again.
     `native`: decode steps through `bulk.models.native` where it applies and passes the check."""
     config = model.config
-    if getattr(config, "model_type", None) != "llama":
-        return None, f"model type {getattr(config, 'model_type', None)!r} is not llama"
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LLAMA_LAYOUT:
+        return None, f"model type {model_type!r} is not laid out as Llama ({', '.join(LLAMA_LAYOUT)})"
+    if _sliding(config):
+        return None, "its attention keeps a sliding window"
     if getattr(config, "hidden_act", None) != "silu":
         return None, f"activation {config.hidden_act!r} is not silu"
     rope = getattr(config, "rope_parameters", None) or {}

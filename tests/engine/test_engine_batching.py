@@ -12,7 +12,7 @@ import pytest
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from tests.conftest import generate_without_cache
-from tests.tiny_hf_model import sliding_window_model
+from tests.tiny_hf_model import llama_layout_model, sliding_window_model
 
 SYSTEM = "You are BUL, an assistant for business documents. Answer briefly.\n"
 
@@ -127,3 +127,21 @@ async def test_a_failing_step_fails_its_requests_not_the_engine(demo_model, monk
         stats = engine.get_stats()
     assert result["completion_tokens"] == 3
     assert stats["errors"] == 1 and stats["running"] == 0 and stats["batch"]["kv_tokens_in_use"] == 0
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+async def test_mistral_and_qwen2_batch_and_reuse_through_the_plain_step(family):
+    lm = llama_layout_model(family)
+    config = KVCacheConfig(model="demo", dtype="float32", response_cache=False)
+    prompts = [f"a {family} prompt number {i}, long enough for a block or two of its own" for i in range(16)]
+    with UltraAdaptiveKVCacheEngine(config, model=lm) as engine:
+        results = await asyncio.gather(
+            *(engine.process_request({"query": p, "max_new_tokens": 8}) for p in prompts)
+        )
+        again = await engine.process_request({"query": prompts[3], "max_new_tokens": 8})
+        stats = engine.get_stats()
+        assert engine._loop is not None and engine._loop.runner.plain_step is not None
+    solo = [generate_without_cache(lm, p, 8).text for p in prompts]
+    assert [r["result"] for r in results] == solo  # batched greedy answers are the solo ones
+    assert stats["batch"]["max_batch_size"] >= 12  # 16 requests decoded together
+    assert again["cached_tokens"] >= 16 and again["result"] == solo[3]  # its prefix reused

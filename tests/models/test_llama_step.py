@@ -4,6 +4,7 @@ the models it knows, and the one the engine runs for them."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bulk.config import KVCacheConfig
@@ -12,6 +13,7 @@ from bulk.models import batched_attention, llama_step
 from bulk.models.batched_attention import Segment
 from bulk.models.loader import load_model
 from bulk.models.weight_quant import WeightOnlyLinear
+from tests.tiny_hf_model import llama_layout_model
 
 
 def _model(**kw):
@@ -83,9 +85,9 @@ def test_models_it_does_not_know_keep_transformers_forward():
     model.config.hidden_act = "gelu"
     assert llama_step.build(model) == (None, "activation 'gelu' is not silu")
     model.config.hidden_act = "silu"
-    model.config.model_type = "mistral"
+    model.config.model_type = "gemma2"
     step, why = llama_step.build(model)
-    assert step is None and "mistral" in why
+    assert step is None and "gemma2" in why
 
 
 def test_a_forward_that_would_differ_is_refused(monkeypatch):
@@ -169,3 +171,27 @@ def test_keys_and_values_land_in_their_halves_of_the_pool():
     assert torch.equal(pool[1, 0][:, [2, 5, 6]], kv[0, :3])
     assert torch.equal(pool[1, 1][:, [2, 5, 6]], kv[0, 3:])
     assert pool[0].abs().sum() == 0 and pool[1][:, :, [0, 1, 3, 4, 7, 8, 9]].abs().sum() == 0
+
+
+def _tiny(family: str):
+    model = llama_layout_model(family).model
+    assert batched_attention.enable(model) is None
+    return model
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_mistral_and_qwen2_take_the_plain_step_bit_identically(family):
+    model = _tiny(family)
+    if family == "qwen2":  # q, k and v carry a bias in Qwen2: the step must add it as transformers does
+        assert bool(model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0)
+    step, why = llama_step.build(model)
+    assert why is None and step is not None
+    theirs, ours = _both(model, step)
+    assert torch.equal(theirs, ours)
+
+
+def test_a_sliding_window_keeps_transformers_forward():
+    model = _tiny("mistral")
+    model.config.sliding_window = 16
+    step, why = llama_step.build(model)
+    assert step is None and "sliding window" in why

@@ -1,7 +1,7 @@
 """Tiny Hugging Face models built by the tests themselves (no download): a Llama and BPE tokenizer,
 trained and saved, for the tests of the loader and of chat templates; a sliding-window Mistral, for
-the engine's path of models that cannot batch; a Mistral and a Qwen2 laid out as Llama, for the
-plain step's other families."""
+the engine's path of models that cannot batch; a Mistral, a Qwen2 and a Qwen3 laid out as Llama,
+for the plain step's other families."""
 
 from __future__ import annotations
 
@@ -103,9 +103,10 @@ def sliding_window_model(eos: int | None = None) -> LoadedModel:
 
 def llama_layout_model(family: str) -> LoadedModel:
     """A tiny random-weight model of a family laid out as Llama ("mistral" without a sliding window,
-    "qwen2" with its q/k/v biases made non-zero), over the byte tokenizer: batched, with prefix reuse,
+    "qwen2" with its q/k/v biases made non-zero, "qwen3" with its per-head q/k norms), over the byte
+    tokenizer: batched, with prefix reuse,
     through the plain step (`bulk.models.llama_step.LLAMA_LAYOUT`)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     shape = dict(
         vocab_size=ByteTokenizer.vocab_size,
@@ -128,6 +129,12 @@ def llama_layout_model(family: str) -> LoadedModel:
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=16))
+        with torch.no_grad():  # norms that change something: not all ones
+            for layer in model.model.layers:
+                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                    norm.weight.uniform_(0.5, 1.5)
     else:
         raise ValueError(f"no tiny {family} model")
     return LoadedModel(

@@ -16,7 +16,7 @@ A quantized model's decode steps (one new token per request) run the layer loop 
 (`bulk.models.native.NativeLayers`): the same operations in C++, without the Python between
 them. Prompt chunks, float models and machines without a C++ compiler keep the Python loop.
 
-`build` takes only what it knows: Llama's layout (Llama, Mistral and Qwen2: `LLAMA_LAYOUT`) without
+`build` takes only what it knows: Llama's layout (Llama, Mistral, Qwen2, Qwen3: `LLAMA_LAYOUT`) without
 a sliding window, SiLU gating and default rotary embeddings, and it checks before use that a prefill
 chunk, a step mixing a chunk and a decode row, and a step of decode rows only give logits
 bit-identical to transformers' forward on the same inputs. Native layers that fail are dropped for
@@ -90,7 +90,8 @@ class LlamaStep:
         # Decode steps of a quantized model run their layers as one native call (`bulk.models.native`)
         # where it could be built: the same operations, without Python between them.
         self.native: NativeLayers | None = None
-        if use_native:
+        has_head_norms = any(hasattr(layer.self_attn, "q_norm") for layer in layers)
+        if use_native and not has_head_norms:  # the native layers have no per-head norms
             fused = [
                 (_fused([a.q_proj, a.k_proj, a.v_proj]), _fused([m.gate_proj, m.up_proj]))
                 for a, m in ((layer.self_attn, layer.mlp) for layer in layers)
@@ -101,12 +102,18 @@ class LlamaStep:
         attn, mlp = layer.self_attn, layer.mlp
         head_dim = self.head_dim
         q_proj, k_proj, v_proj = attn.q_proj, attn.k_proj, attn.v_proj
-        qkv_fused = _forward(_fused([q_proj, k_proj, v_proj]))
+        # Qwen3 normalises each query and key head before the rotation (`q_norm`, `k_norm`): then q,
+        # k and v run as their own projections, the norms between them and the rotation.
+        q_norm, k_norm = _head_norm(attn, "q_norm"), _head_norm(attn, "k_norm")
+        head_norms = q_norm is not None or k_norm is not None
+        qkv_fused = None if head_norms else _forward(_fused([q_proj, k_proj, v_proj]))
         gate_up_fused = _forward(_fused([mlp.gate_proj, mlp.up_proj]))
 
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            # (1, N, heads * head_dim) -> (1, heads, N, head_dim), as transformers shapes it
-            return x.view(*x.shape[:-1], -1, head_dim).transpose(1, 2)
+        def heads(x: torch.Tensor, norm: Projection | None = None) -> torch.Tensor:
+            # (1, N, heads * head_dim) -> (1, heads, N, head_dim), as transformers shapes it (a
+            # head's norm, where the model has one, on the (1, N, heads, head_dim) view, as there)
+            x = x.view(*x.shape[:-1], -1, head_dim)
+            return (x if norm is None else norm(x)).transpose(1, 2)
 
         q_heads = q_proj.out_features // head_dim
         qk_heads = q_heads + k_proj.out_features // head_dim
@@ -126,7 +133,7 @@ class LlamaStep:
             def qkv(
                 h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor]:
-                q, k = heads(q_forward(h)), heads(k_forward(h))
+                q, k = heads(q_forward(h), q_norm), heads(k_forward(h), k_norm)
                 kv = torch.cat((_rotate(k, cos, sin), heads(v_forward(h))), dim=1)
                 return _rotate(q, cos, sin), kv
 
@@ -227,6 +234,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 _fusions: weakref.WeakKeyDictionary[nn.Module, WeightOnlyLinear] = weakref.WeakKeyDictionary()
 
 
+def _head_norm(attention: Any, name: str) -> Projection | None:
+    norm = getattr(attention, name, None)
+    return None if norm is None else norm.forward
+
+
 def _forward(module: nn.Module | None) -> Projection | None:
     return None if module is None else module.forward
 
@@ -245,8 +257,9 @@ def _fused(parts: list[Any]) -> WeightOnlyLinear | None:
 # Families whose decoder layer is transformers' Llama layer, module for module (RMS norms; q, k, v, o;
 # a SiLU-gated MLP; default rotary): Mistral is Llama without the bias option, Qwen2 adds a bias to
 # q, k and v (the projections' own `forward` adds it; the native layers, which take no bias, are not
-# built for it). What else may differ is caught by the check against transformers at build.
-LLAMA_LAYOUT = ("llama", "mistral", "qwen2")
+# built for it), Qwen3 a norm on each query and key head before the rotation (`_layer`; no native
+# layers either). What else may differ is caught by the check against transformers at build.
+LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _sliding(config: Any) -> bool:

@@ -129,8 +129,8 @@ async def test_a_failing_step_fails_its_requests_not_the_engine(demo_model, monk
     assert stats["errors"] == 1 and stats["running"] == 0 and stats["batch"]["kv_tokens_in_use"] == 0
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])
-async def test_mistral_and_qwen2_batch_and_reuse_through_the_plain_step(family):
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+async def test_mistral_and_qwen_batch_and_reuse_through_the_plain_step(family):
     lm = llama_layout_model(family)
     config = KVCacheConfig(model="demo", dtype="float32", response_cache=False)
     prompts = [f"a {family} prompt number {i}, long enough for a block or two of its own" for i in range(16)]

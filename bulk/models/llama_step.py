@@ -16,12 +16,12 @@ A quantized model's decode steps (one new token per request) run the layer loop 
 (`bulk.models.native.NativeLayers`): the same operations in C++, without the Python between
 them. Prompt chunks, float models and machines without a C++ compiler keep the Python loop.
 
-`build` takes only what it knows: Llama's layout (Llama, Mistral, Qwen2, Qwen3: `LLAMA_LAYOUT`) without
-a sliding window, SiLU gating and default rotary embeddings, and it checks before use that a prefill
-chunk, a step mixing a chunk and a decode row, and a step of decode rows only give logits
-bit-identical to transformers' forward on the same inputs. Native layers that fail are dropped for
-the Python loop; a model whose Python loop fails keeps transformers' forward, which is always
-correct.
+`build` takes only what it knows: Llama's layout (Llama, Mistral, Qwen2, Qwen3, Phi-3:
+`LLAMA_LAYOUT`) without a sliding window, SiLU gating and default rotary embeddings over whole heads,
+and it checks before use that a prefill chunk, a step mixing a chunk and a decode row, and a step of
+decode rows only give logits bit-identical to transformers' forward on the same inputs. Native layers
+that fail are dropped for the Python loop; a model whose Python loop fails keeps transformers'
+forward, which is always correct.
 
     hidden   # (1, N, hidden): the step's tokens side by side
     query    # (1, heads, N, head_dim)
@@ -84,14 +84,19 @@ class LlamaStep:
         self.norm = inner.norm.forward
         self.head = model.lm_head.forward
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.q_heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         layers = inner.layers[: config.num_hidden_layers]
         self._fused_write = native_code.rotary_write_kv() if use_native else None
         self.layers = [self._layer(layer) for layer in layers]
         # Decode steps of a quantized model run their layers as one native call (`bulk.models.native`)
         # where it could be built: the same operations, without Python between them.
         self.native: NativeLayers | None = None
-        has_head_norms = any(hasattr(layer.self_attn, "q_norm") for layer in layers)
-        if use_native and not has_head_norms:  # the native layers have no per-head norms
+        # The native layers take Llama's projections and no per-head norms (not Phi-3's or Qwen3's).
+        llama_names = all(
+            hasattr(layer.self_attn, "q_proj") and not hasattr(layer.self_attn, "q_norm") for layer in layers
+        )
+        if use_native and llama_names:
             fused = [
                 (_fused([a.q_proj, a.k_proj, a.v_proj]), _fused([m.gate_proj, m.up_proj]))
                 for a, m in ((layer.self_attn, layer.mlp) for layer in layers)
@@ -101,13 +106,24 @@ class LlamaStep:
     def _layer(self, layer: Any) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         head_dim = self.head_dim
-        q_proj, k_proj, v_proj = attn.q_proj, attn.k_proj, attn.v_proj
+        q_heads, kv_heads = self.q_heads, self.kv_heads
         # Qwen3 normalises each query and key head before the rotation (`q_norm`, `k_norm`): then q,
         # k and v run as their own projections, the norms between them and the rotation.
         q_norm, k_norm = _head_norm(attn, "q_norm"), _head_norm(attn, "k_norm")
         head_norms = q_norm is not None or k_norm is not None
-        qkv_fused = None if head_norms else _forward(_fused([q_proj, k_proj, v_proj]))
-        gate_up_fused = _forward(_fused([mlp.gate_proj, mlp.up_proj]))
+        if hasattr(attn, "qkv_proj"):  # Phi-3: q, k and v as one projection already, in that order
+            qkv_fused: Projection | None = attn.qkv_proj.forward
+        else:
+            q_proj, k_proj, v_proj = attn.q_proj, attn.k_proj, attn.v_proj
+            qkv_fused = None if head_norms else _forward(_fused([q_proj, k_proj, v_proj]))
+        if hasattr(mlp, "gate_up_proj"):  # Phi-3: the gate then the up projection, as one
+            gate_up_fused: Projection | None = mlp.gate_up_proj.forward
+            gate_size = up_size = mlp.gate_up_proj.out_features // 2
+            act = mlp.activation_fn.forward
+        else:
+            gate_up_fused = _forward(_fused([mlp.gate_proj, mlp.up_proj]))
+            gate_size, up_size = mlp.gate_proj.out_features, mlp.up_proj.out_features
+            act = mlp.act_fn.forward
 
         def heads(x: torch.Tensor, norm: Projection | None = None) -> torch.Tensor:
             # (1, N, heads * head_dim) -> (1, heads, N, head_dim), as transformers shapes it (a
@@ -115,8 +131,7 @@ class LlamaStep:
             x = x.view(*x.shape[:-1], -1, head_dim)
             return (x if norm is None else norm(x)).transpose(1, 2)
 
-        q_heads = q_proj.out_features // head_dim
-        qk_heads = q_heads + k_proj.out_features // head_dim
+        qk_heads = q_heads + kv_heads
         if qkv_fused is not None:
 
             def qkv(
@@ -137,7 +152,6 @@ class LlamaStep:
                 kv = torch.cat((_rotate(k, cos, sin), heads(v_forward(h))), dim=1)
                 return _rotate(q, cos, sin), kv
 
-        kv_heads = k_proj.out_features // head_dim
         fused_write = self._fused_write if qkv_fused is not None and head_dim % 16 == 0 else None
 
         def qkv_write(
@@ -154,10 +168,9 @@ class LlamaStep:
             return q
 
         if gate_up_fused is not None:
-            gate_size = mlp.gate_proj.out_features
 
             def gate_up(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                gate, up = gate_up_fused(h).split([gate_size, mlp.up_proj.out_features], dim=-1)
+                gate, up = gate_up_fused(h).split([gate_size, up_size], dim=-1)
                 return gate, up
         else:
             gate_forward, up_forward = mlp.gate_proj.forward, mlp.up_proj.forward
@@ -173,7 +186,7 @@ class LlamaStep:
             qkv_write=qkv_write,
             o=attn.o_proj.forward,
             gate_up=gate_up,
-            act=mlp.act_fn.forward,
+            act=act,
             down=mlp.down_proj.forward,
         )
 
@@ -258,8 +271,10 @@ def _fused(parts: list[Any]) -> WeightOnlyLinear | None:
 # a SiLU-gated MLP; default rotary): Mistral is Llama without the bias option, Qwen2 adds a bias to
 # q, k and v (the projections' own `forward` adds it; the native layers, which take no bias, are not
 # built for it), Qwen3 a norm on each query and key head before the rotation (`_layer`; no native
-# layers either). What else may differ is caught by the check against transformers at build.
-LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3")
+# layers either), Phi-3 fuses q/k/v and gate/up into one projection each, as our quantized layers
+# are fused (with its whole head rotated). What else may differ is caught by the check against
+# transformers at build.
+LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 def _sliding(config: Any) -> bool:
@@ -268,7 +283,7 @@ def _sliding(config: Any) -> bool:
     layer_types = getattr(config, "layer_types", None) or ()
     if any(kind != "full_attention" for kind in layer_types):
         return True
-    if config.model_type == "mistral":
+    if config.model_type in ("mistral", "phi3"):
         return getattr(config, "sliding_window", None) is not None
     return bool(getattr(config, "use_sliding_window", False))
 
@@ -296,6 +311,9 @@ def build(
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         return None, f"rotary embedding {rope.get('rope_type')!r} is not the default one"
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        return None, f"the rotary embedding covers {partial} of each head, not all of it"
     try:
         step = LlamaStep(model, native)
     except AttributeError as exc:  # a llama config over modules laid out otherwise

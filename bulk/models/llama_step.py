@@ -17,7 +17,7 @@ A quantized model's decode steps (one new token per request) run the layer loop 
 them. Prompt chunks, float models and machines without a C++ compiler keep the Python loop.
 
 `build` takes only what it knows: Llama's layout (Llama, Mistral, Qwen2, Qwen3, Phi-3:
-`LLAMA_LAYOUT`) without a sliding window, SiLU gating and default rotary embeddings over whole heads,
+`LLAMA_LAYOUT`) without a sliding window, SiLU gating and static rotary embeddings over whole heads,
 and it checks before use that a prefill chunk, a step mixing a chunk and a decode row, and a step of
 decode rows only give logits bit-identical to transformers' forward on the same inputs. Native layers
 that fail are dropped for the Python loop; a model whose Python loop fails keeps transformers'
@@ -277,6 +277,13 @@ def _fused(parts: list[Any]) -> WeightOnlyLinear | None:
 LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
+# Rotary embeddings whose angles depend on the position only (Llama 3's scaling, linear, YaRN): the
+# step calls the model's own rotary module, so they come out as transformers computes them. The
+# dynamic kinds ("dynamic", "longrope") change their frequencies with the longest position a forward
+# holds, which in a batched step is another request's: those keep transformers' forward.
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
 def _sliding(config: Any) -> bool:
     """Whether some layer attends through a sliding window (which `attend` does not apply): Mistral's
     `sliding_window`, Qwen2's `use_sliding_window`, or any `layer_types` entry other than full."""
@@ -309,8 +316,8 @@ def build(
     if getattr(config, "hidden_act", None) != "silu":
         return None, f"activation {config.hidden_act!r} is not silu"
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        return None, f"rotary embedding {rope.get('rope_type')!r} is not the default one"
+    if rope.get("rope_type", "default") not in STATIC_ROPE:
+        return None, f"rotary embedding {rope.get('rope_type')!r} is not one of {', '.join(STATIC_ROPE)}"
     partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
     if partial not in (None, 1.0):
         return None, f"the rotary embedding covers {partial} of each head, not all of it"

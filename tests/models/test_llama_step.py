@@ -195,3 +195,35 @@ def test_a_sliding_window_keeps_transformers_forward():
     model.config.sliding_window = 16
     step, why = llama_step.build(model)
     assert step is None and "sliding window" in why
+
+
+def test_llama_3_rope_scaling_takes_the_plain_step_and_dynamic_rope_does_not():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    llama3 = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,  # so the test's positions (up to 128) are scaled
+    }
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(**shape, rope_parameters=llama3)).train(False)
+    assert batched_attention.enable(model) is None
+    step, why = llama_step.build(model)
+    assert why is None and step is not None
+    theirs, ours = _both(model, step)
+    assert torch.equal(theirs, ours)
+    model.config.rope_parameters = {**llama3, "rope_type": "dynamic"}
+    step, why = llama_step.build(model)
+    assert step is None and "'dynamic'" in why

@@ -1,7 +1,7 @@
 """Tiny Hugging Face models built by the tests themselves (no download): a Llama and BPE tokenizer,
 trained and saved, for the tests of the loader and of chat templates; a sliding-window Mistral, for
-the engine's path of models that cannot batch; a Mistral, a Qwen2, a Qwen3 and a Phi-3 laid out as
-Llama, for the plain step's other families."""
+the engine's path of models that cannot batch; a Mistral, a Qwen2, a Qwen3, a Phi-3 and a SmolLM3
+laid out as Llama, for the plain step's other families."""
 
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ def sliding_window_model(eos: int | None = None) -> LoadedModel:
 def llama_layout_model(family: str) -> LoadedModel:
     """A tiny random-weight model of a family laid out as Llama ("mistral" without a sliding window,
     "qwen2" with its q/k/v biases made non-zero, "qwen3" with its per-head q/k norms, "phi3" with its
-    fused q/k/v and gate/up projections), over the byte tokenizer: batched, with prefix reuse,
+    fused q/k/v and gate/up projections, "smollm3" with a layer without rotary embedding), over the
+    byte tokenizer: batched, with prefix reuse,
     through the plain step (`bulk.models.llama_step.LLAMA_LAYOUT`)."""
     from transformers import (
         Phi3Config,
@@ -113,6 +114,8 @@ def llama_layout_model(family: str) -> LoadedModel:
         Qwen2ForCausalLM,
         Qwen3Config,
         Qwen3ForCausalLM,
+        SmolLM3Config,
+        SmolLM3ForCausalLM,
     )
 
     shape = dict(
@@ -142,6 +145,8 @@ def llama_layout_model(family: str) -> LoadedModel:
             for layer in model.model.layers:
                 for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
                     norm.weight.uniform_(0.5, 1.5)
+    elif family == "smollm3":  # the second layer without rotary embedding
+        model = SmolLM3ForCausalLM(SmolLM3Config(**shape, no_rope_layers=[1, 0]))
     elif family == "phi3":
         model = Phi3ForCausalLM(Phi3Config(**shape, sliding_window=None))
     else:

@@ -16,7 +16,7 @@ A quantized model's decode steps (one new token per request) run the layer loop 
 (`bulk.models.native.NativeLayers`): the same operations in C++, without the Python between
 them. Prompt chunks, float models and machines without a C++ compiler keep the Python loop.
 
-`build` takes only what it knows: Llama's layout (Llama, Mistral, Qwen2, Qwen3, Phi-3:
+`build` takes only what it knows: Llama's layout (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3:
 `LLAMA_LAYOUT`) without a sliding window, SiLU gating and static rotary embeddings over whole heads,
 and it checks before use that a prefill chunk, a step mixing a chunk and a decode row, and a step of
 decode rows only give logits bit-identical to transformers' forward on the same inputs. Native layers
@@ -94,7 +94,8 @@ class LlamaStep:
         self.native: NativeLayers | None = None
         # The native layers take Llama's projections and no per-head norms (not Phi-3's or Qwen3's).
         llama_names = all(
-            hasattr(layer.self_attn, "q_proj") and not hasattr(layer.self_attn, "q_norm") for layer in layers
+            hasattr(a, "q_proj") and not hasattr(a, "q_norm") and getattr(a, "use_rope", True)
+            for a in (layer.self_attn for layer in layers)
         )
         if use_native and llama_names:
             fused = [
@@ -132,6 +133,9 @@ class LlamaStep:
             return (x if norm is None else norm(x)).transpose(1, 2)
 
         qk_heads = q_heads + kv_heads
+        # SmolLM3 leaves the rotary embedding out of some layers (`use_rope`, from `no_rope_layers`):
+        # their queries and keys go to attention as the projections give them.
+        rotate = _rotate if getattr(attn, "use_rope", True) else _unrotated
         if qkv_fused is not None:
 
             def qkv(
@@ -140,7 +144,7 @@ class LlamaStep:
                 x = heads(qkv_fused(h))  # (1, heads + 2 * kv_heads, N, head_dim)
                 # One rotation over the query and key heads together: elementwise, so each head
                 # gets exactly the values it gets rotated alone, in a third of the operations.
-                qk = _rotate(x[:, :qk_heads], cos, sin)
+                qk = rotate(x[:, :qk_heads], cos, sin)
                 return qk[:, :q_heads], torch.cat((qk[:, q_heads:], x[:, qk_heads:]), dim=1)
         else:
             q_forward, k_forward, v_forward = q_proj.forward, k_proj.forward, v_proj.forward
@@ -149,10 +153,12 @@ class LlamaStep:
                 h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor]:
                 q, k = heads(q_forward(h), q_norm), heads(k_forward(h), k_norm)
-                kv = torch.cat((_rotate(k, cos, sin), heads(v_forward(h))), dim=1)
-                return _rotate(q, cos, sin), kv
+                kv = torch.cat((rotate(k, cos, sin), heads(v_forward(h))), dim=1)
+                return rotate(q, cos, sin), kv
 
-        fused_write = self._fused_write if qkv_fused is not None and head_dim % 16 == 0 else None
+        fused_write = (
+            self._fused_write if qkv_fused is not None and head_dim % 16 == 0 and rotate is _rotate else None
+        )
 
         def qkv_write(
             h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pool: torch.Tensor, batch: StepBatch
@@ -228,6 +234,11 @@ class LlamaStep:
         return hidden
 
 
+def _unrotated(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """A layer without rotary embedding (SmolLM3's `no_rope_layers`): `x` as it is."""
+    return x
+
+
 def _signed(sin: torch.Tensor) -> torch.Tensor:
     """`sin` with its first half negated: rotating with it needs no negation per layer (`_rotate`)."""
     half = sin.shape[-1] // 2
@@ -272,9 +283,10 @@ def _fused(parts: list[Any]) -> WeightOnlyLinear | None:
 # q, k and v (the projections' own `forward` adds it; the native layers, which take no bias, are not
 # built for it), Qwen3 a norm on each query and key head before the rotation (`_layer`; no native
 # layers either), Phi-3 fuses q/k/v and gate/up into one projection each, as our quantized layers
-# are fused (with its whole head rotated). What else may differ is caught by the check against
-# transformers at build.
-LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# are fused (with its whole head rotated), SmolLM3 leaves the rotary embedding out of some layers
+# (no native layers for it). What else may differ is caught by the check against transformers at
+# build.
+LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3")
 
 
 # Rotary embeddings whose angles depend on the position only (Llama 3's scaling, linear, YaRN): the

@@ -129,7 +129,7 @@ async def test_a_failing_step_fails_its_requests_not_the_engine(demo_model, monk
     assert stats["errors"] == 1 and stats["running"] == 0 and stats["batch"]["kv_tokens_in_use"] == 0
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3", "smollm3"])
 async def test_mistral_and_qwen_batch_and_reuse_through_the_plain_step(family):
     lm = llama_layout_model(family)
     config = KVCacheConfig(model="demo", dtype="float32", response_cache=False)

@@ -179,7 +179,7 @@ def _tiny(family: str):
     return model
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3", "smollm3"])
 def test_mistral_and_qwen_take_the_plain_step_bit_identically(family):
     model = _tiny(family)
     if family == "qwen2":  # q, k and v carry a bias in Qwen2: the step must add it as transformers does

@@ -144,6 +144,7 @@ class _LayerParts(NamedTuple):
     norms: list[torch.Tensor]  # input norm, post-attention norm
     weights: list[torch.Tensor]  # (qweight, scales) of q/k/v, o, gate/up, down
     dense: list[torch.Tensor]  # the dense weights (`dense_weight`) of q/k/v, o, gate/up, down
+    biases: list[torch.Tensor | None]  # of q/k/v, o, gate/up, down (Qwen2's q/k/v have one)
     bits: list[int]  # of q/k/v, o, gate/up, down
     # group size, eps, scaling, gate size, query size, dense_from_rows
     shape: tuple[int, float, float, int, int, int]
@@ -158,6 +159,7 @@ class NativeLayers:
     norms: list[torch.Tensor]  # per layer: input norm, post-attention norm
     weights: list[torch.Tensor]  # per layer: (qweight, scales) of q/k/v, o, gate/up, down
     dense: list[torch.Tensor]  # per layer: the dense weights (`dense_weight`) of q/k/v, o, gate/up, down
+    biases: list[torch.Tensor | None]  # per layer: the biases (or None) of q/k/v, o, gate/up, down
     bits: list[int]  # per layer: of q/k/v, o, gate/up, down
     group_size: int
     dense_from_rows: int  # `WeightOnlyLinear.dense_from_rows`
@@ -199,6 +201,7 @@ class NativeLayers:
             norms=[t for p in known for t in p.norms],
             weights=[t for p in known for t in p.weights],
             dense=[t for p in known for t in p.dense],
+            biases=[t for p in known for t in p.biases],
             bits=[b for p in known for b in p.bits],
             group_size=group_size,
             dense_from_rows=dense_from_rows,
@@ -225,17 +228,17 @@ class NativeLayers:
     ) -> torch.Tensor:
         return self.call(
             hidden, cos, sin, batch.pool, batch.write_at, batch.row_starts, batch.row_ends, self.norms,
-            self.weights, self.dense, self.bits, self.group_size, self.dense_from_rows, self.q_heads,
+            self.weights, self.dense, self.biases, self.bits, self.group_size, self.dense_from_rows, self.q_heads,
             self.kv_heads, self.head_dim, self.gate_size, self.eps, self.scaling, self.float32_attention,
         )  # fmt: skip
 
 
 def _layer_parts(layer: Any, qkv: Any, gate_up: Any) -> _LayerParts | None:
     """One layer's arguments, or None when the native call cannot run it: a projection not
-    quantized, or with a bias, or q/k/v or gate/up not fused, or norms whose epsilons differ."""
+    quantized, or q/k/v or gate/up not fused, or norms whose epsilons differ."""
     attn, mlp = layer.self_attn, layer.mlp
     projections = [qkv, attn.o_proj, gate_up, mlp.down_proj]
-    if not all(isinstance(p, WeightOnlyLinear) and p.bias is None for p in projections):
+    if not all(isinstance(p, WeightOnlyLinear) for p in projections):
         return None
     if len({p.group_size for p in projections}) != 1 or len({p.dense_from_rows for p in projections}) != 1:
         return None
@@ -246,6 +249,7 @@ def _layer_parts(layer: Any, qkv: Any, gate_up: Any) -> _LayerParts | None:
         norms=[n.weight for n in norms],
         weights=[t for p in projections for t in (p.qweight, p.scales)],
         dense=[p.dense_weight() for p in projections],
+        biases=[p.bias for p in projections],
         bits=[p.bits for p in projections],
         shape=(
             projections[0].group_size,

@@ -337,3 +337,24 @@ def test_a_compiler_without_openmp_builds_the_same_code_for_one_thread(monkeypat
         native._build_and_load()
     assert calls == [True, False]
     assert "without OpenMP" in caplog.text and "-fopenmp" in caplog.text
+
+
+def test_a_quantized_qwen2_decodes_natively_with_its_biases_bit_identically():
+    """Qwen2's q/k/v biases: the native layers add them as `WeightOnlyLinear` does, on the quantized
+    kernel's path and on the dense copy's; checked against transformers at build and against the
+    Python loop here."""
+    from bulk.models import weight_quant
+    from tests.tiny_hf_model import llama_layout_model
+
+    rows = [Segment(0, 9, 1), Segment(64, 30, 1), Segment(128, 2, 1)]
+    for dense_from_rows in (64, 1):  # the quantized kernels, then the dense copies
+        model = llama_layout_model("qwen2").model.to(torch.bfloat16)
+        weight_quant.quantize_weights(model, "int8")
+        weight_quant.set_dense_from_rows(model, dense_from_rows)
+        assert batched_attention.enable(model) is None
+        step, why = llama_step.build(model)
+        assert why is None and step is not None and step.native is not None
+        assert any(b is not None for b in step.native.biases)
+        ours = _decode(step, model, True, rows, torch.bfloat16)
+        python = _decode(step, model, False, rows, torch.bfloat16)
+        assert torch.equal(ours, python)

@@ -34,33 +34,38 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 }
 
 // `weight_quant.dense_product` over a weight prepacked for oneDNN: x (..., in) -> (..., out).
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed) {
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                          c10::string_view, c10::List<std::optional<at::Scalar>>,
                                          std::optional<c10::string_view>)>();
   at::Tensor flat = x.reshape({-1, x.size(-1)}).contiguous();
-  at::Tensor y = op.call(flat, packed, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  at::Tensor y = op.call(flat, packed, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(y.size(-1));
   return y.view(shape);
 }
 
-// `WeightOnlyLinear.forward` (no bias): the quantized kernel over fewer than `dense_from_rows` rows,
-// the dense copy over more.
+// `WeightOnlyLinear.forward`: the quantized kernel over fewer than `dense_from_rows` rows, the dense
+// copy over more; its bias (Qwen2's q/k/v) added as the Python layer adds it on either path.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& dense,
-                  int64_t bits, int64_t group_size, int64_t dense_from_rows) {
+                  const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t dense_from_rows) {
   const int64_t in_features = x.size(-1);
   const int64_t rows = x.numel() / in_features;
   if (rows >= dense_from_rows) {
-    if (dense.is_mkldnn()) return packed_linear(x, dense);  // prepacked (`weight_quant.pack_dense`)
-    if (dense.scalar_type() != x.scalar_type()) return at::linear(x.to(dense.scalar_type()), dense).to(x.scalar_type());
-    return at::linear(x, dense);
+    if (dense.is_mkldnn()) return packed_linear(x, dense, bias);  // prepacked (`weight_quant.pack_dense`)
+    if (dense.scalar_type() != x.scalar_type()) {
+      const std::optional<at::Tensor> cast =
+          bias.has_value() ? std::optional<at::Tensor>(bias->to(dense.scalar_type())) : std::nullopt;
+      return at::linear(x.to(dense.scalar_type()), dense, cast).to(x.scalar_type());
+    }
+    return at::linear(x, dense, bias);
   }
   at::Tensor flat = x.reshape({rows, in_features});
   at::Tensor y = bits == 8 ? at::_weight_int8pack_mm(flat, qweight, scales)
                            : at::_weight_int4pack_mm_for_cpu(flat, qweight, group_size, scales);
+  if (bias.has_value()) y = y + *bias;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(y.size(-1));
   return y.view(shape);
@@ -192,7 +197,8 @@ at::Tensor rotary_write_kv_op(const at::Tensor& qkv, const at::Tensor& cos, cons
 at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& pool, const at::Tensor& write_at, c10::IntArrayRef starts,
                          c10::IntArrayRef ends, at::TensorList norms, at::TensorList weights,
-                         at::TensorList dense, c10::IntArrayRef bits, int64_t group_size, int64_t dense_from_rows, int64_t q_heads, int64_t kv_heads,
+                         at::TensorList dense, const c10::List<std::optional<at::Tensor>>& biases,
+                         c10::IntArrayRef bits, int64_t group_size, int64_t dense_from_rows, int64_t q_heads, int64_t kv_heads,
                          int64_t head_dim, int64_t gate_size, double eps, double scaling,
                          bool float32_attention) {
   const int64_t layers = pool.size(0);
@@ -203,6 +209,7 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos, con
   TORCH_CHECK(weights.size() == static_cast<size_t>(8 * layers), "four (qweight, scales) pairs a layer");
   TORCH_CHECK(bits.size() == static_cast<size_t>(4 * layers), "four bit widths a layer");
   TORCH_CHECK(dense.size() == static_cast<size_t>(4 * layers), "four dense copies a layer");
+  TORCH_CHECK(biases.size() == static_cast<size_t>(4 * layers), "four biases (or none) a layer");
   TORCH_CHECK(starts.size() == static_cast<size_t>(n) && ends.size() == static_cast<size_t>(n),
               "one KV range per row");
   at::Tensor hidden = hidden_in;
@@ -210,10 +217,12 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos, con
     const at::Tensor* w = weights.data() + 8 * i;  // qkv, o, gate_up, down: (qweight, scales) each
     const at::Tensor* d = dense.data() + 4 * i;    // qkv, o, gate_up, down
     const int64_t* b = bits.data() + 4 * i;
+    const std::optional<at::Tensor> bias[4] = {biases.get(4 * i), biases.get(4 * i + 1), biases.get(4 * i + 2),
+                                                biases.get(4 * i + 3)};  // qkv, o, gate_up, down
     at::Tensor residual = hidden;
     at::Tensor h = rms_norm(hidden, norms[2 * i], eps);
     // qkv: one fused layer; the query and key heads rotated together
-    at::Tensor fused = linear(h, w[0], w[1], d[0], b[0], group_size, dense_from_rows);  // (1, N, (q + 2 kv) hd)
+    at::Tensor fused = linear(h, w[0], w[1], d[0], bias[0], b[0], group_size, dense_from_rows);  // (1, N, (q + 2 kv) hd)
     at::Tensor layer = pool.select(0, i);  // (2, kv_heads, pool_tokens, head_dim)
     at::Tensor query;
     if (fused_rotary(fused, cos, sin, layer, head_dim)) {
@@ -231,12 +240,12 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos, con
     }
     // attend: every row in one call (decode_attention.cpp), as the Python loop calls it
     at::Tensor attn = decode_attention(query, layer, starts, ends, scaling, float32_attention);
-    hidden = residual + linear(attn.reshape({1, n, -1}).contiguous(), w[2], w[3], d[1], b[1], group_size, dense_from_rows);
+    hidden = residual + linear(attn.reshape({1, n, -1}).contiguous(), w[2], w[3], d[1], bias[1], b[1], group_size, dense_from_rows);
     residual = hidden;
     h = rms_norm(hidden, norms[2 * i + 1], eps);
-    at::Tensor gate_up = linear(h, w[4], w[5], d[2], b[2], group_size, dense_from_rows);
+    at::Tensor gate_up = linear(h, w[4], w[5], d[2], bias[2], b[2], group_size, dense_from_rows);
     auto parts = gate_up.split_with_sizes({gate_size, gate_up.size(-1) - gate_size}, -1);
-    hidden = residual + linear(at::silu(parts[0]) * parts[1], w[6], w[7], d[3], b[3], group_size, dense_from_rows);
+    hidden = residual + linear(at::silu(parts[0]) * parts[1], w[6], w[7], d[3], bias[3], b[3], group_size, dense_from_rows);
   }
   return hidden;
 }
@@ -247,7 +256,8 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos, con
 TORCH_LIBRARY_FRAGMENT(bul, m) {
   m.def(
       "llama_decode_layers(Tensor hidden, Tensor cos, Tensor sin, Tensor pool, Tensor write_at, "
-      "int[] starts, int[] ends, Tensor[] norms, Tensor[] weights, Tensor[] dense, int[] bits, int group_size, "
+      "int[] starts, int[] ends, Tensor[] norms, Tensor[] weights, Tensor[] dense, Tensor?[] biases, int[] bits, "
+      "int group_size, "
       "int dense_from_rows, "
       "int q_heads, int kv_heads, int head_dim, int gate_size, float eps, float scaling, "
       "bool float32_attention) -> Tensor",

@@ -228,8 +228,9 @@ class NativeLayers:
     ) -> torch.Tensor:
         return self.call(
             hidden, cos, sin, batch.pool, batch.write_at, batch.row_starts, batch.row_ends, self.norms,
-            self.weights, self.dense, self.biases, self.bits, self.group_size, self.dense_from_rows, self.q_heads,
-            self.kv_heads, self.head_dim, self.gate_size, self.eps, self.scaling, self.float32_attention,
+            self.weights, self.dense, self.biases, self.bits, self.group_size, self.dense_from_rows,
+            self.q_heads, self.kv_heads, self.head_dim, self.gate_size, self.eps, self.scaling,
+            self.float32_attention,
         )  # fmt: skip
 
 

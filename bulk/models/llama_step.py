@@ -281,10 +281,10 @@ def _fused(parts: list[Any]) -> WeightOnlyLinear | None:
 # Families whose decoder layer is transformers' Llama layer, module for module (RMS norms; q, k, v, o;
 # a SiLU-gated MLP; default rotary): Mistral is Llama without the bias option; Qwen2 adds a bias to
 # q, k and v (the projections' own `forward` adds it, as the native layers do); Qwen3 a norm on each
-# query and key head before the rotation (`_layer`; no native layers for it); Phi-3 fuses q/k/v and
-# gate/up into one projection each, as our quantized layers are fused (its whole head rotated; no
-# native layers for it); SmolLM3 leaves the rotary embedding out of some layers (no native layers for it). What else may
-# differ is caught by the check against transformers at build.
+# query and key head before the rotation (`_layer`); Phi-3 fuses q/k/v and gate/up into one
+# projection each, as our quantized layers are fused (its whole head rotated); SmolLM3 leaves the
+# rotary embedding out of some layers. The native decode layers take Llama's, Mistral's and Qwen2's
+# only. What else may differ is caught by the check against transformers at build.
 LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3")
 
 

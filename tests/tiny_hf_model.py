@@ -21,6 +21,23 @@ from transformers import (
 from bulk.models.loader import LoadedModel
 from bulk.models.tokenizer import ByteTokenizer
 
+# The tiny decoder every family here is built to: 2 layers, hidden 64, 4 heads over 2 KV heads.
+TINY_SHAPE: dict[str, int] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+# ... over the byte tokenizer.
+BYTE_VOCAB: dict[str, int] = {
+    "vocab_size": ByteTokenizer.vocab_size,
+    "bos_token_id": ByteTokenizer.BOS,
+    "eos_token_id": ByteTokenizer.EOS,
+    "pad_token_id": ByteTokenizer.PAD,
+}
+
 
 def save_tiny_llama(
     path: Path,
@@ -49,13 +66,8 @@ def save_tiny_llama(
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(path)
     config = LlamaConfig(
+        **TINY_SHAPE,
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
@@ -69,19 +81,7 @@ def sliding_window_model(eos: int | None = None) -> LoadedModel:
     cache cannot be rebuilt from blocks, so it can neither reuse KV nor decode in the batched way;
     the engine runs it one request at a time (`ModelRunner._forward_one_by_one`). `eos`: one more
     token that ends an answer."""
-    config = MistralConfig(
-        vocab_size=ByteTokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=16,
-        max_position_embeddings=512,
-        bos_token_id=ByteTokenizer.BOS,
-        eos_token_id=ByteTokenizer.EOS,
-        pad_token_id=ByteTokenizer.PAD,
-    )
+    config = MistralConfig(**TINY_SHAPE, **BYTE_VOCAB, sliding_window=16)
     torch.manual_seed(5)
     tokenizer = ByteTokenizer()
     if eos is not None:
@@ -118,18 +118,7 @@ def llama_layout_model(family: str) -> LoadedModel:
         SmolLM3ForCausalLM,
     )
 
-    shape = dict(
-        vocab_size=ByteTokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=ByteTokenizer.BOS,
-        eos_token_id=ByteTokenizer.EOS,
-        pad_token_id=ByteTokenizer.PAD,
-    )
+    shape = {**TINY_SHAPE, **BYTE_VOCAB}
     torch.manual_seed(9)
     if family == "mistral":
         model = MistralForCausalLM(MistralConfig(**shape, sliding_window=None))

@@ -13,7 +13,7 @@ from bulk.models import batched_attention, llama_step
 from bulk.models.batched_attention import Segment
 from bulk.models.loader import load_model
 from bulk.models.weight_quant import WeightOnlyLinear
-from tests.tiny_hf_model import llama_layout_model
+from tests.tiny_hf_model import TINY_SHAPE, llama_layout_model
 
 
 def _model(**kw):
@@ -200,15 +200,7 @@ def test_a_sliding_window_keeps_transformers_forward():
 def test_llama_3_rope_scaling_takes_the_plain_step_and_dynamic_rope_does_not():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = dict(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
+    shape = {**TINY_SHAPE, "vocab_size": 300}
     llama3 = {
         "rope_type": "llama3",
         "rope_theta": 500000.0,

@@ -86,19 +86,7 @@ def sliding_window_model(eos: int | None = None) -> LoadedModel:
     tokenizer = ByteTokenizer()
     if eos is not None:
         tokenizer.eos_token_ids = frozenset({ByteTokenizer.EOS, eos})
-    return LoadedModel(
-        name="tiny-sliding",
-        model=MistralForCausalLM(config).train(False),
-        tokenizer=tokenizer,
-        fingerprint="tiny-sliding:test",
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        context_length=512,
-        num_layers=2,
-        num_kv_heads=2,
-        head_dim=16,
-        supports_block_reuse=False,
-    )
+    return _loaded("tiny-sliding", MistralForCausalLM(config), tokenizer, block_reuse=False)
 
 
 def llama_layout_model(family: str) -> LoadedModel:
@@ -140,16 +128,22 @@ def llama_layout_model(family: str) -> LoadedModel:
         model = Phi3ForCausalLM(Phi3Config(**shape, sliding_window=None))
     else:
         raise ValueError(f"no tiny {family} model")
+    return _loaded(f"tiny-{family}", model, ByteTokenizer(), block_reuse=True)
+
+
+def _loaded(name: str, model: torch.nn.Module, tokenizer: ByteTokenizer, block_reuse: bool) -> LoadedModel:
+    """A tiny model of `TINY_SHAPE` (float32, on the CPU) as the loader would hand it to an engine."""
+    shape = TINY_SHAPE
     return LoadedModel(
-        name=f"tiny-{family}",
+        name=name,
         model=model.train(False),
-        tokenizer=ByteTokenizer(),
-        fingerprint=f"tiny-{family}:test",
+        tokenizer=tokenizer,
+        fingerprint=f"{name}:test",
         device=torch.device("cpu"),
         dtype=torch.float32,
-        context_length=512,
-        num_layers=2,
-        num_kv_heads=2,
-        head_dim=16,
-        supports_block_reuse=True,
+        context_length=shape["max_position_embeddings"],
+        num_layers=shape["num_hidden_layers"],
+        num_kv_heads=shape["num_key_value_heads"],
+        head_dim=shape["hidden_size"] // shape["num_attention_heads"],
+        supports_block_reuse=block_reuse,
     )

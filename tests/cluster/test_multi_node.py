@@ -10,7 +10,6 @@ node under load (then adds another, as a cluster's autoscaler would)."""
 from __future__ import annotations
 
 import json
-import secrets
 import threading
 import time
 import uuid
@@ -27,19 +26,12 @@ from ray.util.state import list_actors, list_nodes  # noqa: E402
 
 from bulk.cluster.app import APP_NAME, ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, bul_application  # noqa: E402
 from bulk.cluster.settings import ClusterSettings  # noqa: E402
-from tests.cluster.serve_client import ServeClient, free_port  # noqa: E402
+from tests.cluster.serve_client import ServeClient, free_port, replica_env  # noqa: E402
 from tests.helpers import wait_until  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 ENV = {
-    "BUL_MODEL": "demo",
-    "BUL_DEVICE": "cpu",
-    "BUL_DEFAULT_MAX_NEW_TOKENS": "4",
-    "BUL_MAX_NEW_TOKENS_LIMIT": "256",
-    "BUL_REDIS_URL": REDIS_URL,
-    "BUL_CACHE_SECRET": secrets.token_hex(16),
-    "BUL_ACCESS_LOG": "false",
-    "OMP_NUM_THREADS": "1",
+    **replica_env(REDIS_URL),
     # A stream cut by the lost node is finished on another replica from what it had delivered, which
     # takes the retry to reproduce it: float32 (in bfloat16, "auto" on CPUs that have it, a prompt
     # prefilled over its own blocks found in Redis gets logits a few bits off the first run's, and a

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import secrets
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -31,23 +30,14 @@ from bulk.cluster.app import (  # noqa: E402
 from bulk.engine.protocol import ServingEngine  # noqa: E402
 from bulk.server.app import create_app  # noqa: E402
 from bulk.server.settings import ServerSettings  # noqa: E402
-from tests.cluster.serve_client import ServeClient, free_port  # noqa: E402
+from tests.cluster.serve_client import ServeClient, free_port, replica_env  # noqa: E402
 from tests.helpers import wait_until  # noqa: E402
 from tests.server.live_server import LiveServer  # noqa: E402
 from tests.server.test_metrics_endpoint import dashboard_metric_names, scrape  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 LIMITS = {"default_max_new_tokens": 4, "max_new_tokens_limit": 256}
-ENV = {
-    "BUL_MODEL": "demo",
-    "BUL_DEVICE": "cpu",
-    "BUL_DEFAULT_MAX_NEW_TOKENS": "4",
-    "BUL_MAX_NEW_TOKENS_LIMIT": "256",
-    "BUL_REDIS_URL": REDIS_URL,
-    "BUL_CACHE_SECRET": secrets.token_hex(16),
-    "BUL_ACCESS_LOG": "false",
-    "OMP_NUM_THREADS": "1",
-}
+ENV = replica_env(REDIS_URL)
 # Low thresholds so that a handful of requests shows each behaviour; reports twice a second.
 CLUSTER = ClusterSettings(
     replicas=2, replica_cpus=0.5, imbalance_threshold=2, stats_period_s=0.5, max_ongoing_requests=32

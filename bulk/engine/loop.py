@@ -2,6 +2,7 @@
 
     step()
       intake      tokenize the requests that arrived since the last step, queue them by priority
+                  (a constrained one once its grammar, compiled on the grammar thread, is ready)
       cancel      retire the cancelled ones (a client gone): their KV range is free for this step
       schedule    admit what fits; pick the prompt chunks and the decode rows (`Scheduler`)
       forward     one forward for all of them (`ModelRunner`): a token for every request past its
@@ -21,6 +22,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any
 
 import torch
@@ -29,6 +31,7 @@ from bulk.engine.model_runner import Chunk, ModelRunner
 from bulk.engine.scheduler import Scheduler
 from bulk.engine.sequence import Sequence, Status
 from bulk.engine.stats import EngineStats
+from bulk.generation.structured import compile_async
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +59,15 @@ class EngineLoop:
             prefix=runner.prefix,
         )
         self.inbox = inbox
+        # Constrained requests whose grammar is being compiled (`structured.compile_async`).
+        self.compiling: list[Sequence] = []
         self.stats = stats
         self.on_retire = on_retire
         self.logits_observer = logits_observer
 
     @property
     def has_work(self) -> bool:
-        return bool(self.inbox) or self.scheduler.has_work
+        return bool(self.inbox) or bool(self.compiling) or self.scheduler.has_work
 
     def step(self) -> None:
         self._intake()
@@ -87,9 +92,39 @@ class EngineLoop:
                 continue
             try:
                 self.runner.tokenize(seq)
-                self.scheduler.add(seq)
+                if seq.params.constraint is not None:
+                    seq.compiling = compile_async(seq.params.constraint, self.runner.lm.tokenizer)
+                    self.compiling.append(seq)
+                else:
+                    self.scheduler.add(seq)
             except Exception as exc:
                 self._answer(seq, exc)
+        if self.compiling:
+            self._take_compiled()
+
+    def _take_compiled(self) -> None:
+        """Queue the constrained requests whose grammar is ready; answer those it failed for. With
+        nothing else to do, wait a little for one instead of spinning the model thread."""
+        if not self.scheduler.has_work:
+            wait(
+                [s.compiling for s in self.compiling if s.compiling],
+                timeout=0.05,
+                return_when=FIRST_COMPLETED,
+            )
+        still: list[Sequence] = []
+        for seq in self.compiling:
+            assert seq.compiling is not None
+            if seq.cancelled:
+                seq.compiling.cancel()
+                self._answer(seq, None)
+            elif not seq.compiling.done():
+                still.append(seq)
+            elif (error := seq.compiling.exception()) is not None:
+                self._answer(seq, error)
+            else:
+                seq.grammar = seq.compiling.result()
+                self.scheduler.add(seq)
+        self.compiling = still
 
     def _retire_cancelled(self) -> None:
         waiting, running = self.scheduler.take_cancelled()
@@ -166,15 +201,16 @@ class EngineLoop:
 
     def drain_waiting(self) -> list[Sequence]:
         """Every request not yet admitted, removed (shutdown fails them)."""
-        pending = list(self.inbox)
+        pending = list(self.inbox) + self.compiling
         self.inbox.clear()
+        self.compiling = []
         return pending + self.scheduler.drain_waiting()
 
     def snapshot(self) -> dict[str, Any]:
         scheduler = self.scheduler
         return {
             "running": len(scheduler.running),
-            "waiting": len(scheduler.waiting) + len(self.inbox),
+            "waiting": len(scheduler.waiting) + len(self.inbox) + len(self.compiling),
             "kv_tokens_in_use": scheduler.kv_tokens_in_use,
             "kv_bytes_in_use": scheduler.kv_tokens_in_use * self.runner.pool.bytes_per_token,
             "max_batch_tokens": scheduler.slots.capacity,

@@ -220,6 +220,11 @@ class ModelRunner:
         for seq, logits in rows:
             if seq.params.processes_logits:
                 process_logits(logits, seq.params, seq.prompt_ids, seq.output_ids)
+            if seq.grammar is not None:
+                seq.grammar.constrain(logits)
+                # A grammar that allows only the end (its answer complete) wins over `min_tokens`.
+                if seq.min_tokens_pending and _only(logits, seq.end_ids):
+                    continue
             if seq.min_tokens_pending:
                 suppress_tokens(logits, seq.end_ids)
         greedy = self.argmax(torch.stack([logits for _, logits in rows])).tolist()
@@ -251,6 +256,12 @@ class ModelRunner:
         if seq.hit is not None and not seq.hit.lease.released:
             self.prefix.release(seq.hit)
         seq.cache = None
+
+
+def _only(logits: torch.Tensor, token_ids: frozenset[int]) -> bool:
+    """Every token `logits` (vocab,) allows (a finite logit) is one of `token_ids`."""
+    allowed = torch.isfinite(logits).nonzero().flatten().tolist()
+    return bool(allowed) and set(allowed) <= token_ids
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:

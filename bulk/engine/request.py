@@ -14,6 +14,7 @@ from bulk.config import KVCacheConfig
 from bulk.engine import chat
 from bulk.errors import InvalidRequestError
 from bulk.generation.sampling import MAX_LOGPROBS, SamplingParams
+from bulk.generation.structured import parse_constraint
 
 # The one list of a request dict's fields. The faces follow it (`tests/test_schemas.py` fails when one
 # does not): the API's `QueryRequest`, gRPC's `QueryRequest` message and its conversion, and
@@ -40,6 +41,7 @@ FIELDS = (
     "repetition_penalty",
     "logit_bias",
     "stop_token_ids",
+    "structured_outputs",
 )
 _KNOWN = frozenset(FIELDS)
 MAX_STOP_STRINGS = 8
@@ -147,6 +149,8 @@ class GenerationRequest:
             payload["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
         if params.stop_token_ids:
             payload["stop_token_ids"] = list(params.stop_token_ids)
+        if params.constraint is not None:
+            payload["structured_outputs"] = params.constraint.to_payload()
         if self.session_id is not None:
             payload["session_id"] = self.session_id
         if self.response_cache is not None:
@@ -235,6 +239,7 @@ def parse_request(query: Any, config: KVCacheConfig) -> GenerationRequest:
         repetition_penalty=repetition_penalty,
         logit_bias=_logit_bias(query.get("logit_bias")),
         stop_token_ids=_token_ids(query.get("stop_token_ids"), "stop_token_ids", MAX_STOP_TOKEN_IDS),
+        constraint=parse_constraint(query.get("structured_outputs")),
         **penalties,
     )
     response_cache = query.get("response_cache")
@@ -256,6 +261,22 @@ def parse_request(query: Any, config: KVCacheConfig) -> GenerationRequest:
         system_prompt=config.system_prompt,
         **extra,
     )
+
+
+def check_constraint(value: Any, field: str) -> Any:
+    """A structured-output request value (the engine's `structured_outputs`), checked under the
+    name a face gave it (`response_format.json_schema.schema`, `guided_json`, ...): an
+    `InvalidRequestError` naming that field, or `value` unchanged. The engine checks it again when
+    it parses the request, from a cache."""
+    kind = next(iter(value), None) if isinstance(value, Mapping) and len(value) == 1 else None
+    if kind is None or field == "structured_outputs":
+        parse_constraint(value, field)
+        return value
+    try:
+        parse_constraint(value)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(field, exc.message) from None
+    return value
 
 
 def _int(query: Mapping[str, Any], key: str, default: int | None) -> Any:

@@ -124,6 +124,7 @@ def request_key(model_fingerprint: str, prompt: str, params: Any) -> Hashable:
         params.repetition_penalty,
         params.logit_bias,
         params.stop_token_ids,
+        params.constraint,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -17,10 +18,13 @@ from typing import TYPE_CHECKING, Any, cast
 from bulk.engine.request import GenerationRequest
 from bulk.engine.result import LOGPROBS_FIELD, GenerationResult, TokenLogprob, TokenLogprobs
 from bulk.generation.sampling import make_generator
+from bulk.generation.structured import RowGrammar
 from bulk.models.tokenizer import TextStream, Tokenizer
 
 if TYPE_CHECKING:
     from bulk.storage.prefix_cache import PrefixHit
+
+log = logging.getLogger(__name__)
 
 OnToken = Callable[[str], None]  # called on the model thread with each piece of text, in order
 
@@ -61,6 +65,10 @@ class Sequence:
         self.stop_ids = frozenset(self.params.stop_token_ids)
         self.end_ids: frozenset[int] = self.stop_ids
         self.stream: TextStream | None = None
+        # A constrained request's grammar (`bulk.generation.structured`): compiled off the model
+        # thread after intake (`compiling`), then the matcher every token of the answer advances.
+        self.compiling: Future[RowGrammar] | None = None
+        self.grammar: RowGrammar | None = None
         self._tokenizer: Tokenizer | None = None
         # Its prompt's full blocks' chained hashes (`bulk.kv.hashing`; empty for a model without
         # prefix reuse): what the scheduler compares with the prefills under way.
@@ -140,14 +148,23 @@ class Sequence:
         """Take the token sampled for this sequence; return the text it completes ("" while a
         character is incomplete, or when the token ends the answer). Sets `finish_reason` on EOS
         (unless `ignore_eos`: then it is an ordinary token), on a stop string (the text ends before
-        it, as OpenAI's API does; looked for only once `min_tokens` tokens are out) and at
-        `max_new_tokens`. The sampler keeps EOS out before `min_tokens` (`ModelRunner.sample`)."""
+        it, as OpenAI's API does; looked for only once `min_tokens` tokens are out), when a
+        constrained answer's grammar is complete, and at `max_new_tokens`. The sampler keeps EOS out
+        before `min_tokens` (`ModelRunner.sample`)."""
         assert self.stream is not None
         now = time.perf_counter()
         if self.ttft_ms is None:
             self.ttft_ms = (now - self.started) * 1000
         self.last_token_at = now
         params = self.params
+        if self.grammar is not None and not self.grammar.advance(token):
+            # The sampler only chooses among the tokens the grammar allows; this is a bug, not the
+            # request's fault: end the answer rather than go on unconstrained.
+            log.error(
+                "%s: the grammar refused token %d: %s", self.request.request_id, token, self.grammar.error
+            )
+            self.finish_reason = "stop"
+            return ""
         if token in self.stop_ids or (token in self.eos_ids and not params.ignore_eos):
             self.finish_reason = "stop"
             return ""
@@ -165,7 +182,10 @@ class Sequence:
             self.text = self.stream.text[:cut]
             self.finish_reason = "stop"
             return self.text[emitted:]
-        if len(self.output_ids) >= self.max_new_tokens:
+        if self.grammar is not None and self.grammar.complete:
+            self.finish_reason = "stop"
+            delta += self.stream.finish()
+        elif len(self.output_ids) >= self.max_new_tokens:
             self.finish_reason = "length"
             delta += self.stream.finish()  # a character left incomplete at the very end
         self.text = self.stream.text

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bulk.generation.structured import Constraint
+
 MIN_TEMPERATURE = 1e-6
 # OpenAI's limits: at most 20 alternatives per token; penalties in [-2, 2]; a bias in [-100, 100].
 MAX_LOGPROBS = 20
@@ -49,6 +51,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     # vLLM's: tokens that end the answer as the end of sequence does (and are not part of it).
     stop_token_ids: tuple[int, ...] = ()
+    # A grammar every token obeys (`bulk.generation.structured`): a JSON schema, a regex, ...
+    constraint: Constraint | None = None
     # Computed: whether `process_logits` has anything to do for this request (rows that ask for
     # nothing pay one attribute read).
     processes_logits: bool = field(init=False, repr=False, compare=False)

@@ -31,6 +31,21 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [self.BOS, *text.encode("utf-8")]
 
+    def grammar_vocabulary(self) -> Any:
+        """llguidance's view of these tokens: each byte, and the three special tokens."""
+        import llguidance
+
+        class _Bytes:
+            eos_token_id = self.EOS
+            bos_token_id = self.BOS
+            tokens = [bytes([i]) for i in range(256)] + [b"<s>", b"</s>", b"<pad>"]
+            special_token_ids = [self.BOS, self.EOS, self.PAD]
+
+            def __call__(self, text: bytes) -> list[int]:
+                return list(text)
+
+        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Bytes()), eos_token=self.EOS)
+
     def decode(self, token_ids: Sequence[int]) -> str:
         # A random model can emit byte sequences that are not UTF-8: show them as U+FFFD, never raise.
         return bytes(t for t in token_ids if t < 256).decode("utf-8", errors="replace")
@@ -65,6 +80,23 @@ class HFTokenizer:
         options = {"tokenize": False, "add_generation_prompt": True, **kw}
         return self._tokenizer.apply_chat_template(list(messages), **options)
 
+    def grammar_vocabulary(self) -> Any:
+        """llguidance's view of these tokens, from the Rust tokenizer's own description (its JSON),
+        with every end-of-sequence id of ours. Fast (Rust) tokenizers only."""
+        import copy
+
+        import llguidance
+
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError("structured outputs need a fast (Rust) Hugging Face tokenizer")
+        backend = copy.copy(backend)
+        backend.no_padding()
+        backend.no_truncation()
+        return llguidance.LLTokenizer(
+            backend.to_str(), n_vocab=self.vocab_size, eos_token=sorted(self.eos_token_ids)
+        )
+
     def encode(self, text: str) -> list[int]:
         # Text that already starts with the BOS text (a rendered chat template, or a prompt written
         # with it) carries its special tokens; adding them again would start it with two BOS tokens.
@@ -73,6 +105,17 @@ class HFTokenizer:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+def grammar_vocabulary(tokenizer: Tokenizer) -> Any:
+    """`tokenizer`'s vocabulary as llguidance sees it (an `LLTokenizer`: every token's bytes and the
+    end-of-sequence ids), what a structured output's grammar is compiled against. Built once per
+    tokenizer (about 0.4 s for a 49k-token BPE vocabulary) and kept on it."""
+    vocabulary = getattr(tokenizer, "_grammar_vocabulary", None)
+    if vocabulary is None:
+        vocabulary = tokenizer.grammar_vocabulary()  # type: ignore[attr-defined]
+        tokenizer._grammar_vocabulary = vocabulary  # type: ignore[attr-defined]
+    return vocabulary
 
 
 class TextStream:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
+from bulk.engine.request import check_constraint
 from bulk.engine.result import TokenLogprobs
 from bulk.errors import InvalidRequestError
 from bulk.server.schemas import Integer, Number
@@ -30,7 +31,6 @@ NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "tool_choice": (None, "none"),
     "function_call": (None, "none"),
     "parallel_tool_calls": (None,),
-    "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
 }
 
@@ -38,6 +38,23 @@ NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool = False
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: StrictStr | None = None
+    description: StrictStr | None = None
+    # `schema` is a name pydantic's BaseModel keeps for itself.
+    json_schema: dict[StrictStr, Any] | None = Field(None, alias="schema")
+    strict: StrictBool | None = Field(
+        None, description="Always strict here: every answer follows the schema."
+    )
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
 
 
 class _Sampling(BaseModel):
@@ -74,6 +91,17 @@ class _Sampling(BaseModel):
     stop_token_ids: list[Integer] | None = Field(
         None, description="vLLM's: token ids that end the answer as the end of sequence does."
     )
+    # Structured outputs: OpenAI's `response_format`, and vLLM's fields for the same (one of them).
+    response_format: ResponseFormat | None = Field(
+        None, description="`json_object`, or `json_schema` (`strict` or not, the answer follows the schema)."
+    )
+    structured_outputs: dict[StrictStr, Any] | None = Field(
+        None, description="vLLM's: exactly one of `json`, `json_object`, `regex`, `choice`, `grammar`."
+    )
+    guided_json: dict[StrictStr, Any] | StrictStr | None = Field(None, description="vLLM's: a JSON schema.")
+    guided_regex: StrictStr | None = Field(None, description="vLLM's: a regular expression.")
+    guided_choice: list[StrictStr] | None = Field(None, description="vLLM's: one of these strings.")
+    guided_grammar: StrictStr | None = Field(None, description="vLLM's: a grammar (GBNF or Lark).")
     # Describe the caller; accepted and ignored.
     user: StrictStr | None = None
     metadata: dict[StrictStr, StrictStr] | None = None
@@ -115,7 +143,41 @@ class _Sampling(BaseModel):
         # as the published schema says (it was once dropped here, answered 200).
         if self.stop is not None and self.stop != []:
             params["stop"] = self.stop
+        constraint = self.constraint()
+        if constraint is not None:
+            params["structured_outputs"] = check_constraint(constraint[1], constraint[0])
         return params
+
+    def constraint(self) -> tuple[str, dict[str, Any]] | None:
+        """(the body's field, the engine's `structured_outputs` value) of the one way the body asks
+        for structured output; a second way is a 422 naming it."""
+        ways: list[tuple[str, dict[str, Any]]] = []
+        if self.response_format is not None and self.response_format.type != "text":
+            fmt = self.response_format
+            if fmt.type == "json_object":
+                ways.append(("response_format", {"json_object": True}))
+            elif fmt.json_schema is None or fmt.json_schema.json_schema is None:
+                raise InvalidRequestError(
+                    "response_format.json_schema.schema", "a json_schema format needs a schema"
+                )
+            else:
+                ways.append(("response_format.json_schema.schema", {"json": fmt.json_schema.json_schema}))
+        if self.structured_outputs is not None:
+            ways.append(("structured_outputs", self.structured_outputs))
+        for name, kind in (
+            ("guided_json", "json"),
+            ("guided_regex", "regex"),
+            ("guided_choice", "choice"),
+            ("guided_grammar", "grammar"),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                ways.append((name, {kind: value}))
+        if len(ways) > 1:
+            raise InvalidRequestError(
+                ways[1][0], f"give one structured output, not both {ways[0][0]} and this"
+            )
+        return ways[0] if ways else None
 
     @property
     def include_usage(self) -> bool:

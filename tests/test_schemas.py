@@ -26,7 +26,7 @@ def proto_message_fields(name: str) -> set[str]:
     """The field names of message `name` in proto/bul.proto, as written there."""
     body = re.search(rf"^message {name} {{(.*?)^}}", PROTO.read_text(), re.S | re.M)
     assert body, f"no message {name} in {PROTO}"
-    return set(re.findall(r"^\s+(?:optional |repeated )?\w+ (\w+) = \d+;", body.group(1), re.M))
+    return set(re.findall(r"^\s+(?:optional |repeated )?[\w.]+ (\w+) = \d+;", body.group(1), re.M))
 
 
 def test_the_request_fields_are_one_list():
@@ -44,7 +44,12 @@ def test_grpc_carries_every_request_field_it_declares():
         presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1,
         logit_bias=[bul_pb2.LogitBias(token_id=5, bias=1.0)], stop_token_ids=[3], logprobs=2,
     )  # fmt: skip
-    assert set(convert.request_to_engine(message)) == set(FIELDS) - convert.NOT_IN_PROTO
+    message.structured_outputs.update({"json": {"type": "string", "maxLength": 4}})
+    request = convert.request_to_engine(message)
+    assert set(request) == set(FIELDS) - convert.NOT_IN_PROTO
+    # A Struct's numbers are doubles: integral ones come back as ints (JSON Schema's `maxLength`).
+    assert request["structured_outputs"] == {"json": {"type": "string", "maxLength": 4}}
+    assert type(request["structured_outputs"]["json"]["maxLength"]) is int
 
 
 def test_to_payload_writes_every_field_and_parses_back():
@@ -67,9 +72,12 @@ def test_to_payload_writes_every_field_and_parses_back():
         "repetition_penalty": 1.2,
         "logit_bias": {"5": 10, "7": -3.5},
         "stop_token_ids": [9, 3],
+        "structured_outputs": {"json": {"type": "string", "maxLength": 4}},
     }
     raw = parse_request({**common, "text": "hello", "raw": True}, config)
-    chat = parse_request({**common, "messages": [{"role": "user", "content": "hi"}]}, config)
+    # Tools are offered to a conversation only.
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    chat = parse_request({**common, "messages": [{"role": "user", "content": "hi"}], "tools": tools}, config)
     written = set(raw.to_payload()) | set(chat.to_payload())
     # `text` is `query`'s other name: a payload always says `query`.
     assert written == set(FIELDS) - {"text"}, "GenerationRequest.to_payload vs FIELDS"

@@ -12,6 +12,7 @@ from typing import Any
 
 from bulk.config import KVCacheConfig
 from bulk.engine import chat
+from bulk.engine.tools import parse_tools
 from bulk.errors import InvalidRequestError
 from bulk.generation.sampling import MAX_LOGPROBS, SamplingParams
 from bulk.generation.structured import parse_constraint
@@ -42,6 +43,7 @@ FIELDS = (
     "logit_bias",
     "stop_token_ids",
     "structured_outputs",
+    "tools",
 )
 _KNOWN = frozenset(FIELDS)
 MAX_STOP_STRINGS = 8
@@ -81,6 +83,8 @@ class GenerationRequest:
     raw: bool = False
     messages: tuple[chat.Turn, ...] = ()
     system_prompt: str | None = None
+    # OpenAI's function tools offered to a conversation (`bulk.engine.tools.parse_tools`).
+    tools: tuple[dict[str, Any], ...] = ()
 
     def prompt_text(self, tokenizer: Any) -> str:
         """The text the model is given, rendered with the model's `tokenizer` (its chat template)."""
@@ -123,7 +127,9 @@ class GenerationRequest:
             "request_id": self.request_id,
         }
         if self.messages:
-            payload["messages"] = [{"role": role, "content": content} for role, content in self.messages]
+            payload["messages"] = [chat.turn_message(turn) for turn in self.messages]
+            if self.tools:
+                payload["tools"] = list(self.tools)
         else:
             payload["query"] = self.query
             if self.raw:
@@ -187,6 +193,9 @@ def parse_request(query: Any, config: KVCacheConfig) -> GenerationRequest:
         raise InvalidRequestError(name, f"must be a string, got {type(prompt).__name__}")
     elif not prompt.strip():
         raise InvalidRequestError(name, "must not be empty")
+    if query.get("tools") and not messages:
+        raise InvalidRequestError("tools", "tools are offered to a conversation ('messages')")
+    tools = parse_tools(query.get("tools"))
 
     max_new_tokens = _int(query, "max_new_tokens", config.default_max_new_tokens)
     if not 1 <= max_new_tokens <= config.max_new_tokens_limit:
@@ -250,7 +259,7 @@ def parse_request(query: Any, config: KVCacheConfig) -> GenerationRequest:
         extra["request_id"] = _str(query, "request_id")
         extra["request_id_given"] = True
     return GenerationRequest(
-        prompt=chat.request_prompt(prompt, raw=raw, messages=messages),
+        prompt=chat.request_prompt(prompt, raw=raw, messages=messages, tools=tools),
         params=params,
         priority=_int(query, "priority", 1),
         session_id=_str(query, "session_id") if query.get("session_id") is not None else None,
@@ -259,6 +268,7 @@ def parse_request(query: Any, config: KVCacheConfig) -> GenerationRequest:
         raw=raw,
         messages=messages,
         system_prompt=config.system_prompt,
+        tools=tools,
         **extra,
     )
 

@@ -8,7 +8,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
 
 from bulk.engine.request import FIELDS
@@ -18,13 +18,18 @@ from bulk.grpc_service.generated import bul_pb2
 
 # Request fields `QueryRequest` does not carry (the test of the schemas checks the proto against
 # `FIELDS` minus these): `text` is the guide's other name for `query`; a raw prompt and a conversation
-# are the REST and OpenAI faces' (gRPC sends a query through the chat template).
-NOT_IN_PROTO = frozenset(("text", "raw", "messages"))
+# are the REST and OpenAI faces' (gRPC sends a query through the chat template), and so are the
+# tools offered to a conversation.
+NOT_IN_PROTO = frozenset(("text", "raw", "messages", "tools"))
 # Repeated fields: sent when not empty (proto3 cannot tell an empty list from none).
 _REPEATED_FIELDS = ("stop", "logit_bias", "stop_token_ids")
-# Every other field but `query` (always sent) and the repeated ones has explicit presence and maps one
-# to one onto the engine's request key: unset means the engine's default.
-_OPTIONAL_FIELDS = tuple(name for name in FIELDS if name not in NOT_IN_PROTO | {"query", *_REPEATED_FIELDS})
+# Fields sent as a `google.protobuf.Struct` (a JSON object): given when set, as a plain dict.
+_STRUCT_FIELDS = ("structured_outputs",)
+# Every other field but `query` (always sent), the repeated and the Struct ones has explicit presence
+# and maps one to one onto the engine's request key: unset means the engine's default.
+_OPTIONAL_FIELDS = tuple(
+    name for name in FIELDS if name not in NOT_IN_PROTO | {"query", *_REPEATED_FIELDS, *_STRUCT_FIELDS}
+)
 # Result fields whose proto name differs (the unit in the name, as proto style asks).
 RESPONSE_NAMES = {"latency": "latency_ms"}
 _EMPTY = {bool: False, float: 0.0, int: 0, str: ""}
@@ -42,7 +47,27 @@ def request_to_engine(message: bul_pb2.QueryRequest) -> dict[str, Any]:
         request["logit_bias"] = {str(entry.token_id): entry.bias for entry in message.logit_bias}
     if message.stop_token_ids:
         request["stop_token_ids"] = list(message.stop_token_ids)
+    for name in _STRUCT_FIELDS:
+        if message.HasField(name):
+            request[name] = struct_to_dict(getattr(message, name))
     return request
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as the plain dict it holds. Struct numbers are doubles, so an integral one becomes an
+    int again: a JSON schema's `maxLength`, `minItems`, ... must be integers (`10`, not `10.0`),
+    and `minimum: 0` means the same either way."""
+    return _integral(json_format.MessageToDict(struct))
+
+
+def _integral(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _integral(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral(item) for item in value]
+    return value
 
 
 def result_to_response(result: Mapping[str, Any]) -> bul_pb2.QueryResponse:

@@ -63,13 +63,13 @@ def chat_session(request: GenerationRequest) -> tuple[str | None, bool]:
     whether it binds (the conversation has earlier assistant turns: a multi-turn chat)."""
     if not request.messages:
         return None, False
-    opening: list[tuple[str, str]] = []
+    opening: list[tuple[str, ...]] = []
     for turn in request.messages:
         opening.append(turn)
         if turn[0] == "user":
             break
     digest = hashlib.sha256(json.dumps(opening, ensure_ascii=False).encode()).hexdigest()[:24]
-    return f"chat:{digest}", any(role == "assistant" for role, _ in request.messages)
+    return f"chat:{digest}", any(turn[0] == "assistant" for turn in request.messages)
 
 
 class RequestChains:

@@ -36,6 +36,7 @@ from bulk.server.openai_schemas import (
     finish_reason,
     usage,
 )
+from bulk.server.openai_tools import ToolPlan, ToolStream, tool_plan
 from bulk.server.schemas import check_limits
 from bulk.server.settings import ServerSettings
 
@@ -77,8 +78,15 @@ async def chat_completions(
         if not 0 <= body.top_logprobs <= MAX_LOGPROBS:
             raise InvalidRequestError("top_logprobs", f"must be between 0 and {MAX_LOGPROBS}")
     # The engine renders the conversation with the model's chat template (`bulk.engine.chat`).
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [m.engine_message() for m in body.messages]
     payload = {"messages": messages, **body.engine_params()}
+    tools = tool_plan(*body.tool_fields(), body.parallel_tool_calls)
+    if tools is not None:
+        if tools.forced and "structured_outputs" in payload:
+            raise InvalidRequestError(
+                "tool_choice", "a forced tool call is structured already: drop response_format"
+            )
+        payload.update(tools.engine_fields())
     check_limits(payload, settings)
     limit = engine.config.max_new_tokens_limit
     if (
@@ -88,7 +96,7 @@ async def chat_completions(
     ):
         # The newer name wins, but the older one, given too, must still be valid (the schema says so).
         raise InvalidRequestError("max_tokens", f"must be between 1 and {limit}")
-    return await _answer(request, engine, settings, metrics, body, payload, chat=True)
+    return await _answer(request, engine, settings, metrics, body, payload, chat=True, tools=tools)
 
 
 def _refuse_unserved(body: CompletionRequest | ChatCompletionRequest) -> None:
@@ -106,6 +114,7 @@ async def _answer(
     payload: dict[str, Any],
     *,
     chat: bool,
+    tools: ToolPlan | None = None,
 ) -> Response:
     started = time.perf_counter()
     model = settings.model_name
@@ -117,7 +126,7 @@ async def _answer(
             results = [await until_disconnected(request, engine.process_request(payload))]
         else:
             results = await until_disconnected(request, _all_choices(engine, payloads))
-        choices = [_choice(index, result, chat) for index, result in enumerate(results)]
+        choices = [_choice(index, result, chat, tools) for index, result in enumerate(results)]
         kind = "chat.completion" if chat else "text_completion"
         answer = envelope(kind, _id(chat, results[0]), model, choices)
         answer["usage"] = usage(results)
@@ -149,6 +158,7 @@ async def _answer(
             chat,
             model,
             body.include_usage,
+            tools,
             lambda: metrics.observe_e2e(api, time.perf_counter() - started),
         ),
         media_type="text/event-stream",
@@ -171,12 +181,16 @@ async def _all_choices(engine: ServingEngine, payloads: list[dict[str, Any]]) ->
     return list(await asyncio.gather(*(engine.process_request(p) for p in payloads)))
 
 
-def _choice(index: int, result: Mapping[str, Any], chat: bool) -> dict[str, Any]:
+def _choice(
+    index: int, result: Mapping[str, Any], chat: bool, tools: ToolPlan | None = None
+) -> dict[str, Any]:
     # Present only when the request asked for logprobs (`bulk.engine.result.LOGPROBS_FIELD`).
     entries = cast("list[TokenLogprobs] | None", result.get(LOGPROBS_FIELD))
     logprobs = chat_logprobs(entries) if chat else completion_logprobs(entries)
     choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason(result), "logprobs": logprobs}
-    if chat:
+    if chat and tools is not None:
+        choice["message"], choice["finish_reason"] = tools.message(result["result"], choice["finish_reason"])
+    elif chat:
         choice["message"] = {"role": "assistant", "content": result["result"]}
     else:
         choice["text"] = result["result"]
@@ -231,6 +245,7 @@ async def _sse(
     chat: bool,
     model: str,
     include_usage: bool,
+    tools: ToolPlan | None,
     on_done: Callable[[], None],
 ) -> AsyncIterator[bytes]:
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -256,19 +271,33 @@ async def _sse(
             choice = {"index": index, "text": delta, "finish_reason": reason, "logprobs": logprobs}
         return _event({**envelope(kind, stream_id, model, [choice]), **extra})
 
+    # Tool calls: each choice's deltas shaped by its own `ToolStream` (text held back while it may
+    # be a call; calls sent whole at the end, or a named function's arguments as they come).
+    tool_streams = [ToolStream(tools) for _ in streams] if chat and tools is not None else None
     try:
         if chat:
             for index in range(len(streams)):
                 yield chunk(index, {"role": "assistant", "content": ""})
+                for delta in tool_streams[index].start() if tool_streams else ():
+                    yield chunk(index, delta)
         finals: list[dict[str, Any]] = [{} for _ in streams]
         async for index, event in _merged(streams, firsts):
             if event.get("done"):
                 finals[index] = event
                 left = event.get(LOGPROBS_FIELD)
                 entries = left[sent[index] :] if left is not None else None
-                yield chunk(index, {} if chat else "", finish_reason(event), entries)
+                reason = finish_reason(event)
+                if tool_streams:
+                    deltas, reason = tool_streams[index].finish(event["result"], reason)
+                    for delta in deltas:
+                        yield chunk(index, delta)
+                yield chunk(index, {} if chat else "", reason, entries)
                 continue
             text = event["token"]
+            if tool_streams:
+                for delta in tool_streams[index].feed(text):
+                    yield chunk(index, delta, entries=event.get(LOGPROBS_FIELD))
+                continue
             yield chunk(index, {"content": text} if chat else text, entries=event.get(LOGPROBS_FIELD))
         if include_usage:
             yield _event({**envelope(kind, stream_id, model, []), "usage": usage(finals)})

@@ -26,11 +26,12 @@ NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "echo": (False, None),
     "best_of": (1, None),
     "suffix": (None, ""),
+    # The chat route serves tools (its own fields); the completions route takes them only empty.
     "tools": (None, []),
-    "functions": (None, []),
     "tool_choice": (None, "none"),
-    "function_call": (None, "none"),
     "parallel_tool_calls": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none"),
     "modalities": (None, ["text"]),
 }
 
@@ -208,10 +209,36 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+    arguments: StrictStr = Field(description="The arguments, a JSON object's text.")
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
+    # An assistant turn's calls, and a tool turn's answer to one of them.
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: StrictStr | None = None
+    name: StrictStr | None = None
+
+    def engine_message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
 
     def text(self) -> str:
         if self.content is None:
@@ -221,13 +248,51 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+    description: StrictStr | None = None
+    parameters: dict[StrictStr, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    tools: list[Tool] | None = Field(None, description="Function tools the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="`auto` (the default with tools), `none`, `required`, or a named function."
+    )
+    parallel_tool_calls: StrictBool | None = Field(
+        None, description="Several calls in one answer (default true)."
+    )
     max_completion_tokens: Integer | None = Field(None, description="The newer name of max_tokens.")
     logprobs: StrictBool | None = Field(None, description="Return each answer token's log-probability.")
     top_logprobs: Integer | None = Field(
         None, description="With logprobs: this many most likely alternatives per token (0-20)."
     )
+
+    def tool_fields(self) -> tuple[list[dict[str, Any]] | None, Any]:
+        """The tools as plain dicts, and `tool_choice` as a string or a dict."""
+        tools = [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+        choice = (
+            self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) else self.tool_choice
+        )
+        return tools, choice
 
     def engine_params(self) -> dict[str, Any]:
         params = super().engine_params()

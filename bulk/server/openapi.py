@@ -55,6 +55,29 @@ STOP_TOKEN_IDS = {"maxItems": MAX_STOP_TOKEN_IDS, "items": TOKEN_ID}
 # hold one character outside Python's whitespace. Spelled out: a regex `\S` means other sets in
 # other dialects (ECMA's leaves out U+001C-U+001F and U+0085, and adds U+FEFF).
 NOT_BLANK = r"[^\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+# `structured_outputs` (bulk/generation/structured.py's `parse_constraint`, which the faces reach
+# only through the engine, hence its limits written here): exactly one kind of constraint. That a
+# regex, a grammar or a JSON schema can be served (compiles, uses no unsupported keyword such as
+# `not`) JSON Schema cannot state: the engine answers 422 naming `structured_outputs.<kind>`.
+MAX_CHOICES_STRUCTURED = 1024  # structured.MAX_CHOICES
+STRUCTURED_OUTPUTS = {
+    "minProperties": 1,
+    "maxProperties": 1,
+    "additionalProperties": False,
+    "properties": {
+        "json": {"type": ["object", "string"], "description": "A JSON schema, or its JSON text."},
+        "json_object": {"const": True, "description": "Any JSON object."},
+        "regex": {"type": "string", "pattern": NOT_BLANK, "description": "A regular expression."},
+        "choice": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_CHOICES_STRUCTURED,
+            "items": {"type": "string", "minLength": 1},
+            "description": "The answer is one of these strings.",
+        },
+        "grammar": {"type": "string", "pattern": NOT_BLANK, "description": "A Lark or GBNF grammar."},
+    },
+}
 
 
 def install_openapi(app: FastAPI, settings: ServerSettings, max_new_tokens_limit: int) -> None:
@@ -98,6 +121,7 @@ def state_limits(schema: dict[str, Any], settings: ServerSettings, max_new_token
             "session_id": ID,
             "request_id": ID,
             "logprobs": LOGPROBS,
+            "structured_outputs": STRUCTURED_OUTPUTS,
             **sampling,
         },
     )

@@ -36,8 +36,9 @@ Integer = Annotated[StrictInt, BeforeValidator(_integral)]
 
 
 # Engine request fields (`bulk.engine.request.FIELDS`) that `QueryRequest` does not take: a conversation
-# is the OpenAI chat route's. `tests/test_schemas.py` checks the model against `FIELDS` minus these.
-NOT_IN_QUERY_BODY = frozenset(("messages",))
+# is the OpenAI chat route's, and so are the tools offered to one. `tests/test_schemas.py` checks the
+# model against `FIELDS` minus these.
+NOT_IN_QUERY_BODY = frozenset(("messages", "tools"))
 
 
 class QueryRequest(BaseModel):
@@ -98,6 +99,15 @@ class QueryRequest(BaseModel):
     )
     stop_token_ids: list[Integer] | None = Field(
         None, description="Token ids that end the answer as the end of sequence does (as vLLM)."
+    )
+    structured_outputs: dict[StrictStr, Any] | None = Field(
+        None,
+        description="Constrain the answer (as vLLM's `structured_outputs`): an object with exactly one of "
+        "`json` (a JSON schema, or its JSON text), `json_object` (true: any JSON object), `regex` (a "
+        "regular expression), `choice` (a list of strings) or `grammar` (a Lark or GBNF grammar). Every "
+        "token of the answer follows it; a constraint that cannot be served is a 422 naming "
+        "`structured_outputs.<kind>`.",
+        examples=[{"json": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}}}}],
     )
 
     def to_engine(self, settings: ServerSettings) -> dict[str, Any]:

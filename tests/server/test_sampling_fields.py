@@ -106,9 +106,6 @@ def test_bad_logprobs_name_the_routes_own_field(server, path, extra, field):
 @pytest.mark.parametrize(
     ("extra", "field"),
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"tool_choice": "required"}, "tool_choice"),
         ({"echo": True}, "echo"),
         ({"best_of": 3}, "best_of"),
         ({"reasoning_effort": "low"}, "reasoning_effort"),
@@ -123,6 +120,22 @@ def test_openai_fields_not_served_are_refused_by_name(server, extra, field):
         response = requests.post(f"{server.url}{path}", json={**body, **extra}, timeout=30)
         assert _error(response) == field
         assert "not served" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+    ],
+)
+def test_tools_are_the_chat_routes_and_refused_on_completions(server, extra, field):
+    # The chat route serves them (tests/server/test_openai_tools.py); raw completions have no turns.
+    body = {"model": "demo", "prompt": "q", **extra}
+    response = requests.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert _error(response) == field
+    assert "not served" in response.json()["error"]["message"]
 
 
 def test_what_asks_for_nothing_is_accepted(server):

@@ -62,8 +62,11 @@ def _accepted(case, response) -> bool:
     """What a request the schema allows may get: an answer, a 404 for a task id that does not exist,
     a 413 for a body over BUL_MAX_BODY_BYTES (a size JSON Schema cannot state), or a 422 naming
     `min_tokens` when it is above the request's own maximum of new tokens, `top_logprobs` without
-    `logprobs: true` (limits between two fields, which JSON Schema cannot state either), or a token
-    id field holding an id beyond the model's vocabulary (which the schema does not know)."""
+    `logprobs: true` (limits between two fields, which JSON Schema cannot state either), a token
+    id field holding an id beyond the model's vocabulary (which the schema does not know), or a
+    structured output's schema, regex or grammar that does not compile, or tool fields that do not
+    agree (a named tool choice among the tools, a call's arguments a JSON object's text: rules
+    between values that JSON Schema cannot state)."""
     if 200 <= response.status_code < 300:
         return True
     if response.status_code == 404 and "{task_id}" in case.operation.path:
@@ -75,12 +78,21 @@ def _accepted(case, response) -> bool:
         return any(_min_tokens_above_max(body) for body in bodies)
     if param.endswith(("logit_bias", "stop_token_ids")):
         return any(_beyond_vocabulary(body) for body in bodies)
+    if _constraint_or_tools(param):
+        return True
     if param == "top_logprobs":
         return any(
             body.get("top_logprobs") is not None and body.get("logprobs") is not True for body in bodies
         )
     sent = response.request.body or b""
     return response.status_code == 413 and len(sent) > MAX_BODY_BYTES
+
+
+def _constraint_or_tools(param: str) -> bool:
+    head = param.split(".")[1] if param[:1].isdigit() else param.split(".")[0]  # a batch's "1.field"
+    return head in ("structured_outputs", "response_format", "tools", "tool_choice") or (
+        head.startswith("guided_") or ".tool_calls" in param
+    )
 
 
 def _beyond_vocabulary(body: dict) -> bool:

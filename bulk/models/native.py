@@ -1,6 +1,6 @@
 """The native code of the decode step: `csrc/`, built on first use.
 
-Three operations, in one library:
+Four operations, in one library:
 
   decode_layers     a quantized Llama model's decode step, every layer, as one call
                     (`csrc/llama_decode.cpp`)
@@ -9,6 +9,8 @@ Three operations, in one library:
                     the decode rows of every model it batches, `decode_layers` for its rows)
   argmax_rows       greedy rows' choice over a step's logits, `torch.argmax` at vector width
                     (`csrc/greedy.cpp`; the model runner's `sample`)
+  add_rms_norm      a bfloat16 prompt step's residual add and the RMS norm after it, in one pass,
+                    bit for bit ATen's operations (`csrc/prompt_ops.cpp`; `llama_step`'s Python loop)
 
 Why the layers: a decode step of SmolLM2-135M with 4-bit weights runs about 2,000 small PyTorch
 operations (65 a layer, 30 layers: norms, rotary embedding, the KV write, attention, residuals),
@@ -68,7 +70,12 @@ from bulk.models.weight_quant import WeightOnlyLinear
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "llama_decode.cpp", CSRC / "decode_attention.cpp", CSRC / "greedy.cpp")
+SOURCES = (
+    CSRC / "llama_decode.cpp",
+    CSRC / "decode_attention.cpp",
+    CSRC / "greedy.cpp",
+    CSRC / "prompt_ops.cpp",
+)
 HEADERS = (CSRC / "decode_attention.h", CSRC / "vec.h")
 # For this machine's instruction set (the library's name carries the CPU's flags, so that another
 # CPU builds its own). OpenMP as torch's own: `at::parallel_for` is a header's `omp parallel`, which
@@ -112,6 +119,14 @@ def rotary_write_kv() -> Callable[..., torch.Tensor] | None:
     for bit what `llama_step`'s operations compute; `csrc/llama_decode.cpp`), or None where the
     library cannot be built."""
     return _loaded("rotary_write_kv") if library() else None
+
+
+def add_rms_norm() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """`torch.ops.bul.add_rms_norm(x, residual or None, weight, eps)` -> (residual + x, its RMS norm
+    times weight), each (..., n): a bfloat16 prompt step's residual add and the norm after it in one
+    pass, bit for bit ATen's operations (`csrc/prompt_ops.cpp`; other inputs run those), or None where
+    the library cannot be built."""
+    return _loaded("add_rms_norm") if library() else None
 
 
 def argmax_rows() -> Callable[[torch.Tensor], torch.Tensor] | None:

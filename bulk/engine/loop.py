@@ -22,7 +22,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import wait
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from bulk.engine.model_runner import Chunk, ModelRunner
 from bulk.engine.scheduler import Scheduler
 from bulk.engine.sequence import Sequence, Status
 from bulk.engine.stats import EngineStats
-from bulk.generation.structured import compile_async
+from bulk.generation.structured import compile_async, ready_grammar
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +92,15 @@ class EngineLoop:
                 continue
             try:
                 self.runner.tokenize(seq)
-                if seq.params.constraint is not None:
-                    seq.compiling = compile_async(seq.params.constraint, self.runner.lm.tokenizer)
-                    self.compiling.append(seq)
-                else:
-                    self.scheduler.add(seq)
+                constraint = seq.params.constraint
+                if constraint is not None:
+                    # A grammar compiled before is copied here; a new one is compiled off this thread.
+                    seq.grammar = ready_grammar(constraint, self.runner.lm.tokenizer)
+                    if seq.grammar is None:
+                        seq.compiling = compile_async(constraint, self.runner.lm.tokenizer)
+                        self.compiling.append(seq)
+                        continue
+                self.scheduler.add(seq)
             except Exception as exc:
                 self._answer(seq, exc)
         if self.compiling:
@@ -104,13 +108,10 @@ class EngineLoop:
 
     def _take_compiled(self) -> None:
         """Queue the constrained requests whose grammar is ready; answer those it failed for. With
-        nothing else to do, wait a little for one instead of spinning the model thread."""
+        nothing else to do, wait a little for them (all of them: requests that came together start
+        together) instead of spinning the model thread."""
         if not self.scheduler.has_work:
-            wait(
-                [s.compiling for s in self.compiling if s.compiling],
-                timeout=0.05,
-                return_when=FIRST_COMPLETED,
-            )
+            wait([s.compiling for s in self.compiling if s.compiling], timeout=0.05)
         still: list[Sequence] = []
         for seq in self.compiling:
             assert seq.compiling is not None

@@ -8,7 +8,8 @@ the step), compiled against the tokenizer once per (vocabulary, grammar) and kep
 (`GrammarCache`), compiled on a thread of its own (`compile_async`) so that a slow grammar never
 stalls the batch, and each request gets its own copy of the compiled matcher.
 
-In the step, a constrained row's logits get its matcher's mask (`constrain`): every token the
+In the step, a constrained row's logits get its matcher's mask (`RowGrammar.mask`, applied by
+`apply_bitmask` or the native kernel): every token the
 grammar does not allow next is set to -inf, for greedy and sampled rows alike; then the sampled
 token advances the matcher (`Sequence.append`), and a grammar that is complete ends the answer.
 Rows without a constraint are not touched."""
@@ -19,7 +20,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -163,19 +164,10 @@ class RowGrammar:
         self._matcher = matcher
         self._words = (vocab_size + 31) // 32
 
-    def constrain(self, logits: torch.Tensor) -> None:
-        """Set every logit (vocab,) of a token the grammar does not allow next to -inf, in place (the
-        row is what the token is chosen from, and what its logprobs are computed from). Logits
-        beyond the grammar's vocabulary (a model's padded embedding rows) are never allowed."""
-        mask = torch.empty(self._words, dtype=torch.int32)
-        self._matcher.unsafe_compute_mask_ptr(mask.data_ptr(), self._words * 4)
-        # (words, 32) -> (words * 32,): bit i of word w allows token 32 * w + i (llguidance's layout).
-        allowed = ((mask.unsqueeze(-1) >> _BITS) & 1).view(-1).bool()
-        with torch.inference_mode():
-            if logits.shape[-1] > allowed.numel():
-                logits[allowed.numel() :] = float("-inf")
-            width = min(logits.shape[-1], allowed.numel())
-            logits[:width].masked_fill_(~allowed[:width], float("-inf"))
+    def mask(self) -> torch.Tensor:
+        """The tokens the grammar allows next: (words,) int32, bit i of word w allowing token
+        32 * w + i (llguidance's layout), for `apply_bitmask` or the native kernel."""
+        return masks([self])[0]
 
     def advance(self, token: int) -> bool:
         """Take the chosen token; False when the grammar does not allow it (then it is in error)."""
@@ -194,6 +186,32 @@ class RowGrammar:
 _BITS = torch.arange(32, dtype=torch.int32)
 
 
+def masks(grammars: Sequence[RowGrammar]) -> torch.Tensor:
+    """Each grammar's `mask`, (rows, words) int32, for the rows of one step (about 60 µs a row for
+    a JSON schema's string). One after another on the model thread: llguidance's parallel executor
+    was measured slower here (1.6x at 16 rows on 2 cores), its threads contending with torch's."""
+    words = grammars[0]._words
+    out = torch.empty((len(grammars), words), dtype=torch.int32)
+    for index, grammar in enumerate(grammars):
+        grammar._matcher.unsafe_compute_mask_ptr(out[index].data_ptr(), words * 4)
+    return out
+
+
+def apply_bitmask(logits: torch.Tensor, mask: torch.Tensor) -> None:
+    """Set every logit (vocab,) of a token `mask` (`RowGrammar.mask`) does not allow to -inf, in
+    place (the row is what the token is chosen from, and what its logprobs are computed from).
+    Logits beyond the mask's tokens (a model's padded embedding rows) are never allowed. ATen's way,
+    about 0.2 ms a row; the model runner uses the native kernel where it is built
+    (`bulk.models.native.apply_token_bitmask`), which gives the same row."""
+    # (words, 32) -> (words * 32,): one bool per token id.
+    allowed = ((mask.unsqueeze(-1) >> _BITS) & 1).view(-1).bool()
+    with torch.inference_mode():
+        if logits.shape[-1] > allowed.numel():
+            logits[allowed.numel() :] = float("-inf")
+        width = min(logits.shape[-1], allowed.numel())
+        logits[:width].masked_fill_(~allowed[:width], float("-inf"))
+
+
 class GrammarCache:
     """Compiled grammars by (vocabulary, constraint), least recently used evicted beyond `entries`.
     Each `row_grammar` call returns a fresh copy of the compiled matcher: a request's matcher
@@ -210,32 +228,49 @@ class GrammarCache:
     def __len__(self) -> int:
         return len(self._compiled)
 
-    def row_grammar(self, constraint: Constraint, vocabulary: Any) -> RowGrammar:
-        import llguidance
-
+    def cached(self, constraint: Constraint, vocabulary: Any) -> RowGrammar | None:
+        """A fresh `RowGrammar` when the grammar is compiled already (a copy: microseconds, fit for
+        the model thread), else None."""
         key = (id(vocabulary), constraint)
         with self._lock:
             compiled = self._compiled.get(key)
-            if compiled is not None:
-                self._compiled.move_to_end(key)
-                self.hits += 1
-        if compiled is None:
-            compiled = llguidance.LLMatcher(vocabulary, constraint.grammar(), log_level=0)
-            if compiled.is_error():
-                raise InvalidRequestError(
-                    f"{FIELD}.{constraint.kind}", f"cannot be served: {compiled.get_error()}"
-                )
-            with self._lock:
-                self.misses += 1
-                self._compiled[key] = compiled
-                while len(self._compiled) > self.entries:
-                    self._compiled.popitem(last=False)
+            if compiled is None:
+                return None
+            self._compiled.move_to_end(key)
+            self.hits += 1
+        return RowGrammar(compiled.deep_copy(), vocabulary.vocab_size)
+
+    def row_grammar(self, constraint: Constraint, vocabulary: Any) -> RowGrammar:
+        """A fresh `RowGrammar`, compiled on a miss (milliseconds, up to a second for a huge
+        grammar: off the model thread, `compile_async`)."""
+        import llguidance
+
+        ready = self.cached(constraint, vocabulary)
+        if ready is not None:
+            return ready
+        compiled = llguidance.LLMatcher(vocabulary, constraint.grammar(), log_level=0)
+        if compiled.is_error():
+            raise InvalidRequestError(
+                f"{FIELD}.{constraint.kind}", f"cannot be served: {compiled.get_error()}"
+            )
+        with self._lock:
+            self.misses += 1
+            self._compiled[(id(vocabulary), constraint)] = compiled
+            while len(self._compiled) > self.entries:
+                self._compiled.popitem(last=False)
         return RowGrammar(compiled.deep_copy(), vocabulary.vocab_size)
 
 
 GRAMMARS = GrammarCache()
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
+
+
+def ready_grammar(constraint: Constraint, tokenizer: Tokenizer) -> RowGrammar | None:
+    """`constraint`'s `RowGrammar` at once when its grammar is compiled for `tokenizer` already (the
+    usual case: applications send the same few schemas), else None: then `compile_async`."""
+    vocabulary = getattr(tokenizer, "_grammar_vocabulary", None)
+    return None if vocabulary is None else GRAMMARS.cached(constraint, vocabulary)
 
 
 def compile_async(constraint: Constraint, tokenizer: Tokenizer) -> Future[RowGrammar]:

@@ -1,6 +1,6 @@
 """The native code of the decode step: `csrc/`, built on first use.
 
-Four operations, in one library:
+Five operations, in one library:
 
   decode_layers     a quantized Llama model's decode step, every layer, as one call
                     (`csrc/llama_decode.cpp`)
@@ -11,6 +11,8 @@ Four operations, in one library:
                     (`csrc/greedy.cpp`; the model runner's `sample`)
   add_rms_norm      a bfloat16 prompt step's residual add and the RMS norm after it, in one pass,
                     bit for bit ATen's operations (`csrc/prompt_ops.cpp`; `llama_step`'s Python loop)
+  apply_token_bitmask  a structured output's grammar mask on a row of logits, in place
+                    (`csrc/token_mask.cpp`; the model runner's `sample`)
 
 Why the layers: a decode step of SmolLM2-135M with 4-bit weights runs about 2,000 small PyTorch
 operations (65 a layer, 30 layers: norms, rotary embedding, the KV write, attention, residuals),
@@ -75,6 +77,7 @@ SOURCES = (
     CSRC / "decode_attention.cpp",
     CSRC / "greedy.cpp",
     CSRC / "prompt_ops.cpp",
+    CSRC / "token_mask.cpp",
 )
 HEADERS = (CSRC / "decode_attention.h", CSRC / "vec.h")
 # For this machine's instruction set (the library's name carries the CPU's flags, so that another
@@ -127,6 +130,13 @@ def add_rms_norm() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
     pass, bit for bit ATen's operations (`csrc/prompt_ops.cpp`; other inputs run those), or None where
     the library cannot be built."""
     return _loaded("add_rms_norm") if library() else None
+
+
+def apply_token_bitmask() -> Callable[[torch.Tensor, torch.Tensor], None] | None:
+    """`torch.ops.bul.apply_token_bitmask(logits, mask)`: a structured output's mask (int32 words, bit
+    i of word w allowing token 32 * w + i) applied to a row of logits in place, the tokens it does
+    not allow set to -inf (`csrc/token_mask.cpp`), or None where the library cannot be built."""
+    return _loaded("apply_token_bitmask") if library() else None
 
 
 def argmax_rows() -> Callable[[torch.Tensor], torch.Tensor] | None:

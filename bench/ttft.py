@@ -357,8 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     lm = load_model(KVCacheConfig(model=model_name, block_size=block_size, dtype=args.dtype))
     if lengths[-1] >= lm.context_length:
         raise SystemExit(f"{lengths[-1]} tokens does not fit the context of {lm.context_length}")
-    if not lm.supports_block_reuse:
-        raise SystemExit(f"model {model_name} does not support KV block reuse: nothing to measure")
+    if not hf_cache.plain_attention(lm.model):
+        # Its baselines rebuild transformers' own cache from blocks: plain attention only.
+        raise SystemExit(f"model {model_name} has layers other than full attention: nothing to measure here")
     # Enough for the largest prompt twice over (the cold prompt of the last run and of this one).
     max_tokens = 2 * lengths[-1] + 8 * block_size
     settings = {

@@ -1,7 +1,7 @@
 """Tiny Hugging Face models built by the tests themselves (no download): a Llama and BPE tokenizer,
-trained and saved, for the tests of the loader and of chat templates; a sliding-window Mistral, for
-the engine's path of models that cannot batch; a Mistral, a Qwen2, a Qwen3, a Phi-3 and a SmolLM3
-laid out as Llama, for the plain step's other families."""
+trained and saved, for the tests of the loader and of chat templates; a sliding-window Mistral; a
+recurrent hybrid (Qwen3-Next), for the engine's path of models that cannot batch; a Mistral, a Qwen2,
+a Qwen3, a Phi-3 and a SmolLM3 laid out as Llama, for the plain step's other families."""
 
 from __future__ import annotations
 
@@ -76,17 +76,78 @@ def save_tiny_llama(
     return path
 
 
-def sliding_window_model(eos: int | None = None) -> LoadedModel:
-    """A tiny Mistral (random weights, the byte tokenizer) whose layers keep a sliding window: its
-    cache cannot be rebuilt from blocks, so it can neither reuse KV nor decode in the batched way;
-    the engine runs it one request at a time (`ModelRunner._forward_one_by_one`). `eos`: one more
-    token that ends an answer."""
-    config = MistralConfig(**TINY_SHAPE, **BYTE_VOCAB, sliding_window=16)
+def sliding_window_model(window: int = 16) -> LoadedModel:
+    """A tiny Mistral (random weights, the byte tokenizer) whose layers keep a sliding window of
+    `window` tokens: batched and with prefix reuse, the pool keeping every layer's KV and attention
+    applying the window."""
+    config = MistralConfig(**TINY_SHAPE, **BYTE_VOCAB, sliding_window=window)
+    torch.manual_seed(5)
+    return _loaded("tiny-sliding", MistralForCausalLM(config), ByteTokenizer(), block_reuse=True)
+
+
+SLIDING_FAMILIES = ("mistral", "qwen2", "gemma2", "gemma3")
+
+
+def sliding_family_model(family: str, window: int = 8) -> LoadedModel:
+    """A tiny random-weight model whose attention keeps a sliding window of `window` tokens on some
+    layers, as each family lays it out: Mistral on every layer; Qwen2 (`use_sliding_window`) on the
+    layers from `max_window_layers` on; Gemma 2 and Gemma 3 on alternate layers (`layer_types`),
+    with their scaled embeddings, sandwich norms and Gemma 2's soft-capping. Batched, with prefix
+    reuse, through transformers' forward with our attention."""
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    shape = {**TINY_SHAPE, **BYTE_VOCAB}
+    alternate = ["sliding_attention", "full_attention"]
+    torch.manual_seed(13)
+    if family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**shape, sliding_window=window))
+    elif family == "qwen2":
+        config = Qwen2Config(**shape, use_sliding_window=True, sliding_window=window, max_window_layers=1)
+        model = Qwen2ForCausalLM(config)
+    elif family == "gemma2":
+        config = Gemma2Config(**shape, head_dim=16, sliding_window=window, layer_types=alternate)
+        model = Gemma2ForCausalLM(config)
+    elif family == "gemma3":
+        config = Gemma3TextConfig(**shape, head_dim=16, sliding_window=window, layer_types=alternate)
+        model = Gemma3ForCausalLM(config)
+    else:
+        raise ValueError(f"no tiny sliding-window {family} model")
+    return _loaded(f"tiny-{family}-sliding", model, ByteTokenizer(), block_reuse=True)
+
+
+def recurrent_model(eos: int | None = None) -> LoadedModel:
+    """A tiny Qwen3-Next (random weights, the byte tokenizer): a linear-attention (recurrent) layer
+    and a full-attention one. Its recurrent state cannot be rebuilt from KV blocks, so it neither
+    reuses KV nor decodes in the batched way: the engine runs it one request at a time
+    (`ModelRunner._forward_one_by_one`). `eos`: one more token that ends an answer."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    config = Qwen3NextConfig(
+        **TINY_SHAPE,
+        **BYTE_VOCAB,
+        head_dim=16,
+        linear_num_value_heads=2,
+        linear_num_key_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["linear_attention", "full_attention"],
+    )
     torch.manual_seed(5)
     tokenizer = ByteTokenizer()
     if eos is not None:
         tokenizer.eos_token_ids = frozenset({ByteTokenizer.EOS, eos})
-    return _loaded("tiny-sliding", MistralForCausalLM(config), tokenizer, block_reuse=False)
+    return _loaded("tiny-recurrent", Qwen3NextForCausalLM(config), tokenizer, block_reuse=False)
 
 
 def llama_layout_model(family: str) -> LoadedModel:

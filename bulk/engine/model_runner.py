@@ -42,12 +42,16 @@ class ModelRunner:
         self.lm = lm
         self.prefix = prefix
         self.config = config
-        # Requests compute in the pool only when the model's cache is plain attention throughout;
-        # other models (sliding window, recurrent) keep transformers' own cache, one request at a
-        # time.
-        self.uses_pool = lm.supports_block_reuse
         why_not = batched_attention.enable(lm.model)
         self.batched = why_not is None
+        # Requests compute in the pool, and store and reuse KV blocks, when every layer is full or
+        # sliding-window attention and the model batches (our attention applies the windows), or
+        # when every layer is full attention (transformers' own cache over the pool, one request at
+        # a time). Others (recurrent layers; a sliding window without our attention) keep
+        # transformers' own cache, one request at a time, without reuse.
+        self.uses_pool = lm.supports_block_reuse and (self.batched or hf_cache.plain_attention(lm.model))
+        if lm.supports_block_reuse and not self.uses_pool:
+            log.warning("model %s: KV prefix reuse is off (its sliding-window layers need batching)", lm.name)
         if why_not is not None:
             log.warning("model %s decodes one request at a time: %s", lm.name, why_not)
         # Decode rows go to the native decode attention where it is built (`bulk.models.native`:
@@ -122,7 +126,7 @@ class ModelRunner:
                     name, f"token id {max(tokens)} is not in the model's vocabulary ({vocab} tokens)"
                 )
         seq.start(ids, max_new, lm.tokenizer)
-        if lm.supports_block_reuse:
+        if self.uses_pool:
             # The scheduler compares them with the prefills under way (`Scheduler._waits_for`).
             seq.block_hashes = tuple(chain_hashes(ids, self.prefix.block_size, self.prefix.namespace))
 
@@ -133,7 +137,7 @@ class ModelRunner:
         request's range. At most len - 1 prompt tokens are reused: the last one is computed for its
         logits, so a fully cached prompt costs a one-token forward."""
         lm, ids = self.lm, seq.prompt_ids
-        seq.hit = self.prefix.lookup(ids if lm.supports_block_reuse else [], max_tokens=len(ids))
+        seq.hit = self.prefix.lookup(ids if self.uses_pool else [], max_tokens=len(ids))
         reused = min(seq.hit.num_tokens, len(ids) - 1)
         seq.cached_tokens = seq.num_computed = reused
         if self.uses_pool:
@@ -250,7 +254,7 @@ class ModelRunner:
     def store(self, seq: Sequence) -> int:
         """Offer the full blocks of every token whose KV is computed (prompt, and the answer fed back
         so far) to the prefix cache; returns how many were new."""
-        if not (self.lm.supports_block_reuse and self.uses_pool and seq.hit is not None):
+        if not (self.uses_pool and seq.hit is not None):
             return 0
         assert seq.slot is not None
         slot = self.pool.slot(seq.slot, seq.capacity)

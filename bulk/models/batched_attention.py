@@ -117,6 +117,19 @@ def step_batch(
     )
 
 
+def _window_mask(seg: Segment, window: int, skip: int, device: torch.device) -> torch.Tensor | None:
+    """(1, 1, length, cached + length - skip) bool, True where a new token may attend in a layer with
+    a sliding window: causal, and at most `window` keys back (transformers' sliding-window mask: key
+    j is seen from position i when i - window < j <= i), over the keys from position `skip` on.
+    None for one query (it sees every key it is given)."""
+    if seg.length == 1:
+        return None
+    rows = torch.arange(seg.length, device=device).unsqueeze(1) + seg.cached
+    cols = torch.arange(skip, seg.cached + seg.length, device=device).unsqueeze(0)
+    allowed = (cols <= rows) & (cols > rows - window)
+    return allowed.view(1, 1, seg.length, seg.cached + seg.length - skip)
+
+
 def _offset_causal_mask(seg: Segment, device: torch.device) -> torch.Tensor | None:
     """(1, 1, length, cached + length) bool, True where a new token may attend: the mask
     transformers builds for a chunk on top of a cache. None where SDPA needs none: one token sees
@@ -138,10 +151,14 @@ def _attention(
 ) -> tuple[torch.Tensor, None]:
     batch: StepBatch | None = kwargs.pop(_BATCH_KWARG, None)
     if batch is None:
+        if kwargs.get("softcap") is not None:  # SDPA refuses soft-capped scores
+            return _eager_call(module, query, key, value, attention_mask, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     layer = batch.pool[module.layer_idx]  # (2, kv_heads, pool_tokens, head_dim)
     write_kv(layer, batch, torch.cat((key, value), dim=1))
-    return attend(module, query, layer, batch, **kwargs), None
+    # The layer's sliding window, as the model's attention module passes it (None: full attention).
+    window = kwargs.pop("sliding_window", None)
+    return attend(module, query, layer, batch, window=window, **kwargs), None
 
 
 def write_kv(layer: torch.Tensor, batch: StepBatch, kv: torch.Tensor) -> None:
@@ -155,26 +172,44 @@ def write_kv(layer: torch.Tensor, batch: StepBatch, kv: torch.Tensor) -> None:
 
 
 def attend(
-    module: Any, query: torch.Tensor, layer: torch.Tensor, batch: StepBatch, **kwargs: Any
+    module: Any,
+    query: torch.Tensor,
+    layer: torch.Tensor,
+    batch: StepBatch,
+    window: int | None = None,
+    **kwargs: Any,
 ) -> torch.Tensor:
     """Each segment's queries over its request's keys and values in the pool (after `write_kv`):
     one SDPA per prompt chunk, as transformers' SDPA attention runs it, and the decode rows at the
-    end in one `batch.decode_attention` call where the batch has one, else one SDPA each. query:
-    (1, heads, N, head_dim); returns (1, N, heads, head_dim)."""
+    end in one `batch.decode_attention` call where the batch has one, else one SDPA each. A layer
+    with a sliding `window` of W tokens: each query sees only its last W keys (the keys before them
+    are left out of the call, and a chunk's mask also ends each row's window). query: (1, heads, N,
+    head_dim); returns (1, N, heads, head_dim)."""
     tokens = batch.write_at.shape[0]
     outputs = []
     offset = 0
     float32 = layer.dtype == torch.float32 or attends_in_float32(query.dtype, query.device)
     work = torch.float32 if float32 else query.dtype
-    native_rows = batch.decode_attention is not None
+    # Soft-capped scores (Gemma 2's `attn_logit_softcapping`) are no SDPA's: such a layer runs the
+    # model's own eager attention per segment, decode rows included.
+    softcap = kwargs.get("softcap")
+    native_rows = batch.decode_attention is not None and softcap is None
     sdpa_to = batch.rows_from if native_rows else len(batch.segments)
     segments, masks = batch.segments[:sdpa_to], batch.masks[:sdpa_to]
     for seg, mask in zip(segments, masks, strict=True):
         end = seg.start + seg.cached + seg.length
+        first = seg.start
+        if window is not None and seg.cached + seg.length > window:
+            # Keys before the chunk's first query's window are seen by none of its queries.
+            skip = max(0, seg.cached - window + 1)
+            first += skip
+            mask = _window_mask(seg, window, skip, query.device)
         q = query[:, :, offset : offset + seg.length].to(work)
-        k = layer[0, :, seg.start : end].unsqueeze(0).to(work)  # no copy when the pool holds `work`
-        v = layer[1, :, seg.start : end].unsqueeze(0).to(work)
-        if seg.length == 1 and k.shape[-1] <= GQA_HEAD_DIM:
+        k = layer[0, :, first:end].unsqueeze(0).to(work)  # no copy when the pool holds `work`
+        v = layer[1, :, first:end].unsqueeze(0).to(work)
+        if softcap is not None:
+            out = _eager(module, q, k, v, mask, **kwargs)
+        elif seg.length == 1 and k.shape[-1] <= GQA_HEAD_DIM:
             # A decode row: the SDPA call transformers' SDPA attention makes for one query and no
             # mask, without its checks (a few microseconds a layer, a row, a step).
             out = F.scaled_dot_product_attention(
@@ -189,14 +224,43 @@ def attend(
         rows = query[:, :, offset : offset + len(batch.row_starts)]
         scaling = kwargs.get("scaling")
         scaling = module.scaling if scaling is None else scaling
-        outputs.append(
-            batch.decode_attention(rows, layer, batch.row_starts, batch.row_ends, scaling, float32)
-        )
+        starts = batch.row_starts
+        if window is not None:
+            starts = [max(start, end - window) for start, end in zip(starts, batch.row_ends, strict=True)]
+        outputs.append(batch.decode_attention(rows, layer, starts, batch.row_ends, scaling, float32))
     padding = query.shape[2] - tokens
     if padding:
         # Tokens added only to fix the GEMM shape (batch-invariant mode): their output is never read.
         outputs.append(outputs[0].new_zeros((1, padding, *outputs[0].shape[2:])))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+
+def _eager(
+    module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, **kwargs: Any
+) -> torch.Tensor:
+    """One segment through the model's own eager attention function (its module's
+    `eager_attention_forward`: soft-capping and all)."""
+    out, _ = _eager_call(module, q, k, v, mask, **kwargs)
+    return out
+
+
+def _eager_call(
+    module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, **kwargs: Any
+) -> tuple[torch.Tensor, Any]:
+    """The module's own `eager_attention_forward` with a bool mask (True: attend) made additive, or,
+    for a missing one (SDPA's `is_causal`), the causal mask of the last queries over all the keys."""
+    import sys
+
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    queries, keys = q.shape[2], k.shape[2]
+    if mask is None and queries > 1:
+        rows = torch.arange(queries, device=q.device).unsqueeze(1) + (keys - queries)
+        mask = (torch.arange(keys, device=q.device).unsqueeze(0) <= rows).view(1, 1, queries, keys)
+    additive = mask
+    if mask is not None and mask.dtype == torch.bool:
+        additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+        additive.masked_fill_(~mask, torch.finfo(q.dtype).min)
+    return eager(module, q, k, v, additive, **kwargs)
 
 
 def attends_in_float32(dtype: torch.dtype, device: torch.device) -> bool:
@@ -235,8 +299,8 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 def enable(model: Any) -> str | None:
     """Route `model`'s attention through ours; None when it worked, else why decode cannot be
     batched this way (the caller then decodes one request at a time)."""
-    if not hf_cache.supports_block_reuse(model):
-        return "its cache layers are not all plain full attention (sliding window or recurrent)"
+    if hf_cache.attention_windows(model) is None:
+        return "its cache layers are not all full or sliding-window attention (recurrent or chunked)"
     current = getattr(model.config, "_attn_implementation", None)
     if current == ATTENTION:
         return None

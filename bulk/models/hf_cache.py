@@ -36,11 +36,41 @@ def _output_cache(output: Any) -> Any:
     return cache if cache is not None else output.get("past_key_values")
 
 
+def attention_windows(model: Any) -> tuple[int | None, ...] | None:
+    """Each layer's attention as transformers' cache for the model lays it out: None for full
+    attention, W for a sliding window of W tokens (a query at position i sees keys i - W + 1 to i);
+    None for a model with another kind of layer (recurrent state, chunked attention), whose state no
+    concatenation of KV blocks can rebuild."""
+    # transformers lays chunked attention (Llama 4's) out as sliding-window layers too: the layer
+    # types tell them apart.
+    kinds = set(getattr(model.config, "layer_types", None) or ())
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        return None
+    windows: list[int | None] = []
+    for layer in DynamicCache(config=model.config).layers:
+        kind = type(layer).__name__
+        if kind == "DynamicLayer":
+            windows.append(None)
+        elif kind == "DynamicSlidingWindowLayer":
+            windows.append(int(cast(Any, layer).sliding_window))
+        else:
+            return None
+    return tuple(windows)
+
+
 def supports_block_reuse(model: Any) -> bool:
-    """Reusing KV blocks needs plain full-attention layers: a sliding-window or recurrent layer keeps
-    state that a concatenation of blocks cannot rebuild."""
-    layers = DynamicCache(config=model.config).layers
-    return all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+    """KV blocks can be stored and reused: every layer is full or sliding-window attention. The pool
+    keeps every layer's KV for every token (a sliding layer's too, beyond its window), so a prefix's
+    blocks rebuild any layer's state exactly; attention applies each layer's window
+    (`batched_attention.attend`). transformers' own cache can be rebuilt from blocks only for plain
+    attention (`plain_attention`): a sliding-window model reuses blocks only when it batches."""
+    return attention_windows(model) is not None
+
+
+def plain_attention(model: Any) -> bool:
+    """Every layer is full attention: transformers' own cache can be built over the pool's blocks."""
+    windows = attention_windows(model)
+    return windows is not None and all(window is None for window in windows)
 
 
 class _BufferedLayer(DynamicLayer):
@@ -106,7 +136,7 @@ def new_cache(model: Any, capacity: int = 0) -> DynamicCache:
     """An empty cache. With `capacity` (prompt plus new tokens), its layers write into buffers of that
     size instead of growing by concatenation; only for models whose layers are all plain attention."""
     cache = DynamicCache(config=model.config)
-    if capacity > 0 and supports_block_reuse(model):
+    if capacity > 0 and plain_attention(model):
         cache.layers = [_BufferedLayer(capacity) for _ in cache.layers]
     return cache
 
@@ -195,7 +225,7 @@ def cache_from_block_rows(model: Any, rows: Sequence[Sequence[torch.Tensor]], ca
     lengths = {sum(b.shape[3] for b in row) for row in rows}
     if len(lengths) != 1:
         raise ValueError(f"every row must hold as many tokens (got {sorted(lengths)})")
-    if not supports_block_reuse(model):
+    if not plain_attention(model):
         raise ValueError("the model's cache layers are not all plain full attention")
     (length,) = lengths
     cache = new_cache(model, max(capacity, length, 1))

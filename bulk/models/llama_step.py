@@ -20,7 +20,8 @@ bfloat16 activations that loop runs each residual add with the RMS norm after it
 the norms' eight ATen operations were about a tenth of the time.
 
 `build` takes only what it knows: Llama's layout (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3:
-`LLAMA_LAYOUT`) without a sliding window, SiLU gating and static rotary embeddings over whole heads,
+`LLAMA_LAYOUT`; sliding-window layers too, each attending within its window, with the native decode
+layers then left out), SiLU gating and static rotary embeddings over whole heads,
 and it checks before use that a prefill chunk, a step mixing a chunk and a decode row, and a step of
 decode rows only give logits bit-identical to transformers' forward on the same inputs. Native layers
 that fail are dropped for the Python loop; a model whose Python loop fails keeps transformers'
@@ -36,13 +37,13 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from bulk.models import batched_attention
+from bulk.models import batched_attention, hf_cache
 from bulk.models import native as native_code
 from bulk.models.batched_attention import DecodeAttention, Segment, StepBatch
 from bulk.models.native import NativeLayers
@@ -75,6 +76,8 @@ class _Layer:
     # (input norm's weight, post-attention norm's weight, their epsilon) where both norms are
     # transformers' plain RMS norm (`_rms_norm`), for the fused prompt operations; else None
     norms: tuple[torch.Tensor, torch.Tensor, float] | None
+    # Its sliding window in tokens (Mistral's, Qwen2's later layers), None for full attention.
+    window: int | None = None
 
 
 class LlamaStep:
@@ -94,7 +97,11 @@ class LlamaStep:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         layers = inner.layers[: config.num_hidden_layers]
         self._fused_write = native_code.rotary_write_kv() if use_native else None
-        self.layers = [self._layer(layer) for layer in layers]
+        # Each layer's window as transformers' cache and masks lay it out (`hf_cache`).
+        windows = hf_cache.attention_windows(model) or (None,) * len(layers)
+        self.layers = [
+            replace(self._layer(layer), window=window) for layer, window in zip(layers, windows, strict=True)
+        ]
         # The residual adds and norms of bfloat16 steps as native calls (`_fused_layers`),
         # where every layer's norms are plain RMS norms; `build` drops them if the check fails.
         fusable = all(layer.norms is not None for layer in self.layers)
@@ -109,7 +116,8 @@ class LlamaStep:
             hasattr(a, "q_proj") and not hasattr(a, "q_norm") and getattr(a, "use_rope", True)
             for a in (layer.self_attn for layer in layers)
         )
-        if use_native and llama_names:
+        # ... and no sliding windows (their attention runs every row over its whole range).
+        if use_native and llama_names and all(window is None for window in windows):
             fused = [
                 (_fused([a.q_proj, a.k_proj, a.v_proj]), _fused([m.gate_proj, m.up_proj]))
                 for a, m in ((layer.self_attn, layer.mlp) for layer in layers)
@@ -248,7 +256,9 @@ class LlamaStep:
         for layer, pool in zip(self.layers, pools, strict=True):
             residual = hidden
             q = layer.qkv_write(layer.input_norm(hidden), cos, sin, pool, batch)
-            attn = batched_attention.attend(layer.attention, q, pool, batch, scaling=layer.scaling)
+            attn = batched_attention.attend(
+                layer.attention, q, pool, batch, layer.window, scaling=layer.scaling
+            )
             hidden = residual + layer.o(attn.reshape(1, n, -1).contiguous())
             residual = hidden
             gate, up = layer.gate_up(layer.post_norm(hidden))
@@ -275,7 +285,9 @@ class LlamaStep:
             norms = layer.norms
             assert norms is not None
             q = layer.qkv_write(normed, cos, sin, pool, batch)
-            attn = batched_attention.attend(layer.attention, q, pool, batch, scaling=layer.scaling)
+            attn = batched_attention.attend(
+                layer.attention, q, pool, batch, layer.window, scaling=layer.scaling
+            )
             out = layer.o(attn.reshape(1, n, -1).contiguous())
             hidden, normed = add_rms_norm(out, hidden, norms[1], norms[2])  # hidden + out, its norm
             gate, up = layer.gate_up(normed)
@@ -370,17 +382,6 @@ LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
-def _sliding(config: Any) -> bool:
-    """Whether some layer attends through a sliding window (which `attend` does not apply): Mistral's
-    `sliding_window`, Qwen2's `use_sliding_window`, or any `layer_types` entry other than full."""
-    layer_types = getattr(config, "layer_types", None) or ()
-    if any(kind != "full_attention" for kind in layer_types):
-        return True
-    if config.model_type in ("mistral", "phi3"):
-        return getattr(config, "sliding_window", None) is not None
-    return bool(getattr(config, "use_sliding_window", False))
-
-
 # Outcomes of the check against transformers, by `build`'s `checked_as` key.
 _checked: dict[str, str | None] = {}
 
@@ -397,8 +398,6 @@ def build(
     model_type = getattr(config, "model_type", None)
     if model_type not in LLAMA_LAYOUT:
         return None, f"model type {model_type!r} is not laid out as Llama ({', '.join(LLAMA_LAYOUT)})"
-    if _sliding(config):
-        return None, "its attention keeps a sliding window"
     if getattr(config, "hidden_act", None) != "silu":
         return None, f"activation {config.hidden_act!r} is not silu"
     rope = getattr(config, "rope_parameters", None) or {}

@@ -12,7 +12,7 @@ import pytest
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from tests.conftest import generate_without_cache
-from tests.tiny_hf_model import llama_layout_model, sliding_window_model
+from tests.tiny_hf_model import llama_layout_model, recurrent_model
 
 SYSTEM = "You are BUL, an assistant for business documents. Answer briefly.\n"
 
@@ -87,8 +87,8 @@ async def test_stats_report_batching(demo_model):
 
 
 async def test_a_model_that_cannot_batch_runs_one_request_at_a_time(caplog):
-    lm = sliding_window_model()
-    prompts = [f"sliding window prompt number {i}, long enough to slide" for i in range(4)]
+    lm = recurrent_model()
+    prompts = [f"recurrent prompt number {i}, a few words long" for i in range(4)]
     with caplog.at_level(logging.WARNING, logger="bulk.engine.model_runner"):
         engine = UltraAdaptiveKVCacheEngine(
             KVCacheConfig(model="demo", dtype="float32", response_cache=False), model=lm
@@ -102,8 +102,8 @@ async def test_a_model_that_cannot_batch_runs_one_request_at_a_time(caplog):
     assert stats["batch"]["max_batch_size"] == 1
     assert stats["histograms"]["batch_size"]["buckets"][0] == [1, stats["batch"]["decode_steps"]]
     assert [r.getMessage() for r in caplog.records if r.name == "bulk.engine.model_runner"] == [
-        "model tiny-sliding decodes one request at a time: its cache layers are not all plain full "
-        "attention (sliding window or recurrent)"
+        "model tiny-recurrent decodes one request at a time: its cache layers are not all full or "
+        "sliding-window attention (recurrent or chunked)"
     ]
 
 

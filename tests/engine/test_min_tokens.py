@@ -19,7 +19,7 @@ from bulk.engine.response_cache import request_key
 from bulk.errors import InvalidRequestError
 from bulk.models.tokenizer import ByteTokenizer
 from tests.conftest import ENDS_EARLY, generate_without_cache
-from tests.tiny_hf_model import sliding_window_model
+from tests.tiny_hf_model import recurrent_model
 
 J = ord("J")  # `eos_model`'s other end of sequence
 
@@ -117,8 +117,8 @@ async def test_stop_strings_are_looked_for_only_from_min_tokens_on(demo_model):
 async def test_min_tokens_and_ignore_eos_on_the_one_by_one_fallback():
     prompt = "sliding window prompt, long enough to slide past its window"
     # Its third greedy token made an end of sequence: its answer ends by then on its own.
-    third = generate_without_cache(sliding_window_model(), prompt, 8).token_ids[2]
-    lm = sliding_window_model(eos=third)
+    third = generate_without_cache(recurrent_model(), prompt, 8).token_ids[2]
+    lm = recurrent_model(eos=third)
     config = KVCacheConfig(model="demo", dtype="float32", response_cache=False)
     with UltraAdaptiveKVCacheEngine(config, model=lm) as engine:
         assert engine._loop is not None and not engine._loop.runner.batched

@@ -9,11 +9,11 @@ import torch
 
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
-from bulk.models import batched_attention, llama_step
+from bulk.models import batched_attention, hf_cache, llama_step
 from bulk.models.batched_attention import Segment
 from bulk.models.loader import load_model
 from bulk.models.weight_quant import WeightOnlyLinear
-from tests.tiny_hf_model import TINY_SHAPE, llama_layout_model
+from tests.tiny_hf_model import TINY_SHAPE, llama_layout_model, sliding_family_model
 
 
 def _model(**kw):
@@ -190,11 +190,17 @@ def test_mistral_and_qwen_take_the_plain_step_bit_identically(family):
     assert torch.equal(theirs, ours)
 
 
-def test_a_sliding_window_keeps_transformers_forward():
-    model = _tiny("mistral")
-    model.config.sliding_window = 16
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_layers_take_the_plain_step_bit_identically(family):
+    # A window of 8: the step's chunk on top of 9 cached tokens and its rows over 20 and 31 cross it.
+    model = sliding_family_model(family).model
+    assert batched_attention.enable(model) is None
     step, why = llama_step.build(model)
-    assert step is None and "sliding window" in why
+    assert why is None and step is not None
+    assert [layer.window for layer in step.layers] == list(hf_cache.attention_windows(model))
+    assert step.native is None  # the native layers attend over whole ranges
+    theirs, ours = _both(model, step)
+    assert torch.equal(theirs, ours)
 
 
 def test_llama_3_rope_scaling_takes_the_plain_step_and_dynamic_rope_does_not():

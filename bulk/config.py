@@ -166,6 +166,11 @@ class KVCacheConfig:
     # or off, the Python loop decodes with one SDPA call per row (the same answers up to the last
     # bits of attention, slower).
     native_decode: bool = True
+    # Structured outputs: where the grammar allows a single continuation for several tokens, they
+    # are taken without asking the model and computed with the next step's row (jump-forward).
+    # Not in batch-invariant mode, for requests asking for logprobs, or for a model that decodes
+    # one request at a time.
+    jump_forward: bool = True
 
     def __new__(cls, *args: Any, **kwargs: Any) -> KVCacheConfig:
         # Checked here rather than in __post_init__ so that an unknown key gives our ValueError
@@ -220,6 +225,7 @@ class KVCacheConfig:
             "allow_unsigned_shared_tiers",
             "batch_invariant",
             "native_decode",
+            "jump_forward",
         ):
             if not isinstance(getattr(self, key), bool):
                 raise InvalidConfigError(key, f"must be a bool, got {getattr(self, key)!r}")

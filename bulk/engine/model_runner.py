@@ -126,6 +126,15 @@ class ModelRunner:
                     name, f"token id {max(tokens)} is not in the model's vocabulary ({vocab} tokens)"
                 )
         seq.start(ids, max_new, lm.tokenizer)
+        # Jump-forward feeds a row several tokens at once: the batched step's rows (not the
+        # one-by-one fallback's), without batch invariance's fixed shapes, and not for logprobs,
+        # which forced tokens, never sampled, would not have.
+        seq.jump_forward = (
+            self.config.jump_forward
+            and self.batched
+            and not self.config.batch_invariant
+            and seq.params.logprobs is None
+        )
         if self.uses_pool:
             # The scheduler compares them with the prefills under way (`Scheduler._waits_for`).
             seq.block_hashes = tuple(chain_hashes(ids, self.prefix.block_size, self.prefix.namespace))
@@ -175,13 +184,19 @@ class ModelRunner:
             if seq.num_computed + take == len(seq.prompt_ids):
                 logits_at.append(len(tokens) - 1)
                 ready.append(seq)
-        for seq in decode:
+        # Rows holding tokens a grammar forced after the sampled one (jump-forward) run as chunks:
+        # their tokens side by side, the logits of the last one kept; then the one-token rows.
+        forced = [seq for seq in decode if len(seq.uncomputed) > 1]
+        rows = [seq for seq in decode if len(seq.uncomputed) <= 1]
+        for seq in forced + rows:
             assert seq.slot is not None and seq.next_token is not None
-            segments.append(Segment(seq.slot, seq.num_computed, 1))
-            tokens.append(seq.next_token)
+            fed = seq.uncomputed if seq.uncomputed else [seq.next_token]
+            segments.append(Segment(seq.slot, seq.num_computed, len(fed)))
+            tokens.extend(fed)
             logits_at.append(len(tokens) - 1)
             ready.append(seq)
-        batch = batched_attention.step_batch(self.pool.buffer, segments, self.decode_attention, len(chunks))
+        rows_from = len(chunks) + len(forced)
+        batch = batched_attention.step_batch(self.pool.buffer, segments, self.decode_attention, rows_from)
         if self.plain_step is not None:
             logits = self.plain_step.forward(tokens, batch, logits_at, pad_to)
         else:
@@ -212,7 +227,7 @@ class ModelRunner:
             if seq.num_computed == len(seq.prompt_ids):
                 seq.status = Status.DECODE
         for seq in decode:
-            seq.num_computed += 1
+            seq.num_computed += len(seq.uncomputed) or 1
 
     def sample(self, rows: Seq[tuple[Sequence, torch.Tensor]]) -> list[int]:
         """One token per (request, logits) row, each with its request's parameters and generator: a

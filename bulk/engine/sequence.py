@@ -69,6 +69,9 @@ class Sequence:
         # thread after intake (`compiling`), then the matcher every token of the answer advances.
         self.compiling: Future[RowGrammar] | None = None
         self.grammar: RowGrammar | None = None
+        # Jump-forward (`KVCacheConfig.jump_forward`, set at intake): after each chosen token, the
+        # tokens the grammar forces are taken too, without asking the model.
+        self.jump_forward = False
         self._tokenizer: Tokenizer | None = None
         # Its prompt's full blocks' chained hashes (`bulk.kv.hashing`; empty for a model without
         # prefix reuse): what the scheduler compares with the prefills under way.
@@ -84,6 +87,9 @@ class Sequence:
         self.output_ids: list[int] = []
         self.text = ""
         self.next_token: int | None = None  # sampled, not yet fed to the model
+        # The answer's tokens not yet fed to the model: the one sampled, and any the grammar forced
+        # after it (jump-forward). The next step computes them all in the request's row.
+        self.uncomputed: list[int] = []
         # Requests asking for logprobs: one entry per answer token; the sampler leaves the chosen
         # token's numbers in `sampled_logprobs` for `append` to take. None (and never computed) else.
         self.logprobs: list[TokenLogprobs] | None = [] if self.params.logprobs is not None else None
@@ -145,17 +151,29 @@ class Sequence:
         return self.prompt_ids + self.output_ids
 
     def append(self, token: int) -> str:
-        """Take the token sampled for this sequence; return the text it completes ("" while a
-        character is incomplete, or when the token ends the answer). Sets `finish_reason` on EOS
-        (unless `ignore_eos`: then it is an ordinary token), on a stop string (the text ends before
-        it, as OpenAI's API does; looked for only once `min_tokens` tokens are out), when a
-        constrained answer's grammar is complete, and at `max_new_tokens`. The sampler keeps EOS out
-        before `min_tokens` (`ModelRunner.sample`)."""
-        assert self.stream is not None
+        """Take the token sampled for this sequence, and with jump-forward the tokens its grammar
+        then forces; return the text they complete ("" while a character is incomplete, or when
+        the token ends the answer). Sets `finish_reason` on EOS (unless `ignore_eos`: then it is an
+        ordinary token), on a stop string (the text ends before it, as OpenAI's API does; looked for
+        only once `min_tokens` tokens are out), when a constrained answer's grammar is complete, and
+        at `max_new_tokens`. The sampler keeps EOS out before `min_tokens` (`ModelRunner.sample`)."""
         now = time.perf_counter()
         if self.ttft_ms is None:
             self.ttft_ms = (now - self.started) * 1000
         self.last_token_at = now
+        delta = self._take(token)
+        self.uncomputed = [token]
+        if self.jump_forward and self.grammar is not None and not self.finished:
+            for forced in self.grammar.forced():
+                delta += self._take(forced)
+                if self.finished:
+                    break
+                self.uncomputed.append(forced)
+        return delta
+
+    def _take(self, token: int) -> str:
+        """`append` for one token."""
+        assert self.stream is not None
         params = self.params
         if self.grammar is not None and not self.grammar.advance(token):
             # The sampler only chooses among the tokens the grammar allows; this is a bug, not the
@@ -171,26 +189,27 @@ class Sequence:
         self.output_ids.append(token)
         if self.logprobs is not None:
             self.logprobs.append(self._logprob_entry(token))
-        delta = self.stream.push(token)
+        emitted = len(self.text)
+        self.stream.push(token)
         cut = None
         if len(self.output_ids) < params.min_tokens:
             self._stop_from = len(self.stream.text)
         elif params.stop:
             cut = _stop_index(self.stream.text, params.stop, self._stop_from)
         if cut is not None:
-            emitted = len(self.text)
             self.text = self.stream.text[:cut]
             self.finish_reason = "stop"
             return self.text[emitted:]
         if self.grammar is not None and self.grammar.complete:
             self.finish_reason = "stop"
-            delta += self.stream.finish()
+            self.stream.finish()
         elif len(self.output_ids) >= self.max_new_tokens:
             self.finish_reason = "length"
-            delta += self.stream.finish()  # a character left incomplete at the very end
+            self.stream.finish()  # a character left incomplete at the very end
+        # The text out so far: a character still incomplete is held back by the stream.
         self.text = self.stream.text
         self.next_token = token
-        return delta
+        return self.text[emitted:]
 
     def _logprob_entry(self, token: int) -> TokenLogprobs:
         """The sampler's numbers for `token` (`ModelRunner.sample`), with the tokens' texts."""

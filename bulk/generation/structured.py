@@ -173,6 +173,11 @@ class RowGrammar:
         """Take the chosen token; False when the grammar does not allow it (then it is in error)."""
         return bool(self._matcher.consume_token(token))
 
+    def forced(self) -> list[int]:
+        """The tokens the grammar allows as the only continuation from here (llguidance's
+        fast-forward tokens; empty when the next token is a choice)."""
+        return list(self._matcher.compute_ff_tokens())
+
     @property
     def complete(self) -> bool:
         """The grammar allows nothing more: the answer is over."""

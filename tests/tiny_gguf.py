@@ -126,3 +126,141 @@ def write_tiny_gguf(path: Path, seed: int = 7, layout: str = "Q8_0", architectur
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# ---- other architectures ----------------------------------------------------------------------------
+# Tiny files of the other decoder families transformers reads from GGUF, as llama.cpp's converter
+# writes them (`convert_hf_to_gguf.py`): its architecture string, its metadata keys and its tensor
+# names (`gguf.MODEL_TENSORS`). Per family, what differs from Llama's file above:
+#   qwen2   - biases on attn_q / attn_k / attn_v (float32).
+#   qwen3   - per-head RMS norms attn_q_norm / attn_k_norm, and head_dim 128, which the file states
+#             (`attention.key_length`) but transformers does not read: it takes Qwen3's default, 128.
+#   phi3    - fused attn_qkv (q, k, v rows stacked) and ffn_up holding gate and up stacked.
+#   gemma2  - no output matrix (tied to token_embd), post_attention_norm / post_ffw_norm, head_dim
+#             from `attention.key_length`, `attention.sliding_window`; layers alternate sliding and
+#             full (transformers' Gemma 2 pattern). llama.cpp stores its norms as 1 + weight.
+#   gemma3  - as gemma2, plus attn_q_norm / attn_k_norm; one layer in 6 is full (transformers' and
+#             llama.cpp's Gemma 3 pattern), so the file has 6 layers.
+#   mistral - a Llama file: llama.cpp writes Mistral as architecture "llama", and transformers reads it
+#             as Llama (its Mistral rename needs `general.name` exactly "mistral", then fails in gguf-py).
+FAMILIES = ("qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mistral")
+FAMILY_WINDOW = 8  # the sliding window of the Gemma files: every test prompt crosses it
+_FAMILY_LAYERS = {"gemma3": 6}
+_FAMILY_HEAD_DIM = {"qwen3": 128}
+
+
+def bpe_vocabulary() -> tuple[list[str], list[str]]:
+    """The byte-level BPE vocabulary (tokens in id order) and merges `write_tiny_gguf` trains."""
+    raw = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS))
+    vocab = sorted(raw.get_vocab().items(), key=lambda item: item[1])
+    merges = [
+        " ".join(pair) if isinstance(pair, list) else pair
+        for pair in json.loads(raw.to_str())["model"]["merges"]
+    ]
+    return [token for token, _ in vocab], merges
+
+
+def write_family_gguf(path: Path, family: str, layout: str = "Q8_0", seed: int = 7) -> Path:
+    """A tiny GGUF file of `family` (one of `FAMILIES`), its matrices in `layout` (a key of
+    `LAYOUTS`: Q4_K / Q5_K as llama.cpp's _M mixes), the norms and biases float32. Hidden size 64
+    (256 for the k-quants, whose rows are 256 values), 4 heads, 2 KV heads, 2 layers (Gemma 3: 6)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}: one of {FAMILIES}")
+    file_type, wide_layout = LAYOUTS[layout]
+    hidden, ffn = (K_HIDDEN, K_FFN) if layout.endswith("_K") else (HIDDEN, FFN)
+    layers = _FAMILY_LAYERS.get(family, LAYERS)
+    head_dim = _FAMILY_HEAD_DIM.get(family, hidden // HEADS)
+    gemma = family.startswith("gemma")
+    arch = "llama" if family == "mistral" else family
+    tokens, merges = bpe_vocabulary()
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-{family}-test")
+    writer.add_context_length(CONTEXT)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    if family == "mistral":
+        writer.add_rope_dimension_count(head_dim)
+    else:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6 if gemma else 1e-5)
+    if gemma:
+        writer.add_sliding_window(FAMILY_WINDOW)
+    if family == "gemma2":
+        writer.add_attn_logit_softcapping(50.0)
+        writer.add_final_logit_softcapping(30.0)
+    writer.add_vocab_size(len(tokens))
+    writer.add_file_type(file_type)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens]
+    )
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokens.index("<|im_start|>"))
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_unk_token_id(tokens.index("<|endoftext|>"))
+    writer.add_pad_token_id(tokens.index("<|im_end|>"))
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHATML)
+
+    rng = np.random.default_rng(seed)
+
+    def matrix(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) * 0.08).astype(np.float32)
+
+    def add_quantized(name: str, data: np.ndarray, as_layout: str = layout) -> None:
+        quantized = quantize(data, as_layout)
+        writer.add_tensor(
+            name, quantized, raw_shape=quantized.shape, raw_dtype=GGMLQuantizationType[as_layout]
+        )
+
+    def add_norm(name: str, size: int) -> None:
+        writer.add_tensor(name, np.ones(size, dtype=np.float32))  # gemma: 1 + 0, as llama.cpp writes it
+
+    q_rows, kv_rows = HEADS * head_dim, KV_HEADS * head_dim
+    # Gemma's head is its embedding (no output matrix), which llama.cpp then keeps at the head's bits.
+    add_quantized("token_embd.weight", matrix(len(tokens), hidden), wide_layout if gemma else layout)
+    add_norm("output_norm.weight", hidden)
+    if not gemma:
+        add_quantized("output.weight", matrix(len(tokens), hidden), wide_layout)
+    for i in range(layers):
+        wide = wide_layout if i == 0 else layout  # as llama.cpp's _M mixes
+        add_norm(f"blk.{i}.attn_norm.weight", hidden)
+        add_norm(f"blk.{i}.ffn_norm.weight", hidden)
+        if family == "phi3":
+            # The _M mixes keep attn_v at more bits; fused into attn_qkv, it stays at the file's.
+            add_quantized(f"blk.{i}.attn_qkv.weight", matrix(q_rows + 2 * kv_rows, hidden))
+            add_quantized(f"blk.{i}.ffn_up.weight", matrix(2 * ffn, hidden))
+        else:
+            add_quantized(f"blk.{i}.attn_q.weight", matrix(q_rows, hidden))
+            add_quantized(f"blk.{i}.attn_k.weight", matrix(kv_rows, hidden))
+            add_quantized(f"blk.{i}.attn_v.weight", matrix(kv_rows, hidden), wide)
+            add_quantized(f"blk.{i}.ffn_gate.weight", matrix(ffn, hidden))
+            add_quantized(f"blk.{i}.ffn_up.weight", matrix(ffn, hidden))
+        add_quantized(f"blk.{i}.attn_output.weight", matrix(hidden, q_rows))
+        add_quantized(f"blk.{i}.ffn_down.weight", matrix(hidden, ffn), wide)
+        if family == "qwen2":
+            for name, size in (("attn_q", q_rows), ("attn_k", kv_rows), ("attn_v", kv_rows)):
+                bias = (rng.standard_normal(size) * 0.02).astype(np.float32)
+                writer.add_tensor(f"blk.{i}.{name}.bias", bias)
+        if family in ("qwen3", "gemma3"):
+            add_norm(f"blk.{i}.attn_q_norm.weight", head_dim)
+            add_norm(f"blk.{i}.attn_k_norm.weight", head_dim)
+        if gemma:
+            add_norm(f"blk.{i}.post_attention_norm.weight", hidden)
+            add_norm(f"blk.{i}.post_ffw_norm.weight", hidden)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

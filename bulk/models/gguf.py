@@ -106,7 +106,8 @@ def check_architecture(path: Path) -> None:
     name = architecture(path)
     # transformers' own renames (load_gguf_checkpoint): llama.cpp spells some without underscores.
     renamed = name.replace("-", "_").replace("moe", "_moe").replace("__", "_")
-    supported = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"} - _NOT_CAUSAL)
+    readable = set(GGUF_SUPPORTED_ARCHITECTURES) | _newer_gguf_architectures()
+    supported = sorted(readable - {"general", "tokenizer"} - _NOT_CAUSAL)
     if name in supported or renamed in supported:
         return
     if name in _NOT_CAUSAL:
@@ -117,6 +118,17 @@ def check_architecture(path: Path) -> None:
         f"{path}: GGUF architecture {name or '(none)'!r} cannot be served ({why}); "
         "load the model's Hugging Face folder instead"
     )
+
+
+def _newer_gguf_architectures() -> set[str]:
+    """The architectures transformers 5 reads through its newer GGUF path (`integrations.gguf`:
+    Qwen 3.5, LFM2...), which `GGUF_SUPPORTED_ARCHITECTURES` (the older reader's list) leaves out;
+    empty before that path existed."""
+    try:
+        from transformers.integrations.gguf.gguf_config_mapping import GGUF_CONFIG_ARCHS
+    except ImportError:
+        return set()
+    return set(GGUF_CONFIG_ARCHS)
 
 
 def manifest_weight_bits(folder: Path, path: Path) -> int | None:
@@ -207,6 +219,18 @@ def converted_folder(path: Path, cache_root: Path, expected_sha256: str | None =
     return folder
 
 
+def _dequantized_load() -> dict:
+    """`from_pretrained` arguments that load every weight dequantized. transformers 5 keeps the
+    weights of the architectures its newer GGUF path reads (Qwen 3.5, LFM2) packed in GGUF blocks
+    when the `kernels` package can fetch a matmul kernel for the machine: a state dict of uint8
+    blocks that the fresh float32 model below cannot take. Older versions always dequantize."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def _convert(path: Path, folder: Path, digest: str) -> None:
     import torch
     import transformers
@@ -216,7 +240,9 @@ def _convert(path: Path, folder: Path, digest: str) -> None:
     partial = folder.parent / f".{digest[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32, **_dequantized_load()
+        )
         config = loaded.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config

@@ -1,0 +1,178 @@
+"""GGUF files of the other decoder families transformers reads from GGUF, as llama.cpp writes them
+(`tests.tiny_gguf.write_family_gguf`: Qwen 2, Qwen 3, Phi-3, Gemma 2, Gemma 3 and Mistral, which
+llama.cpp writes as a Llama file), their matrices in Q4_K (llama.cpp's Q4_K_M mix), Q6_K or Q8_0.
+Each converts with every weight taken from the file (none left at its initial value), answers the
+same greedy tokens twice at the file's bits with the load log line saying which and why, and the
+sliding-window ones (Gemma 2 and 3, window 8, with their layer patterns) decode requests as one batch
+and reuse a prefix past the window, each answer the one computed alone from nothing. (An architecture
+transformers cannot read is refused at start: `tests/models/test_gguf_layouts.py`.)"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from bulk.config import KVCacheConfig
+from bulk.engine.engine import UltraAdaptiveKVCacheEngine
+from bulk.models import hf_cache
+from bulk.models.gguf import check_architecture, weight_layout
+from bulk.models.loader import load_model
+from tests.conftest import generate_without_cache
+from tests.tiny_gguf import FAMILIES, FAMILY_WINDOW, write_family_gguf, write_tiny_gguf
+
+LAYOUTS = ("Q4_K", "Q6_K", "Q8_0")
+BITS = {"Q4_K": 4, "Q6_K": 8, "Q8_0": 8}  # what `weight_quantization="auto"` serves each at
+CLASSES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "mistral": "LlamaForCausalLM",  # llama.cpp's Mistral files are Llama files
+}
+# GGUF tensor -> the transformers parameter it becomes, beyond what every family has (ffn_down)
+SPECIFIC = {
+    "qwen2": {"blk.1.attn_q.bias": "model.layers.1.self_attn.q_proj.bias"},
+    "qwen3": {"blk.1.attn_k_norm.weight": "model.layers.1.self_attn.k_norm.weight"},
+    "phi3": {
+        "blk.1.attn_qkv.weight": "model.layers.1.self_attn.qkv_proj.weight",
+        "blk.1.ffn_up.weight": "model.layers.1.mlp.gate_up_proj.weight",
+    },
+    "gemma2": {"blk.1.post_ffw_norm.weight": "model.layers.1.post_feedforward_layernorm.weight"},
+    "gemma3": {"blk.1.attn_q_norm.weight": "model.layers.1.self_attn.q_norm.weight"},
+    "mistral": {"blk.1.attn_v.weight": "model.layers.1.self_attn.v_proj.weight"},
+}
+QUERY = {"query": "What is the capital of France?", "max_new_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One model cache for the module: each file is converted once, by whichever test comes first."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    made = {}
+
+    def family_file(family: str, layout: str):
+        if (family, layout) not in made:
+            folder = tmp_path_factory.mktemp("gguf")
+            path = folder / f"tiny-{family}.{layout}.gguf"
+            made[family, layout] = write_family_gguf(path, family, layout)
+        return made[family, layout]
+
+    return family_file
+
+
+def _config(path, cache, **kw) -> KVCacheConfig:
+    return KVCacheConfig(
+        **{"model": str(path), "model_cache_path": str(cache), "device": "cpu", "response_cache": False, **kw}
+    )
+
+
+def _dequantized(reader: gguf.GGUFReader, name: str) -> torch.Tensor:
+    tensor = next(t for t in reader.tensors if t.name == name)
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    return torch.from_numpy(np.array(values, dtype=np.float32))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_converts_with_every_weight_from_the_file(family, layout, files, cache):
+    path = files(family, layout)
+    assert weight_layout(path) == layout  # the most common layout of the blocks' matrices
+    lm = load_model(_config(path, cache, dtype="float32", weight_quantization="none"))
+    model = lm.model
+    assert type(model).__name__ == CLASSES[family]
+    reader = gguf.GGUFReader(path)
+    # Every parameter came from the file: as many values as it holds (a tied head counted once)...
+    assert sum(p.numel() for p in model.parameters()) == sum(int(t.n_elements) for t in reader.tensors)
+    # ...and they are its values, as the `gguf` package reads them (Gemma's norms stored as 1 + w).
+    params = dict(model.named_parameters())
+    expected = {"blk.1.ffn_down.weight": "model.layers.1.mlp.down_proj.weight", **SPECIFIC[family]}
+    for gguf_name, hf_name in expected.items():
+        value = _dequantized(reader, gguf_name)
+        if family.startswith("gemma") and "norm" in gguf_name:
+            value = value - 1
+        assert torch.equal(params[hf_name].detach(), value), (gguf_name, hf_name)
+    if family == "qwen3":  # the file's head size (transformers takes Qwen 3's default, the same)
+        assert model.config.head_dim == 128
+    windows = hf_cache.attention_windows(model)
+    if family == "gemma2":  # alternate layers slide
+        assert windows == (FAMILY_WINDOW, None)
+    elif family == "gemma3":  # one layer in 6 is full
+        assert windows == (FAMILY_WINDOW,) * 5 + (None,)
+    else:
+        assert windows is not None and set(windows) == {None}
+    assert lm.supports_block_reuse
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_answers_at_the_files_bits_and_the_log_line_says_why(
+    family, layout, files, cache, caplog
+):
+    path = files(family, layout)
+    bits = BITS[layout]
+    config = _config(path, cache, dtype="bfloat16", weight_quantization="auto")
+    with (
+        caplog.at_level(logging.INFO, logger="bulk.models.loader"),
+        UltraAdaptiveKVCacheEngine(config) as engine,
+    ):
+        first = engine.process_request_sync(QUERY)
+        second = engine.process_request_sync(QUERY)
+        served = engine.model.weight_quantization
+    assert served == f"int{bits}"
+    loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
+    assert len(loaded) == 1
+    assert f"(bfloat16, weights int{bits}: the file's blocks are {layout})" in loaded[0]
+    assert first["completion_tokens"] > 0
+    assert (first["result"], first["completion_tokens"]) == (second["result"], second["completion_tokens"])
+
+
+def _prompt(i: int) -> str:
+    words = ["the", "capital", "of", "France", "is", "Paris", "create", "marketing", "strategy"]
+    return " ".join(words[(i + k * 3) % len(words)] for k in range(12 + i % 5))
+
+
+@pytest.mark.parametrize(("family", "layout"), [("gemma2", "Q6_K"), ("gemma3", "Q4_K")])
+async def test_sliding_window_families_batch_and_reuse_a_prefix(family, layout, files, cache):
+    path = files(family, layout)
+    config = _config(path, cache, dtype="float32", weight_quantization="none", block_size=4, max_batch_size=8)
+    prompts = [_prompt(i) for i in range(8)]
+    shared = "You are a helpful assistant. " + " ".join(_prompt(i) for i in range(3))
+    warm, test = shared + " What is the capital of France?", shared + " Create marketing strategy."
+    request = {"raw": True, "max_new_tokens": 6, "ignore_eos": True}
+    with UltraAdaptiveKVCacheEngine(config) as engine:
+        batched = await asyncio.gather(*(engine.process_request({**request, "query": p}) for p in prompts))
+        assert engine._loop is not None  # (started by the first request)
+        runner = engine._loop.runner
+        assert runner.batched and runner.uses_pool  # sliding-window layers batch, through the pool
+        stats = engine.get_stats()
+        await engine.process_request({**request, "query": warm})
+        reused = await engine.process_request({**request, "query": test})
+        lm = engine.model
+    assert stats["batch"]["max_batch_size"] >= 4  # decoded together
+    solo = [generate_without_cache(lm, p, 6, ignore_eos=True).text for p in prompts]
+    assert [r["result"] for r in batched] == solo  # each batched answer is its answer alone
+    shared_tokens = len(lm.tokenizer.encode(shared))
+    assert shared_tokens > 4 * FAMILY_WINDOW
+    # The shared prefix's blocks (block_size 4) came from the cache, well past the window, and the
+    # answer is the one computed from nothing.
+    assert reused["cached_tokens"] >= shared_tokens - 2 * 4  # all but its last block or two
+    assert reused["result"] == generate_without_cache(lm, test, 6, ignore_eos=True).text
+
+
+@pytest.mark.parametrize("architecture", ["qwen35", "qwen35moe", "lfm2"])
+def test_architectures_transformers_reads_through_its_newer_gguf_path_are_not_refused(architecture, tmp_path):
+    """transformers 5 reads Qwen 3.5 (and LFM2) through `integrations.gguf`, not the older reader
+    whose list `check_architecture` used to take as the whole; they must not be refused at start."""
+    pytest.importorskip("transformers.integrations.gguf.gguf_config_mapping")
+    path = write_tiny_gguf(tmp_path / f"tiny-{architecture}.gguf", architecture=architecture)
+    check_architecture(path)  # does not raise

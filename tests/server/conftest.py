@@ -40,6 +40,22 @@ def server(api_engine):
         yield live
 
 
+# Room for whole JSON objects and tool calls (the default server's 8 new tokens hold none).
+ROOMY = {"default_max_new_tokens": 64, "max_new_tokens_limit": 600, "response_cache": False}
+
+
+@pytest.fixture(scope="session")
+def roomy_server(demo_model):
+    """A server whose requests may ask for up to 600 new tokens, response cache off (structured
+    outputs and tool calls: every answer from the model, long enough to finish)."""
+    with (
+        UltraAdaptiveKVCacheEngine(KVCacheConfig(**{**ENGINE, **ROOMY}), model=demo_model) as engine,
+        LiveServer(create_app(settings(**ROOMY), engine=engine)) as live,
+    ):
+        wait_ready(live.url)
+        yield live
+
+
 @pytest.fixture(scope="session")
 def protected_server(api_engine):
     """API keys on, and a rate limit of 3 requests at once then 1 a minute per key."""

@@ -17,15 +17,6 @@ import pytest
 import requests
 from pydantic import BaseModel, Field
 
-from bulk.config import KVCacheConfig
-from bulk.engine.engine import UltraAdaptiveKVCacheEngine
-from bulk.server.app import create_app
-from tests.server.conftest import ENGINE, settings, wait_ready
-from tests.server.live_server import LiveServer
-
-# Room for a whole object: the shared server's limit of 8 new tokens is too short for one.
-LIMITS = {"default_max_new_tokens": 64, "max_new_tokens_limit": 400}
-
 CHAT = [{"role": "user", "content": "Describe a person"}]
 PERSON = {
     "type": "object",
@@ -45,14 +36,8 @@ class Pet(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server(demo_model):
-    config = KVCacheConfig(**{**ENGINE, **LIMITS, "response_cache": False})
-    with (
-        UltraAdaptiveKVCacheEngine(config, model=demo_model) as engine,
-        LiveServer(create_app(settings(**LIMITS, response_cache=False), engine=engine)) as live,
-    ):
-        wait_ready(live.url)
-        yield live
+def server(roomy_server):
+    return roomy_server
 
 
 @pytest.fixture

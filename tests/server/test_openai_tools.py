@@ -14,13 +14,6 @@ import openai
 import pytest
 import requests
 
-from bulk.config import KVCacheConfig
-from bulk.engine.engine import UltraAdaptiveKVCacheEngine
-from bulk.server.app import create_app
-from tests.server.conftest import ENGINE, settings, wait_ready
-from tests.server.live_server import LiveServer
-
-LIMITS = {"default_max_new_tokens": 64, "max_new_tokens_limit": 600}
 WEATHER = {
     "type": "object",
     "properties": {
@@ -51,14 +44,8 @@ CHAT = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def server(demo_model):
-    config = KVCacheConfig(**{**ENGINE, **LIMITS, "response_cache": False})
-    with (
-        UltraAdaptiveKVCacheEngine(config, model=demo_model) as engine,
-        LiveServer(create_app(settings(**LIMITS, response_cache=False), engine=engine)) as live,
-    ):
-        wait_ready(live.url)
-        yield live
+def server(roomy_server):
+    return roomy_server
 
 
 @pytest.fixture

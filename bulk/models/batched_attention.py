@@ -191,10 +191,11 @@ def attend(
     float32 = layer.dtype == torch.float32 or attends_in_float32(query.dtype, query.device)
     work = torch.float32 if float32 else query.dtype
     # Soft-capped scores (Gemma 2's `attn_logit_softcapping`) are no SDPA's: such a layer runs the
-    # model's own eager attention per segment, decode rows included.
+    # model's own eager attention, per prompt chunk, and for the decode rows in one padded call.
     softcap = kwargs.get("softcap")
     native_rows = batch.decode_attention is not None and softcap is None
-    sdpa_to = batch.rows_from if native_rows else len(batch.segments)
+    eager_rows = softcap is not None and batch.rows_from < len(batch.segments)
+    sdpa_to = batch.rows_from if native_rows or eager_rows else len(batch.segments)
     segments, masks = batch.segments[:sdpa_to], batch.masks[:sdpa_to]
     for seg, mask in zip(segments, masks, strict=True):
         end = seg.start + seg.cached + seg.length
@@ -219,6 +220,9 @@ def attend(
             out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)
         outputs.append(out.to(query.dtype))  # (1, length, heads, head_dim)
         offset += seg.length
+    if eager_rows:
+        rows = query[:, :, offset : offset + len(batch.row_starts)].to(work)
+        outputs.append(_eager_rows(module, rows, layer, batch, window, **kwargs).to(query.dtype))
     if native_rows and batch.row_starts:
         assert batch.decode_attention is not None
         rows = query[:, :, offset : offset + len(batch.row_starts)]
@@ -242,6 +246,33 @@ def _eager(
     `eager_attention_forward`: soft-capping and all)."""
     out, _ = _eager_call(module, q, k, v, mask, **kwargs)
     return out
+
+
+def _eager_rows(
+    module: Any, rows: torch.Tensor, layer: torch.Tensor, batch: StepBatch, window: int | None, **kwargs: Any
+) -> torch.Tensor:
+    """Every decode row of the step through the model's own eager attention in one call: each row's
+    keys and values gathered from the pool into a batch padded to the longest range, the padding
+    masked out (its weights are exactly 0 after the softmax). rows: (1, heads, R, head_dim);
+    returns (1, R, heads, head_dim)."""
+    ends = batch.row_ends
+    starts = [
+        max(s, e - window) if window is not None else s for s, e in zip(batch.row_starts, ends, strict=True)
+    ]
+    longest = max(e - s for s, e in zip(starts, ends, strict=True))
+    offsets = torch.arange(longest, device=layer.device)
+    first = torch.tensor(starts, device=layer.device).unsqueeze(1)
+    last = torch.tensor(ends, device=layer.device).unsqueeze(1) - 1
+    at = first + offsets  # (R, longest) pool positions, past a row's end clamped to it
+    valid = at <= last
+    gathered = layer[:, :, torch.minimum(at, last)]  # (2, kv_heads, R, longest, head_dim)
+    keys, values = (
+        gathered.permute(0, 2, 1, 3, 4).to(rows.dtype).unbind(0)
+    )  # (R, kv_heads, longest, head_dim)
+    queries = rows[0].transpose(0, 1).unsqueeze(2)  # (R, heads, 1, head_dim)
+    mask = valid.view(len(starts), 1, 1, longest)
+    out, _ = _eager_call(module, queries, keys, values, mask, **kwargs)  # (R, 1, heads, head_dim)
+    return out.transpose(0, 1)
 
 
 def _eager_call(

@@ -6,7 +6,10 @@ clients at once. The unconstrained answers are held to the constrained ones' len
 `max_new_tokens` = their median), so both sides decode the same number of tokens. A row's per-token
 cost is its answer's time after the first token over its tokens after the first; the figure is the
 median over requests (16 at least at each level), constrained / unconstrained, measured in
-alternating rounds in one process.
+alternating rounds in one process. The constrained side runs without jump-forward (an engine on the
+same model with `jump_forward` off): that ratio is what the grammar's masks cost a row. The same
+constrained requests with jump-forward (the default) beside it: its ms per answer token, and the gain
+(without / with).
 Also: the share of constrained answers that finished and validate (`jsonschema`), the grammar
 engine's vocabulary build (once per tokenizer), and a schema's compile time cold and from the cache.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import statistics
@@ -116,6 +120,10 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with UltraAdaptiveKVCacheEngine(config) as engine:
         engine.warmup_sync()
+        # The same model without jump-forward: what the grammar's masks alone cost a row.
+        masked_only = UltraAdaptiveKVCacheEngine(
+            dataclasses.replace(config, jump_forward=False), model=engine.model
+        )
         tokenizer = engine.model.tokenizer
         started = time.perf_counter()
         vocabulary = grammar_vocabulary(tokenizer)
@@ -130,13 +138,14 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                 times.append((time.perf_counter() - started) * 1000)
         constrained = {"structured_outputs": {"json": SCHEMA}, "max_new_tokens": 96, "temperature": 0}
         for clients in options["clients"]:
-            on, off, finished, valid = [], [], 0, 0
+            on, off, jumped, finished, valid = [], [], [], 0, 0
             # At least 16 requests a level: one client's 3 rounds are 3 numbers, too few on a noisy machine.
             rounds = max(options["rounds"], -(-16 // clients))
             for round_ in range(rounds):
                 asks = prompts(clients, round_)
-                answers = asyncio.run(_batch(engine, [{"messages": m, **constrained} for m in asks]))
-                for answer in answers:
+                answers = asyncio.run(_batch(masked_only, [{"messages": m, **constrained} for m in asks]))
+                with_jumps = asyncio.run(_batch(engine, [{"messages": m, **constrained} for m in asks]))
+                for answer in answers + with_jumps:
                     if answer["finish_reason"] == "stop":
                         finished += 1
                         try:
@@ -150,19 +159,23 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
                     _batch(engine, [{"messages": m, **free} for m in prompts(clients, round_ + 50)])
                 )
                 on += [v for a in answers if (v := per_token_ms(a)) is not None]
+                jumped += [v for a in with_jumps if (v := per_token_ms(a)) is not None]
                 off += [v for a in plain if (v := per_token_ms(a)) is not None]
-            total = clients * rounds
+            total = 2 * clients * rounds
             rows.append(
                 {
                     "clients": clients,
                     "constrained_ms_per_token": statistics.median(on),
                     "unconstrained_ms_per_token": statistics.median(off),
                     "ratio": ratio(statistics.median(on), statistics.median(off)),
+                    "jump_forward_ms_per_token": statistics.median(jumped),
+                    "jump_forward_gain": ratio(statistics.median(on), statistics.median(jumped)),
                     "finished": finished,
                     "valid": valid,
                     "requests": total,
                 }
             )
+        masked_only.shutdown()
     return {
         "options": options,
         "rows": rows,
@@ -480,6 +493,8 @@ def render(result: dict[str, Any]) -> str:
             "constrained ms/token",
             "unconstrained ms/token",
             "ratio (target <= 1.1)",
+            "with jump-forward ms/token",
+            "jump-forward gain",
             "valid / finished / sent",
         ],
         [
@@ -488,6 +503,8 @@ def render(result: dict[str, Any]) -> str:
                 r["constrained_ms_per_token"],
                 r["unconstrained_ms_per_token"],
                 f"{r['ratio']:.3f}x" if r["ratio"] is not None else None,
+                r.get("jump_forward_ms_per_token"),
+                f"{r['jump_forward_gain']:.2f}x" if r.get("jump_forward_gain") else None,
                 f"{r['valid']} / {r['finished']} / {r['requests']}",
             ]
             for r in result["rows"]

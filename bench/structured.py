@@ -141,6 +141,10 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
             on, off, jumped, finished, valid = [], [], [], 0, 0
             # At least 16 requests a level: one client's 3 rounds are 3 numbers, too few on a noisy machine.
             rounds = max(options["rounds"], -(-16 // clients))
+            # One unmeasured round on each engine first: each scheduler sizes its prompt chunks
+            # from the step costs it has measured, which a fresh engine has not yet.
+            for warm in (masked_only, engine):
+                asyncio.run(_batch(warm, [{"messages": m, **constrained} for m in prompts(clients, 90)]))
             for round_ in range(rounds):
                 asks = prompts(clients, round_)
                 answers = asyncio.run(_batch(masked_only, [{"messages": m, **constrained} for m in asks]))

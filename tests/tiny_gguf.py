@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -78,21 +79,8 @@ def write_tiny_gguf(path: Path, seed: int = 7, layout: str = "Q8_0", architectur
     writer.add_rope_dimension_count(hidden // HEADS)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(len(tokens))
     writer.add_file_type(file_type)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(
-        [gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens]
-    )
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(tokens.index("<|im_start|>"))
-    writer.add_eos_token_id(tokens.index("<|im_end|>"))
-    writer.add_unk_token_id(tokens.index("<|endoftext|>"))
-    writer.add_pad_token_id(tokens.index("<|im_end|>"))
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(CHATML)
+    _add_tokenizer(writer, tokens, merges)
 
     rng = np.random.default_rng(seed)
     head_dim = hidden // HEADS
@@ -197,21 +185,8 @@ def write_family_gguf(path: Path, family: str, layout: str = "Q8_0", seed: int =
     if family == "gemma2":
         writer.add_attn_logit_softcapping(50.0)
         writer.add_final_logit_softcapping(30.0)
-    writer.add_vocab_size(len(tokens))
     writer.add_file_type(file_type)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(
-        [gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens]
-    )
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(tokens.index("<|im_start|>"))
-    writer.add_eos_token_id(tokens.index("<|im_end|>"))
-    writer.add_unk_token_id(tokens.index("<|endoftext|>"))
-    writer.add_pad_token_id(tokens.index("<|im_end|>"))
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(CHATML)
+    _add_tokenizer(writer, tokens, merges)
 
     rng = np.random.default_rng(seed)
 
@@ -264,3 +239,22 @@ def write_family_gguf(path: Path, family: str, layout: str = "Q8_0", seed: int =
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _add_tokenizer(writer: Any, tokens: list[str], merges: list[str]) -> None:
+    """The byte-level BPE vocabulary, its special tokens and the ChatML template, as llama.cpp
+    writes a GPT-2-style tokenizer."""
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens]
+    )
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokens.index("<|im_start|>"))
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_unk_token_id(tokens.index("<|endoftext|>"))
+    writer.add_pad_token_id(tokens.index("<|im_end|>"))
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHATML)

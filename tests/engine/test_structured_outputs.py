@@ -22,21 +22,12 @@ from bulk.engine.request import parse_request
 from bulk.errors import InvalidRequestError
 from bulk.generation.decode import prefill
 from bulk.generation.structured import GRAMMARS
+from tests.schemas import PERSON
 
 CONFIG = KVCacheConfig(
     model="demo", dtype="float32", default_max_new_tokens=160, max_batch_size=16, response_cache=False
 )
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 10},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 3},
-    },
-    "required": ["name", "age", "tags"],
-    "additionalProperties": False,
-}
 # Nested objects, arrays with bounds, enums, anyOf, $ref, string formats, bounded numbers.
 SCHEMAS = {
     "person": PERSON,

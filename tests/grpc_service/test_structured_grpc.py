@@ -15,19 +15,18 @@ from google.protobuf import struct_pb2
 from bulk.grpc_service import convert
 from bulk.grpc_service.generated import bul_pb2
 from bulk.grpc_service.servicer import FIELD_METADATA_KEY
+from tests.schemas import PERSON as BASE
+from tests.schemas import UNSERVABLE
 
+# PERSON with a bounded number: a Struct carries every number as a float.
 PERSON = {
-    "type": "object",
+    **BASE,
     "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 10},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 3},
+        **BASE["properties"],
         "score": {"type": "number", "minimum": -1, "maximum": 1, "multipleOf": 0.25},
     },
-    "required": ["name", "age", "tags", "score"],
-    "additionalProperties": False,
+    "required": [*BASE["required"], "score"],
 }
-UNSERVABLE = {"type": "object", "properties": {"a": {"not": {}}}, "required": ["a"]}
 MAX_NEW_TOKENS = 160
 
 

@@ -18,22 +18,10 @@ from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.server.app import create_app
 from tests.helpers import wait_until
+from tests.schemas import PERSON, UNSERVABLE
 from tests.server.conftest import ENGINE, settings, wait_ready
 from tests.server.live_server import LiveServer
 
-# Bounded strings, numbers and arrays, so that the random answers finish well within MAX_NEW_TOKENS.
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 10},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 3},
-    },
-    "required": ["name", "age", "tags"],
-    "additionalProperties": False,
-}
-# A keyword the grammar engine does not implement.
-UNSERVABLE = {"type": "object", "properties": {"a": {"not": {}}}, "required": ["a"]}
 MAX_NEW_TOKENS = 160
 LIMITS = {"max_new_tokens_limit": 256}
 

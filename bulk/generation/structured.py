@@ -225,7 +225,9 @@ class GrammarCache:
 
     def __init__(self, entries: int = 256) -> None:
         self.entries = entries
-        self._compiled: OrderedDict[tuple[int, Constraint], Any] = OrderedDict()
+        # (id of the vocabulary, constraint) -> (the vocabulary, its compiled matcher): the entry
+        # holds the vocabulary, so that its id cannot be another vocabulary's while the entry lives.
+        self._compiled: OrderedDict[tuple[int, Constraint], tuple[Any, Any]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -238,12 +240,12 @@ class GrammarCache:
         the model thread), else None."""
         key = (id(vocabulary), constraint)
         with self._lock:
-            compiled = self._compiled.get(key)
-            if compiled is None:
+            entry = self._compiled.get(key)
+            if entry is None:
                 return None
             self._compiled.move_to_end(key)
             self.hits += 1
-        return RowGrammar(compiled.deep_copy(), vocabulary.vocab_size)
+        return RowGrammar(entry[1].deep_copy(), vocabulary.vocab_size)
 
     def row_grammar(self, constraint: Constraint, vocabulary: Any) -> RowGrammar:
         """A fresh `RowGrammar`, compiled on a miss (milliseconds, up to a second for a huge
@@ -260,7 +262,7 @@ class GrammarCache:
             )
         with self._lock:
             self.misses += 1
-            self._compiled[(id(vocabulary), constraint)] = compiled
+            self._compiled[(id(vocabulary), constraint)] = (vocabulary, compiled)
             while len(self._compiled) > self.entries:
                 self._compiled.popitem(last=False)
         return RowGrammar(compiled.deep_copy(), vocabulary.vocab_size)

@@ -5,7 +5,11 @@ Tenants each have a system prompt of about 1,000 tokens; their popularity follow
 (exponent 0.5: the first of 8 tenants gets 3 times the traffic of the last). A session is one user's
 chat with one tenant: 1 to 4 turns, each a question of about 48 tokens answered in 32 to 96 tokens,
 every turn sent with the whole conversation so far (so its prefix is the previous turn's prompt and
-answer). Everything is drawn from a seeded generator: the same seed gives the same workload."""
+answer). Everything is drawn from a seeded generator: the same seed gives the same workload.
+
+`bul bench cluster` runs it with 14 tenants (`bench.cluster.SHAPE`): about 14,000 tokens of system
+prompts, 3.5 times one replica's 4,096-token memory tier, so that where a prefix is routed decides
+whether it is still in memory; `bul bench routing` scales the tenants with the replicas."""
 
 from __future__ import annotations
 

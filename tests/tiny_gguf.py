@@ -258,3 +258,39 @@ def _add_tokenizer(writer: Any, tokens: list[str], merges: list[str]) -> None:
     writer.add_pad_token_id(tokens.index("<|im_end|>"))
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHATML)
+
+
+# ---- serving a file -------------------------------------------------------------------------------
+
+QUERY = {"query": "What is the capital of France?", "max_new_tokens": 6}
+
+
+def gguf_config(path: Path, cache: Path, **kw: Any) -> Any:
+    """The engine's configuration for the GGUF file `path`, converted under `cache`."""
+    from bulk.config import KVCacheConfig
+
+    return KVCacheConfig(
+        **{"model": str(path), "model_cache_path": str(cache), "device": "cpu", "response_cache": False, **kw}
+    )
+
+
+def assert_served_at_file_bits(config: Any, layout: str, bits: int, caplog: Any) -> None:
+    """An engine on `config` (`weight_quantization="auto"`, bfloat16) serves the file at its own
+    bits, its load log line says so and why, and the same question gets the same answer twice."""
+    import logging
+
+    from bulk.engine.engine import UltraAdaptiveKVCacheEngine
+
+    with (
+        caplog.at_level(logging.INFO, logger="bulk.models.loader"),
+        UltraAdaptiveKVCacheEngine(config) as engine,
+    ):
+        first = engine.process_request_sync(QUERY)
+        second = engine.process_request_sync(QUERY)
+        served = engine.model.weight_quantization
+    assert served == f"int{bits}"
+    loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
+    assert len(loaded) == 1
+    assert f"(bfloat16, weights int{bits}: the file's blocks are {layout})" in loaded[0]
+    assert first["completion_tokens"] > 0
+    assert (first["result"], first["completion_tokens"]) == (second["result"], second["completion_tokens"])

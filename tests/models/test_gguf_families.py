@@ -10,20 +10,25 @@ transformers cannot read is refused at start: `tests/models/test_gguf_layouts.py
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
-from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.models import hf_cache
 from bulk.models.gguf import check_architecture, weight_layout
 from bulk.models.loader import load_model
 from tests.conftest import generate_without_cache
-from tests.tiny_gguf import FAMILIES, FAMILY_WINDOW, write_family_gguf, write_tiny_gguf
+from tests.tiny_gguf import (
+    FAMILIES,
+    FAMILY_WINDOW,
+    assert_served_at_file_bits,
+    write_family_gguf,
+    write_tiny_gguf,
+)
+from tests.tiny_gguf import gguf_config as _config
 
 LAYOUTS = ("Q4_K", "Q6_K", "Q8_0")
 BITS = {"Q4_K": 4, "Q6_K": 8, "Q8_0": 8}  # what `weight_quantization="auto"` serves each at
@@ -47,7 +52,6 @@ SPECIFIC = {
     "gemma3": {"blk.1.attn_q_norm.weight": "model.layers.1.self_attn.q_norm.weight"},
     "mistral": {"blk.1.attn_v.weight": "model.layers.1.self_attn.v_proj.weight"},
 }
-QUERY = {"query": "What is the capital of France?", "max_new_tokens": 6}
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +72,6 @@ def files(tmp_path_factory):
         return made[family, layout]
 
     return family_file
-
-
-def _config(path, cache, **kw) -> KVCacheConfig:
-    return KVCacheConfig(
-        **{"model": str(path), "model_cache_path": str(cache), "device": "cpu", "response_cache": False, **kw}
-    )
 
 
 def _dequantized(reader: gguf.GGUFReader, name: str) -> torch.Tensor:
@@ -119,21 +117,8 @@ def test_each_family_answers_at_the_files_bits_and_the_log_line_says_why(
     family, layout, files, cache, caplog
 ):
     path = files(family, layout)
-    bits = BITS[layout]
     config = _config(path, cache, dtype="bfloat16", weight_quantization="auto")
-    with (
-        caplog.at_level(logging.INFO, logger="bulk.models.loader"),
-        UltraAdaptiveKVCacheEngine(config) as engine,
-    ):
-        first = engine.process_request_sync(QUERY)
-        second = engine.process_request_sync(QUERY)
-        served = engine.model.weight_quantization
-    assert served == f"int{bits}"
-    loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
-    assert len(loaded) == 1
-    assert f"(bfloat16, weights int{bits}: the file's blocks are {layout})" in loaded[0]
-    assert first["completion_tokens"] > 0
-    assert (first["result"], first["completion_tokens"]) == (second["result"], second["completion_tokens"])
+    assert_served_at_file_bits(config, layout, BITS[layout], caplog)
 
 
 def _prompt(i: int) -> str:

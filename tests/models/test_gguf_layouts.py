@@ -16,17 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.errors import ModelLoadError
 from bulk.models.gguf import MANIFEST, manifest_weights, weight_bits, weight_layout
 from bulk.models.loader import load_model
 from tests import kquants
-from tests.tiny_gguf import write_tiny_gguf
+from tests.tiny_gguf import QUERY, assert_served_at_file_bits, write_tiny_gguf
+from tests.tiny_gguf import gguf_config as _config
 
 # layout -> the bits `auto` serves it at
 BITS = {"Q4_K": 4, "Q5_K": 8, "Q6_K": 8, "Q5_0": 8, "Q5_1": 8, "Q8_0": 8}
-QUERY = {"query": "What is the capital of France?", "max_new_tokens": 6}
 
 
 @pytest.mark.parametrize("layout", ["Q4_K", "Q5_K", "Q6_K"])
@@ -72,18 +71,6 @@ def layout_file(request, tmp_path_factory):
     return layout, write_tiny_gguf(tmp_path_factory.mktemp("gguf") / f"tiny.{layout}.gguf", layout=layout)
 
 
-def _config(path, cache, **kw) -> KVCacheConfig:
-    return KVCacheConfig(
-        **{
-            "model": str(path),
-            "model_cache_path": str(cache),
-            "device": "cpu",
-            "response_cache": False,
-            **kw,
-        }
-    )
-
-
 def test_each_layout_loads_with_the_files_values_and_answers_deterministically(layout_file, tmp_path):
     layout, path = layout_file
     assert weight_layout(path) == layout  # the most common layout of the blocks' matrices
@@ -109,21 +96,8 @@ def test_each_layout_loads_with_the_files_values_and_answers_deterministically(l
 
 def test_auto_serves_the_files_bits_and_the_log_line_says_why(layout_file, tmp_path, caplog):
     layout, path = layout_file
-    bits = BITS[layout]
     config = _config(path, tmp_path, dtype="bfloat16", weight_quantization="auto")
-    with (
-        caplog.at_level(logging.INFO, logger="bulk.models.loader"),
-        UltraAdaptiveKVCacheEngine(config) as engine,
-    ):
-        first = engine.process_request_sync(QUERY)
-        second = engine.process_request_sync(QUERY)
-        served = engine.model.weight_quantization
-    assert served == f"int{bits}"
-    loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
-    assert len(loaded) == 1
-    assert f"weights int{bits}: the file's blocks are {layout}" in loaded[0]
-    assert first["completion_tokens"] > 0
-    assert first["result"] == second["result"]
+    assert_served_at_file_bits(config, layout, BITS[layout], caplog)
 
 
 def test_a_file_served_dequantized_says_why(tmp_path, caplog):

@@ -11,12 +11,14 @@ node (checked with Ray's state API: each replica actor's node), one torch thread
 of each replica 4,096 tokens, the real Redis (database 15) shared below them. `--clients` users drive
 it through the ingress over the OpenAI streaming chat API.
 
-The workload is `bench.cluster_workload`'s, with 14 tenants: system prompts of about 1,000 tokens each,
-so the tenants' prompts are about 3.5 times one replica's memory tier (the header prints the ratio,
-counted with the model's tokenizer); mild Zipf popularity, sessions of 1 to 4 turns sent with the
-conversation so far, greedy answers of 32 to 96 tokens; the same sessions, in the same order, for
-every run. After `--warmup` seconds (not measured: the caches fill, with sessions of their own),
-`--duration` seconds are measured:
+The workload is `bench.cluster_workload.SHAPE` (its docstring says why that shape): 13 tenants with
+system prompts of about 1,000 tokens each, so the tenants' prompts are about 3.2 times one replica's
+memory tier (the header prints the ratio, counted with the model's tokenizer); every tenant as popular,
+sessions of 1 to 3 turns sent with the conversation so far, each after the user's pause of 1 to 3 s,
+greedy answers of 32 to 96 tokens; the same sessions, in the same order, for every run. After
+`--warmup` seconds (not measured: the caches fill, with sessions of their own), `--duration` seconds
+are measured. `bul bench routing` simulates this run, with the engine's own block manager, before it
+is made:
 
 - memory-tier token hit rate: prompt tokens found in the replicas' own memory, of those looked up
   there (`/api/stats`: each replica's counters, differenced replica by replica); the token hit rate
@@ -37,7 +39,7 @@ Targets (the issue's): the prefix-aware router's memory-tier token hit rate at l
 power-of-two's, a lower TTFT p50, no errors; with the node lost, no errors and two replicas again.
 Figures to `bench/results/cluster-*.json`.
 
-    python -m bench.cluster [--model demo-large] [--clients 8] [--warmup 20] [--duration 60]
+    python -m bench.cluster [--model demo-large] [--clients 8] [--warmup 30] [--duration 90]
     python -m bench.cluster --quick      # the demo model, a few seconds each: the smoke test
 """
 
@@ -64,7 +66,7 @@ import httpx
 import redis
 
 from bench import child_env
-from bench.cluster_workload import Session, WorkloadShape, sessions, system_prompts
+from bench.cluster_workload import MEMORY_TOKENS, SHAPE, Session, sessions, system_prompts
 from bench.common import format_table, options_from, ratio, write_results
 
 log = logging.getLogger("bench.cluster")
@@ -75,8 +77,8 @@ ROUTERS = ("prefix", "pow2")
 DEFAULTS = {
     "model": "demo-large",
     "clients": 8,
-    "warmup": 20.0,
-    "duration": 60.0,
+    "warmup": 30.0,
+    "duration": 90.0,
     "sessions": 400,
     "bucket": 10.0,
     "node_loss": True,
@@ -90,10 +92,7 @@ QUICK = {
     "bucket": 2.0,
     "node_loss": True,
 }
-# 14 tenants of about 1,000 tokens: 3.5 times one replica's memory tier (at least 3 wanted).
-SHAPE = WorkloadShape(tenants=14)
-MIN_PROMPT_RATIO = 3.0
-MEMORY_TOKENS = 4096
+MIN_PROMPT_RATIO = 3.0  # the tenants' prompts against one replica's memory tier, at least
 # What every replica runs besides the model: the test's settings (tests/cluster/test_multi_node.py). A
 # stream cut by the lost node is finished on another replica from what it had delivered, which takes
 # the retry to reproduce it bit for bit: float32 and batch-invariant kernels (docs/cluster.md). Every
@@ -503,7 +502,11 @@ async def _drive(url: str, systems: list[str], work: list[Session], clients: int
         while queue and time.monotonic() < stop_at:
             session = queue.pop()
             messages = [{"role": "system", "content": systems[session.tenant]}]
-            for question, answer_tokens in zip(session.questions, session.answer_tokens, strict=True):
+            pauses = [0.0, *session.pauses_s]
+            for question, answer_tokens, pause in zip(
+                session.questions, session.answer_tokens, pauses, strict=True
+            ):
+                await asyncio.sleep(pause)  # the user reads the answer before asking again
                 if time.monotonic() >= stop_at:
                     return
                 messages.append({"role": "user", "content": question})

@@ -1,32 +1,41 @@
 """`bul bench routing`: routing policies in a trace-driven simulation of 2 to 128 replicas (no model).
 
-The design of `bul cluster`'s router, checked past one machine. Each simulated replica keeps its
-memory tier in the engine's own `BlockManager` (with the engine's eviction policy, ADAPTIVE) and
-serves its queue in order, one request at a time; a request's service time is a cost model: 0.5 ms
-per prompt token not found in memory (prefill) plus 1 ms per answer token (decode, as a share of a
-batch). The workload is `bench.cluster_workload`'s shape (the same as `bul bench cluster`): 4 tenants
-per replica (at least 8), system prompts of 1,000 tokens, mild Zipf popularity, sessions of 1 to 4
-turns, each turn sent with the conversation so far; a replica's memory tier (4,096 tokens) holds
-about half the system prompts of its share. Sessions arrive at random (Poisson), a turn follows its
-answer after a pause of 1 s on average; the arrival rate is set so that the replicas would be fully
-busy if nothing were ever found in memory.
+The design of `bul cluster`'s router, checked past one machine, and `bul bench cluster`'s run
+predicted before it is made: the simulation runs that benchmark as it runs, so that where the two
+differ, the model is wrong. Each simulated replica keeps its memory tier in the engine's own
+`BlockManager` (ADAPTIVE eviction, 4,096 tokens) and is stepped as the engine's loop steps it: up to 8
+requests in its batch; a request's prompt is looked up (and its hit pinned) when its prefill begins,
+its prompt blocks stored once computed and its answer's at retirement, when its pins go; a request
+that shares blocks not cached yet with a prefill beginning in the same step waits for them
+(`Scheduler._waits_for`). A step costs 65 ms of decoding (padded to the batch: batch invariance) plus
+0.6 ms per prompt token computed, demo-large's speeds on the development machine.
 
-Policies, over the same requests:
+The traffic is `bul bench cluster`'s: 4 users per replica (8 at two), each running the next session of
+`bench.cluster_workload.SHAPE` turn after turn, a turn sent when the user's pause after the previous
+answer ends (a closed loop: a user waits for the answer); 30 s of warmup with sessions of their own,
+then 90 s measured. The tenants scale with the replicas, 6.5 a replica: all their prompts are 3.2
+times one replica's memory tier at two replicas, and a replica's share of them (what a router that
+splits the tenants leaves it) is 1.6 times its memory tier at every size. The closed loop is what made power-of-two look good before: with no pause, a user's
+next turn goes to the replica that has just answered it, which is then the shorter queue, and finds
+its whole previous prompt there; with users who read their answer first, the queues have moved.
+
+Policies, over the same sessions in the same order:
 
   prefix-aware     `bulk.routing.policy.PrefixAffinityPolicy`, the router of `bul cluster`: chains of
                    block ids from `bulk.kv.hashing`, replicas' reports every second (their block
                    managers' contents), what was sent learnt in between, threshold 8, sessions
-  power-of-two     two replicas at random, the shorter queue (Ray Serve's default)
+  power-of-two     Ray Serve's `PowerOfTwoChoicesRequestRouter`: two replicas at random, the shorter
+                   queue (requests sent and not answered, as its probes report), ties at random
   round-robin      each replica in turn
   consistent-hash  a hash ring (100 virtual nodes per replica) on the prompt's first block
 
-Reported per policy and size: the memory-tier token hit rate (tokens found in the replica's memory of
-those looked up, as the engine counts it), the load imbalance (the largest replica's time-averaged
-queue over the mean), and the modelled time to first token (queueing plus prefill, p50/p95). Figures
+Reported per policy and size, over the measured window: the memory-tier token hit rate (tokens found in
+the replica's memory of those looked up, as the engine counts it), the load imbalance (the largest
+replica's time-averaged queue over the mean), and the modelled time to first token (p50/p95). Figures
 go to `bench/results/routing-*.json` and a PNG beside them.
 
-    python -m bench.routing [--replicas 2,8,32,128] [--sessions-per-replica 60] [--seed 1]
-    python -m bench.routing --quick        # 2 and 8 replicas, fewer sessions: the smoke test
+    python -m bench.routing [--replicas 2,8,32,128] [--sessions-per-replica 200] [--seed 1]
+    python -m bench.routing --quick        # 2 and 8 replicas: the smoke test
 """
 
 from __future__ import annotations
@@ -47,9 +56,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.cluster_workload import WorkloadShape
+from bench.cluster_workload import MEMORY_TOKENS, SHAPE, WorkloadShape
 from bench.common import format_table, write_results
-from bulk.kv.block_manager import BlockManager
+from bulk.kv.block_manager import BlockManager, PrefixLease
 from bulk.kv.hashing import chain_hashes
 from bulk.routing.chains import block_id
 from bulk.routing.policy import PrefixAffinityPolicy, RoutingKey
@@ -61,22 +70,30 @@ BLOCK = 16
 NAMESPACE = hashlib.sha256(b"bench-routing").digest()
 POLICIES = ("prefix-aware", "power-of-two", "round-robin", "consistent-hash")
 COMMON_HEADER_TOKENS = 40  # the start every prompt shares: 2 full blocks
-DEFAULTS = {"replicas": (2, 8, 32, 128), "sessions_per_replica": 60}
-QUICK = {"replicas": (2, 8), "sessions_per_replica": 12}
+DEFAULTS: dict[str, Any] = {"replicas": (2, 8, 32, 128), "sessions_per_replica": 200}
+QUICK: dict[str, Any] = {"replicas": (2, 8), "sessions_per_replica": 200}
 
 
 @dataclass(frozen=True)
 class CostModel:
-    prefill_ms_per_token: float = 0.5
-    decode_ms_per_token: float = 1.0
-    capacity_tokens: int = 4096  # the memory tier of each replica, as in `bul bench cluster`
-    utilization_cold: float = 1.0
-    think_s: float = 1.0
+    """The replicas' speed and the run's timing, those of `bul bench cluster` on the development
+    machine (demo-large, float32, batch-invariant, one thread a replica)."""
+
+    prefill_ms_per_token: float = 0.6
+    decode_step_ms: float = 65.0  # a decode step, padded to the largest batch (batch invariance)
+    max_batch: int = 8
+    capacity_tokens: int = MEMORY_TOKENS  # each replica's memory tier
+    clients_per_replica: int = 4  # `bul bench cluster`: 8 users, 2 replicas
+    warmup_s: float = 30.0
+    duration_s: float = 90.0
     report_period_s: float = 1.0
     imbalance_threshold: float = 8
 
-    def service_s(self, uncached: int, answer: int) -> float:
-        return (uncached * self.prefill_ms_per_token + answer * self.decode_ms_per_token) / 1000
+    @property
+    def wait_tokens(self) -> int:
+        """Shared prompt tokens worth waiting a step for rather than computing again (the engine's
+        `Scheduler.worth_waiting`)."""
+        return int(self.decode_step_ms / self.prefill_ms_per_token)
 
 
 # ---- the workload, in tokens ------------------------------------------------------------------------
@@ -88,18 +105,23 @@ class SimSession:
     tenant: int
     questions: list[list[int]]
     answers: list[list[int]]
+    pauses: list[float] = field(default_factory=list)  # seconds before each turn after the first
     turn: int = 0
     history: list[int] = field(default_factory=list)
 
 
-def build_sessions(shape: WorkloadShape, count: int, seed: int) -> tuple[list[list[int]], list[SimSession]]:
+def build_systems(shape: WorkloadShape, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     # Every system prompt starts alike (the chat template's header, a common preamble), as real ones do.
     header = [rng.randrange(1, 50_000) for _ in range(COMMON_HEADER_TOKENS)]
-    systems = [
+    return [
         header + [rng.randrange(1, 50_000) for _ in range(shape.system_tokens - COMMON_HEADER_TOKENS)]
         for _ in range(shape.tenants)
     ]
+
+
+def build_sessions(shape: WorkloadShape, count: int, seed: int) -> list[SimSession]:
+    rng = random.Random(seed)
     popularity = shape.popularity()
     sessions = []
     for index in range(count):
@@ -115,9 +137,10 @@ def build_sessions(shape: WorkloadShape, count: int, seed: int) -> tuple[list[li
                     [rng.randrange(1, 50_000) for _ in range(rng.randint(*shape.answer_tokens))]
                     for _ in range(turns)
                 ],
+                pauses=[rng.uniform(*shape.pause_s) for _ in range(turns - 1)],
             )
         )
-    return systems, sessions
+    return sessions
 
 
 # ---- policies ----------------------------------------------------------------------------------------
@@ -209,155 +232,269 @@ MAKERS = {
 # ---- the simulation ------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)  # requests are told apart by identity
 class Request:
     id: str
     session: SimSession
     tokens: list[int]
     answer: list[int]
     key: RoutingKey
+    hashes: list[bytes]
     arrived: float
+    measured: bool
     replica: str = ""
-    started: float = 0.0
+    lease: PrefixLease | None = None
+    produced: int = 0  # answer tokens sampled so far (the first comes with the prefill)
     ttft: float = 0.0
 
 
 class Replica:
+    """One engine replica: its memory tier (the engine's `BlockManager`), the requests it was sent
+    and has not begun (`waiting`) and those in its batch (`running`), stepped as the engine's loop
+    steps (`bulk.engine.loop`)."""
+
     def __init__(self, name: str, cost: CostModel) -> None:
         self.name = name
         self.manager = BlockManager(cost.capacity_tokens // BLOCK, BLOCK, "adaptive", NAMESPACE)
-        self.queue: deque[Request] = deque()
-        self.busy: Request | None = None
-        self.lease: Any = None
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.stepping = False
         self.area = 0.0
         self.last = 0.0
 
     @property
     def length(self) -> int:
-        return len(self.queue) + (self.busy is not None)
+        """What Ray's probe reports and the routers count: requests sent and not answered."""
+        return len(self.waiting) + len(self.running)
 
     def account(self, now: float) -> None:
         self.area += self.length * (now - self.last)
         self.last = now
+
+    def admit(self, max_batch: int, wait_tokens: int) -> list[tuple[Request, int]]:
+        """The requests that begin their prefill in this step, with the prompt tokens each computes.
+        As the engine's scheduler does (`Scheduler._waits_for`), a request whose prompt shares blocks
+        that are not cached with a prefill beginning in this step waits for it to store them, when
+        computing them again would cost more than a step (`wait_tokens` or more)."""
+        began: list[tuple[Request, int]] = []
+        kept: deque[Request] = deque()
+        while self.waiting:
+            request = self.waiting.popleft()
+            if len(self.running) >= max_batch:
+                kept.append(request)
+                continue
+            cached = self.manager.cached_blocks(request.hashes)
+            if any(
+                (shared := _common(request.hashes, other.hashes)) > cached
+                and (shared - cached) * BLOCK >= wait_tokens
+                for other, _ in began
+            ):
+                kept.append(request)
+                continue
+            lease = self.manager.acquire(request.tokens, max_tokens=len(request.tokens))
+            request.lease = lease
+            reused = min(lease.num_tokens, len(request.tokens) - 1)
+            self.running.append(request)
+            began.append((request, len(request.tokens) - reused))
+        self.waiting = kept
+        return began
+
+
+def _common(a: Sequence[bytes], b: Sequence[bytes]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class Client:
+    """A user of `bul bench cluster`: the next session from the shared list, turn after turn, each
+    sent as soon as the previous answer ended, until the phase's end."""
+
+    session: SimSession | None = None
 
 
 def simulate(
     policy_name: str,
     n_replicas: int,
     systems: list[list[int]],
-    sessions: list[SimSession],
+    warm: list[SimSession],
+    work: list[SimSession],
     cost: CostModel,
     seed: int,
 ) -> dict[str, Any]:
-    rng = random.Random(seed)
+    """Two phases on the same replicas and router, as `bul bench cluster` runs them: the warmup's
+    sessions for `cost.warmup_s`, then the measured sessions for `cost.duration_s`; each phase ends
+    when its clients' last requests are answered. Figures are the measured phase's."""
     names = [f"r{i}" for i in range(n_replicas)]
     replicas = {name: Replica(name, cost) for name in names}
     router = MAKERS[policy_name](names, cost, random.Random(seed + 1))
-    for s in sessions:
-        s.turn, s.history = 0, []
-
-    mean_cold = statistics.mean(
-        cost.service_s(
-            len(systems[s.tenant]) + 60 * (len(s.questions) - 1), statistics.mean(map(len, s.answers))
-        )
-        for s in sessions
-    )
-    mean_turns = statistics.mean(len(s.questions) for s in sessions)
-    session_rate = cost.utilization_cold * n_replicas / mean_cold / mean_turns
-
     events: list[tuple[float, int, str, Any]] = []
     counter = itertools.count()
-    t = 0.0
-    for s in sessions:
-        t += rng.expovariate(session_rate)
-        heapq.heappush(events, (t, next(counter), "turn", s))
+    ttfts: list[float] = []
+    sent = [0]
+    now = 0.0
     if router.uses_reports:
         heapq.heappush(events, (cost.report_period_s, next(counter), "report", None))
-    ttfts: list[float] = []
-    pending = len(sessions)
-    now = 0.0
 
-    def start(replica: Replica, now: float) -> None:
-        request = replica.queue.popleft()
-        replica.busy = request
-        lease = replica.manager.acquire(request.tokens, max_tokens=len(request.tokens))
-        reused = min(lease.num_tokens, len(request.tokens) - 1)
-        replica.lease = lease
-        prefill = cost.service_s(len(request.tokens) - reused, 0)
-        request.ttft = now + prefill - request.arrived
-        done = now + prefill + cost.service_s(0, len(request.answer))
-        heapq.heappush(events, (done, next(counter), "done", replica))
+    def send(session: SimSession, at: float, measured: bool) -> None:
+        session.history = session.history + session.questions[session.turn]
+        tokens = systems[session.tenant] + session.history
+        hashes = chain_hashes(tokens, BLOCK, NAMESPACE)
+        key = RoutingKey(tuple(block_id(d) for d in hashes), f"s{session.index}", sticky=session.turn > 0)
+        request = Request(
+            f"{session.index}.{session.turn}",
+            session,
+            tokens,
+            session.answers[session.turn],
+            key,
+            hashes,
+            at,
+            measured,
+        )
+        loads = {name: r.length for name, r in replicas.items()}
+        target = replicas[router.choose(key, loads)]
+        request.replica = target.name
+        router.routed(target.name, request.id, key, at)
+        target.account(at)
+        target.waiting.append(request)
+        sent[0] += measured
+        if not target.stepping:
+            step(target, at)
 
-    while events and pending:
-        now, _, kind, item = heapq.heappop(events)
-        if kind == "report":
-            for name, replica in replicas.items():
-                router.report(name, replica.manager, now)
-            heapq.heappush(events, (now + cost.report_period_s, next(counter), "report", None))
-            continue
-        if kind == "turn":
-            s: SimSession = item
-            s.history = s.history + s.questions[s.turn]
-            tokens = systems[s.tenant] + s.history
-            chain = tuple(block_id(d) for d in chain_hashes(tokens, BLOCK, NAMESPACE))
-            key = RoutingKey(chain, f"s{s.index}", sticky=s.turn > 0)
-            request = Request(f"{s.index}.{s.turn}", s, tokens, s.answers[s.turn], key, now)
-            loads = {name: r.length for name, r in replicas.items()}
-            target = replicas[router.choose(key, loads)]
-            request.replica = target.name
-            router.routed(target.name, request.id, key, now)
-            target.account(now)
-            target.queue.append(request)
-            if target.busy is None:
-                start(target, now)
-            continue
-        replica: Replica = item  # "done"
-        request = replica.busy
-        assert request is not None
-        replica.manager.extend(replica.lease, request.tokens + request.answer)
-        replica.manager.release(replica.lease)
-        replica.account(now)
-        replica.busy = None
-        router.completed(request.id, now)
-        ttfts.append(request.ttft)
-        s = request.session
-        s.history = s.history + request.answer
-        s.turn += 1
-        if s.turn < len(s.questions):
-            heapq.heappush(events, (now + rng.expovariate(1 / cost.think_s), next(counter), "turn", s))
-        else:
-            pending -= 1
-        if replica.queue:
-            start(replica, now)
+    def step(replica: Replica, at: float) -> None:
+        """Begin one step of `replica`: a forward over the prefills beginning and one token of each
+        request decoding; it ends at the returned time."""
+        decoding = len(replica.running)
+        began = replica.admit(cost.max_batch, cost.wait_tokens)
+        if not replica.running:
+            replica.stepping = False
+            return
+        replica.stepping = True
+        prompt = sum(n for _, n in began)
+        duration = (
+            cost.decode_step_ms * (decoding > 0 or not began) + cost.prefill_ms_per_token * prompt
+        ) / 1000
+        heapq.heappush(events, (at + duration, next(counter), "step", (replica, [r for r, _ in began])))
 
+    def run_phase(sessions: list[SimSession], start: float, length: float, measured: bool) -> float:
+        nonlocal now
+        queue = deque(sessions)
+        clients = [Client() for _ in range(cost.clients_per_replica * n_replicas)]
+        by_session: dict[int, Client] = {}
+        stop_at = start + length
+        active = 0
+
+        def next_turn(client: Client, at: float) -> None:
+            """The client's next request: its session's next turn, or the first of the next session."""
+            nonlocal active
+            session = client.session
+            if session is None or session.turn >= len(session.questions):
+                session = client.session = queue.popleft() if queue and at < stop_at else None
+                if session is None:
+                    return
+                session.turn, session.history = 0, []
+                by_session[session.index] = client
+            if at >= stop_at:
+                client.session = None
+                return
+            active += 1
+            send(session, at, measured)
+
+        for client in clients:
+            next_turn(client, start)
+        while events and active:
+            now, _, kind, item = heapq.heappop(events)
+            if kind == "report":
+                for name, replica in replicas.items():
+                    router.report(name, replica.manager, now)
+                heapq.heappush(events, (now + cost.report_period_s, next(counter), "report", None))
+                continue
+            if kind == "pause":  # the user has read the answer and asks again
+                active -= 1
+                next_turn(item, now)
+                continue
+            replica, began = item
+            replica.account(now)
+            finished = []
+            for request in replica.running:
+                if request in began:
+                    # The prompt's blocks are stored once computed (the engine's loop, after each
+                    # prefill chunk); the first answer token comes with this step.
+                    replica.manager.extend(request.lease, request.tokens)
+                    request.ttft = now - request.arrived
+                    if request.measured:
+                        ttfts.append(request.ttft)
+                request.produced += 1
+                if request.produced >= len(request.answer):
+                    finished.append(request)
+            for request in finished:
+                # Retired: every token whose KV was computed (the prompt, the answer but its last
+                # token) is offered, then the lease let go (`EngineLoop._retire`).
+                replica.manager.extend(request.lease, request.tokens + request.answer[:-1])
+                replica.manager.release(request.lease)
+                replica.running.remove(request)
+                router.completed(request.id, now)
+            step(replica, now)
+            for request in finished:
+                session = request.session
+                session.history = session.history + request.answer
+                session.turn += 1
+                client = by_session[session.index]
+                if session.turn < len(session.questions) and session.pauses[session.turn - 1] > 0:
+                    # Still active: the pause ends with the next turn (or with nothing, past the end).
+                    pause = session.pauses[session.turn - 1]
+                    heapq.heappush(events, (now + pause, next(counter), "pause", client))
+                    continue
+                active -= 1
+                next_turn(client, now)
+        return now
+
+    before = {name: r.manager.stats() for name, r in replicas.items()}
+    warm_end = run_phase(warm, 0.0, cost.warmup_s, measured=False)
+    before = {name: r.manager.stats() for name, r in replicas.items()}
     for replica in replicas.values():
-        replica.account(now)
-    queries = sum(r.manager.stats()["token_queries"] for r in replicas.values())
-    hits = sum(r.manager.stats()["token_hits"] for r in replicas.values())
-    mean_queues = [r.area / now for r in replicas.values()] if now else [0.0]
+        replica.area, replica.last = 0.0, warm_end
+    end = run_phase(work, warm_end, cost.duration_s, measured=True)
+    for replica in replicas.values():
+        replica.account(end)
+    after = {name: r.manager.stats() for name, r in replicas.items()}
+    queries = sum(after[n]["token_queries"] - before[n]["token_queries"] for n in names)
+    hits = sum(after[n]["token_hits"] - before[n]["token_hits"] for n in names)
+    elapsed = end - warm_end
+    mean_queues = [r.area / elapsed for r in replicas.values()] if elapsed else [0.0]
     mean_queue = statistics.mean(mean_queues)
     ttfts.sort()
     return {
-        "requests": len(ttfts),
+        "requests": sent[0],
         "hit_rate": hits / queries if queries else 0.0,
         "imbalance": max(mean_queues) / mean_queue if mean_queue else 1.0,
         "mean_queue": mean_queue,
-        "ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2],
-        "ttft_p95_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
-        "simulated_s": now,
+        "ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2] if ttfts else 0.0,
+        "ttft_p95_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] if ttfts else 0.0,
+        "simulated_s": elapsed,
         "decisions": dict(router.decisions),
     }
 
 
-def measure(sizes: Sequence[int], per_replica: int, seed: int, cost: CostModel) -> dict[str, Any]:
+def measure(
+    sizes: Sequence[int], per_replica: int, seed: int, cost: CostModel, shape: WorkloadShape = SHAPE
+) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for n in sizes:
-        shape = replace(WorkloadShape(), tenants=max(8, 4 * n), seed=seed)
-        systems, sessions = build_sessions(shape, per_replica * n, seed)
-        results[str(n)] = {"tenants": shape.tenants, "sessions": len(sessions), "policies": {}}
+        # The tenants scale with the replicas: each replica's share of their prompts stays that of
+        # `bul bench cluster`'s two.
+        sized = replace(shape, tenants=max(1, shape.tenants * n // 2), seed=seed)
+        systems = build_systems(sized, seed)
+        warm = build_sessions(sized, per_replica * n, seed + 1000)
+        work = build_sessions(sized, per_replica * n, seed)
+        results[str(n)] = {"tenants": sized.tenants, "policies": {}}
         for name in POLICIES:
             started = time.perf_counter()
-            figures = simulate(name, n, systems, sessions, cost, seed)
+            figures = simulate(name, n, systems, warm, work, cost, seed)
             figures["wall_s"] = round(time.perf_counter() - started, 2)
             results[str(n)]["policies"][name] = figures
             log.info("%d replicas, %s: %s", n, name, figures)
@@ -483,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seed": args.seed,
         "quick": args.quick,
         "cost_model": cost.__dict__,
-        "workload": {**WorkloadShape().__dict__, "tenants": "4 per replica (at least 8)"},
+        "workload": {**SHAPE.__dict__, "tenants": f"{SHAPE.tenants / 2:g} per replica"},
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
     path = write_results(NAME, {"settings": settings, "sizes": results, "verdicts": checks}, args.out)

@@ -16,18 +16,21 @@ def _snap(at: float, **replicas: tuple[int, int, int, int]) -> Snapshot:
 
 def test_the_tenants_prompts_are_at_least_three_times_one_replicas_memory_tier():
     systems = system_prompts(cluster.SHAPE, 7.3)
-    assert len(systems) == cluster.SHAPE.tenants == 14 and len(set(systems)) == 14
+    assert len(systems) == cluster.SHAPE.tenants == 13 and len(set(systems)) == 13
     # The demo models' byte tokenizer: a token per byte, and the BOS.
     tokens = sum(len(text.encode()) + 1 for text in systems)
     assert tokens / cluster.MEMORY_TOKENS >= cluster.MIN_PROMPT_RATIO
     assert all(900 <= len(text.encode()) <= 1200 for text in systems)
-    # The rest of the shape as before: Zipf popularity, 1-4 turns, 32-96 token answers, seeded.
-    work = sessions(cluster.SHAPE, 200, 7.3)
-    assert work == sessions(cluster.SHAPE, 200, 7.3)
-    assert {len(s.questions) for s in work} == {1, 2, 3, 4}
+    # The rest of the shape: every tenant as popular, 1-3 turns with 1-3 s pauses between them,
+    # 32-96 token answers, seeded.
+    work = sessions(cluster.SHAPE, 400, 7.3)
+    assert work == sessions(cluster.SHAPE, 400, 7.3)
+    assert {len(s.questions) for s in work} == {1, 2, 3}
+    assert all(len(s.pauses_s) == len(s.questions) - 1 for s in work)
+    assert all(1.0 <= p <= 3.0 for s in work for p in s.pauses_s)
     assert all(32 <= n <= 96 for s in work for n in s.answer_tokens)
-    counts = [sum(s.tenant == t for s in work) for t in range(14)]
-    assert counts[0] > counts[-1]
+    assert len(set(cluster.SHAPE.popularity())) == 1
+    assert {s.tenant for s in work} == set(range(13))
     assert set(" ".join(systems[0].split(": ", 1)[1].split()).split()) <= set(WORDS)
 
 
@@ -127,7 +130,7 @@ def test_the_report_shows_both_routers_the_node_lost_and_the_targets():
         "bucket": 10.0,
         "tenant_prompt_tokens": 14430,
         "prompt_ratio": 14430 / 4096,
-        "workload": {"tenants": 14},
+        "workload": {"tenants": 13},
     }
     checks = cluster.verdicts(results, lost)
     assert checks["memory-tier token hit rate, prefix / pow2 (x)"]["pass"]

@@ -32,7 +32,7 @@ def test_quick_run_measures_both_routers_and_a_node_lost(tmp_path, capsys):
     assert data["routers"]["prefix"]["routing"]["chains"] is True
     assert set(data["routers"]["pow2"]["routing"]["decisions"]) == {"pow2"}
     options = data["options"]
-    assert options["workload"]["tenants"] == 14 and options["prompt_ratio"] >= 3
+    assert options["workload"]["tenants"] == 13 and options["prompt_ratio"] >= 3
 
     lost = data["node_lost"]
     node = lost["node_lost"]

@@ -20,8 +20,9 @@ def test_quick_run_writes_every_policy_and_size(tmp_path, capsys):
             assert 0 <= figures["hit_rate"] <= 1 and figures["imbalance"] >= 1 and figures["ttft_p50_ms"] > 0
         decisions = size["policies"]["prefix-aware"]["decisions"]
         assert decisions.get("prefix", 0) > 0 and decisions.get("session", 0) > 0
-        # Every policy served the same requests.
-        assert len({f["requests"] for f in size["policies"].values()}) == 1
+        # The closed loop's clients send as fast as they are answered: the busiest fleet sends more,
+        # but never all of the sessions (the window ends first).
+        assert all(f["simulated_s"] >= routing.CostModel().duration_s for f in size["policies"].values())
     assert len(data["verdicts"]) == 3
     assert all(isinstance(v["pass"], bool) for v in data["verdicts"].values())
     out = capsys.readouterr().out

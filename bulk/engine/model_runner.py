@@ -58,6 +58,8 @@ class ModelRunner:
         # CPU code, so not asked for on another device).
         native_code = config.native_decode and lm.device.type == "cpu"
         self.decode_attention = native.decode_attention() if self.batched and native_code else None
+        # Prompt chunks of bfloat16 models go to the native prompt attention where the CPU has AMX.
+        self.prompt_attention = native.prompt_attention() if self.batched and native_code else None
         # Batched attention may read a pool in float32 (`batched_attention.pool_dtype`), unless the
         # native decode attention reads it as it is; transformers' own cache over the pool needs
         # the model's dtype.
@@ -196,7 +198,9 @@ class ModelRunner:
             logits_at.append(len(tokens) - 1)
             ready.append(seq)
         rows_from = len(chunks) + len(forced)
-        batch = batched_attention.step_batch(self.pool.buffer, segments, self.decode_attention, rows_from)
+        batch = batched_attention.step_batch(
+            self.pool.buffer, segments, self.decode_attention, rows_from, self.prompt_attention
+        )
         if self.plain_step is not None:
             logits = self.plain_step.forward(tokens, batch, logits_at, pad_to)
         else:

@@ -64,6 +64,11 @@ class Segment:
 # (query (1, heads, rows, head_dim), layer (2, kv_heads, pool_tokens, head_dim), starts, ends,
 # scaling, in float32) -> (1, rows, heads, head_dim): `bulk.models.native.decode_attention`
 DecodeAttention = Callable[[torch.Tensor, torch.Tensor, list[int], list[int], float, bool], torch.Tensor]
+# (query (1, heads, length, head_dim), layer, first, end, position, window or 0, scaling) ->
+# (1, length, heads, head_dim): `bulk.models.native.prompt_attention`, for bfloat16 chunks
+PromptAttention = Callable[[torch.Tensor, torch.Tensor, int, int, int, int, float], torch.Tensor]
+# Head sizes the native prompt attention takes (its tiles hold 64 dims of the values at a time).
+PROMPT_KERNEL_HEAD_DIMS = 64
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,8 @@ class StepBatch:
     rows_from: int = 0
     row_starts: list[int] = field(default_factory=list)
     row_ends: list[int] = field(default_factory=list)
+    # The prompt chunks of a bfloat16 model in one native call each, where given; else SDPA's.
+    prompt_attention: PromptAttention | None = None
 
 
 def step_batch(
@@ -87,11 +94,14 @@ def step_batch(
     segments: Sequence[Segment],
     decode_attention: DecodeAttention | None = None,
     rows_from: int | None = None,
+    prompt_attention: PromptAttention | None = None,
 ) -> StepBatch:
     """The step's batch. `segments[rows_from:]` are decode rows (each the one token the model
     produced last; default: none), which go to `decode_attention` when given. A one-token prompt
     chunk (a prompt whose every other token was cached) is not a decode row: it is computed as
-    SDPA computes the last token of a prompt, so that reusing a prefix changes nothing but speed."""
+    SDPA computes the last token of a prompt, so that reusing a prefix changes nothing but speed.
+    Prompt chunks go to `prompt_attention` where given and their dtype and heads fit it (a query's
+    output there is the same bits in a chunk of any length, the one-token chunk included)."""
     positions: list[int] = []
     masks: list[torch.Tensor | None] = []
     for seg in segments:
@@ -104,7 +114,7 @@ def step_batch(
     if any(seg.length != 1 for seg in rows):
         raise ValueError("a decode row holds one new token")
     if pool.device.type != "cpu":
-        decode_attention = None  # CPU code
+        decode_attention = prompt_attention = None  # CPU code
     return StepBatch(
         pool,
         segments,
@@ -114,6 +124,7 @@ def step_batch(
         rows_from,
         [seg.start for seg in rows],
         [seg.start + seg.cached + 1 for seg in rows],
+        prompt_attention,
     )
 
 
@@ -180,7 +191,8 @@ def attend(
     **kwargs: Any,
 ) -> torch.Tensor:
     """Each segment's queries over its request's keys and values in the pool (after `write_kv`):
-    one SDPA per prompt chunk, as transformers' SDPA attention runs it, and the decode rows at the
+    one SDPA per prompt chunk, as transformers' SDPA attention runs it (or one
+    `batch.prompt_attention` call, for bfloat16 chunks on CPUs with AMX), and the decode rows at the
     end in one `batch.decode_attention` call where the batch has one, else one SDPA each. A layer
     with a sliding `window` of W tokens: each query sees only its last W keys (the keys before them
     are left out of the call, and a chunk's mask also ends each row's window). query: (1, heads, N,
@@ -197,6 +209,13 @@ def attend(
     eager_rows = softcap is not None and batch.rows_from < len(batch.segments)
     sdpa_to = batch.rows_from if native_rows or eager_rows else len(batch.segments)
     segments, masks = batch.segments[:sdpa_to], batch.masks[:sdpa_to]
+    kernel = batch.prompt_attention
+    if kernel is not None and not (
+        softcap is None
+        and query.dtype == layer.dtype == work == torch.bfloat16
+        and query.shape[-1] % PROMPT_KERNEL_HEAD_DIMS == 0
+    ):
+        kernel = None
     for seg, mask in zip(segments, masks, strict=True):
         end = seg.start + seg.cached + seg.length
         first = seg.start
@@ -205,6 +224,16 @@ def attend(
             skip = max(0, seg.cached - window + 1)
             first += skip
             mask = _window_mask(seg, window, skip, query.device)
+        if kernel is not None:  # a one-token chunk too: a row computes the same bits alone or in a chunk
+            scaling = kwargs.get("scaling")
+            outputs.append(
+                kernel(
+                    query[:, :, offset : offset + seg.length], layer, first, end, seg.start + seg.cached,
+                    window or 0, module.scaling if scaling is None else scaling,
+                )
+            )  # fmt: skip
+            offset += seg.length
+            continue
         q = query[:, :, offset : offset + seg.length].to(work)
         k = layer[0, :, first:end].unsqueeze(0).to(work)  # no copy when the pool holds `work`
         v = layer[1, :, first:end].unsqueeze(0).to(work)

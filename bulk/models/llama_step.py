@@ -45,7 +45,7 @@ from torch import nn
 
 from bulk.models import batched_attention, hf_cache
 from bulk.models import native as native_code
-from bulk.models.batched_attention import DecodeAttention, Segment, StepBatch
+from bulk.models.batched_attention import DecodeAttention, PromptAttention, Segment, StepBatch
 from bulk.models.native import NativeLayers
 from bulk.models.weight_quant import WeightOnlyLinear, fuse
 
@@ -411,10 +411,12 @@ def build(
     except AttributeError as exc:  # a llama config over modules laid out otherwise
         return None, f"its modules are not laid out as transformers' Llama ({exc})"
     decode_attention = native_code.decode_attention() if native else None
-    mismatch = _check(model, step, checked_as, decode_attention)
+    # The attention kernels the engine's steps will use, so that the check covers them too.
+    kernels = (decode_attention, native_code.prompt_attention() if native else None)
+    mismatch = _check(model, step, checked_as, kernels)
     if mismatch and step.prompt_ops is not None:
         prompt_ops, step.prompt_ops = step.prompt_ops, None
-        if _check(model, step, checked_as, decode_attention) is None:
+        if _check(model, step, checked_as, kernels) is None:
             log.warning("native prompt operations rejected, prompts through ATen's: %s", mismatch)
             mismatch = None
         else:  # not theirs: keep them, and try without the native decode layers
@@ -422,33 +424,38 @@ def build(
     if mismatch and step.native is not None:
         log.warning("native decode layers rejected, decoding through Python: %s", mismatch)
         step.native = None
-        mismatch = _check(model, step, checked_as, decode_attention)
+        mismatch = _check(model, step, checked_as, kernels)
     if mismatch and step.prompt_ops is not None:
         step.prompt_ops = None
-        mismatch = _check(model, step, checked_as, decode_attention)
+        mismatch = _check(model, step, checked_as, kernels)
     if mismatch:
         return None, mismatch
     return step, None
 
 
 def _check(
-    model: Any, step: LlamaStep, checked_as: str | None, decode_attention: DecodeAttention | None
+    model: Any,
+    step: LlamaStep,
+    checked_as: str | None,
+    kernels: tuple[DecodeAttention | None, PromptAttention | None],
 ) -> str | None:
     if checked_as is None:
-        return _differs_from_transformers(model, step, decode_attention)
+        return _differs_from_transformers(model, step, kernels)
     layers = "native" if step.native is not None else "python"
-    key = f"{checked_as}/{layers}/{step.prompt_ops is not None}/{decode_attention is not None}"
+    key = f"{checked_as}/{layers}/{step.prompt_ops is not None}/{[k is not None for k in kernels]}"
     if key not in _checked:
-        _checked[key] = _differs_from_transformers(model, step, decode_attention)
+        _checked[key] = _differs_from_transformers(model, step, kernels)
     return _checked[key]
 
 
 def _differs_from_transformers(
-    model: Any, step: LlamaStep, decode_attention: DecodeAttention | None
+    model: Any, step: LlamaStep, kernels: tuple[DecodeAttention | None, PromptAttention | None]
 ) -> str | None:
     """Run a 5-token prefill, a step of a chunk and a decode row, and a step of decode rows only (the
     native layers' kind) through both forwards, on a scratch pool, with the decode attention the
-    engine's steps will use; the logits must be bit-identical."""
+    engine's steps will use (`kernels`: the decode rows' and the prompt chunks'); the logits must be
+    bit-identical."""
+    decode_attention, prompt_attention = kernels
     config = model.config
     param = next(model.parameters())
     kv_heads = config.num_key_value_heads
@@ -472,7 +479,9 @@ def _differs_from_transformers(
             if segments[0].cached:
                 warm = batched_attention.step_batch(pool, [Segment(0, 0, segments[0].cached)])
                 batched_attention.forward_step(model, tokens[: segments[0].cached], warm, [0])
-            batch = batched_attention.step_batch(pool, segments, decode_attention, rows_from)
+            batch = batched_attention.step_batch(
+                pool, segments, decode_attention, rows_from, prompt_attention
+            )
             at = [sum(s.length for s in segments[: i + 1]) - 1 for i in range(len(segments))]
             results.append(forward(ids, batch, at))
         if not torch.equal(results[0], results[1]):

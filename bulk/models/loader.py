@@ -17,7 +17,7 @@ import torch
 from bulk import named_models
 from bulk.config import KVCacheConfig
 from bulk.errors import ModelLoadError
-from bulk.models import hf_cache
+from bulk.models import hf_cache, native
 from bulk.models.cpu import flags as cpu_flags
 from bulk.models.cpu import has_avx2, has_bf16_instructions
 from bulk.models.demo import DEMO_SPECS, build_demo_model, is_demo
@@ -26,10 +26,14 @@ from bulk.models.progress import quiet_progress_bars
 from bulk.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from bulk.models.weight_quant import (
     DENSE_FROM_ROWS,
+    TILES_FROM_ROWS,
+    WeightOnlyLinear,
     dense_shapes,
     measure_dense_from_rows,
+    measure_tiles_from_rows,
     quantize_weights,
     set_dense_from_rows,
+    set_tiles_from_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -138,12 +142,27 @@ def load_model(config: KVCacheConfig) -> LoadedModel:
         if scheme != "none":
             # Many-row products (prompt chunks) use a dense copy of the weights: bfloat16 where the
             # CPU multiplies it in hardware, else float32, several times faster there.
-            quantize_weights(model, scheme, torch.bfloat16 if has_bf16_instructions() else torch.float32)
-            # From how many rows on the dense copy is faster, on this CPU (decode batches).
+            dense_dtype = torch.bfloat16 if has_bf16_instructions() else torch.float32
+            # Decode batches of a few rows through the tile kernel where the CPU has AMX tiles and
+            # the native code is asked for (`weight_quant`'s docstring says why).
+            tiles = (
+                config.native_decode and dense_dtype == torch.bfloat16 and native.tile_linear() is not None
+            )
+            quantize_weights(model, scheme, dense_dtype, tiles=tiles)
+            # From how many rows on the tile kernel, then the dense copy, is faster, on this CPU.
             for bits in (4, 8):
-                dense_from = _dense_from_rows(model, bits)
+                tiles_from, dense_from = _row_splits(model, bits)
+                set_tiles_from_rows(model, tiles_from, bits)
                 set_dense_from_rows(model, dense_from, bits)
-                log.info("int%d layers multiply %d rows or more through their dense copies", bits, dense_from)
+                if tiles:
+                    log.info(
+                        "int%d layers multiply %d rows or more through the tile kernel, %d or more "
+                        "through their dense copies", bits, tiles_from, dense_from,
+                    )  # fmt: skip
+                else:
+                    log.info(
+                        "int%d layers multiply %d rows or more through their dense copies", bits, dense_from
+                    )
             fingerprint = f"{fingerprint}+w{scheme}"
     except ModelLoadError:
         raise
@@ -204,36 +223,44 @@ def _weights_reason(
     return f"{served}: the file's blocks are {layout}, dequantized because {where}"
 
 
-def _dense_from_rows(model: Any, bits: int) -> int:
-    """`measure_dense_from_rows`, remembered per CPU, torch version and weight shapes in
-    `~/.cache/bul/dense_from_rows.json`: the two paths differ in the last bits, so a process must
-    split where the last one on this machine did, or the same request could be answered otherwise
-    after a restart, or by another replica on the same machine. JSON; a file that cannot be read or
-    written is measured around (logged)."""
+def _row_splits(model: Any, bits: int) -> tuple[int, int]:
+    """(`measure_tiles_from_rows`, `measure_dense_from_rows`), remembered per CPU, torch version,
+    weight shapes and tile layout in `~/.cache/bul/row_splits.json`: the paths differ in the last
+    bits, so a process must split where the last one on this machine did, or the same request could
+    be answered otherwise after a restart, or by another replica on the same machine. JSON; a file
+    that cannot be read or written is measured around (logged)."""
     shapes = dense_shapes(model, bits)
     if not shapes:
-        return DENSE_FROM_ROWS
+        return TILES_FROM_ROWS, DENSE_FROM_ROWS
+    tiles = any(
+        isinstance(m, WeightOnlyLinear) and m.bits == bits and m.tiles is not None for m in model.modules()
+    )
     key = hashlib.sha256(
-        json.dumps([bits, shapes, torch.__version__, platform.machine(), sorted(cpu_flags())]).encode()
+        json.dumps([bits, shapes, tiles, torch.__version__, platform.machine(), sorted(cpu_flags())]).encode()
     ).hexdigest()[:16]
-    path = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "bul" / "dense_from_rows.json"
-    known: dict[str, int] = {}
+    path = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "bul" / "row_splits.json"
+    known: dict[str, list[int]] = {}
     try:
         known = json.loads(path.read_text()) if path.exists() else {}
-        if isinstance(known.get(key), int):
-            return known[key]
+        remembered = known.get(key)
+        if (
+            isinstance(remembered, list)
+            and len(remembered) == 2
+            and all(isinstance(r, int) for r in remembered)
+        ):
+            return remembered[0], remembered[1]
     except (OSError, ValueError, AttributeError) as exc:
         log.warning("cannot read %s (%s): measuring again", path, exc)
         known = {}
-    rows = measure_dense_from_rows(model, bits)
+    splits = [measure_tiles_from_rows(model, bits), measure_dense_from_rows(model, bits)]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         written = path.with_suffix(f".{os.getpid()}.tmp")
-        written.write_text(json.dumps({**known, key: rows}))
+        written.write_text(json.dumps({**known, key: splits}))
         written.replace(path)
     except OSError as exc:
         log.warning("cannot write %s (%s): the next process measures again", path, exc)
-    return rows
+    return splits[0], splits[1]
 
 
 def _weights_fingerprint(name: str, model: Any) -> str:

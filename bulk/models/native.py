@@ -1,6 +1,6 @@
 """The native code of the decode step: `csrc/`, built on first use.
 
-Five operations, in one library:
+Seven operations, in one library:
 
   decode_layers     a quantized Llama model's decode step, every layer, as one call
                     (`csrc/llama_decode.cpp`)
@@ -13,6 +13,10 @@ Five operations, in one library:
                     bit for bit ATen's operations (`csrc/prompt_ops.cpp`; `llama_step`'s Python loop)
   apply_token_bitmask  a structured output's grammar mask on a row of logits, in place
                     (`csrc/token_mask.cpp`; the model runner's `sample`)
+  tile_linear       a quantized layer's product for a few rows on AMX tiles, where the CPU has
+                    them (`csrc/tile_linear.cpp`; `weight_quant.WeightOnlyLinear` and `decode_layers`)
+  prompt_attention  a bfloat16 prompt chunk's attention over its keys in the pool on AMX tiles
+                    (`csrc/prompt_attention.cpp`; `batched_attention.attend`)
 
 Why the layers: a decode step of SmolLM2-135M with 4-bit weights runs about 2,000 small PyTorch
 operations (65 a layer, 30 layers: norms, rotary embedding, the KV write, attention, residuals),
@@ -78,8 +82,10 @@ SOURCES = (
     CSRC / "greedy.cpp",
     CSRC / "prompt_ops.cpp",
     CSRC / "token_mask.cpp",
+    CSRC / "tile_linear.cpp",
+    CSRC / "prompt_attention.cpp",
 )
-HEADERS = (CSRC / "decode_attention.h", CSRC / "vec.h")
+HEADERS = (CSRC / "decode_attention.h", CSRC / "tile_linear.h", CSRC / "vec.h")
 # For this machine's instruction set (the library's name carries the CPU's flags, so that another
 # CPU builds its own). OpenMP as torch's own: `at::parallel_for` is a header's `omp parallel`, which
 # a file compiled without -fopenmp runs on one thread.
@@ -145,6 +151,27 @@ def argmax_rows() -> Callable[[torch.Tensor], torch.Tensor] | None:
     return _loaded("argmax_rows") if library() else None
 
 
+def tile_linear() -> Callable[..., torch.Tensor] | None:
+    """`torch.ops.bul.tile_linear(x, weights, scales, bits, bias)`: a quantized layer's product for a
+    few rows on AMX tiles (`csrc/tile_linear.cpp`, `weight_quant`'s tile layout), or None where the
+    library cannot be built or this CPU (or its build) has no tiles."""
+    available = _loaded("tile_linear_available") if library() else None
+    if available is None or not available():
+        return None
+    return _loaded("tile_linear")
+
+
+def prompt_attention() -> Callable[..., torch.Tensor] | None:
+    """`torch.ops.bul.prompt_attention(query, layer, first, end, position, window, scaling)`: a
+    bfloat16 prompt chunk's attention over its keys in the pool on AMX tiles
+    (`csrc/prompt_attention.cpp`), or None where the library cannot be built or this CPU (or its
+    build) has no tiles. `batched_attention.attend` checks the dtypes and head size it takes."""
+    available = _loaded("tile_linear_available") if library() else None
+    if available is None or not available():
+        return None
+    return _loaded("prompt_attention")
+
+
 def has_decode_kernel(model: Any) -> bool:
     """Whether `decode_attention` reads `model`'s pool (in its dtype) through its own kernel, half
     precision as it is, rather than through SDPA per row: its head size and grouping have one."""
@@ -167,12 +194,13 @@ def _loaded(name: str) -> Callable[..., Any] | None:
 
 class _LayerParts(NamedTuple):
     norms: list[torch.Tensor]  # input norm, post-attention norm
-    weights: list[torch.Tensor]  # (qweight, scales) of q/k/v, o, gate/up, down
+    # (qweight, scales, tile weights, tile scales) of q/k/v, o, gate/up, down (empty tiles: none)
+    weights: list[torch.Tensor]
     dense: list[torch.Tensor]  # the dense weights (`dense_weight`) of q/k/v, o, gate/up, down
     biases: list[torch.Tensor | None]  # of q/k/v, o, gate/up, down (Qwen2's q/k/v have one)
     bits: list[int]  # of q/k/v, o, gate/up, down
-    # group size, eps, scaling, gate size, query size, dense_from_rows
-    shape: tuple[int, float, float, int, int, int]
+    # group size, eps, scaling, gate size, query size, dense_from_rows, tiles_from_rows
+    shape: tuple[int, float, float, int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -182,12 +210,14 @@ class NativeLayers:
 
     call: Callable[..., torch.Tensor]
     norms: list[torch.Tensor]  # per layer: input norm, post-attention norm
-    weights: list[torch.Tensor]  # per layer: (qweight, scales) of q/k/v, o, gate/up, down
+    # per layer: (qweight, scales, tile weights, tile scales) of q/k/v, o, gate/up, down
+    weights: list[torch.Tensor]
     dense: list[torch.Tensor]  # per layer: the dense weights (`dense_weight`) of q/k/v, o, gate/up, down
     biases: list[torch.Tensor | None]  # per layer: the biases (or None) of q/k/v, o, gate/up, down
     bits: list[int]  # per layer: of q/k/v, o, gate/up, down
     group_size: int
     dense_from_rows: int  # `WeightOnlyLinear.dense_from_rows`
+    tiles_from_rows: int  # `WeightOnlyLinear.tiles_from_rows`
     q_heads: int
     kv_heads: int
     head_dim: int
@@ -215,7 +245,7 @@ class NativeLayers:
         shapes = {p.shape for p in known}
         if len(known) != len(parts) or len(shapes) != 1:
             return None
-        group_size, eps, scaling, gate_size, q_out, dense_from_rows = shapes.pop()
+        group_size, eps, scaling, gate_size, q_out, dense_from_rows, tiles_from_rows = shapes.pop()
         call = decode_layers()
         if call is None:
             return None
@@ -230,6 +260,7 @@ class NativeLayers:
             bits=[b for p in known for b in p.bits],
             group_size=group_size,
             dense_from_rows=dense_from_rows,
+            tiles_from_rows=tiles_from_rows,
             q_heads=q_out // head_dim,
             kv_heads=first.self_attn.k_proj.out_features // head_dim,
             head_dim=head_dim,
@@ -254,9 +285,13 @@ class NativeLayers:
         return self.call(
             hidden, cos, sin, batch.pool, batch.write_at, batch.row_starts, batch.row_ends, self.norms,
             self.weights, self.dense, self.biases, self.bits, self.group_size, self.dense_from_rows,
-            self.q_heads, self.kv_heads, self.head_dim, self.gate_size, self.eps, self.scaling,
-            self.float32_attention,
+            self.tiles_from_rows, self.q_heads, self.kv_heads, self.head_dim, self.gate_size, self.eps,
+            self.scaling, self.float32_attention,
         )  # fmt: skip
+
+
+# What the native call gets for a projection without tiles.
+_NO_TILES = torch.empty(0, dtype=torch.uint8)
 
 
 def _layer_parts(layer: Any, qkv: Any, gate_up: Any) -> _LayerParts | None:
@@ -266,14 +301,15 @@ def _layer_parts(layer: Any, qkv: Any, gate_up: Any) -> _LayerParts | None:
     projections = [qkv, attn.o_proj, gate_up, mlp.down_proj]
     if not all(isinstance(p, WeightOnlyLinear) for p in projections):
         return None
-    if len({p.group_size for p in projections}) != 1 or len({p.dense_from_rows for p in projections}) != 1:
+    splits = {(p.dense_from_rows, p.tiles_from_rows) for p in projections}
+    if len({p.group_size for p in projections}) != 1 or len(splits) != 1:
         return None
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     if norms[0].variance_epsilon != norms[1].variance_epsilon:
         return None
     return _LayerParts(
         norms=[n.weight for n in norms],
-        weights=[t for p in projections for t in (p.qweight, p.scales)],
+        weights=[t for p in projections for t in (p.qweight, p.scales, *(p.tiles or (_NO_TILES, _NO_TILES)))],
         dense=[p.dense_weight() for p in projections],
         biases=[p.bias for p in projections],
         bits=[p.bits for p in projections],
@@ -284,6 +320,7 @@ def _layer_parts(layer: Any, qkv: Any, gate_up: Any) -> _LayerParts | None:
             mlp.gate_proj.out_features,
             attn.q_proj.out_features,
             projections[0].dense_from_rows,
+            projections[0].tiles_from_rows,
         ),
     )
 

@@ -26,7 +26,17 @@ prompt took 16.0 s through bfloat16 copies against 3.5 s through float32 ones (A
 2 threads).
 
 The kernels take bfloat16 activations (float32 ones ran 6-26x slower), so a quantized model runs in
-bfloat16; they are torch's CPU kernels, so quantization is applied on the CPU only."""
+bfloat16; they are torch's CPU kernels, so quantization is applied on the CPU only.
+
+Torch's kernels dequantize the weights again for every row, so their cost grows with the rows: the
+gate/up projection of SmolLM2 took 98 us for 1 row and 757 us for 16 (one thread, Intel Xeon with
+AMX-BF16), and a decode batch of a dozen rows went through the dense copy, memory-bound on its 7 MB a
+layer. Where the CPU has AMX tiles and the native code is built (`native.tile_linear`), each layer
+also keeps its quantized weights in the tile unit's layout (`tiles=True`), and from
+`tiles_from_rows` rows on multiplies through `csrc/tile_linear.cpp`: every weight block dequantized
+once, to the dense copy's bfloat16 values exactly, and multiplied with all the rows by the tile unit
+(16 rows: 169 us; 1 row stays faster in torch's kernel). Its sums run in one order whatever the rows,
+so a row's outputs do not change with the rows beside it (`tests/models/test_weight_quant.py`)."""
 
 from __future__ import annotations
 
@@ -62,14 +72,28 @@ DENSE_FROM_ROWS = 24
 # (`measure_dense_from_rows`) and only ever lowered from DENSE_FROM_ROWS: a prompt chunk still
 # takes the dense path on every CPU.
 DENSE_WIN_MARGIN = 0.8  # the dense copy must be this much faster, so that close calls do not flip
+# With tiles (see the module's docstring) the tile kernel takes over from torch's at this many rows,
+# unless measured otherwise (`measure_tiles_from_rows`); the dense copy's split is then measured
+# against the tile kernel, up to `TILES_DENSE_FROM_MAX` rows (the tile kernel multiplies the dense
+# copy's own values, so its outputs differ from the dense product's by summation order only).
+TILES_FROM_ROWS = 4
+# The tile kernel must be this much faster than torch's to take over: a smaller margin than the
+# dense copy's, because its products are the dense copy's own, so a close call changes less (the
+# LM head's one row, SmolLM2 at int8: 2.9 ms against 3.6).
+TILES_WIN_MARGIN = 0.9
+TILES_DENSE_FROM_MAX = 64
+TILE_INPUTS = 32  # a tile's inputs: one int4 group
 ACTIVATION_DTYPE = torch.bfloat16
 
 
 class WeightOnlyLinear(nn.Module):
-    """A linear layer with quantized weights: `rows < dense_from_rows` (at most `DENSE_FROM_ROWS`;
-    `set_dense_from_rows`) go through the quantized kernel, more through the dequantized copy."""
+    """A linear layer with quantized weights: `rows < dense_from_rows` (`set_dense_from_rows`) go
+    through the quantized kernel, more through the dequantized copy; with `tiles`, from
+    `tiles_from_rows` rows on (`set_tiles_from_rows`) through the tile kernel (see the module's
+    docstring)."""
 
     dense_from_rows = DENSE_FROM_ROWS
+    tiles_from_rows = TILES_FROM_ROWS
 
     def __init__(
         self,
@@ -77,19 +101,28 @@ class WeightOnlyLinear(nn.Module):
         bits: int,
         group_size: int = GROUP_SIZE,
         dense_dtype: torch.dtype = ACTIVATION_DTYPE,
+        tiles: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bits, self.group_size = bits, group_size
         weight = linear.weight.detach().float()  # (out, in)
         if bits == 8:
-            self.qweight, self.scales, dense = _quantize_int8(weight)
+            self.qweight, self.scales, dense, q = _quantize_int8(weight)
         else:
-            self.qweight, self.scales, dense = _quantize_int4(weight, group_size)
+            self.qweight, self.scales, dense, q = _quantize_int4(weight, group_size)
         self.dense = dense.to(dense_dtype)  # (out, in): the quantized values, for many rows
         self._packed: torch.Tensor | None = None  # `dense_weight`'s, made on first use
         bias = linear.bias
         self.bias = None if bias is None else bias.detach().to(ACTIVATION_DTYPE)
+        # (weights, scales) in the tile kernel's layout (`tile_layout`), or None
+        self.tiles: tuple[torch.Tensor, torch.Tensor] | None = None
+        if (
+            tiles
+            and dense_dtype == ACTIVATION_DTYPE
+            and tiles_fit(self.in_features, self.out_features, group_size)
+        ):
+            self.tiles = tile_layout(q, self.scales, bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -98,6 +131,8 @@ class WeightOnlyLinear(nn.Module):
                 bias = None if self.bias is None else self.bias.to(self.dense.dtype)
                 return F.linear(x.to(self.dense.dtype), self.dense, bias).to(x.dtype)
             return dense_product(x, self.dense_weight(), self.bias)
+        if self.tiles is not None and rows >= self.tiles_from_rows:
+            return torch.ops.bul.tile_linear(x, self.tiles[0], self.tiles[1], self.bits, self.bias)
         flat = x.reshape(rows, self.in_features)
         # Called as `torch._weight_...` rather than `torch.ops.aten._weight_...`: the same kernel
         # through torch's C++ argument parsing, not the op packet's Python one (0.7 us a call less).
@@ -143,7 +178,16 @@ def fuse(parts: list[WeightOnlyLinear]) -> WeightOnlyLinear | None:
     fused.scales = torch.cat([p.scales for p in parts], dim=0 if first.bits == 8 else 1)
     fused.bias = None if first.bias is None else torch.cat([p.bias for p in parts if p.bias is not None])
     fused.dense_from_rows = first.dense_from_rows
+    fused.tiles_from_rows = first.tiles_from_rows
     fused._packed = None
+    # The tile layout is a sequence of 16-output blocks: the parts' blocks one after another.
+    tiles = [p.tiles for p in parts]
+    fused.tiles = None
+    if all(t is not None for t in tiles):
+        fused.tiles = (
+            torch.cat([t[0] for t in tiles if t is not None]),
+            torch.cat([t[1] for t in tiles if t is not None]),
+        )
     row = 0
     for p in parts:
         p.qweight = fused.qweight[row : row + p.out_features]
@@ -152,17 +196,21 @@ def fuse(parts: list[WeightOnlyLinear]) -> WeightOnlyLinear | None:
     return fused
 
 
-def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Symmetric, one scale per output row: q = round(w / s), s = max|w_row| / 127."""
+def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric, one scale per output row: q = round(w / s), s = max|w_row| / 127. Returns the
+    kernel's weights and scales, the dense copy (float32) and q."""
     scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,)
     q = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)  # (out, in)
     scales = scale.to(ACTIVATION_DTYPE)
-    return q, scales, q.float() * scales.float()[:, None]
+    return q, scales, q.float() * scales.float()[:, None], q
 
 
-def _quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quantize_int4(
+    weight: torch.Tensor, group: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric, per group of `group` input weights: w = (q - 8) * scale + zero, q in 0..15, with
-    scale = (max - min) / 15 and zero = min + 8 * scale, the kernel's convention."""
+    scale = (max - min) / 15 and zero = min + 8 * scale, the kernel's convention. Returns the
+    kernel's packed weights and (groups, out, 2) scales, the dense copy (float32) and q (out, in)."""
     out, inp = weight.shape
     groups = weight.view(out, inp // group, group)  # (out, groups, group)
     low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
@@ -174,7 +222,8 @@ def _quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torc
     dense = ((q - 8) * scale_b.float() + zero_b.float()).view(out, inp)
     scales_and_zeros = torch.cat([scale_b, zero_b], dim=-1)  # (out, groups, 2)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out, inp).to(torch.int32), 1)
-    return packed, scales_and_zeros.transpose(0, 1).contiguous(), dense  # (groups, out, 2)
+    # (groups, out, 2)
+    return packed, scales_and_zeros.transpose(0, 1).contiguous(), dense, q.view(out, inp).to(torch.uint8)
 
 
 def _int4_fits(linear: nn.Linear, group: int) -> bool:
@@ -182,10 +231,41 @@ def _int4_fits(linear: nn.Linear, group: int) -> bool:
     return linear.in_features % group == 0 and linear.out_features % 16 == 0
 
 
-def quantize_weights(model: Any, scheme: str, dense_dtype: torch.dtype = ACTIVATION_DTYPE) -> dict[str, int]:
+def tiles_fit(in_features: int, out_features: int, group: int = GROUP_SIZE) -> bool:
+    """Whether a layer's weights can be laid out in tiles: 16-output blocks by 32-input groups (an
+    int4 layer's groups must be those)."""
+    return in_features % TILE_INPUTS == 0 and out_features % 16 == 0 and group == TILE_INPUTS
+
+
+def tile_layout(q: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tile kernel's (weights, scales) from q (out, in) and the kernel's scales (int8: (out,);
+    int4: (groups, out, 2) scale and zero). A tile is 16 outputs by 32 inputs; its 16 rows hold the
+    input pairs (2r, 2r + 1) of its 16 outputs side by side, 32 values a row in the order
+    p = 2 * output + parity, the pair layout the tile unit multiplies (`csrc/tile_linear.cpp`):
+
+        int4  weights (out/16, in/32, 16, 16) uint8, byte j = v[j] | v[j + 16] << 4
+              scales  (out/16, in/32, 2, 16) bfloat16: a tile's 16 scales, then its 16 zeros
+        int8  weights (out/16, in/32, 16, 32) int8;  scales (out/16, 16) bfloat16"""
+    out, inp = q.shape
+    blocks, groups = out // 16, inp // TILE_INPUTS
+    # (block, output, group, row, parity) -> (block, group, row, output, parity)
+    v = q.view(blocks, 16, groups, 16, 2).permute(0, 2, 3, 1, 4).reshape(blocks, groups, 16, 32)
+    if bits == 8:
+        return v.contiguous(), scales.view(blocks, 16).contiguous()
+    nibbles = v.to(torch.uint8)
+    packed = (nibbles[..., :16] | (nibbles[..., 16:] << 4)).contiguous()
+    # (groups, out, 2) -> (block, group, scale or zero, output)
+    per_tile = scales.view(groups, blocks, 16, 2).permute(1, 0, 3, 2).contiguous()
+    return packed, per_tile
+
+
+def quantize_weights(
+    model: Any, scheme: str, dense_dtype: torch.dtype = ACTIVATION_DTYPE, tiles: bool = False
+) -> dict[str, int]:
     """Swap `model`'s linear layers for quantized ones, in place (see the module's docstring).
     `model` must be a bfloat16 model on the CPU; `dense_dtype` is the dtype of the dense copies that
-    multiply many rows. Returns how many layers got each bit width."""
+    multiply many rows; `tiles`: keep the weights in the tile kernel's layout too, where it is built
+    (`native.tile_linear`). Returns how many layers got each bit width."""
     if scheme not in SCHEMES:
         raise ValueError(f"weight quantization {scheme!r} is not one of {SCHEMES}")
     param = next(model.parameters())
@@ -202,7 +282,7 @@ def quantize_weights(model: Any, scheme: str, dense_dtype: torch.dtype = ACTIVAT
             bits = 8 if scheme == "int8" or child is head else 4
             if bits == 4 and not _int4_fits(child, GROUP_SIZE):
                 bits = 8  # int8 fits any shape
-            setattr(parent, name, WeightOnlyLinear(child, bits, dense_dtype=dense_dtype))
+            setattr(parent, name, WeightOnlyLinear(child, bits, dense_dtype=dense_dtype, tiles=tiles))
             counts[f"int{bits}"] += 1
     log.info("weights quantized (%s): %d layers int4, %d int8", scheme, counts["int4"], counts["int8"])
     return counts
@@ -251,36 +331,88 @@ def dense_shapes(model: Any, bits: int) -> list[tuple[int, int]]:
     return sorted({(m.in_features, m.out_features) for m in model.modules() if _quantized(m, bits)})
 
 
-def measure_dense_from_rows(model: Any, bits: int, candidates: tuple[int, ...] = (4, 8, 12, 16, 20)) -> int:
+def set_tiles_from_rows(model: Any, rows: int, bits: int | None = None) -> None:
+    """Every quantized layer of `model` (of `bits` bits, or every one) that has tiles multiplies
+    `rows` rows or more (below its dense split) through the tile kernel."""
+    for module in model.modules():
+        if isinstance(module, WeightOnlyLinear) and bits in (None, module.bits):
+            module.tiles_from_rows = rows
+
+
+def measure_dense_from_rows(model: Any, bits: int) -> int:
     """The fewest rows from which `model`'s `bits`-bit layers multiply faster through their dense
-    copies (prepacked as they would be) than through the quantized kernels, on this CPU: every
-    distinct weight shape timed at each candidate row count, both ways (about 50 ms).
-    `DENSE_FROM_ROWS` when the dense copy does not win by `DENSE_WIN_MARGIN` at some candidate and
-    every larger one. The timing's packed copies are dropped afterwards: only the layers that the
-    engine multiplies many rows with keep one."""
+    copies (prepacked as they would be) than through what multiplies fewer rows (the tile kernel
+    where the layers have tiles, else torch's quantized kernel), on this CPU: every distinct weight
+    shape timed at each candidate row count, both ways (about 50 ms). `DENSE_FROM_ROWS` (with tiles
+    `TILES_DENSE_FROM_MAX`) when the dense copy does not win by `DENSE_WIN_MARGIN` at some candidate
+    and every larger one. The timing's packed copies are dropped afterwards: only the layers that
+    the engine multiplies many rows with keep one."""
+    layers = _layers_by_shape(model, bits)
+    if not layers:
+        return DENSE_FROM_ROWS
+    with_tiles = all(layer.tiles is not None for layer in layers.values())
+    candidates = (8, 12, 16, 24, 32, 48, TILES_DENSE_FROM_MAX) if with_tiles else (4, 8, 12, 16, 20)
+    small = _tile_product if with_tiles else _kernel_product
+    packed = {shape: pack_dense(layer.dense) for shape, layer in layers.items()}
+
+    def dense(x: torch.Tensor, layer: WeightOnlyLinear) -> torch.Tensor:
+        shape = (layer.in_features, layer.out_features)
+        return dense_product(x.to(layer.dense.dtype), packed[shape], None)
+
+    rows = _fewest_rows_won(layers, candidates, small, dense, f"int{bits} dense")
+    return rows if rows is not None else (TILES_DENSE_FROM_MAX if with_tiles else DENSE_FROM_ROWS)
+
+
+def measure_tiles_from_rows(model: Any, bits: int, candidates: tuple[int, ...] = (1, 2, 3, 4, 6, 8)) -> int:
+    """The fewest rows from which `model`'s `bits`-bit layers multiply faster through the tile
+    kernel than through torch's quantized kernel (timed as `measure_dense_from_rows` times), or
+    `TILES_DENSE_FROM_MAX` (never, below the dense split) when the tiles do not win; `TILES_FROM_ROWS`
+    for layers without tiles."""
+    layers = _layers_by_shape(model, bits)
+    if not layers or any(layer.tiles is None for layer in layers.values()):
+        return TILES_FROM_ROWS
+    rows = _fewest_rows_won(
+        layers, candidates, _kernel_product, _tile_product, f"int{bits} tiles", TILES_WIN_MARGIN
+    )
+    return rows if rows is not None else TILES_DENSE_FROM_MAX
+
+
+def _layers_by_shape(model: Any, bits: int) -> dict[tuple[int, int], WeightOnlyLinear]:
     layers: dict[tuple[int, int], WeightOnlyLinear] = {}
     for module in model.modules():
         if _quantized(module, bits):
             layers.setdefault((module.in_features, module.out_features), module)
-    if not layers:
-        return DENSE_FROM_ROWS
-    packed = {shape: pack_dense(layer.dense) for shape, layer in layers.items()}
+    return layers
+
+
+Product = Callable[[torch.Tensor, "WeightOnlyLinear"], torch.Tensor]
+
+
+def _fewest_rows_won(
+    layers: dict[tuple[int, int], WeightOnlyLinear],
+    candidates: tuple[int, ...],
+    current: Product,
+    challenger: Product,
+    name: str,
+    margin: float = DENSE_WIN_MARGIN,
+) -> int | None:
+    """The fewest candidate rows from which `challenger` beats `current` by `margin` over all of
+    `layers` at that candidate and every larger one, or None."""
     generator = torch.Generator().manual_seed(0)
     wins = []
     with torch.inference_mode():
         for rows in candidates:
-            kernel = dense = 0.0
-            for shape, layer in layers.items():
+            slow = fast = 0.0
+            for layer in layers.values():
                 x = torch.randn((rows, layer.in_features), generator=generator).to(ACTIVATION_DTYPE)
-                kernel += _best_seconds(functools.partial(_kernel_product, x, layer))
-                dense_x = x.to(layer.dense.dtype)
-                dense += _best_seconds(functools.partial(dense_product, dense_x, packed[shape], None))
-            wins.append(dense < DENSE_WIN_MARGIN * kernel)
-            log.debug("%d rows: int%d kernel %.0f us, dense %.0f us", rows, bits, kernel * 1e6, dense * 1e6)
+                slow += _best_seconds(functools.partial(current, x, layer))
+                fast += _best_seconds(functools.partial(challenger, x, layer))
+            wins.append(fast < margin * slow)
+            log.debug("%d rows, %s: %.0f us against %.0f us", rows, name, fast * 1e6, slow * 1e6)
     for i, rows in enumerate(candidates):
         if all(wins[i:]):
             return rows
-    return DENSE_FROM_ROWS
+    return None
 
 
 def _quantized(module: Any, bits: int) -> bool:
@@ -291,6 +423,11 @@ def _kernel_product(x: torch.Tensor, layer: WeightOnlyLinear) -> torch.Tensor:
     if layer.bits == 8:
         return torch._weight_int8pack_mm(x, layer.qweight, layer.scales)
     return torch._weight_int4pack_mm_for_cpu(x, layer.qweight, layer.group_size, layer.scales)
+
+
+def _tile_product(x: torch.Tensor, layer: WeightOnlyLinear) -> torch.Tensor:
+    assert layer.tiles is not None
+    return torch.ops.bul.tile_linear(x, layer.tiles[0], layer.tiles[1], layer.bits, None)
 
 
 def _best_seconds(product: Callable[[], torch.Tensor], repeats: int = 5) -> float:

@@ -15,7 +15,7 @@ import torch
 
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
-from bulk.models import batched_attention, llama_step, native
+from bulk.models import batched_attention, llama_step, native, weight_quant
 from bulk.models.batched_attention import Segment
 from bulk.models.loader import load_model
 
@@ -68,8 +68,22 @@ def test_the_native_code_builds_on_this_machine():
 # as ATen rounds, equal the Python loop's operations bit for bit.
 @pytest.mark.parametrize("weights", ["int4", "int8"])
 @pytest.mark.parametrize("pool", [torch.bfloat16, torch.float32])
-def test_decode_rows_of_a_quantized_model_run_natively_and_bit_identically(weights, pool):
+@pytest.mark.parametrize("tiles", [False, True])
+def test_decode_rows_of_a_quantized_model_run_natively_and_bit_identically(weights, pool, tiles):
     model = _quantized("bfloat16", weights)
+    if tiles:  # every decode row through the tile kernel (`csrc/tile_linear.cpp`), where the CPU has one
+        if native.tile_linear() is None:
+            pytest.skip("this CPU (or its build) has no AMX tiles")
+        layers = [
+            m
+            for layer in model.model.layers
+            for m in layer.modules()
+            if isinstance(m, weight_quant.WeightOnlyLinear)
+        ]
+        assert layers and all(m.tiles is not None for m in layers)  # every projection of every layer
+        weight_quant.set_tiles_from_rows(model, 1)
+    else:
+        weight_quant.set_tiles_from_rows(model, weight_quant.TILES_DENSE_FROM_MAX)
     step, why = llama_step.build(model)  # the check against transformers includes a native step
     assert why is None and step is not None and step.native is not None
     calls: list[int] = []
@@ -358,3 +372,67 @@ def test_a_quantized_qwen2_decodes_natively_with_its_biases_bit_identically():
         ours = _decode(step, model, True, rows, torch.bfloat16)
         python = _decode(step, model, False, rows, torch.bfloat16)
         assert torch.equal(ours, python)
+
+
+# ---- the prompt attention (`csrc/prompt_attention.cpp`): AMX CPUs only ---------------------------
+
+needs_tiles = pytest.mark.skipif(
+    native.prompt_attention() is None, reason="this CPU (or its build) has no AMX tiles"
+)
+
+
+def _reference_attention(q, layer, first, end, position, window, scaling):
+    """float32 SDPA over the same keys with the same causal (and sliding) mask, (1, L, heads, dim)."""
+    length = q.shape[2]
+    keys, queries = torch.arange(first, end), position + torch.arange(length)
+    mask = keys[None, :] <= queries[:, None]
+    if window:
+        mask &= keys[None, :] > queries[:, None] - window
+    k, v = layer[0, :, first:end].unsqueeze(0).float(), layer[1, :, first:end].unsqueeze(0).float()
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k, v, attn_mask=mask[None, None], enable_gqa=True, scale=scaling
+    )
+    return out.transpose(1, 2)
+
+
+# (heads, key heads, head size, chunk, cached before it, window)
+PROMPT_SHAPES = [
+    (9, 3, 64, 190, 16, 0),  # SmolLM2's heads, a chat question after a cached template header
+    (9, 3, 64, 33, 0, 0),
+    (4, 2, 128, 70, 300, 0),
+    (9, 3, 64, 200, 1000, 0),
+    (8, 8, 64, 50, 40, 16),  # a sliding window of 16 keys
+    (9, 3, 64, 1, 77, 0),  # a prompt's last token alone (the rest of it cached)
+]
+
+
+@needs_tiles
+@pytest.mark.parametrize("heads,kv_heads,dim,length,cached,window", PROMPT_SHAPES)
+def test_the_prompt_attention_computes_what_sdpa_computes(heads, kv_heads, dim, length, cached, window):
+    torch.manual_seed(length)
+    start = 37
+    layer = torch.randn(2, kv_heads, start + cached + length + 20, dim).to(torch.bfloat16)
+    q = torch.randn(1, heads, length, dim).to(torch.bfloat16)
+    first, end, position = start, start + cached + length, start + cached
+    if window and cached + length > window:
+        first += max(0, cached - window + 1)  # as `attend` leaves out keys no query sees
+    got = native.prompt_attention()(q, layer, first, end, position, window, dim**-0.5)
+    want = _reference_attention(q, layer, first, end, position, window, dim**-0.5)
+    assert got.shape == (1, length, heads, dim) and got.dtype == torch.bfloat16
+    # bfloat16 inputs, probabilities and output: a few 2^-9 of the largest value.
+    assert float((got.float() - want).abs().max()) <= 8 * 2**-9 * float(want.abs().max())
+
+
+@needs_tiles
+def test_a_querys_prompt_attention_is_the_same_bits_in_a_chunk_or_alone():
+    """So that a prompt whose prefix is cached computes its last tokens as the whole prompt did."""
+    torch.manual_seed(3)
+    layer = torch.randn(2, 3, 400, 64).to(torch.bfloat16)
+    q = torch.randn(1, 9, 120, 64).to(torch.bfloat16)
+    attention = native.prompt_attention()
+    whole = attention(q, layer, 0, 150, 30, 0, 0.125)  # 120 queries after 30 cached keys
+    for t in (0, 17, 63, 64, 119):
+        alone = attention(q[:, :, t : t + 1], layer, 0, 31 + t, 30 + t, 0, 0.125)
+        assert torch.equal(alone[0, 0], whole[0, t])
+    tail = attention(q[:, :, 100:], layer, 0, 150, 130, 0, 0.125)  # a later chunk of the same prompt
+    assert torch.equal(tail, whole[:, 100:])

@@ -17,7 +17,7 @@ from bulk import named_models as registry
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
 from bulk.errors import InvalidConfigError, ModelLoadError
-from bulk.models import weight_quant
+from bulk.models import native, weight_quant
 from bulk.models.gguf import MANIFEST, manifest_weight_bits, weight_bits
 from bulk.models.loader import load_model, resolve_weight_quantization
 from bulk.models.weight_quant import DENSE_FROM_ROWS, WeightOnlyLinear, quantize_weights
@@ -267,22 +267,24 @@ def test_the_dense_split_is_measured_per_bit_width_without_packing_the_layers():
     ]
 
 
-def test_the_dense_split_is_remembered_per_machine(tmp_path, monkeypatch):
-    """Measured once; later loads on this machine split where it did (the two paths differ in the
-    last bits), read from a JSON file; a file that cannot be read is measured around."""
+def test_the_row_splits_are_remembered_per_machine(tmp_path, monkeypatch):
+    """Measured once; later loads on this machine split where it did (the paths differ in the last
+    bits), read from a JSON file; a file that cannot be read is measured around."""
     from bulk.models import loader
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls: list[int] = []
     monkeypatch.setattr(loader, "measure_dense_from_rows", lambda model, bits: calls.append(bits) or 12)
+    monkeypatch.setattr(loader, "measure_tiles_from_rows", lambda model, bits: 3)
     model = _two_layer_model()
-    assert loader._dense_from_rows(model, 4) == 12 and loader._dense_from_rows(model, 4) == 12
+    assert loader._row_splits(model, 4) == (3, 12) and loader._row_splits(model, 4) == (3, 12)
     assert calls == [4]
-    remembered = json.loads((tmp_path / "bul" / "dense_from_rows.json").read_text())
-    assert list(remembered.values()) == [12]
-    assert loader._dense_from_rows(model, 8) == DENSE_FROM_ROWS  # no 8-bit layer: nothing to time
-    (tmp_path / "bul" / "dense_from_rows.json").write_text("not json")
-    assert loader._dense_from_rows(model, 4) == 12 and calls == [4, 4]
+    remembered = json.loads((tmp_path / "bul" / "row_splits.json").read_text())
+    assert list(remembered.values()) == [[3, 12]]
+    # no 8-bit layer: nothing to time
+    assert loader._row_splits(model, 8) == (weight_quant.TILES_FROM_ROWS, DENSE_FROM_ROWS)
+    (tmp_path / "bul" / "row_splits.json").write_text("not json")
+    assert loader._row_splits(model, 4) == (3, 12) and calls == [4, 4]
 
 
 def test_a_prepacked_dense_copy_multiplies_as_f_linear_does():
@@ -293,3 +295,80 @@ def test_a_prepacked_dense_copy_multiplies_as_f_linear_does():
         assert torch.equal(layer(x), F.linear(x, layer.dense))
     if weight_quant._onednn_bf16():
         assert layer._packed is not None and layer._packed.is_mkldnn
+
+
+# ---- the tile kernel (`csrc/tile_linear.cpp`): AMX CPUs only -------------------------------------
+
+needs_tiles = pytest.mark.skipif(
+    native.tile_linear() is None, reason="this CPU (or its build) has no AMX tiles"
+)
+
+
+@needs_tiles
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 40])
+def test_the_tile_kernel_multiplies_with_the_dense_copys_values(bits, rows):
+    """Its weights are the dense copy's bfloat16 values exactly, its sums float32: the product is the
+    float32 product of x and the dense copy, rounded once to bfloat16 (bias added before rounding)."""
+    layer = WeightOnlyLinear(_linear(256, 512, seed=rows, bias=True).to(torch.bfloat16), bits, tiles=True)
+    assert layer.tiles is not None
+    layer.tiles_from_rows = 1
+    x = torch.randn(rows, 512).to(torch.bfloat16)
+    got = layer(x).float()
+    want = F.linear(x.float(), layer.dense.float(), layer.bias.float())
+    # One bfloat16 rounding of the float32 result (half an ulp: 2^-9 relative), plus sums in
+    # another order.
+    assert bool(((got - want).abs() <= want.abs() * 2**-8 + 1e-4 * float(want.abs().max())).all())
+
+
+@needs_tiles
+def test_a_rows_tile_product_is_the_same_bits_in_any_batch():
+    layer = WeightOnlyLinear(_linear(3072, 576, seed=5).to(torch.bfloat16), 4, tiles=True)
+    layer.tiles_from_rows = 1
+    x = torch.randn(40, 576).to(torch.bfloat16)
+    alone = layer(x[7:8])
+    for rows in (2, 13, 16, 33, 40):
+        assert torch.equal(layer(x[:rows])[7:8] if rows > 7 else layer(x[6:8])[1:], alone)
+
+
+@needs_tiles
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_fused_layers_tiles_are_its_parts_tiles(bits):
+    parts = [
+        WeightOnlyLinear(_linear(out, 576, seed=out).to(torch.bfloat16), bits, tiles=True)
+        for out in (576, 192, 192)
+    ]
+    fused = weight_quant.fuse(parts)
+    assert fused is not None and fused.tiles is not None
+    for layer in (*parts, fused):
+        layer.tiles_from_rows = 1
+    x = torch.randn(9, 576).to(torch.bfloat16)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
+def test_tiles_are_kept_only_where_asked_and_where_they_fit():
+    assert WeightOnlyLinear(_linear(256, 512).to(torch.bfloat16), 4).tiles is None  # not asked
+    odd = WeightOnlyLinear(_linear(100, 64).to(torch.bfloat16), 8, tiles=True)
+    assert odd.tiles is None  # 100 outputs are not 16-output blocks
+    on_float32 = WeightOnlyLinear(
+        _linear(256, 512).to(torch.bfloat16), 4, dense_dtype=torch.float32, tiles=True
+    )
+    assert on_float32.tiles is None  # a float32 dense copy (no bfloat16 instructions): no tiles
+
+
+@needs_tiles
+def test_the_loader_lays_the_weights_out_in_tiles_unless_native_code_is_off():
+    def tiled(native_decode: bool) -> list[bool]:
+        config = KVCacheConfig(
+            model="demo",
+            device="cpu",
+            dtype="bfloat16",
+            weight_quantization="int4",
+            native_decode=native_decode,
+        )
+        model = load_model(config).model
+        layers = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
+        # every layer whose shape tiles (the byte vocabulary's head does not: 16-output blocks)
+        return [m.tiles is not None for m in layers if weight_quant.tiles_fit(m.in_features, m.out_features)]
+
+    assert len(tiled(True)) > 1 and all(tiled(True)) and not any(tiled(False))

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "decode_attention.h"
+#include "tile_linear.h"
 #include "vec.h"
 
 #include <cstdint>
@@ -47,13 +48,22 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const st
   return y.view(shape);
 }
 
-// `WeightOnlyLinear.forward`: the quantized kernel over fewer than `dense_from_rows` rows, the dense
-// copy over more; its bias (Qwen2's q/k/v) added as the Python layer adds it on either path.
-at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& dense,
-                  const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t dense_from_rows) {
+// The thresholds of `WeightOnlyLinear.forward`: from `dense_from_rows` rows on the dense copy, from
+// `tiles_from_rows` the tile kernel where the layer has its weights in the tile layout.
+struct RowSplit {
+  int64_t dense_from, tiles_from;
+};
+
+// `WeightOnlyLinear.forward`: the dense copy over `dense_from` rows or more, the tile kernel
+// (`tile_linear.cpp`) over `tiles_from` or more where the layer has tiles (`tiles`: empty where
+// not), torch's quantized kernel over fewer; its bias (Qwen2's q/k/v) added as the Python layer adds
+// it on each path.
+at::Tensor linear(const at::Tensor& x, const at::Tensor* w, const at::Tensor& dense,
+                  const std::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, RowSplit split) {
+  const at::Tensor &qweight = w[0], &scales = w[1], &tiles = w[2], &tile_scales = w[3];
   const int64_t in_features = x.size(-1);
   const int64_t rows = x.numel() / in_features;
-  if (rows >= dense_from_rows) {
+  if (rows >= split.dense_from) {
     if (dense.is_mkldnn()) return packed_linear(x, dense, bias);  // prepacked (`weight_quant.pack_dense`)
     if (dense.scalar_type() != x.scalar_type()) {
       const std::optional<at::Tensor> cast =
@@ -62,6 +72,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
     }
     return at::linear(x, dense, bias);
   }
+  if (tiles.numel() > 0 && rows >= split.tiles_from) return tile_linear(x, tiles, tile_scales, bits, bias);
   at::Tensor flat = x.reshape({rows, in_features});
   at::Tensor y = bits == 8 ? at::_weight_int8pack_mm(flat, qweight, scales)
                            : at::_weight_int4pack_mm_for_cpu(flat, qweight, group_size, scales);
@@ -198,7 +209,8 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos, con
                          const at::Tensor& pool, const at::Tensor& write_at, c10::IntArrayRef starts,
                          c10::IntArrayRef ends, at::TensorList norms, at::TensorList weights,
                          at::TensorList dense, const c10::List<std::optional<at::Tensor>>& biases,
-                         c10::IntArrayRef bits, int64_t group_size, int64_t dense_from_rows, int64_t q_heads, int64_t kv_heads,
+                         c10::IntArrayRef bits, int64_t group_size, int64_t dense_from_rows, int64_t tiles_from_rows,
+                         int64_t q_heads, int64_t kv_heads,
                          int64_t head_dim, int64_t gate_size, double eps, double scaling,
                          bool float32_attention) {
   const int64_t layers = pool.size(0);
@@ -206,15 +218,17 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos, con
   const int64_t qk_heads = q_heads + kv_heads;
   const int64_t tokens = write_at.size(0);
   TORCH_CHECK(norms.size() == static_cast<size_t>(2 * layers), "two norms a layer");
-  TORCH_CHECK(weights.size() == static_cast<size_t>(8 * layers), "four (qweight, scales) pairs a layer");
+  TORCH_CHECK(weights.size() == static_cast<size_t>(16 * layers), "four (qweight, scales, tiles, tile scales) a layer");
   TORCH_CHECK(bits.size() == static_cast<size_t>(4 * layers), "four bit widths a layer");
   TORCH_CHECK(dense.size() == static_cast<size_t>(4 * layers), "four dense copies a layer");
   TORCH_CHECK(biases.size() == static_cast<size_t>(4 * layers), "four biases (or none) a layer");
   TORCH_CHECK(starts.size() == static_cast<size_t>(n) && ends.size() == static_cast<size_t>(n),
               "one KV range per row");
   at::Tensor hidden = hidden_in;
+  const RowSplit split{dense_from_rows, tiles_from_rows};
   for (int64_t i = 0; i < layers; ++i) {
-    const at::Tensor* w = weights.data() + 8 * i;  // qkv, o, gate_up, down: (qweight, scales) each
+    // qkv, o, gate_up, down: (qweight, scales, tiles, tile scales) each
+    const at::Tensor* w = weights.data() + 16 * i;
     const at::Tensor* d = dense.data() + 4 * i;    // qkv, o, gate_up, down
     const int64_t* b = bits.data() + 4 * i;
     const std::optional<at::Tensor> bias[4] = {biases.get(4 * i), biases.get(4 * i + 1), biases.get(4 * i + 2),
@@ -222,7 +236,7 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos, con
     at::Tensor residual = hidden;
     at::Tensor h = rms_norm(hidden, norms[2 * i], eps);
     // qkv: one fused layer; the query and key heads rotated together
-    at::Tensor fused = linear(h, w[0], w[1], d[0], bias[0], b[0], group_size, dense_from_rows);  // (1, N, (q + 2 kv) hd)
+    at::Tensor fused = linear(h, w, d[0], bias[0], b[0], group_size, split);  // (1, N, (q + 2 kv) hd)
     at::Tensor layer = pool.select(0, i);  // (2, kv_heads, pool_tokens, head_dim)
     at::Tensor query;
     if (fused_rotary(fused, cos, sin, layer, head_dim)) {
@@ -240,12 +254,12 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos, con
     }
     // attend: every row in one call (decode_attention.cpp), as the Python loop calls it
     at::Tensor attn = decode_attention(query, layer, starts, ends, scaling, float32_attention);
-    hidden = residual + linear(attn.reshape({1, n, -1}).contiguous(), w[2], w[3], d[1], bias[1], b[1], group_size, dense_from_rows);
+    hidden = residual + linear(attn.reshape({1, n, -1}).contiguous(), w + 4, d[1], bias[1], b[1], group_size, split);
     residual = hidden;
     h = rms_norm(hidden, norms[2 * i + 1], eps);
-    at::Tensor gate_up = linear(h, w[4], w[5], d[2], bias[2], b[2], group_size, dense_from_rows);
+    at::Tensor gate_up = linear(h, w + 8, d[2], bias[2], b[2], group_size, split);
     auto parts = gate_up.split_with_sizes({gate_size, gate_up.size(-1) - gate_size}, -1);
-    hidden = residual + linear(at::silu(parts[0]) * parts[1], w[6], w[7], d[3], bias[3], b[3], group_size, dense_from_rows);
+    hidden = residual + linear(at::silu(parts[0]) * parts[1], w + 12, d[3], bias[3], b[3], group_size, split);
   }
   return hidden;
 }
@@ -258,7 +272,7 @@ TORCH_LIBRARY_FRAGMENT(bul, m) {
       "llama_decode_layers(Tensor hidden, Tensor cos, Tensor sin, Tensor pool, Tensor write_at, "
       "int[] starts, int[] ends, Tensor[] norms, Tensor[] weights, Tensor[] dense, Tensor?[] biases, int[] bits, "
       "int group_size, "
-      "int dense_from_rows, "
+      "int dense_from_rows, int tiles_from_rows, "
       "int q_heads, int kv_heads, int head_dim, int gate_size, float eps, float scaling, "
       "bool float32_attention) -> Tensor",
       &bul::decode_layers);

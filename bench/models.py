@@ -356,13 +356,15 @@ def measure(family: str, options: dict[str, Any]) -> dict[str, Any]:
     """Both parts for one family, in this process."""
     import torch
 
-    from bulk.models.loader import resolve_dtype
+    from bulk.models.loader import prepare_dense_weights, resolve_dtype
 
     torch.set_num_threads(options["threads"])
     dtype = resolve_dtype(options["dtype"], torch.device("cpu"))
     lm = loaded_model(family, options["shape"], dtype)
-    # transformers' side: a copy taken before our runner routes the model through our attention.
+    # transformers' side: a copy taken before the loader's transform (`prepare_dense_weights`) and
+    # before our runner routes the model through our attention, as `from_pretrained` hands it over.
     theirs = copy.deepcopy(lm.model)
+    prepare_dense_weights(lm.model)
     out: dict[str, Any] = {"family": family, "dtype": lm.dtype_name, "block_reuse": lm.supports_block_reuse}
     out.update(_decode_steps(lm, theirs, options))
     if theirs.config._attn_implementation == "bul_rows":

@@ -15,9 +15,10 @@ The traffic is `bul bench cluster`'s: 4 users per replica (8 at two), each runni
 answer ends (a closed loop: a user waits for the answer); 30 s of warmup with sessions of their own,
 then 90 s measured. The tenants scale with the replicas, 6.5 a replica: all their prompts are 3.2
 times one replica's memory tier at two replicas, and a replica's share of them (what a router that
-splits the tenants leaves it) is 1.6 times its memory tier at every size. The closed loop is what made power-of-two look good before: with no pause, a user's
-next turn goes to the replica that has just answered it, which is then the shorter queue, and finds
-its whole previous prompt there; with users who read their answer first, the queues have moved.
+splits the tenants leaves it) is 1.6 times its memory tier at every size. The closed loop is what
+made power-of-two look good before: with no pause, a user's next turn goes to the replica that has
+just answered it, which is then the shorter queue, and finds its whole previous prompt there; with
+users who read their answer first, the queues have moved.
 
 Policies, over the same sessions in the same order:
 

@@ -22,6 +22,7 @@ from bulk.models.cpu import flags as cpu_flags
 from bulk.models.cpu import has_avx2, has_bf16_instructions
 from bulk.models.demo import DEMO_SPECS, build_demo_model, is_demo
 from bulk.models.gguf import converted_folder, is_gguf_path, manifest_weights
+from bulk.models.packed_linear import pack_linear_weights
 from bulk.models.progress import quiet_progress_bars
 from bulk.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from bulk.models.weight_quant import (
@@ -164,6 +165,11 @@ def load_model(config: KVCacheConfig) -> LoadedModel:
                         "int%d layers multiply %d rows or more through their dense copies", bits, dense_from
                     )
             fingerprint = f"{fingerprint}+w{scheme}"
+        elif not config.batch_invariant:
+            # An unquantized bfloat16 model's linear layers multiply through prepacked weights
+            # (`packed_linear`'s docstring says why): the same products, bit for bit. Not in
+            # batch-invariant mode, whose padded shapes are checked on the plain layers.
+            prepare_dense_weights(model)
     except ModelLoadError:
         raise
     except Exception as exc:  # transformers raises many kinds; the caller needs one
@@ -221,6 +227,12 @@ def _weights_reason(
     else:
         where = f"the model runs in {str(dtype).removeprefix('torch.')}, the quantized kernels need bfloat16"
     return f"{served}: the file's blocks are {layout}, dequantized because {where}"
+
+
+def prepare_dense_weights(model: Any) -> None:
+    """What the loader does to an unquantized model's weights before an engine gets it (benchmarks
+    that build a model themselves call it too): bfloat16 linear layers prepacked on the CPU."""
+    pack_linear_weights(model)
 
 
 def _row_splits(model: Any, bits: int) -> tuple[int, int]:

@@ -235,6 +235,10 @@ def prepare_dense_weights(model: Any) -> None:
     pack_linear_weights(model)
 
 
+# Changes with how the splits are measured (candidates, margins), so that a machine measures again.
+ROW_SPLITS_VERSION = 4
+
+
 def _row_splits(model: Any, bits: int) -> tuple[int, int]:
     """(`measure_tiles_from_rows`, `measure_dense_from_rows`), remembered per CPU, torch version,
     weight shapes and tile layout in `~/.cache/bul/row_splits.json`: the paths differ in the last
@@ -247,9 +251,9 @@ def _row_splits(model: Any, bits: int) -> tuple[int, int]:
     tiles = any(
         isinstance(m, WeightOnlyLinear) and m.bits == bits and m.tiles is not None for m in model.modules()
     )
-    key = hashlib.sha256(
-        json.dumps([bits, shapes, tiles, torch.__version__, platform.machine(), sorted(cpu_flags())]).encode()
-    ).hexdigest()[:16]
+    machine = [torch.__version__, platform.machine(), sorted(cpu_flags())]
+    described = json.dumps([ROW_SPLITS_VERSION, bits, shapes, tiles, *machine])
+    key = hashlib.sha256(described.encode()).hexdigest()[:16]
     path = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "bul" / "row_splits.json"
     known: dict[str, list[int]] = {}
     try:

@@ -162,9 +162,10 @@ class KVCacheConfig:
     batch_invariant: bool = False
     # The decode step's native code, built on first use with a C++ compiler (`bulk/models/native.py`):
     # every decode row's attention of a layer in one call, spread over the threads, and a quantized
-    # Llama model's layers as one call (the Python loop's operations and bits). Without a compiler,
-    # or off, the Python loop decodes with one SDPA call per row (the same answers up to the last
-    # bits of attention, slower).
+    # Llama model's layers as one call (the Python loop's operations and bits); on CPUs with AMX
+    # tiles, quantized products of a few rows and bfloat16 prompt chunks' attention on the tile unit.
+    # Without a compiler, or off, the Python loop decodes with one SDPA call per row (the same
+    # answers up to the last bits of attention, slower).
     native_decode: bool = True
     # Structured outputs: where the grammar allows a single continuation for several tokens, they
     # are taken without asking the model and computed with the next step's row (jump-forward).

@@ -141,3 +141,11 @@ def test_the_report_shows_both_routers_the_node_lost_and_the_targets():
     assert "3.52x one replica's memory tier" in text and "distinct worker nodes in every run: yes" in text
     assert "before the removal" in text and "after the removal" in text and "yes, 25.0 s after" in text
     assert "10-20" in text and "MISS" in text and "PASS" in text
+    assert checks["errors, prefix + pow2"]["pass"]
+    # The quick run measures power-of-two and the node-lost prefix run only: nothing to compare.
+    quick = cluster.verdicts({"pow2": results["pow2"]}, lost)
+    assert set(quick) == {
+        "errors, pow2",
+        "node lost: errors",
+        "node lost: back to 2 replicas on 2 nodes (s after removal)",
+    }

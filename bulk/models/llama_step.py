@@ -1,4 +1,5 @@
-"""A step's forward as a plain function over a Llama model's own modules: the engine's hot path.
+"""A step's forward as a plain function over a Llama or Gemma model's own modules: the engine's hot
+path.
 
 `batched_attention.forward_step` runs a step through transformers' module tree, which is right for
 every architecture but costs on a CPU: a decode step of SmolLM2-135M (30 layers, one request)
@@ -21,8 +22,12 @@ the norms' eight ATen operations were about a tenth of the time.
 
 `build` takes only what it knows: Llama's layout (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3:
 `LLAMA_LAYOUT`; sliding-window layers too, each attending within its window, with the native decode
-layers then left out), SiLU gating and static rotary embeddings over whole heads,
-and it checks before use that a prefill chunk, a step mixing a chunk and a decode row, and a step of
+layers then left out), SiLU gating and static rotary embeddings over whole heads; and Gemma 2 and 3,
+whose layers differ from Llama's in what a small description says (`Layout`: sandwich norms,
+GELU-tanh, soft-capped attention scores and logits, a rotary embedding per layer type, `1 + weight`
+norms; their sqrt(hidden)-scaled embeddings are their own modules, called as they are), run by the
+same Python loop (the native paths compute Llama's layer only). It checks before use
+that a prefill chunk, a step mixing a chunk and a decode row, and a step of
 decode rows only give logits bit-identical to transformers' forward on the same inputs. Native layers
 that fail are dropped for the Python loop; a model whose Python loop fails keeps transformers'
 forward, which is always correct.
@@ -63,11 +68,61 @@ QKVWrite = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Ste
 
 
 @dataclass(frozen=True)
+class Layout:
+    """What a family's decoder layer does beyond Llama's, as the step reads it from the model: the
+    small description one step runs every family from. What the model's own modules compute
+    (Gemma's embedding scaled by sqrt(hidden) in the weight's dtype, the activation, the rotary
+    angles) the step gets by calling them, so it is transformers' arithmetic by construction; the
+    one exception is Gemma's norm (`one_plus_norms`), its forward's operations over a factor
+    computed once."""
+
+    # The config field naming the MLP's activation, and the values of it the step takes.
+    activation_field: str = "hidden_act"
+    activations: tuple[str, ...] = ("silu",)
+    # Gemma's sandwich norms: the attention's and the MLP's outputs normed before their residual
+    # adds (`post_attention_layernorm`, `post_feedforward_layernorm`), the MLP's input by
+    # `pre_feedforward_layernorm` (Llama's `post_attention_layernorm` is its MLP's input norm).
+    sandwich: bool = False
+    # Gemma 2's attention passes `attn_logit_softcapping` to the attention function (Gemma 3 keeps
+    # the config field but passes none).
+    attention_softcap: bool = False
+    # The causal LM soft-caps its logits by `final_logit_softcapping` (Gemma 2 and 3).
+    logit_softcap: bool = False
+    # q/k norms applied to (1, heads, N, head_dim), after the transpose (Gemma 3), not to
+    # (1, N, heads, head_dim) before it (Qwen3): the step keeps the model's order.
+    head_norms_after_transpose: bool = False
+    # One rotary embedding per layer type, called with it (Gemma 3: the local base for sliding
+    # layers, the global one for full ones), not one for every layer.
+    rotary_per_layer_type: bool = False
+    # Gemma's RMS norms, which scale by `1 + weight` in float32 (`_one_plus_norm`): that factor is
+    # computed once at build rather than in every call (two of a norm's ten operations), the rest as
+    # the module's forward runs it.
+    one_plus_norms: bool = False
+    # The native paths (`prompt_ops`, `rotary_write_kv`, the native decode layers) compute Llama's
+    # layer; other layouts run the Python loop.
+    native: bool = True
+
+
+LLAMA = Layout()
+# Gemma's norm, activation and embedding are its modules' own (called, not rewritten here).
+GEMMA2 = Layout(
+    activation_field="hidden_activation",
+    activations=("gelu_pytorch_tanh",),
+    sandwich=True,
+    attention_softcap=True,
+    logit_softcap=True,
+    one_plus_norms=True,
+    native=False,
+)
+GEMMA3 = replace(GEMMA2, attention_softcap=False, head_norms_after_transpose=True, rotary_per_layer_type=True)
+
+
+@dataclass(frozen=True)
 class _Layer:
     attention: Any  # the layer's attention module: its GQA groups, read by SDPA
-    scaling: float  # the attention module's
+    scaling: float  # the attention module's (Gemma's from `query_pre_attn_scalar`)
     input_norm: Projection
-    post_norm: Projection
+    mlp_norm: Projection  # the MLP's input norm: Llama's post-attention norm, Gemma's pre-feedforward
     qkv_write: QKVWrite
     o: Projection
     gate_up: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -78,29 +133,51 @@ class _Layer:
     norms: tuple[torch.Tensor, torch.Tensor, float] | None
     # Its sliding window in tokens (Mistral's, Qwen2's later layers), None for full attention.
     window: int | None = None
+    # Gemma's sandwich norms on the attention's and the MLP's outputs (`Layout.sandwich`), else None.
+    attention_out_norm: Projection | None = None
+    mlp_out_norm: Projection | None = None
+    # Gemma 2's attention logit soft-capping: the attention runs the model's eager function for it.
+    softcap: float | None = None
+    # Its rotary embedding's key in the step's angles: None for the one every layer shares, the
+    # layer type where each type has its own (Gemma 3).
+    rotary: str | None = None
 
 
 class LlamaStep:
     """`forward` has `batched_attention.forward_step`'s contract for one model."""
 
-    def __init__(self, model: Any, use_native: bool = True) -> None:
+    def __init__(self, model: Any, use_native: bool = True, layout: Layout | None = None) -> None:
         inner = model.model
         config = model.config
+        self.layout = layout = layout or LAYOUTS.get(str(getattr(config, "model_type", "")), LLAMA)
+        # The native paths compute Llama's layer only.
+        use_native = use_native and layout.native
         # Modules are called through their `forward`: the same computation without `nn.Module`'s
         # call machinery (hooks, which inference never sets), about 2 us a call, 7 calls a layer.
+        # Gemma's embedding module scales by sqrt(hidden) in its forward, as transformers runs it.
         self.embed = inner.embed_tokens.forward
         self.rotary = inner.rotary_emb
-        self.norm = inner.norm.forward
+        self.norm = self._norm(inner.norm)
         self.head = model.lm_head.forward
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.q_heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        # Gemma's final soft-capping of the logits, as its causal LM applies it after the head.
+        self.logit_softcap: float | None = (
+            getattr(config, "final_logit_softcapping", None) if layout.logit_softcap else None
+        )
         layers = inner.layers[: config.num_hidden_layers]
         self._fused_write = native_code.rotary_write_kv() if use_native else None
         # Each layer's window as transformers' cache and masks lay it out (`hf_cache`).
         windows = hf_cache.attention_windows(model) or (None,) * len(layers)
+        # Each layer's rotary embedding, as Gemma3TextModel picks it: by the layer's type.
+        kinds: Sequence[str | None] = (
+            list(config.layer_types[: len(layers)]) if layout.rotary_per_layer_type else [None] * len(layers)
+        )
+        self.rotary_kinds = tuple(dict.fromkeys(kinds))  # each once, in the layers' order
         self.layers = [
-            replace(self._layer(layer), window=window) for layer, window in zip(layers, windows, strict=True)
+            replace(self._layer(layer), window=window, rotary=kind)
+            for layer, window, kind in zip(layers, windows, kinds, strict=True)
         ]
         # The residual adds and norms of bfloat16 steps as native calls (`_fused_layers`),
         # where every layer's norms are plain RMS norms; `build` drops them if the check fails.
@@ -124,13 +201,30 @@ class LlamaStep:
             ]
             self.native = NativeLayers.of(layers, fused, self.head_dim)
 
+    def _norm(self, norm: Any) -> Projection:
+        """A norm module as the step calls it: its forward, or Gemma's with `1 + weight` computed
+        once (`Layout.one_plus_norms`)."""
+        if self.layout.one_plus_norms:
+            fast = _one_plus_norm(norm)
+            if fast is not None:
+                return fast
+        forward: Projection = norm.forward
+        return forward
+
+    def _head_norm(self, attention: Any, name: str) -> Projection | None:
+        norm = getattr(attention, name, None)
+        return None if norm is None else self._norm(norm)
+
     def _layer(self, layer: Any) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         head_dim = self.head_dim
         q_heads, kv_heads = self.q_heads, self.kv_heads
-        # Qwen3 normalises each query and key head before the rotation (`q_norm`, `k_norm`): then q,
-        # k and v run as their own projections, the norms between them and the rotation.
-        q_norm, k_norm = _head_norm(attn, "q_norm"), _head_norm(attn, "k_norm")
+        layout = self.layout
+        # Qwen3 and Gemma 3 normalise each query and key head before the rotation (`q_norm`,
+        # `k_norm`): then q, k and v run as their own projections, the norms between them and the
+        # rotation.
+        q_norm, k_norm = self._head_norm(attn, "q_norm"), self._head_norm(attn, "k_norm")
+        after_transpose = layout.head_norms_after_transpose
         head_norms = q_norm is not None or k_norm is not None
         if hasattr(attn, "qkv_proj"):  # Phi-3: q, k and v as one projection already, in that order
             qkv_fused: Projection | None = attn.qkv_proj.forward
@@ -148,9 +242,12 @@ class LlamaStep:
 
         def heads(x: torch.Tensor, norm: Projection | None = None) -> torch.Tensor:
             # (1, N, heads * head_dim) -> (1, heads, N, head_dim), as transformers shapes it (a
-            # head's norm, where the model has one, on the (1, N, heads, head_dim) view, as there)
+            # head's norm, where the model has one, on the (1, N, heads, head_dim) view, or on the
+            # transposed one where the model norms there: Gemma 3)
             x = x.view(*x.shape[:-1], -1, head_dim)
-            return (x if norm is None else norm(x)).transpose(1, 2)
+            if norm is None:
+                return x.transpose(1, 2)
+            return norm(x.transpose(1, 2)) if after_transpose else norm(x).transpose(1, 2)
 
         qk_heads = q_heads + kv_heads
         # SmolLM3 leaves the rotary embedding out of some layers (`use_rope`, from `no_rope_layers`):
@@ -204,21 +301,33 @@ class LlamaStep:
             def gate_up(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 return gate_forward(h), up_forward(h)
 
-        input_norm, post_norm = _rms_norm(layer.input_layernorm), _rms_norm(layer.post_attention_layernorm)
         norms = None
-        if input_norm is not None and post_norm is not None and input_norm[1] == post_norm[1]:
-            norms = (input_norm[0], post_norm[0], input_norm[1])
+        if layout.sandwich:
+            mlp_norm = self._norm(layer.pre_feedforward_layernorm)
+            attention_out_norm: Projection | None = self._norm(layer.post_attention_layernorm)
+            mlp_out_norm: Projection | None = self._norm(layer.post_feedforward_layernorm)
+        else:
+            mlp_norm = self._norm(layer.post_attention_layernorm)
+            attention_out_norm = mlp_out_norm = None
+            input_norm = _rms_norm(layer.input_layernorm)
+            post_norm = _rms_norm(layer.post_attention_layernorm)
+            if input_norm is not None and post_norm is not None and input_norm[1] == post_norm[1]:
+                norms = (input_norm[0], post_norm[0], input_norm[1])
+        softcap = getattr(attn, "attn_logit_softcapping", None) if layout.attention_softcap else None
         return _Layer(
             attention=attn,
             scaling=attn.scaling,
-            input_norm=layer.input_layernorm.forward,
-            post_norm=layer.post_attention_layernorm.forward,
+            input_norm=self._norm(layer.input_layernorm),
+            mlp_norm=mlp_norm,
             qkv_write=qkv_write,
             o=attn.o_proj.forward,
             gate_up=gate_up,
             act=act,
             down=mlp.down_proj.forward,
             norms=norms,
+            attention_out_norm=attention_out_norm,
+            mlp_out_norm=mlp_out_norm,
+            softcap=softcap,
         )
 
     @torch.inference_mode()
@@ -231,38 +340,73 @@ class LlamaStep:
     ) -> torch.Tensor:
         ids, pos, keep = batched_attention.step_inputs(token_ids, batch, logits_at, pad_to)
         hidden = self.embed(ids)  # (1, N, hidden)
-        cos, sin = self.rotary(hidden, position_ids=pos)  # (1, N, head_dim) each
-        # (1, 1, N, head_dim) each, shared by every head of every layer
-        cos, sin = cos.unsqueeze(1), _signed(sin.unsqueeze(1))
+        # Each rotary embedding's (cos, signed sin), (1, 1, N, head_dim) each, shared by every head
+        # of the layers that use it: one for all layers, or one per layer type (Gemma 3).
+        angles = {kind: self._angles(hidden, pos, kind) for kind in self.rotary_kinds}
         n = hidden.shape[1]
         if self.native is not None and self.native.takes(batch, n):
-            hidden = self.native.run(hidden, cos, sin, batch)
+            hidden = self.native.run(hidden, *angles[None], batch)
         elif self.prompt_ops is not None and hidden.dtype is torch.bfloat16:
-            hidden = self._fused_layers(hidden, cos, sin, batch, self.prompt_ops)
+            hidden = self._fused_layers(hidden, *angles[None], batch, self.prompt_ops)
             # The final norm is per row: only the rows whose logits are asked for.
             logits = self.head(self.norm(hidden[:, keep, :]))
             return logits[0, : len(logits_at)]  # (len(logits_at), vocab)
         else:
-            hidden = self._layers(hidden, cos, sin, batch)
+            hidden = self._layers(hidden, angles, batch)
         hidden = self.norm(hidden)
         logits = self.head(hidden[:, keep, :])
+        cap = self.logit_softcap
+        if cap is not None:  # Gemma's, in its causal LM's three operations
+            logits = torch.tanh(logits / cap) * cap
         return logits[0, : len(logits_at)]  # (len(logits_at), vocab)
 
+    def _angles(
+        self, hidden: torch.Tensor, pos: torch.Tensor, kind: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary embedding's (cos, signed sin) for the step's positions, each (1, 1, N,
+        head_dim): the model's one rotary module, called per layer type where it has one per type."""
+        if kind is None:
+            cos, sin = self.rotary(hidden, position_ids=pos)  # (1, N, head_dim) each
+        else:
+            cos, sin = self.rotary(hidden, pos, kind)
+        return cos.unsqueeze(1), _signed(sin.unsqueeze(1))
+
     def _layers(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch
+        self,
+        hidden: torch.Tensor,
+        angles: dict[str | None, tuple[torch.Tensor, torch.Tensor]],
+        batch: StepBatch,
     ) -> torch.Tensor:
         n = hidden.shape[1]
         pools = batch.pool.unbind(0)  # per layer: (2, kv_heads, pool_tokens, head_dim)
         for layer, pool in zip(self.layers, pools, strict=True):
+            cos, sin = angles[layer.rotary]
             residual = hidden
             q = layer.qkv_write(layer.input_norm(hidden), cos, sin, pool, batch)
-            attn = batched_attention.attend(
-                layer.attention, q, pool, batch, layer.window, scaling=layer.scaling
-            )
-            hidden = residual + layer.o(attn.reshape(1, n, -1).contiguous())
+            if layer.softcap is None:
+                attn = batched_attention.attend(
+                    layer.attention, q, pool, batch, layer.window, scaling=layer.scaling
+                )
+            else:  # soft-capped scores: the model's eager attention (`batched_attention.attend`)
+                attn = batched_attention.attend(
+                    layer.attention,
+                    q,
+                    pool,
+                    batch,
+                    layer.window,
+                    scaling=layer.scaling,
+                    softcap=layer.softcap,
+                )
+            out = layer.o(attn.reshape(1, n, -1).contiguous())  # (1, N, hidden)
+            if layer.attention_out_norm is not None:  # Gemma's sandwich norm
+                out = layer.attention_out_norm(out)
+            hidden = residual + out
             residual = hidden
-            gate, up = layer.gate_up(layer.post_norm(hidden))
-            hidden = residual + layer.down(layer.act(gate) * up)
+            gate, up = layer.gate_up(layer.mlp_norm(hidden))
+            out = layer.down(layer.act(gate) * up)
+            if layer.mlp_out_norm is not None:
+                out = layer.mlp_out_norm(out)
+            hidden = residual + out
         return hidden
 
     def _fused_layers(
@@ -312,6 +456,28 @@ PLAIN_RMS_NORMS = (
 )
 
 
+# Gemma's RMS norms: `(x.float() * rsqrt(mean(x.float()^2) + eps) * (1 + weight.float())).type_as(x)`.
+ONE_PLUS_RMS_NORMS = ("Gemma2RMSNorm", "Gemma3RMSNorm")
+
+
+def _one_plus_norm(norm: Any) -> Projection | None:
+    """A Gemma RMS norm (`ONE_PLUS_RMS_NORMS`) as a function with its `1 + weight` computed once, in
+    float32 as its forward computes it per call, so the same bits; None for any other norm."""
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "eps", None)
+    if type(norm).__name__ not in ONE_PLUS_RMS_NORMS or weight is None or weight.dim() != 1 or eps is None:
+        return None
+    with torch.no_grad():
+        scale = 1.0 + weight.float()  # (dim,) float32
+
+    def one_plus_norm(x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return (h * scale).type_as(x)
+
+    return one_plus_norm
+
+
 def _rms_norm(norm: Any) -> tuple[torch.Tensor, float] | None:
     """(weight (hidden,), epsilon) of a plain RMS norm (`PLAIN_RMS_NORMS`), else None."""
     weight = getattr(norm, "weight", None)
@@ -345,11 +511,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 _fusions: weakref.WeakKeyDictionary[nn.Module, WeightOnlyLinear] = weakref.WeakKeyDictionary()
 
 
-def _head_norm(attention: Any, name: str) -> Projection | None:
-    norm = getattr(attention, name, None)
-    return None if norm is None else norm.forward
-
-
 def _forward(module: nn.Module | None) -> Projection | None:
     return None if module is None else module.forward
 
@@ -374,6 +535,13 @@ def _fused(parts: list[Any]) -> WeightOnlyLinear | None:
 # only. What else may differ is caught by the check against transformers at build.
 LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3")
 
+# Every family the step takes, by model type, with what its layer does beyond Llama's: Gemma 2 and 3
+# (`Gemma3TextConfig`'s "gemma3_text"; the multimodal "gemma3" wraps it otherwise) norm with
+# `1 + weight`, scale their embeddings, gate with GELU-tanh and add sandwich norms; Gemma 2
+# soft-caps attention scores and logits, Gemma 3 the logits where its config says so, with q/k
+# norms and a rotary embedding per layer type.
+LAYOUTS: dict[str, Layout] = {**dict.fromkeys(LLAMA_LAYOUT, LLAMA), "gemma2": GEMMA2, "gemma3_text": GEMMA3}
+
 
 # Rotary embeddings whose angles depend on the position only (Llama 3's scaling, linear, YaRN): the
 # step calls the model's own rotary module, so they come out as transformers computes them. The
@@ -396,20 +564,28 @@ def build(
     `native`: decode steps through `bulk.models.native` where it applies and passes the check."""
     config = model.config
     model_type = getattr(config, "model_type", None)
-    if model_type not in LLAMA_LAYOUT:
-        return None, f"model type {model_type!r} is not laid out as Llama ({', '.join(LLAMA_LAYOUT)})"
-    if getattr(config, "hidden_act", None) != "silu":
-        return None, f"activation {config.hidden_act!r} is not silu"
+    layout = LAYOUTS.get(model_type) if isinstance(model_type, str) else None
+    if layout is None:
+        return None, f"model type {model_type!r} is not one the step knows ({', '.join(LAYOUTS)})"
+    activation = getattr(config, layout.activation_field, None)
+    if activation not in layout.activations:
+        return None, f"activation {activation!r} is not {' or '.join(layout.activations)}"
+    if getattr(config, "use_bidirectional_attention", None):  # Gemma's encoder option: no causal mask
+        return None, "its attention is bidirectional"
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") not in STATIC_ROPE:
-        return None, f"rotary embedding {rope.get('rope_type')!r} is not one of {', '.join(STATIC_ROPE)}"
-    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
-    if partial not in (None, 1.0):
-        return None, f"the rotary embedding covers {partial} of each head, not all of it"
+    # Gemma 3 has one set of parameters per layer type (its local and global rotary embeddings).
+    kinds = dict.fromkeys(config.layer_types) if layout.rotary_per_layer_type else ()
+    ropes = [rope.get(kind) or {} for kind in kinds] if kinds else [rope]
+    for rope in ropes:
+        if rope.get("rope_type", "default") not in STATIC_ROPE:
+            return None, f"rotary embedding {rope.get('rope_type')!r} is not one of {', '.join(STATIC_ROPE)}"
+        partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+        if partial not in (None, 1.0):
+            return None, f"the rotary embedding covers {partial} of each head, not all of it"
     try:
-        step = LlamaStep(model, native)
-    except AttributeError as exc:  # a llama config over modules laid out otherwise
-        return None, f"its modules are not laid out as transformers' Llama ({exc})"
+        step = LlamaStep(model, native, layout)
+    except (AttributeError, KeyError) as exc:  # a known config over modules laid out otherwise
+        return None, f"its modules are not laid out as transformers' {model_type} ({exc})"
     decode_attention = native_code.decode_attention() if native else None
     # The attention kernels the engine's steps will use, so that the check covers them too.
     kernels = (decode_attention, native_code.prompt_attention() if native else None)
@@ -483,7 +659,12 @@ def _differs_from_transformers(
                 pool, segments, decode_attention, rows_from, prompt_attention
             )
             at = [sum(s.length for s in segments[: i + 1]) - 1 for i in range(len(segments))]
-            results.append(forward(ids, batch, at))
+            try:
+                results.append(forward(ids, batch, at))
+            except Exception as exc:  # a layout the step misreads: transformers' forward stays
+                if forward != step.forward:
+                    raise
+                return f"its step failed ({exc!r})"
         if not torch.equal(results[0], results[1]):
             diff = (results[0].float() - results[1].float()).abs().max().item()
             return f"its logits differ from transformers' forward (max difference {diff:.3g})"

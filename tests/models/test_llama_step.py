@@ -4,6 +4,9 @@ the models it knows, and the one the engine runs for them."""
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -85,9 +88,13 @@ def test_models_it_does_not_know_keep_transformers_forward():
     model.config.hidden_act = "gelu"
     assert llama_step.build(model) == (None, "activation 'gelu' is not silu")
     model.config.hidden_act = "silu"
-    model.config.model_type = "gemma2"
+    model.config.model_type = "gpt2"
     step, why = llama_step.build(model)
-    assert step is None and "gemma2" in why
+    assert step is None and "'gpt2'" in why
+    # A Gemma 2 config over Llama's modules: no sandwich norms to call.
+    model.config.model_type, model.config.hidden_activation = "gemma2", "gelu_pytorch_tanh"
+    step, why = llama_step.build(model)
+    assert step is None and "not laid out as transformers' gemma2" in why
 
 
 def test_a_forward_that_would_differ_is_refused(monkeypatch):
@@ -225,3 +232,151 @@ def test_llama_3_rope_scaling_takes_the_plain_step_and_dynamic_rope_does_not():
     model.config.rope_parameters = {**llama3, "rope_type": "dynamic"}
     step, why = llama_step.build(model)
     assert step is None and "'dynamic'" in why
+
+
+# ---- Gemma 2 and Gemma 3: the same step over their layout (`llama_step.Layout`) ----------------
+
+
+def _gemma(family: str, dtype: torch.dtype = torch.float32):
+    """The tiny sliding Gemma (window 8, alternate layers) with norms that change something: their
+    initialisation leaves every `1 + weight` at one. Gemma 3 also soft-caps its logits here (its
+    config allows it) and carries an attention soft-cap its attention never passes on, so a step
+    that applied it would differ."""
+    model = sliding_family_model(family).model.to(dtype)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.uniform_(-0.5, 0.5)
+    if family == "gemma3":
+        model.config.final_logit_softcapping = 30.0
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = 50.0
+    assert batched_attention.enable(model) is None
+    return model
+
+
+def _decode_rows(model, step):
+    """A step of decode rows only, over 9, 20 and 31 cached tokens (each past the window of 8), with
+    the native decode attention the engine's steps use where it is built, through both forwards."""
+    from bulk.models import native
+
+    config = model.config
+    head_dim = config.head_dim
+    param = next(model.parameters())
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen).tolist() for n in (9, 20, 31)]
+    results = []
+    for forward in (lambda *a: batched_attention.forward_step(model, *a), step.forward):
+        pool = torch.zeros(
+            config.num_hidden_layers, 2, config.num_key_value_heads, 96, head_dim, dtype=param.dtype
+        )
+        for start, ids in zip((0, 32, 64), prompts, strict=True):
+            warm = batched_attention.step_batch(pool, [Segment(start, 0, len(ids))])
+            batched_attention.forward_step(model, ids, warm, [len(ids) - 1])
+        segments = [Segment(0, 9, 1), Segment(32, 20, 1), Segment(64, 31, 1)]
+        batch = batched_attention.step_batch(pool, segments, native.decode_attention(), 0)
+        results.append(forward([5, 17, 99], batch, [0, 1, 2]))
+    return results
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_takes_the_plain_step_bit_identically(family):
+    model = _gemma(family)
+    step, why = llama_step.build(model)
+    assert why is None and step is not None
+    assert step.layout is (llama_step.GEMMA2 if family == "gemma2" else llama_step.GEMMA3)
+    assert [layer.window for layer in step.layers] == list(hf_cache.attention_windows(model)) == [8, None]
+    # Llama's native paths stay Llama's: Gemma runs the Python loop.
+    assert step.native is None and step.prompt_ops is None
+    assert all(
+        layer.attention_out_norm is not None and layer.mlp_out_norm is not None for layer in step.layers
+    )
+    if family == "gemma2":  # soft-capped scores on every layer, and logits
+        assert [layer.softcap for layer in step.layers] == [50.0, 50.0] and step.logit_softcap == 30.0
+        assert step.rotary_kinds == (None,)
+    else:  # its local rotary embedding on the sliding layer, the global one on the full layer
+        assert [layer.softcap for layer in step.layers] == [None, None] and step.logit_softcap == 30.0
+        assert [layer.rotary for layer in step.layers] == ["sliding_attention", "full_attention"]
+    # A chunk over 9 cached tokens, decode rows over 20 and 31, a fresh chunk: all past the window.
+    theirs, ours = _both(model, step)
+    assert torch.equal(theirs, ours)
+    theirs, ours = _decode_rows(model, step)
+    assert torch.equal(theirs, ours)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_in_bfloat16_takes_the_plain_step_bit_identically(family):
+    model = _gemma(family, torch.bfloat16)
+    step, why = llama_step.build(model)
+    assert why is None and step is not None
+    theirs, ours = _both(model, step)
+    assert torch.equal(theirs, ours)
+    theirs, ours = _decode_rows(model, step)
+    assert torch.equal(theirs, ours)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_a_gemma_step_that_would_differ_is_refused(monkeypatch, family):
+    """Each part of Gemma's layout is needed: the step with it flipped differs (or fails), and
+    `build` refuses. (`head_norms_after_transpose` keeps the model's order of operations; a norm
+    over the contiguous last dimension gives the same bits on either view here.)"""
+    model = _gemma(family)
+    layout = llama_step.LAYOUTS[model.config.model_type]
+    for field in ("sandwich", "logit_softcap", "attention_softcap", "rotary_per_layer_type"):
+        wrong = replace(layout, **{field: not getattr(layout, field)})
+        monkeypatch.setitem(llama_step.LAYOUTS, model.config.model_type, wrong)
+        step, why = llama_step.build(model)
+        assert step is None and why is not None, field
+        assert "differ from transformers" in why or "step failed" in why, why
+
+
+def test_gemma_3_with_bidirectional_attention_keeps_transformers_forward():
+    model = _gemma("gemma3")
+    model.config.use_bidirectional_attention = True
+    assert llama_step.build(model) == (None, "its attention is bidirectional")
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_sixteen_gemma_requests_decode_as_one_batch_through_the_plain_step(family):
+    """The engine's own loop on the plain step: 16 requests, their prompts past the window, decode
+    as one batch, each with the greedy answer it gets alone."""
+    from tests.engine.loop_harness import LoopHarness
+
+    lm = sliding_family_model(family)
+    rng = random.Random(3)
+    prompts = ["".join(rng.choice("abcdefghij ,.") for _ in range(rng.randint(20, 50))) for _ in range(16)]
+    config = KVCacheConfig(model="demo", dtype="float32", response_cache=False, max_batch_size=16)
+    params = {"max_new_tokens": 10, "ignore_eos": True, "temperature": 0}
+    harness = LoopHarness(lm, config)
+    assert isinstance(harness.runner.plain_step, llama_step.LlamaStep)
+    sequences = harness.run({0: [(p, params) for p in prompts]})
+    assert max(harness.batch_sizes) == 16
+    for prompt, seq in zip(prompts, sequences, strict=True):
+        alone = LoopHarness(lm, config)
+        (solo,) = alone.run({0: [(prompt, params)]})
+        assert max(alone.batch_sizes) == 1
+        expected = alone.results[solo.request.request_id]["result"]
+        assert harness.results[seq.request.request_id]["result"] == expected
+
+
+def test_gemmas_norm_with_its_factor_computed_once_is_the_modules_bit_for_bit():
+    """`_one_plus_norm`: Gemma's RMS norm with `1 + weight` computed at build, not per call, gives
+    its module's bits, in every dtype the engine runs; other norms are not taken for it."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(5)
+    for kind in (Gemma2RMSNorm, Gemma3RMSNorm):
+        for dtype in (torch.float32, torch.bfloat16):
+            norm = kind(64, eps=1e-6).to(dtype)
+            with torch.no_grad():
+                norm.weight.copy_(torch.randn(64, generator=gen))
+            fast = llama_step._one_plus_norm(norm)
+            assert fast is not None
+            x = (torch.randn(1, 7, 64, generator=gen) * 5).to(dtype)
+            assert torch.equal(fast(x), norm(x))
+            heads = x.view(1, 7, 4, 16).transpose(1, 2)  # a head norm's transposed view (Gemma 3)
+            head_norm = kind(16, eps=1e-6).to(dtype)
+            assert torch.equal(llama_step._one_plus_norm(head_norm)(heads), head_norm(heads))
+    assert llama_step._one_plus_norm(LlamaRMSNorm(64)) is None

@@ -62,8 +62,10 @@ class Segment:
 
 
 # (query (1, heads, rows, head_dim), layer (2, kv_heads, pool_tokens, head_dim), starts, ends,
-# scaling, in float32) -> (1, rows, heads, head_dim): `bulk.models.native.decode_attention`
-DecodeAttention = Callable[[torch.Tensor, torch.Tensor, list[int], list[int], float, bool], torch.Tensor]
+# scaling, in float32, soft-cap or 0) -> (1, rows, heads, head_dim): `bulk.models.native.decode_attention`
+DecodeAttention = Callable[
+    [torch.Tensor, torch.Tensor, list[int], list[int], float, bool, float], torch.Tensor
+]
 # (query (1, heads, length, head_dim), layer, first, end, position, window or 0, scaling) ->
 # (1, length, heads, head_dim): `bulk.models.native.prompt_attention`, for bfloat16 chunks
 PromptAttention = Callable[[torch.Tensor, torch.Tensor, int, int, int, int, float], torch.Tensor]
@@ -205,8 +207,10 @@ def attend(
     # Soft-capped scores (Gemma 2's `attn_logit_softcapping`) are no SDPA's: such a layer runs the
     # model's own eager attention, per prompt chunk, and for the decode rows in one padded call.
     softcap = kwargs.get("softcap")
-    native_rows = batch.decode_attention is not None and softcap is None
-    eager_rows = softcap is not None and batch.rows_from < len(batch.segments)
+    # Soft-capped decode rows go to the native decode attention too (it caps each score as the
+    # eager attention does); without it, through the eager attention in one padded call.
+    native_rows = batch.decode_attention is not None
+    eager_rows = softcap is not None and not native_rows and batch.rows_from < len(batch.segments)
     sdpa_to = batch.rows_from if native_rows or eager_rows else len(batch.segments)
     segments, masks = batch.segments[:sdpa_to], batch.masks[:sdpa_to]
     kernel = batch.prompt_attention
@@ -260,7 +264,9 @@ def attend(
         starts = batch.row_starts
         if window is not None:
             starts = [max(start, end - window) for start, end in zip(starts, batch.row_ends, strict=True)]
-        outputs.append(batch.decode_attention(rows, layer, starts, batch.row_ends, scaling, float32))
+        outputs.append(
+            batch.decode_attention(rows, layer, starts, batch.row_ends, scaling, float32, softcap or 0.0)
+        )
     padding = query.shape[2] - tokens
     if padding:
         # Tokens added only to fix the GEMM shape (batch-invariant mode): their output is never read.

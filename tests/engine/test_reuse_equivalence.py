@@ -130,9 +130,9 @@ def test_a_prompt_cached_but_its_last_token_computes_it_as_a_prompt(demo_model):
     assert kernel is not None  # the native code is built on this machine (tests/models/test_native.py)
     rows_seen: list[int] = []
 
-    def counted(query, layer, starts, ends, scaling, float32):
+    def counted(query, layer, starts, ends, scaling, float32, softcap):
         rows_seen.append(len(starts))
-        return kernel(query, layer, starts, ends, scaling, float32)
+        return kernel(query, layer, starts, ends, scaling, float32, softcap)
 
     harness.runner.decode_attention = counted
     prompt = "question 9, " * 4  # 48 characters and BOS: three full blocks and one token

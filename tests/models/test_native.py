@@ -292,9 +292,9 @@ def test_a_batched_step_sends_its_decode_rows_to_it_in_one_call():
     calls: list[int] = []
     attention = native.decode_attention()
 
-    def counted(query, layer, starts, ends, scaling, float32):
+    def counted(query, layer, starts, ends, scaling, float32, softcap):
         calls.append(len(starts))
-        return attention(query, layer, starts, ends, scaling, float32)
+        return attention(query, layer, starts, ends, scaling, float32, softcap)
 
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen).tolist() for n in (20, 33, 7)]
@@ -436,3 +436,25 @@ def test_a_querys_prompt_attention_is_the_same_bits_in_a_chunk_or_alone():
         assert torch.equal(alone[0, 0], whole[0, t])
     tail = attention(q[:, :, 100:], layer, 0, 150, 130, 0, 0.125)  # a later chunk of the same prompt
     assert torch.equal(tail, whole[:, 100:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 48])  # 48: no kernel, the eager fallback in C++
+def test_soft_capped_decode_rows_compute_what_the_eager_attention_computes(dtype, head_dim):
+    """Gemma 2's scores, softcap * tanh(score / softcap), for every row at once."""
+    torch.manual_seed(head_dim)
+    heads, kv_heads, softcap = 8, 4, 5.0
+    layer = torch.randn(2, kv_heads, 300, head_dim).to(dtype)
+    query = (3 * torch.randn(1, heads, 3, head_dim)).to(dtype)  # large scores: the cap matters
+    starts, ends = [0, 40, 100], [17, 290, 101]
+    out = native.decode_attention()(query, layer, starts, ends, head_dim**-0.5, False, softcap)
+    for r, (start, end) in enumerate(zip(starts, ends, strict=True)):
+        k = layer[0, :, start:end].float().repeat_interleave(heads // kv_heads, 0)
+        v = layer[1, :, start:end].float().repeat_interleave(heads // kv_heads, 0)
+        scores = (query[0, :, r : r + 1].float() @ k.transpose(1, 2)) * head_dim**-0.5
+        weights = torch.softmax(torch.tanh(scores / softcap) * softcap, -1)
+        want = (weights @ v)[:, 0]  # (heads, head_dim)
+        tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+        assert torch.allclose(out[0, r].float(), want, atol=tolerance, rtol=tolerance)
+    uncapped = native.decode_attention()(query, layer, starts, ends, head_dim**-0.5, False)
+    assert not torch.allclose(uncapped, out)  # the cap changed something

@@ -174,9 +174,19 @@ struct Partial {
 
 constexpr int64_t kAhead = 2 * kBlock;  // rows prefetched ahead of the block being computed
 
-// q: (G, D) float32, already scaled; keys and values: `len` rows `stride` elements apart.
+// tanh(x) for 16 lanes, from e^(-2|x|) (`exp16` takes x <= 0): (1 - e) / (1 + e), the sign put back.
+inline f32x16 tanh16(f32x16 x) {
+  const f32x16 magnitude = x < splat(0.f) ? -x : x;
+  const f32x16 e = exp16(splat(-2.f) * magnitude);
+  const f32x16 t = (splat(1.f) - e) / (splat(1.f) + e);
+  return x < splat(0.f) ? -t : t;
+}
+
+// q: (G, D) float32, already scaled; keys and values: `len` rows `stride` elements apart; `softcap`:
+// scores soft-capped to softcap * tanh(score / softcap) (Gemma 2's), 0 for none.
 template <int D, int G, typename T>
-void attend_slice(const float* q, const T* keys, const T* values, int64_t stride, int64_t len, Partial out) {
+void attend_slice(const float* q, const T* keys, const T* values, int64_t stride, int64_t len, float softcap,
+                  Partial out) {
   using R = Row<T, D>;
   constexpr int V = R::V;
   f32x16 qv[G][V], acc[G][V];
@@ -212,7 +222,8 @@ void attend_slice(const float* q, const T* keys, const T* values, int64_t stride
         for (int g = 0; g < G; ++g) dots[g][t] = splat(0.f);
       }
       for (int g = 0; g < G; ++g) {
-        const f32x16 scores = sums16(dots[g]);
+        f32x16 scores = sums16(dots[g]);
+        if (softcap > 0.f) scores = splat(softcap) * tanh16(scores / splat(softcap));
         std::memcpy(&s[g][h], &scores, sizeof(scores));
       }
     }
@@ -251,11 +262,12 @@ void attend_slice(const float* q, const T* keys, const T* values, int64_t stride
   }
 }
 
-using SliceKernel = void (*)(const float*, const void*, const void*, int64_t, int64_t, Partial);
+using SliceKernel = void (*)(const float*, const void*, const void*, int64_t, int64_t, float, Partial);
 
 template <int D, int G, typename T>
-void slice_kernel(const float* q, const void* keys, const void* values, int64_t stride, int64_t len, Partial out) {
-  attend_slice<D, G, T>(q, static_cast<const T*>(keys), static_cast<const T*>(values), stride, len, out);
+void slice_kernel(const float* q, const void* keys, const void* values, int64_t stride, int64_t len, float softcap,
+                  Partial out) {
+  attend_slice<D, G, T>(q, static_cast<const T*>(keys), static_cast<const T*>(values), stride, len, softcap, out);
 }
 
 template <int D, typename T>
@@ -293,7 +305,8 @@ SliceKernel find_kernel(at::ScalarType dtype, int64_t head_dim, int64_t groups) 
 }
 
 at::Tensor attend_with_kernel(SliceKernel kernel, const at::Tensor& query, const at::Tensor& layer,
-                              const std::vector<int64_t>& starts, const std::vector<int64_t>& ends, float scale) {
+                              const std::vector<int64_t>& starts, const std::vector<int64_t>& ends, float scale,
+                              float softcap) {
   const int64_t q_heads = query.size(1), rows = query.size(2), head_dim = query.size(3);
   const int64_t kv_heads = layer.size(1), groups = q_heads / kv_heads;
   const int64_t head_stride = layer.stride(1), token_stride = layer.stride(2);
@@ -322,7 +335,7 @@ at::Tensor attend_with_kernel(SliceKernel kernel, const at::Tensor& query, const
       const int64_t offset = (h * head_stride + begin * token_stride) * item;
       float* base = partials.data() + task * part;
       kernel(qp + (r * q_heads + h * groups) * head_dim, keys + offset, values + offset, token_stride,
-             end - begin, Partial{base, base + groups, base + 2 * groups});
+             end - begin, softcap, Partial{base, base + groups, base + 2 * groups});
     }
   });
   // Merge each (row, head) pair's slices: rescale each to the largest maximum, then normalise.
@@ -354,8 +367,10 @@ at::Tensor attend_with_kernel(SliceKernel kernel, const at::Tensor& query, const
 
 // Shapes without a kernel: SDPA, one call per row (transformers' call for one query and no mask),
 // the rows spread over the threads when there are as many as threads.
+// Soft-capped scores (`softcap` > 0), which SDPA has no option for, as the models' eager attention
+// computes them: the scores, capped, a float32 softmax, the values.
 at::Tensor attend_with_sdpa(const at::Tensor& query, const at::Tensor& layer, const std::vector<int64_t>& starts,
-                            const std::vector<int64_t>& ends, double scaling, bool float32) {
+                            const std::vector<int64_t>& ends, double scaling, bool float32, double softcap) {
   const int64_t rows = query.size(2);
   const bool gqa = query.size(1) != layer.size(1);
   const at::ScalarType work = layer.scalar_type() == at::kFloat || float32 ? at::kFloat : query.scalar_type();
@@ -364,6 +379,16 @@ at::Tensor attend_with_sdpa(const at::Tensor& query, const at::Tensor& layer, co
     at::Tensor q = query.slice(2, r, r + 1).to(work);
     at::Tensor k = layer.select(0, 0).slice(1, starts[r], ends[r]).unsqueeze(0).to(work);
     at::Tensor v = layer.select(0, 1).slice(1, starts[r], ends[r]).unsqueeze(0).to(work);
+    if (softcap > 0) {
+      const int64_t groups = query.size(1) / layer.size(1);
+      k = k.repeat_interleave(groups, 1);
+      v = v.repeat_interleave(groups, 1);
+      at::Tensor scores = at::matmul(q, k.transpose(2, 3)) * scaling;
+      scores = at::tanh(scores / softcap) * softcap;
+      at::Tensor weights = at::softmax(scores, -1, at::kFloat).to(work);
+      outputs[r] = at::matmul(weights, v).transpose(1, 2).to(query.scalar_type());
+      return;
+    }
     outputs[r] = at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/std::nullopt, /*dropout_p=*/0.0,
                                                   /*is_causal=*/false, scaling, gqa)
                      .transpose(1, 2)
@@ -386,7 +411,7 @@ bool has_decode_kernel(at::ScalarType dtype, int64_t head_dim, int64_t groups) {
 }
 
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& layer, c10::IntArrayRef starts,
-                            c10::IntArrayRef ends, double scaling, bool float32) {
+                            c10::IntArrayRef ends, double scaling, bool float32, double softcap) {
   TORCH_CHECK(query.dim() == 4 && query.size(0) == 1, "query: (1, q_heads, N, head_dim)");
   TORCH_CHECK(layer.dim() == 4 && layer.size(0) == 2, "layer: (2, kv_heads, pool_tokens, head_dim)");
   TORCH_CHECK(query.device().is_cpu() && layer.device().is_cpu(), "decode_attention runs on the CPU");
@@ -402,16 +427,17 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& layer, c1
   }
   SliceKernel kernel = layer.stride(3) == 1 ? find_kernel(layer.scalar_type(), head_dim, q_heads / layer.size(1))
                                             : nullptr;
-  if (kernel == nullptr) return attend_with_sdpa(query, layer, first, last, scaling, float32);
-  return attend_with_kernel(kernel, query, layer, first, last, static_cast<float>(scaling));
+  if (kernel == nullptr) return attend_with_sdpa(query, layer, first, last, scaling, float32, softcap);
+  return attend_with_kernel(kernel, query, layer, first, last, static_cast<float>(scaling),
+                            static_cast<float>(softcap));
 }
 
 }  // namespace bul
 
 TORCH_LIBRARY_FRAGMENT(bul, m) {
   m.def(
-      "decode_attention(Tensor query, Tensor layer, int[] starts, int[] ends, float scaling, bool float32) "
-      "-> Tensor",
+      "decode_attention(Tensor query, Tensor layer, int[] starts, int[] ends, float scaling, bool float32, "
+      "float softcap=0.0) -> Tensor",
       &bul::decode_attention);
   m.def("has_decode_kernel(ScalarType dtype, int head_dim, int groups) -> bool", &bul::has_decode_kernel);
 }

@@ -59,6 +59,7 @@ from typing import Any
 
 from bench.cluster_workload import MEMORY_TOKENS, SHAPE, WorkloadShape
 from bench.common import format_table, write_results
+from bulk.engine.scheduler import common_blocks
 from bulk.kv.block_manager import BlockManager, PrefixLease
 from bulk.kv.hashing import chain_hashes
 from bulk.routing.chains import block_id
@@ -286,7 +287,7 @@ class Replica:
                 continue
             cached = self.manager.cached_blocks(request.hashes)
             if any(
-                (shared := _common(request.hashes, other.hashes)) > cached
+                (shared := common_blocks(request.hashes, other.hashes)) > cached
                 and (shared - cached) * BLOCK >= wait_tokens
                 for other, _ in began
             ):
@@ -299,15 +300,6 @@ class Replica:
             began.append((request, len(request.tokens) - reused))
         self.waiting = kept
         return began
-
-
-def _common(a: Sequence[bytes], b: Sequence[bytes]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @dataclass

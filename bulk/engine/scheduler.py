@@ -194,7 +194,7 @@ class Scheduler:
         again would cost more than waiting for them."""
         bs = self._block_size
         for other in under_way:
-            shared = _common_blocks(seq.block_hashes, other.block_hashes)
+            shared = common_blocks(seq.block_hashes, other.block_hashes)
             if shared <= cached or other.num_computed >= shared * bs:
                 continue  # nothing uncached shared, or computed (and stored) already
             if self.worth_waiting((shared - cached) * bs):
@@ -249,7 +249,7 @@ class Scheduler:
         return waiting
 
 
-def _common_blocks(a: Seq[bytes], b: Seq[bytes]) -> int:
+def common_blocks(a: Seq[bytes], b: Seq[bytes]) -> int:
     """How many leading blocks two prompts' chains share (chained hashes: the first difference
     ends it)."""
     n = 0

@@ -85,7 +85,7 @@ SOURCES = (
     CSRC / "tile_linear.cpp",
     CSRC / "prompt_attention.cpp",
 )
-HEADERS = (CSRC / "decode_attention.h", CSRC / "tile_linear.h", CSRC / "vec.h")
+HEADERS = (CSRC / "decode_attention.h", CSRC / "tile_linear.h", CSRC / "tiles.h", CSRC / "vec.h")
 # For this machine's instruction set (the library's name carries the CPU's flags, so that another
 # CPU builds its own). OpenMP as torch's own: `at::parallel_for` is a header's `omp parallel`, which
 # a file compiled without -fopenmp runs on one thread.

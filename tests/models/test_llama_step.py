@@ -19,6 +19,13 @@ from bulk.models.weight_quant import WeightOnlyLinear
 from tests.tiny_hf_model import TINY_SHAPE, llama_layout_model, sliding_family_model
 
 
+def _prefill(model, pool: torch.Tensor, prompts: list[list[int]]) -> None:
+    """The prompts' keys and values through transformers' forward, at pool slots 0, 32 and 64."""
+    for start, ids in zip((0, 32, 64), prompts, strict=True):
+        warm = batched_attention.step_batch(pool, [Segment(start, 0, len(ids))])
+        batched_attention.forward_step(model, ids, warm, [len(ids) - 1])
+
+
 def _model(**kw):
     model = load_model(KVCacheConfig(model="demo", device="cpu", **kw)).model
     assert batched_attention.enable(model) is None
@@ -38,9 +45,7 @@ def _both(model, step):
         pool = torch.zeros(
             config.num_hidden_layers, 2, config.num_key_value_heads, 128, head_dim, dtype=param.dtype
         )
-        for start, ids in zip((0, 32, 64), prompts, strict=True):
-            warm = batched_attention.step_batch(pool, [Segment(start, 0, len(ids))])
-            batched_attention.forward_step(model, ids, warm, [len(ids) - 1])
+        _prefill(model, pool, prompts)
         segments = [Segment(0, 9, 6), Segment(32, 20, 1), Segment(64, 31, 1), Segment(96, 0, 7)]
         batch = batched_attention.step_batch(pool, segments)
         tokens = torch.randint(
@@ -270,9 +275,7 @@ def _decode_rows(model, step):
         pool = torch.zeros(
             config.num_hidden_layers, 2, config.num_key_value_heads, 96, head_dim, dtype=param.dtype
         )
-        for start, ids in zip((0, 32, 64), prompts, strict=True):
-            warm = batched_attention.step_batch(pool, [Segment(start, 0, len(ids))])
-            batched_attention.forward_step(model, ids, warm, [len(ids) - 1])
+        _prefill(model, pool, prompts)
         segments = [Segment(0, 9, 1), Segment(32, 20, 1), Segment(64, 31, 1)]
         batch = batched_attention.step_batch(pool, segments, native.decode_attention(), 0)
         results.append(forward([5, 17, 99], batch, [0, 1, 2]))

@@ -19,6 +19,8 @@
 //   window       a sliding window of W keys (query t sees no slot before position + t - W + 1), or 0
 //   returns  (1, L, heads, head_dim) bfloat16, as SDPA's output transposed
 
+#include "tiles.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,12 +31,6 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
-#define BUL_TILES 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 namespace bul {
 namespace {
@@ -42,22 +38,6 @@ namespace {
 #ifdef BUL_TILES
 
 constexpr int64_t kBlock = 16;  // query rows and keys a score tile holds
-
-bool tiles_permitted() {
-  static const bool permitted = [] {
-    constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return permitted;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // Tiles 0-3: sums (rows x 16 float32); 4: the rows' queries or probabilities (rows x 32 bfloat16);
 // 6: keys or values in pairs (16 x 16 pairs).

@@ -25,6 +25,7 @@
 // False and the layers keep torch's kernels.
 
 #include "tile_linear.h"
+#include "tiles.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -33,12 +34,6 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
-#define BUL_TILES 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 namespace bul {
 
@@ -47,23 +42,6 @@ namespace {
 
 constexpr int kRowsPerTile = 16;
 constexpr int64_t kInputsPerTile = 32;
-
-// The kernel must ask Linux for the tile registers' state once per process (as oneDNN does).
-bool tiles_permitted() {
-  static const bool permitted = [] {
-    constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return permitted;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // Tiles: 0, 1 the sums of output block 0 for rows 0-15 and 16-31; 2, 3 those of output block 1;
 // 4, 5 the two row blocks of x; 6, 7 the dequantized weights of the two output blocks.

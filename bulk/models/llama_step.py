@@ -136,7 +136,8 @@ class _Layer:
     # Gemma's sandwich norms on the attention's and the MLP's outputs (`Layout.sandwich`), else None.
     attention_out_norm: Projection | None = None
     mlp_out_norm: Projection | None = None
-    # Gemma 2's attention logit soft-capping: the attention runs the model's eager function for it.
+    # Gemma 2's attention logit soft-capping: `attend` runs its prompt chunks through the model's
+    # eager function and its decode rows through the native decode attention, which caps the scores.
     softcap: float | None = None
     # Its rotary embedding's key in the step's angles: None for the one every layer shares, the
     # layer type where each type has its own (Gemma 3).

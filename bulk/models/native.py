@@ -155,10 +155,7 @@ def tile_linear() -> Callable[..., torch.Tensor] | None:
     """`torch.ops.bul.tile_linear(x, weights, scales, bits, bias)`: a quantized layer's product for a
     few rows on AMX tiles (`csrc/tile_linear.cpp`, `weight_quant`'s tile layout), or None where the
     library cannot be built or this CPU (or its build) has no tiles."""
-    available = _loaded("tile_linear_available") if library() else None
-    if available is None or not available():
-        return None
-    return _loaded("tile_linear")
+    return _tile_op("tile_linear")
 
 
 def prompt_attention() -> Callable[..., torch.Tensor] | None:
@@ -166,10 +163,16 @@ def prompt_attention() -> Callable[..., torch.Tensor] | None:
     bfloat16 prompt chunk's attention over its keys in the pool on AMX tiles
     (`csrc/prompt_attention.cpp`), or None where the library cannot be built or this CPU (or its
     build) has no tiles. `batched_attention.attend` checks the dtypes and head size it takes."""
+    return _tile_op("prompt_attention")
+
+
+def _tile_op(name: str) -> Callable[..., torch.Tensor] | None:
+    """An AMX kernel of the library (`csrc/tiles.h`), or None where the library cannot be built, its
+    build has no tiles or Linux refuses this process the tile registers."""
     available = _loaded("tile_linear_available") if library() else None
     if available is None or not available():
         return None
-    return _loaded("prompt_attention")
+    return _loaded(name)
 
 
 def has_decode_kernel(model: Any) -> bool:

@@ -32,27 +32,35 @@ def _model(**kw):
     return model
 
 
-def _both(model, step):
-    """A mixed step through both forwards, each on its own pool filled by the same prefills: a chunk
-    on top of 9 cached tokens, two decode rows and a fresh chunk."""
+def _through_both(
+    model, step, seed, pool_tokens, segments, tokens, logits_at, decode_attention=None, rows_from=None
+):
+    """One step through both forwards (transformers' and the plain step), each on its own pool of
+    `pool_tokens` filled by the same prefills of 9, 20 and 31 tokens at slots 0, 32 and 64."""
     config = model.config
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     param = next(model.parameters())
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen).tolist() for n in (9, 20, 31)]
     results = []
     for forward in (lambda *a: batched_attention.forward_step(model, *a), step.forward):
         pool = torch.zeros(
-            config.num_hidden_layers, 2, config.num_key_value_heads, 128, head_dim, dtype=param.dtype
+            config.num_hidden_layers, 2, config.num_key_value_heads, pool_tokens, head_dim, dtype=param.dtype
         )
         _prefill(model, pool, prompts)
-        segments = [Segment(0, 9, 6), Segment(32, 20, 1), Segment(64, 31, 1), Segment(96, 0, 7)]
-        batch = batched_attention.step_batch(pool, segments)
-        tokens = torch.randint(
-            0, config.vocab_size, (15,), generator=torch.Generator().manual_seed(2)
-        ).tolist()
-        results.append(forward(tokens, batch, [5, 6, 7, 14]))
+        batch = batched_attention.step_batch(pool, segments, decode_attention, rows_from)
+        results.append(forward(tokens, batch, logits_at))
     return results
+
+
+def _both(model, step):
+    """A mixed step through both forwards: a chunk on top of 9 cached tokens, two decode rows and a
+    fresh chunk."""
+    segments = [Segment(0, 9, 6), Segment(32, 20, 1), Segment(64, 31, 1), Segment(96, 0, 7)]
+    tokens = torch.randint(
+        0, model.config.vocab_size, (15,), generator=torch.Generator().manual_seed(2)
+    ).tolist()
+    return _through_both(model, step, 1, 128, segments, tokens, [5, 6, 7, 14])
 
 
 def test_a_float_models_step_is_bit_identical_to_transformers():
@@ -265,21 +273,8 @@ def _decode_rows(model, step):
     the native decode attention the engine's steps use where it is built, through both forwards."""
     from bulk.models import native
 
-    config = model.config
-    head_dim = config.head_dim
-    param = next(model.parameters())
-    gen = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(0, config.vocab_size, (n,), generator=gen).tolist() for n in (9, 20, 31)]
-    results = []
-    for forward in (lambda *a: batched_attention.forward_step(model, *a), step.forward):
-        pool = torch.zeros(
-            config.num_hidden_layers, 2, config.num_key_value_heads, 96, head_dim, dtype=param.dtype
-        )
-        _prefill(model, pool, prompts)
-        segments = [Segment(0, 9, 1), Segment(32, 20, 1), Segment(64, 31, 1)]
-        batch = batched_attention.step_batch(pool, segments, native.decode_attention(), 0)
-        results.append(forward([5, 17, 99], batch, [0, 1, 2]))
-    return results
+    segments = [Segment(0, 9, 1), Segment(32, 20, 1), Segment(64, 31, 1)]
+    return _through_both(model, step, 4, 96, segments, [5, 17, 99], [0, 1, 2], native.decode_attention(), 0)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])

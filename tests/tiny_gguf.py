@@ -7,7 +7,11 @@ it exercises the dequantization a real quantized file needs; the norms stay floa
 Q4_K / Q5_K written as llama.cpp's Q4_K_M / Q5_K_M (the head and, in the first block, attn_v and
 ffn_down at Q6_K). The k-quants come from `tests.kquants` (the `gguf` package cannot write them), and
 need rows of 256 values, so those files have hidden size 256 and feed-forward 512 (about 1 MB).
-`architecture` names `general.architecture` (the tensors stay Llama's), for files we must refuse."""
+`architecture` names `general.architecture` (the tensors stay Llama's), for files we must refuse.
+
+`write_family_gguf` writes the other decoder families transformers reads from GGUF (Qwen 2 and 3,
+Phi-3, Gemma 2 and 3, Mistral) and `write_hybrid_gguf` the hybrids its newer GGUF path reads (LFM2,
+Qwen 3.5), each as llama.cpp's converter writes it, in the same layouts."""
 
 from __future__ import annotations
 
@@ -54,19 +58,41 @@ def quantize(data: np.ndarray, layout: str) -> np.ndarray:
     return gguf.quants.quantize(data, qtype)
 
 
-def write_tiny_gguf(path: Path, seed: int = 7, layout: str = "Q8_0", architecture: str = "llama") -> Path:
-    file_type, wide_layout = LAYOUTS[layout]
-    hidden, ffn = (K_HIDDEN, K_FFN) if layout.endswith("_K") else (HIDDEN, FFN)
+def bpe_vocabulary() -> tuple[list[str], list[str]]:
+    """The byte-level BPE vocabulary (tokens in id order) and merges `write_tiny_gguf` trains."""
     raw = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
     raw.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS))
     vocab = sorted(raw.get_vocab().items(), key=lambda item: item[1])
-    tokens = [token for token, _ in vocab]
     merges = [
         " ".join(pair) if isinstance(pair, list) else pair
         for pair in json.loads(raw.to_str())["model"]["merges"]
     ]
+    return [token for token, _ in vocab], merges
+
+
+def _tensor_writers(writer: Any, layout: str, seed: int) -> tuple[np.random.Generator, Any, Any]:
+    """A file's random generator, `matrix(rows, cols)` (random weights of a trained model's scale)
+    and `add_quantized(name, data, as_layout=layout)` (`data` stored as `as_layout` blocks)."""
+    rng = np.random.default_rng(seed)
+
+    def matrix(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) * 0.08).astype(np.float32)
+
+    def add_quantized(name: str, data: np.ndarray, as_layout: str = layout) -> None:
+        quantized = quantize(data, as_layout)
+        writer.add_tensor(
+            name, quantized, raw_shape=quantized.shape, raw_dtype=GGMLQuantizationType[as_layout]
+        )
+
+    return rng, matrix, add_quantized
+
+
+def write_tiny_gguf(path: Path, seed: int = 7, layout: str = "Q8_0", architecture: str = "llama") -> Path:
+    file_type, wide_layout = LAYOUTS[layout]
+    hidden, ffn = (K_HIDDEN, K_FFN) if layout.endswith("_K") else (HIDDEN, FFN)
+    tokens, merges = bpe_vocabulary()
 
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_name("tiny-llama-test")
@@ -82,17 +108,8 @@ def write_tiny_gguf(path: Path, seed: int = 7, layout: str = "Q8_0", architectur
     writer.add_file_type(file_type)
     _add_tokenizer(writer, tokens, merges)
 
-    rng = np.random.default_rng(seed)
     head_dim = hidden // HEADS
-
-    def matrix(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols)) * 0.08).astype(np.float32)
-
-    def add_quantized(name: str, data: np.ndarray, as_layout: str = layout) -> None:
-        quantized = quantize(data, as_layout)
-        writer.add_tensor(
-            name, quantized, raw_shape=quantized.shape, raw_dtype=GGMLQuantizationType[as_layout]
-        )
+    _, matrix, add_quantized = _tensor_writers(writer, layout, seed)
 
     add_quantized("token_embd.weight", matrix(len(tokens), hidden))
     writer.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
@@ -137,20 +154,6 @@ _FAMILY_LAYERS = {"gemma3": 6}
 _FAMILY_HEAD_DIM = {"qwen3": 128}
 
 
-def bpe_vocabulary() -> tuple[list[str], list[str]]:
-    """The byte-level BPE vocabulary (tokens in id order) and merges `write_tiny_gguf` trains."""
-    raw = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS))
-    vocab = sorted(raw.get_vocab().items(), key=lambda item: item[1])
-    merges = [
-        " ".join(pair) if isinstance(pair, list) else pair
-        for pair in json.loads(raw.to_str())["model"]["merges"]
-    ]
-    return [token for token, _ in vocab], merges
-
-
 def write_family_gguf(path: Path, family: str, layout: str = "Q8_0", seed: int = 7) -> Path:
     """A tiny GGUF file of `family` (one of `FAMILIES`), its matrices in `layout` (a key of
     `LAYOUTS`: Q4_K / Q5_K as llama.cpp's _M mixes), the norms and biases float32. Hidden size 64
@@ -188,16 +191,7 @@ def write_family_gguf(path: Path, family: str, layout: str = "Q8_0", seed: int =
     writer.add_file_type(file_type)
     _add_tokenizer(writer, tokens, merges)
 
-    rng = np.random.default_rng(seed)
-
-    def matrix(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols)) * 0.08).astype(np.float32)
-
-    def add_quantized(name: str, data: np.ndarray, as_layout: str = layout) -> None:
-        quantized = quantize(data, as_layout)
-        writer.add_tensor(
-            name, quantized, raw_shape=quantized.shape, raw_dtype=GGMLQuantizationType[as_layout]
-        )
+    rng, matrix, add_quantized = _tensor_writers(writer, layout, seed)
 
     def add_norm(name: str, size: int) -> None:
         writer.add_tensor(name, np.ones(size, dtype=np.float32))  # gemma: 1 + 0, as llama.cpp writes it
@@ -241,6 +235,165 @@ def write_family_gguf(path: Path, family: str, layout: str = "Q8_0", seed: int =
     return path
 
 
+# ---- hybrid architectures (transformers 5's newer GGUF path) ------------------------------------------
+# Architectures transformers reads through `transformers.integrations.gguf` (its own config and weight
+# mappings, `GGUF_CONFIG_ARCHS` / `GGUF_ARCHS`), whose layers are not all attention:
+#   lfm2   - LFM2: short-convolution layers (`shortconv.in_proj` 3 x hidden rows, a depthwise
+#            `shortconv.conv` kernel of `shortconv.l_cache` taps stored 2-D, `shortconv.out_proj`)
+#            with full attention (q / k norms) on some; `attention.head_count_kv` is one count per
+#            layer, 0 on the convolution ones, which is how the file says which layer is which. The
+#            final norm is `token_embd_norm`, the head is tied to the embedding (no output matrix),
+#            and the norms carry no offset.
+#   qwen35 - Qwen 3.5: Gated DeltaNet linear-attention layers with full attention every
+#            `full_attention_interval`-th layer (here 2: linear, full). A linear layer has the fused
+#            `attn_qkv` (in_proj_qkv), `attn_gate` (z), `ssm_alpha` / `ssm_beta` (one row per value
+#            head), the depthwise `ssm_conv1d` stored 2-D, `ssm_a` (-exp(A_log)), `ssm_dt.bias`,
+#            `ssm_norm` and `ssm_out`; a full one a gated `attn_q` (query and gate rows, 2 x heads x
+#            head_dim) with q / k norms; both a `post_attention_norm`. Norms are stored as 1 + w
+#            (but `ssm_norm`), the rotary embedding is an mrope over `rope.dimension_sections`.
+HYBRID_FAMILIES = ("lfm2", "qwen35")
+LFM2_LAYER_KINDS = ("conv", "full_attention", "conv")
+LFM2_CONV_TAPS = 3
+QWEN35_LAYERS, QWEN35_CONV_TAPS = 2, 4
+QWEN35_KEY_HEADS, QWEN35_VALUE_HEADS = 2, 4  # the linear layers' heads: two value heads per key head
+
+
+def write_hybrid_gguf(path: Path, family: str, layout: str = "Q8_0", seed: int = 7) -> Path:
+    """A tiny GGUF file of the hybrid `family` (one of `HYBRID_FAMILIES`), as llama.cpp's converter
+    writes it, its matrices in `layout` (a key of `LAYOUTS`), norms and convolution kernels float32
+    (llama.cpp keeps 1-D tensors and rows too short for a block unquantized)."""
+    if family not in HYBRID_FAMILIES:
+        raise ValueError(f"unknown hybrid family {family!r}: one of {HYBRID_FAMILIES}")
+    if family == "qwen35":
+        return _write_qwen35_gguf(path, layout, seed)
+    file_type, wide_layout = LAYOUTS[layout]
+    hidden, ffn = (K_HIDDEN, K_FFN) if layout.endswith("_K") else (HIDDEN, FFN)
+    head_dim = hidden // HEADS
+    tokens, merges = bpe_vocabulary()
+    kinds = LFM2_LAYER_KINDS
+
+    writer = gguf.GGUFWriter(str(path), family)
+    writer.add_name(f"tiny-{family}-test")
+    writer.add_context_length(CONTEXT)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(len(kinds))
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv([KV_HEADS if kind == "full_attention" else 0 for kind in kinds])
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_shortconv_l_cache(LFM2_CONV_TAPS)
+    writer.add_file_type(file_type)
+    _add_tokenizer(writer, tokens, merges)
+
+    rng, matrix, add_quantized = _tensor_writers(writer, layout, seed)
+
+    def add_norm(name: str, size: int) -> None:
+        writer.add_tensor(name, (1 + rng.standard_normal(size) * 0.05).astype(np.float32))
+
+    # The head is the embedding, which llama.cpp then keeps at the head's bits.
+    add_quantized("token_embd.weight", matrix(len(tokens), hidden), wide_layout)
+    add_norm("token_embd_norm.weight", hidden)
+    for i, kind in enumerate(kinds):
+        wide = wide_layout if i == 0 else layout  # as llama.cpp's _M mixes
+        add_norm(f"blk.{i}.attn_norm.weight", hidden)
+        add_norm(f"blk.{i}.ffn_norm.weight", hidden)
+        if kind == "conv":
+            add_quantized(f"blk.{i}.shortconv.in_proj.weight", matrix(3 * hidden, hidden))
+            kernel = (rng.standard_normal((hidden, LFM2_CONV_TAPS)) * 0.3).astype(np.float32)
+            writer.add_tensor(f"blk.{i}.shortconv.conv.weight", kernel)
+            add_quantized(f"blk.{i}.shortconv.out_proj.weight", matrix(hidden, hidden))
+        else:
+            add_quantized(f"blk.{i}.attn_q.weight", matrix(HEADS * head_dim, hidden))
+            add_quantized(f"blk.{i}.attn_k.weight", matrix(KV_HEADS * head_dim, hidden))
+            add_quantized(f"blk.{i}.attn_v.weight", matrix(KV_HEADS * head_dim, hidden), wide)
+            add_quantized(f"blk.{i}.attn_output.weight", matrix(hidden, HEADS * head_dim))
+            add_norm(f"blk.{i}.attn_q_norm.weight", head_dim)
+            add_norm(f"blk.{i}.attn_k_norm.weight", head_dim)
+        add_quantized(f"blk.{i}.ffn_gate.weight", matrix(ffn, hidden))
+        add_quantized(f"blk.{i}.ffn_up.weight", matrix(ffn, hidden))
+        add_quantized(f"blk.{i}.ffn_down.weight", matrix(hidden, ffn), wide)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _write_qwen35_gguf(path: Path, layout: str, seed: int) -> Path:
+    """`write_hybrid_gguf` for Qwen 3.5 (see the notes above `HYBRID_FAMILIES`)."""
+    file_type, wide_layout = LAYOUTS[layout]
+    hidden, ffn = (K_HIDDEN, K_FFN) if layout.endswith("_K") else (HIDDEN, FFN)
+    head_dim = hidden // HEADS  # the full layers' heads, and the linear layers' key and value heads
+    key_heads, value_heads = QWEN35_KEY_HEADS, QWEN35_VALUE_HEADS
+    qkv_rows = 2 * key_heads * head_dim + value_heads * head_dim
+    tokens, merges = bpe_vocabulary()
+
+    writer = gguf.GGUFWriter(str(path), "qwen35")
+    writer.add_name("tiny-qwen35-test")
+    writer.add_context_length(CONTEXT)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(QWEN35_LAYERS)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_full_attention_interval(QWEN35_LAYERS)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(head_dim // 2)  # partial rotary: half of each head
+    writer.add_rope_dimension_sections([2, 1, 1, 0])  # of the rotary half's head_dim // 4 pairs
+    writer.add_ssm_conv_kernel(QWEN35_CONV_TAPS)
+    writer.add_ssm_state_size(head_dim)
+    writer.add_ssm_group_count(key_heads)
+    writer.add_ssm_time_step_rank(value_heads)
+    writer.add_ssm_inner_size(value_heads * head_dim)
+    writer.add_file_type(file_type)
+    _add_tokenizer(writer, tokens, merges)
+
+    rng, matrix, add_quantized = _tensor_writers(writer, layout, seed)
+
+    def add_vector(name: str, values: np.ndarray) -> None:
+        writer.add_tensor(name, values.astype(np.float32))
+
+    def add_norm(name: str, size: int) -> None:  # stored as 1 + w, as llama.cpp writes Qwen 3.5's
+        add_vector(name, 1 + rng.standard_normal(size) * 0.05)
+
+    add_quantized("token_embd.weight", matrix(len(tokens), hidden))
+    add_norm("output_norm.weight", hidden)
+    add_quantized("output.weight", matrix(len(tokens), hidden), wide_layout)
+    for i in range(QWEN35_LAYERS):
+        wide = wide_layout if i == 0 else layout  # as llama.cpp's _M mixes
+        add_norm(f"blk.{i}.attn_norm.weight", hidden)
+        add_norm(f"blk.{i}.post_attention_norm.weight", hidden)
+        if (i + 1) % QWEN35_LAYERS:  # a linear-attention layer
+            add_quantized(f"blk.{i}.attn_qkv.weight", matrix(qkv_rows, hidden))
+            add_quantized(f"blk.{i}.attn_gate.weight", matrix(value_heads * head_dim, hidden))
+            add_quantized(f"blk.{i}.ssm_alpha.weight", matrix(value_heads, hidden))
+            add_quantized(f"blk.{i}.ssm_beta.weight", matrix(value_heads, hidden))
+            add_vector(f"blk.{i}.ssm_conv1d.weight", rng.standard_normal((qkv_rows, QWEN35_CONV_TAPS)) * 0.3)
+            add_vector(f"blk.{i}.ssm_a", -np.exp(rng.uniform(-1, 1, value_heads)))
+            add_vector(f"blk.{i}.ssm_dt.bias", rng.standard_normal(value_heads) * 0.1)
+            add_vector(f"blk.{i}.ssm_norm.weight", 1 + rng.standard_normal(head_dim) * 0.05)
+            add_quantized(f"blk.{i}.ssm_out.weight", matrix(hidden, value_heads * head_dim))
+        else:
+            add_quantized(f"blk.{i}.attn_q.weight", matrix(2 * HEADS * head_dim, hidden))
+            add_quantized(f"blk.{i}.attn_k.weight", matrix(KV_HEADS * head_dim, hidden))
+            add_quantized(f"blk.{i}.attn_v.weight", matrix(KV_HEADS * head_dim, hidden), wide)
+            add_quantized(f"blk.{i}.attn_output.weight", matrix(hidden, HEADS * head_dim))
+            add_norm(f"blk.{i}.attn_q_norm.weight", head_dim)
+            add_norm(f"blk.{i}.attn_k_norm.weight", head_dim)
+        add_quantized(f"blk.{i}.ffn_gate.weight", matrix(ffn, hidden))
+        add_quantized(f"blk.{i}.ffn_up.weight", matrix(ffn, hidden))
+        add_quantized(f"blk.{i}.ffn_down.weight", matrix(hidden, ffn), wide)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def _add_tokenizer(writer: Any, tokens: list[str], merges: list[str]) -> None:
     """The byte-level BPE vocabulary, its special tokens and the ChatML template, as llama.cpp
     writes a GPT-2-style tokenizer."""
@@ -261,6 +414,10 @@ def _add_tokenizer(writer: Any, tokens: list[str], merges: list[str]) -> None:
 
 
 # ---- serving a file -------------------------------------------------------------------------------
+
+# layout -> the bits `weight_quantization="auto"` serves a file mostly in it at (`bulk.models.gguf.
+# layout_bits`): Q4_K at 4, the 5- to 8-bit layouts at 8 (4 would lose precision they have).
+SERVED_BITS = {"Q4_K": 4, "Q5_K": 8, "Q6_K": 8, "Q5_0": 8, "Q5_1": 8, "Q8_0": 8}
 
 # Random weights may well choose the end of text first: `min_tokens` makes every file answer something.
 QUERY = {"query": "What is the capital of France?", "max_new_tokens": 6, "min_tokens": 6}
@@ -300,3 +457,16 @@ def assert_served_at_file_bits(config: Any, layout: str, bits: int, caplog: Any)
     assert f"(bfloat16, weights int{bits}: the file's blocks are {layout})" in loaded[0]
     assert first["completion_tokens"] > 0
     assert (first["result"], first["completion_tokens"]) == (second["result"], second["completion_tokens"])
+
+
+def greedy_from_nothing(model: Any, ids: list[int], steps: int) -> list[int]:
+    """The greedy continuation of `ids` by the transformers `model`, each token from a forward over
+    the whole sequence so far (no cache of any kind: a reference for any engine path)."""
+    import torch
+
+    ids = list(ids)
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[-steps:]

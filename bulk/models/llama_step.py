@@ -274,9 +274,8 @@ class LlamaStep:
                 kv = torch.cat((rotate(k, cos, sin), heads(v_forward(h))), dim=1)
                 return rotate(q, cos, sin), kv
 
-        fused_write = (
-            self._fused_write if qkv_fused is not None and head_dim % 16 == 0 and rotate is _rotate else None
-        )
+        fused_write = self._fused_write if qkv_fused is not None and head_dim % 16 == 0 else None
+        unrotated = rotate is _unrotated
 
         def qkv_write(
             h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pool: torch.Tensor, batch: StepBatch
@@ -286,6 +285,11 @@ class LlamaStep:
                 # bit: in a 512-token chunk those operations each move a few hundred kilobytes.
                 assert qkv_fused is not None
                 x = qkv_fused(h).contiguous()  # (1, N, (heads + 2 * kv_heads) * head_dim)
+                if unrotated:
+                    # A layer without rotary takes the same pass with the identity rotation:
+                    # x * 1 + roll(x) * 0 is x (a zero's sign aside), and the slice, cat and
+                    # write are what this layer pays for.
+                    cos, sin = _identity_rotation(cos)
                 return fused_write(x, cos, sin, pool, batch.write_at, q_heads, kv_heads, head_dim)
             q, kv = qkv(h, cos, sin)
             batched_attention.write_kv(pool, batch, kv)
@@ -491,6 +495,11 @@ def _rms_norm(norm: Any) -> tuple[torch.Tensor, float] | None:
 def _unrotated(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """A layer without rotary embedding (SmolLM3's `no_rope_layers`): `x` as it is."""
     return x
+
+
+def _identity_rotation(cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the zero angle, shaped as `cos`: `_rotate` with them leaves x as it is."""
+    return torch.ones_like(cos), torch.zeros_like(cos)
 
 
 def _signed(sin: torch.Tensor) -> torch.Tensor:

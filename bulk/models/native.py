@@ -153,9 +153,10 @@ def argmax_rows() -> Callable[[torch.Tensor], torch.Tensor] | None:
 
 def tile_linear() -> Callable[..., torch.Tensor] | None:
     """`torch.ops.bul.tile_linear(x, weights, scales, bits, bias)`: a quantized layer's product for a
-    few rows on AMX tiles (`csrc/tile_linear.cpp`, `weight_quant`'s tile layout), or None where the
-    library cannot be built or this CPU (or its build) has no tiles."""
-    return _tile_op("tile_linear")
+    few rows on AMX tiles, or on AVX512-BF16's pair dot product where there are none
+    (`csrc/tile_linear.cpp`, `weight_quant`'s tile layout), or None where the library cannot be
+    built or this CPU (or its build) has neither."""
+    return _tile_op("tile_linear", "tile_linear_available")
 
 
 def prompt_attention() -> Callable[..., torch.Tensor] | None:
@@ -163,13 +164,14 @@ def prompt_attention() -> Callable[..., torch.Tensor] | None:
     bfloat16 prompt chunk's attention over its keys in the pool on AMX tiles
     (`csrc/prompt_attention.cpp`), or None where the library cannot be built or this CPU (or its
     build) has no tiles. `batched_attention.attend` checks the dtypes and head size it takes."""
-    return _tile_op("prompt_attention")
+    return _tile_op("prompt_attention", "amx_tiles_available")
 
 
-def _tile_op(name: str) -> Callable[..., torch.Tensor] | None:
-    """An AMX kernel of the library (`csrc/tiles.h`), or None where the library cannot be built, its
-    build has no tiles or Linux refuses this process the tile registers."""
-    available = _loaded("tile_linear_available") if library() else None
+def _tile_op(name: str, availability: str) -> Callable[..., torch.Tensor] | None:
+    """A tile kernel of the library (`csrc/tiles.h`), or None where the library cannot be built or
+    its op `availability` says this CPU cannot run it (no instructions in the build, or Linux refuses
+    this process the tile registers)."""
+    available = _loaded(availability) if library() else None
     if available is None or not available():
         return None
     return _loaded(name)

@@ -1,10 +1,13 @@
 """GGUF files of the other decoder families transformers reads from GGUF, as llama.cpp writes them
 (`tests.tiny_gguf.write_family_gguf`: Qwen 2, Qwen 3, Phi-3, Gemma 2, Gemma 3 and Mistral, which
-llama.cpp writes as a Llama file), their matrices in Q4_K (llama.cpp's Q4_K_M mix), Q6_K or Q8_0.
-Each converts with every weight taken from the file (none left at its initial value), answers the
-same greedy tokens twice at the file's bits with the load log line saying which and why, and the
-sliding-window ones (Gemma 2 and 3, window 8, with their layer patterns) decode requests as one batch
-and reuse a prefix past the window, each answer the one computed alone from nothing. (An architecture
+llama.cpp writes as a Llama file), their matrices in each layout users download: Q4_K / Q5_K
+(llama.cpp's _M mixes), Q6_K, Q5_0, Q5_1 and Q8_0. Each converts with every weight taken from the
+file (none left at its initial value), answers the same greedy tokens twice at the file's bits with
+the load log line saying which and why, and the sliding-window ones (Gemma 2 and 3, window 8, with
+their layer patterns) decode requests as one batch and reuse a prefix past the window, each answer the
+one computed alone from nothing. The hybrids transformers 5 reads through its newer GGUF path
+(`write_hybrid_gguf`: LFM2's short convolutions, Qwen 3.5's Gated DeltaNet) load the same way and
+answer one request at a time, saying so, what the model computes from nothing. (An architecture
 transformers cannot read is refused at start: `tests/models/test_gguf_layouts.py`.)"""
 
 from __future__ import annotations
@@ -24,14 +27,18 @@ from tests.conftest import generate_without_cache
 from tests.tiny_gguf import (
     FAMILIES,
     FAMILY_WINDOW,
+    HYBRID_FAMILIES,
+    LAYOUTS,
+    LFM2_LAYER_KINDS,
+    SERVED_BITS,
     assert_served_at_file_bits,
+    greedy_from_nothing,
     write_family_gguf,
+    write_hybrid_gguf,
     write_tiny_gguf,
 )
 from tests.tiny_gguf import gguf_config as _config
 
-LAYOUTS = ("Q4_K", "Q6_K", "Q8_0")
-BITS = {"Q4_K": 4, "Q6_K": 8, "Q8_0": 8}  # what `weight_quantization="auto"` serves each at
 CLASSES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
@@ -39,6 +46,8 @@ CLASSES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "mistral": "LlamaForCausalLM",  # llama.cpp's Mistral files are Llama files
+    "lfm2": "Lfm2ForCausalLM",
+    "qwen35": "Qwen3_5ForCausalLM",
 }
 # GGUF tensor -> the transformers parameter it becomes, beyond what every family has (ffn_down)
 SPECIFIC = {
@@ -52,6 +61,25 @@ SPECIFIC = {
     "gemma3": {"blk.1.attn_q_norm.weight": "model.layers.1.self_attn.q_norm.weight"},
     "mistral": {"blk.1.attn_v.weight": "model.layers.1.self_attn.v_proj.weight"},
 }
+# The hybrids: GGUF tensor -> the transformers parameter it becomes (norms stored as 1 + w in `OFFSET`).
+HYBRID_TENSORS = {
+    "lfm2": {
+        "blk.2.ffn_down.weight": "model.layers.2.feed_forward.w2.weight",
+        "blk.2.shortconv.in_proj.weight": "model.layers.2.conv.in_proj.weight",
+        "blk.1.attn_output.weight": "model.layers.1.self_attn.out_proj.weight",
+        "blk.1.attn_k_norm.weight": "model.layers.1.self_attn.k_layernorm.weight",
+        "token_embd_norm.weight": "model.embedding_norm.weight",
+    },
+    "qwen35": {
+        "blk.1.ffn_down.weight": "model.layers.1.mlp.down_proj.weight",
+        "blk.1.attn_q.weight": "model.layers.1.self_attn.q_proj.weight",  # query and gate rows
+        "blk.1.post_attention_norm.weight": "model.layers.1.post_attention_layernorm.weight",
+        "blk.0.ssm_norm.weight": "model.layers.0.linear_attn.norm.weight",  # the norm with no offset
+        "output_norm.weight": "model.norm.weight",
+    },
+}
+OFFSET = {"blk.1.post_attention_norm.weight", "output_norm.weight"}
+HYBRID_LAYOUT = {"lfm2": "Q4_K", "qwen35": "Q8_0"}  # one k-quant file, one Q8_0 file
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +108,7 @@ def _dequantized(reader: gguf.GGUFReader, name: str) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=np.float32))
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_converts_with_every_weight_from_the_file(family, layout, files, cache):
     path = files(family, layout)
@@ -111,14 +139,14 @@ def test_each_family_converts_with_every_weight_from_the_file(family, layout, fi
     assert lm.supports_block_reuse
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_answers_at_the_files_bits_and_the_log_line_says_why(
     family, layout, files, cache, caplog
 ):
     path = files(family, layout)
     config = _config(path, cache, dtype="bfloat16", weight_quantization="auto")
-    assert_served_at_file_bits(config, layout, BITS[layout], caplog)
+    assert_served_at_file_bits(config, layout, SERVED_BITS[layout], caplog)
 
 
 def _prompt(i: int) -> str:
@@ -154,10 +182,97 @@ async def test_sliding_window_families_batch_and_reuse_a_prefix(family, layout, 
     assert reused["result"] == generate_without_cache(lm, test, 6, ignore_eos=True).text
 
 
-@pytest.mark.parametrize("architecture", ["qwen35", "qwen35moe", "lfm2"])
+@pytest.fixture(scope="module")
+def hybrid_files(tmp_path_factory):
+    pytest.importorskip("transformers.integrations.gguf.gguf_config_mapping")  # transformers 5's newer path
+    made = {}
+
+    def hybrid_file(family: str):
+        if family not in made:
+            layout = HYBRID_LAYOUT[family]
+            path = tmp_path_factory.mktemp("gguf") / f"tiny-{family}.{layout}.gguf"
+            made[family] = write_hybrid_gguf(path, family, layout)
+        return made[family]
+
+    return hybrid_file
+
+
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+def test_each_hybrid_converts_with_every_weight_from_the_file(family, hybrid_files, cache):
+    """transformers 5 reads these through `integrations.gguf` (its own config rebuild, renames and
+    dequantization kernels), not the reader the other families go through: the converted folder must
+    still hold the file's values, and the layer kinds the file states."""
+    path = hybrid_files(family)
+    assert weight_layout(path) == HYBRID_LAYOUT[family]
+    lm = load_model(_config(path, cache, dtype="float32", weight_quantization="none"))
+    model = lm.model
+    assert type(model).__name__ == CLASSES[family]
+    reader = gguf.GGUFReader(path)
+    # Every parameter came from the file (LFM2's tied head counted once)...
+    assert sum(p.numel() for p in model.parameters()) == sum(int(t.n_elements) for t in reader.tensors)
+    # ...and they are its values, as the `gguf` package reads them.
+    params = dict(model.named_parameters())
+    for gguf_name, hf_name in HYBRID_TENSORS[family].items():
+        value = _dequantized(reader, gguf_name)
+        if family == "qwen35" and gguf_name in OFFSET:
+            value = value - 1
+        assert torch.equal(params[hf_name].detach(), value), (gguf_name, hf_name)
+    if family == "lfm2":
+        assert model.config.layer_types == list(LFM2_LAYER_KINDS)  # from the per-layer KV head counts
+        kernel = params["model.layers.0.conv.conv.weight"].detach()
+        assert torch.equal(kernel.squeeze(1), _dequantized(reader, "blk.0.shortconv.conv.weight"))
+    else:
+        assert model.config.layer_types == ["linear_attention", "full_attention"]
+        # ssm_a holds -exp(A_log), its value heads in llama.cpp's tiled order
+        a_log = params["model.layers.0.linear_attn.A_log"].detach()
+        stored = torch.log(-_dequantized(reader, "blk.0.ssm_a"))
+        assert torch.equal(a_log.sort().values, stored.sort().values)
+    assert not lm.supports_block_reuse  # recurrent state is not a KV prefix
+
+
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+def test_each_hybrid_answers_at_the_files_bits_one_request_at_a_time_saying_so(
+    family, hybrid_files, cache, caplog
+):
+    """Served at the file's bits like the others, but a model whose layers are not all attention
+    cannot share our batched attention: the log says it decodes one request at a time, and why."""
+    path = hybrid_files(family)
+    layout = HYBRID_LAYOUT[family]
+    config = _config(path, cache, dtype="bfloat16", weight_quantization="auto")
+    assert_served_at_file_bits(config, layout, SERVED_BITS[layout], caplog)
+    one_at_a_time = [
+        r.getMessage() for r in caplog.records if "decodes one request at a time" in r.getMessage()
+    ]
+    assert len(one_at_a_time) == 1
+    assert "not all full or sliding-window attention" in one_at_a_time[0]
+
+
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+async def test_each_hybrid_answers_what_the_model_computes_from_nothing(family, hybrid_files, cache):
+    """Requests sent together are served one at a time (the convolution / recurrent state lives in
+    transformers' cache), each answer the one the model computes alone: through its own cache, and
+    token by token over the whole sequence without any."""
+    path = hybrid_files(family)
+    config = _config(path, cache, dtype="float32", weight_quantization="none")
+    prompts = [_prompt(i) for i in range(3)]
+    request = {"raw": True, "max_new_tokens": 6, "ignore_eos": True}
+    with UltraAdaptiveKVCacheEngine(config) as engine:
+        answers = await asyncio.gather(*(engine.process_request({**request, "query": p}) for p in prompts))
+        assert engine._loop is not None
+        runner = engine._loop.runner
+        assert not runner.batched and runner.max_batch_size == 1 and not runner.uses_pool
+        lm = engine.model
+    for prompt, answer in zip(prompts, answers, strict=True):
+        solo = generate_without_cache(lm, prompt, 6, ignore_eos=True)
+        assert answer["result"] == solo.text
+        assert solo.token_ids == greedy_from_nothing(lm.model, lm.tokenizer.encode(prompt), 6)
+
+
+@pytest.mark.parametrize("architecture", ["qwen35moe"])
 def test_architectures_transformers_reads_through_its_newer_gguf_path_are_not_refused(architecture, tmp_path):
-    """transformers 5 reads Qwen 3.5 (and LFM2) through `integrations.gguf`, not the older reader
-    whose list `check_architecture` used to take as the whole; they must not be refused at start."""
+    """transformers 5 reads Qwen 3.5's MoE through `integrations.gguf`, not the older reader whose list
+    `check_architecture` used to take as the whole; it must not be refused at start (Qwen 3.5 and LFM2
+    load and answer above)."""
     pytest.importorskip("transformers.integrations.gguf.gguf_config_mapping")
     path = write_tiny_gguf(tmp_path / f"tiny-{architecture}.gguf", architecture=architecture)
     check_architecture(path)  # does not raise

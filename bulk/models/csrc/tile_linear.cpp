@@ -21,8 +21,11 @@
 //           float32 and rounded to bfloat16, as `_quantize_int4` computes the dense copy
 //   bits 8: qweight (N/16, K/32, 16, 32) int8, v[p] in byte p; scales (N/16, 16) bfloat16; w = q * s
 //
-// Where the compiler has no AMX (another CPU) the library still builds: `tile_linear_available` says
-// False and the layers keep torch's kernels.
+// Where the CPU has no tile unit but AVX512-BF16 (AMD's Zen 4), the same tiles are dequantized the
+// same way and multiplied a row at a time by the vector pair dot product (`vdpbf16ps`, which reads
+// the pair layout as the tile unit does): the weights are still read and dequantized once for up to
+// 16 rows. Where the compiler has neither (another CPU) the library still builds:
+// `tile_linear_available` says False and the layers keep torch's kernels.
 
 #include "tile_linear.h"
 #include "tiles.h"
@@ -31,29 +34,19 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <cstdint>
 #include <cstring>
 
 
 namespace bul {
 
-#ifdef BUL_TILES
+#if defined(BUL_TILES) || defined(BUL_BF16_DOT)
 namespace {
 
 constexpr int kRowsPerTile = 16;
 constexpr int64_t kInputsPerTile = 32;
-
-// Tiles: 0, 1 the sums of output block 0 for rows 0-15 and 16-31; 2, 3 those of output block 1;
-// 4, 5 the two row blocks of x; 6, 7 the dequantized weights of the two output blocks.
-void configure(int rows0, int rows1) {
-  TileConfig config;
-  for (int t : {0, 2, 4}) config.rows[t] = rows0, config.colsb[t] = 64;
-  if (rows1 > 0) {
-    for (int t : {1, 3, 5}) config.rows[t] = rows1, config.colsb[t] = 64;
-  }
-  for (int t : {6, 7}) config.rows[t] = kRowsPerTile, config.colsb[t] = 64;
-  _tile_loadconfig(&config);
-}
 
 // A value the compiler may not look through: keeps a product from being contracted into the sum after
 // it (the dense copy is a product rounded to float32, then a sum rounded to float32).
@@ -79,33 +72,39 @@ struct Spread {
   }
 };
 
-// One tile of 4-bit weights -> 16 rows of 32 bfloat16 in `out`.
-inline void dequantize4(const uint8_t* q, const uint16_t* scales, const Spread& spread, uint16_t* out) {
-  const __m512 s = widen_bf16(scales), z = widen_bf16(scales + 16);
-  const __m512 s0 = _mm512_permutexvar_ps(spread.first, s), s1 = _mm512_permutexvar_ps(spread.last, s);
-  const __m512 z0 = _mm512_permutexvar_ps(spread.first, z), z1 = _mm512_permutexvar_ps(spread.last, z);
-  // q - 8 by table: the permute reads only an index's low four bits, so the high nibble needs no mask.
-  const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-  for (int r = 0; r < kRowsPerTile; ++r) {
+// One tile of 4-bit weights, a row of 32 bfloat16 (16 outputs' input pair) at a time.
+struct Tile4 {
+  const uint8_t* q;
+  __m512 s0, s1, z0, z1;
+  Tile4(const uint8_t* q_, const uint16_t* scales, const Spread& spread) : q(q_) {
+    const __m512 s = widen_bf16(scales), z = widen_bf16(scales + 16);
+    s0 = _mm512_permutexvar_ps(spread.first, s), s1 = _mm512_permutexvar_ps(spread.last, s);
+    z0 = _mm512_permutexvar_ps(spread.first, z), z1 = _mm512_permutexvar_ps(spread.last, z);
+  }
+  __m512i row(int r) const {
+    // q - 8 by table: the permute reads only an index's low four bits, so the high nibble needs no mask.
+    const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * r)));
     const __m512 v0 = _mm512_permutexvar_ps(bytes, centred);
     const __m512 v1 = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), centred);
     const __m512 w0 = _mm512_add_ps(opaque(_mm512_mul_ps(v0, s0)), z0);
     const __m512 w1 = _mm512_add_ps(opaque(_mm512_mul_ps(v1, s1)), z1);
-    _mm512_store_si512(out + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+    return (__m512i)_mm512_cvtne2ps_pbh(w1, w0);
   }
-}
+};
 
-// One tile of 8-bit weights -> 16 rows of 32 bfloat16 in `out` (s0, s1: the spread scales).
-inline void dequantize8(const int8_t* q, __m512 s0, __m512 s1, uint16_t* out) {
-  for (int r = 0; r < kRowsPerTile; ++r) {
+// One tile of 8-bit weights, a row at a time (s0, s1: the spread scales).
+struct Tile8 {
+  const int8_t* q;
+  __m512 s0, s1;
+  __m512i row(int r) const {
     const __m512i a = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32 * r)));
     const __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32 * r + 16)));
     const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(a), s0);
     const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(b), s1);
-    _mm512_store_si512(out + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+    return (__m512i)_mm512_cvtne2ps_pbh(w1, w0);
   }
-}
+};
 
 struct Weights {
   const uint8_t* q;
@@ -114,18 +113,105 @@ struct Weights {
   int bits;
   const Spread& spread;
 
-  // Tile (block, group) of the weight, dequantized into `out`.
+  Tile4 tile4(int64_t block, int64_t group) const {
+    const int64_t index = block * groups + group;
+    return Tile4(q + index * 256, scales + index * 32, spread);
+  }
+
+  Tile8 tile8(int64_t block, int64_t group) const {
+    const __m512 s = widen_bf16(scales + block * 16);
+    return Tile8{reinterpret_cast<const int8_t*>(q) + (block * groups + group) * 512,
+                 _mm512_permutexvar_ps(spread.first, s), _mm512_permutexvar_ps(spread.last, s)};
+  }
+
+  // Tile (block, group) of the weight, dequantized into `out`: 16 rows of 32 bfloat16.
   void tile(int64_t block, int64_t group, uint16_t* out) const {
     if (bits == 4) {
-      const int64_t index = block * groups + group;
-      dequantize4(q + index * 256, scales + index * 32, spread, out);
+      const Tile4 t = tile4(block, group);
+      for (int r = 0; r < kRowsPerTile; ++r) _mm512_store_si512(out + 32 * r, t.row(r));
     } else {
-      const __m512 s = widen_bf16(scales + block * 16);
-      const __m512 s0 = _mm512_permutexvar_ps(spread.first, s), s1 = _mm512_permutexvar_ps(spread.last, s);
-      dequantize8(reinterpret_cast<const int8_t*>(q) + (block * groups + group) * 512, s0, s1, out);
+      const Tile8 t = tile8(block, group);
+      for (int r = 0; r < kRowsPerTile; ++r) _mm512_store_si512(out + 32 * r, t.row(r));
     }
   }
 };
+
+// A block's sums for `rows` rows (16 outputs each), plus the bias, rounded to bfloat16 into out's
+// columns [first, first + 16) of those rows.
+inline void store_block(const __m512* sums, int rows, const float* bias, int64_t first, uint16_t* out,
+                        int64_t n) {
+  for (int r = 0; r < rows; ++r) {
+    __m512 v = sums[r];
+    if (bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + first));
+    const __m256bh narrow = _mm512_cvtneps_pbh(v);
+    std::memcpy(out + r * n + first, &narrow, sizeof(narrow));
+  }
+}
+
+// Rows [0, R) of x (row stride k) times output block `block` on the vector unit: each weight row of a
+// tile (16 outputs' input pair) dequantized once, in a register, and multiplied into every row's 16
+// sums, a row's pair of inputs broadcast. A row's sums run in the same order for any R.
+template <int R, typename Tile>
+inline void block_rows(const uint16_t* x, int64_t k, const Tile& tile, int64_t g, __m512* sums) {
+  const uint16_t* xg = x + g * kInputsPerTile;
+  for (int r = 0; r < kRowsPerTile; ++r) {
+    const __m512bh w = (__m512bh)tile.row(r);
+    for (int m = 0; m < R; ++m) {
+      int32_t pair;  // inputs 2r and 2r + 1 of row m
+      std::memcpy(&pair, xg + m * k + 2 * r, sizeof(pair));
+      sums[m] = _mm512_dpbf16_ps(sums[m], (__m512bh)_mm512_set1_epi32(pair), w);
+    }
+  }
+}
+
+template <int R>
+void block_dot(const uint16_t* x, int64_t k, int64_t block, const Weights& weights, const float* bias,
+               uint16_t* out, int64_t n) {
+  __m512 sums[R];
+  for (int m = 0; m < R; ++m) sums[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < weights.groups; ++g) {
+    if (weights.bits == 4) {
+      block_rows<R>(x, k, weights.tile4(block, g), g, sums);
+    } else {
+      block_rows<R>(x, k, weights.tile8(block, g), g, sums);
+    }
+  }
+  store_block(sums, R, bias, block * 16, out, n);
+}
+
+using BlockDot = void (*)(const uint16_t*, int64_t, int64_t, const Weights&, const float*, uint16_t*, int64_t);
+
+// block_dot for 1 to 16 rows, by row count: the sums stay in registers.
+template <int... R>
+constexpr std::array<BlockDot, sizeof...(R)> block_dots(std::integer_sequence<int, R...>) {
+  return {&block_dot<R + 1>...};
+}
+constexpr auto kBlockDots = block_dots(std::make_integer_sequence<int, kRowsPerTile>{});
+
+// x (m, k) times the weight into out (m, n) on the vector unit: 16 rows at a time, output blocks over
+// the threads.
+void vector_linear(const uint16_t* xs, int64_t m, int64_t k, int64_t blocks, const Weights& weights,
+                   const float* bias, uint16_t* ys, int64_t n) {
+  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t row = 0; row < m; row += kRowsPerTile) {
+      const BlockDot dot = kBlockDots[std::min<int64_t>(kRowsPerTile, m - row) - 1];
+      for (int64_t block = begin; block < end; ++block) dot(xs + row * k, k, block, weights, bias, ys + row * n, n);
+    }
+  });
+}
+
+#ifdef BUL_TILES
+// Tiles: 0, 1 the sums of output block 0 for rows 0-15 and 16-31; 2, 3 those of output block 1;
+// 4, 5 the two row blocks of x; 6, 7 the dequantized weights of the two output blocks.
+void configure(int rows0, int rows1) {
+  TileConfig config;
+  for (int t : {0, 2, 4}) config.rows[t] = rows0, config.colsb[t] = 64;
+  if (rows1 > 0) {
+    for (int t : {1, 3, 5}) config.rows[t] = rows1, config.colsb[t] = 64;
+  }
+  for (int t : {6, 7}) config.rows[t] = kRowsPerTile, config.colsb[t] = 64;
+  _tile_loadconfig(&config);
+}
 
 // Rows [row, row + rows0 + rows1) of x times output blocks `block` and `block + 1` (when `two`),
 // into `out` (bfloat16, row stride n), plus the bias.
@@ -175,11 +261,13 @@ void block_pair(const uint16_t* x, int64_t k, int64_t row, int rows0, int rows1,
   }
 }
 
+#endif  // BUL_TILES
+
 }  // namespace
 
 at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t bits,
                        const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(tiles_permitted(), "tile_linear: the CPU's tile registers are not available");
+  TORCH_CHECK(tile_linear_available(), "tile_linear: this CPU has neither AMX tiles nor AVX512-BF16");
   TORCH_CHECK(bits == 4 || bits == 8, "tile_linear: bits must be 4 or 8");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.device().is_cpu(), "tile_linear: x is bfloat16 on the CPU");
   TORCH_CHECK(qweight.dim() == 4 && qweight.is_contiguous() && scales.is_contiguous(), "tile_linear: tile layout");
@@ -205,6 +293,11 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   const uint16_t* xs = reinterpret_cast<const uint16_t*>(flat.const_data_ptr<c10::BFloat16>());
   uint16_t* ys = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
   const float* b = bias.has_value() ? bias32.const_data_ptr<float>() : nullptr;
+#ifdef BUL_TILES
+  if (!tiles_permitted()) {
+    vector_linear(xs, m, k, blocks, weights, b, ys, n);
+    return out.view(shape);
+  }
   const int64_t pairs = (blocks + 1) / 2;
   // Output block pairs over the threads; each thread configures its own tiles.
   at::parallel_for(0, pairs, 8, [&](int64_t begin, int64_t end) {
@@ -219,25 +312,43 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
     }
     _tile_release();
   });
+#else
+  vector_linear(xs, m, k, blocks, weights, b, ys, n);
+#endif
   return out.view(shape);
 }
 
-bool tile_linear_available() { return tiles_permitted(); }
-
-#else  // no AMX in this build
+#else  // neither AMX nor AVX512-BF16 in this build
 
 at::Tensor tile_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                        const std::optional<at::Tensor>&) {
-  TORCH_CHECK(false, "tile_linear: this build has no AMX tiles");
+  TORCH_CHECK(false, "tile_linear: this build has neither AMX tiles nor AVX512-BF16");
 }
 
-bool tile_linear_available() { return false; }
-
 #endif
+
+bool tile_linear_available() {
+#if defined(BUL_TILES)
+  return true;  // the vector path where Linux withholds the tiles
+#elif defined(BUL_BF16_DOT)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool amx_tiles_available() {
+#ifdef BUL_TILES
+  return tiles_permitted();
+#else
+  return false;
+#endif
+}
 
 }  // namespace bul
 
 TORCH_LIBRARY_FRAGMENT(bul, m) {
   m.def("tile_linear(Tensor x, Tensor qweight, Tensor scales, int bits, Tensor? bias) -> Tensor", &bul::tile_linear);
   m.def("tile_linear_available() -> bool", &bul::tile_linear_available);
+  m.def("amx_tiles_available() -> bool", &bul::amx_tiles_available);
 }

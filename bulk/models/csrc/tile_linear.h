@@ -14,4 +14,7 @@ namespace bul {
 at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, int64_t bits,
                        const std::optional<at::Tensor>& bias);
 
+// Whether tile_linear runs on this CPU (AMX tiles or AVX512-BF16 in this build).
+bool tile_linear_available();
+
 }  // namespace bul

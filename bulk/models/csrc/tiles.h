@@ -1,7 +1,14 @@
 // What every AMX kernel (`tile_linear.cpp`, `prompt_attention.cpp`) needs before it touches a tile:
 // whether this build has the instructions (`BUL_TILES`), Linux's permission for the tile registers'
-// state, and the tile configuration's layout.
+// state, and the tile configuration's layout. And whether this build has AVX512-BF16's pair dot
+// product (`BUL_BF16_DOT`), which multiplies the same tile layout a vector at a time where there is
+// no tile unit (AMD's Zen 4, an Intel CPU whose kernel or hypervisor withholds the tiles).
 #pragma once
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define BUL_BF16_DOT 1
+#include <immintrin.h>
+#endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #define BUL_TILES 1

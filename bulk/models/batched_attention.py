@@ -194,7 +194,7 @@ def attend(
 ) -> torch.Tensor:
     """Each segment's queries over its request's keys and values in the pool (after `write_kv`):
     one SDPA per prompt chunk, as transformers' SDPA attention runs it (or one
-    `batch.prompt_attention` call, for bfloat16 chunks on CPUs with AMX), and the decode rows at the
+    `batch.prompt_attention` call, for bfloat16 chunks on CPUs with AMX or AVX512-BF16), and the decode rows at the
     end in one `batch.decode_attention` call where the batch has one, else one SDPA each. A layer
     with a sliding `window` of W tokens: each query sees only its last W keys (the keys before them
     are left out of the call, and a chunk's mask also ends each row's window). query: (1, heads, N,
@@ -214,9 +214,10 @@ def attend(
     sdpa_to = batch.rows_from if native_rows or eager_rows else len(batch.segments)
     segments, masks = batch.segments[:sdpa_to], batch.masks[:sdpa_to]
     kernel = batch.prompt_attention
+    # The kernel computes bfloat16 chunks itself, whatever SDPA would have been given (`work`).
     if kernel is not None and not (
         softcap is None
-        and query.dtype == layer.dtype == work == torch.bfloat16
+        and query.dtype == layer.dtype == torch.bfloat16
         and query.shape[-1] % PROMPT_KERNEL_HEAD_DIMS == 0
     ):
         kernel = None

@@ -156,22 +156,23 @@ def tile_linear() -> Callable[..., torch.Tensor] | None:
     few rows on AMX tiles, or on AVX512-BF16's pair dot product where there are none
     (`csrc/tile_linear.cpp`, `weight_quant`'s tile layout), or None where the library cannot be
     built or this CPU (or its build) has neither."""
-    return _tile_op("tile_linear", "tile_linear_available")
+    return _tile_op("tile_linear")
 
 
 def prompt_attention() -> Callable[..., torch.Tensor] | None:
     """`torch.ops.bul.prompt_attention(query, layer, first, end, position, window, scaling)`: a
-    bfloat16 prompt chunk's attention over its keys in the pool on AMX tiles
-    (`csrc/prompt_attention.cpp`), or None where the library cannot be built or this CPU (or its
-    build) has no tiles. `batched_attention.attend` checks the dtypes and head size it takes."""
-    return _tile_op("prompt_attention", "amx_tiles_available")
+    bfloat16 prompt chunk's attention over its keys in the pool on AMX tiles, or on AVX512-BF16's
+    pair dot product where there are none (`csrc/prompt_attention.cpp`), or None where the library
+    cannot be built or this CPU (or its build) has neither. `batched_attention.attend` checks the
+    dtypes and head size it takes."""
+    return _tile_op("prompt_attention")
 
 
-def _tile_op(name: str, availability: str) -> Callable[..., torch.Tensor] | None:
+def _tile_op(name: str) -> Callable[..., torch.Tensor] | None:
     """A tile kernel of the library (`csrc/tiles.h`), or None where the library cannot be built or
-    its op `availability` says this CPU cannot run it (no instructions in the build, or Linux refuses
-    this process the tile registers)."""
-    available = _loaded(availability) if library() else None
+    this CPU cannot run it: its build has neither AMX tiles nor AVX512-BF16 (where Linux refuses
+    this process the tile registers, the kernels run on the vector unit)."""
+    available = _loaded("tile_linear_available") if library() else None
     if available is None or not available():
         return None
     return _loaded(name)

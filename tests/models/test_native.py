@@ -377,7 +377,7 @@ def test_a_quantized_qwen2_decodes_natively_with_its_biases_bit_identically():
 # ---- the prompt attention (`csrc/prompt_attention.cpp`): AMX CPUs only ---------------------------
 
 needs_tiles = pytest.mark.skipif(
-    native.prompt_attention() is None, reason="this CPU (or its build) has no AMX tiles"
+    native.prompt_attention() is None, reason="this CPU (or its build) has neither AMX tiles nor AVX512-BF16"
 )
 
 

@@ -337,18 +337,9 @@ bool tile_linear_available() {
 #endif
 }
 
-bool amx_tiles_available() {
-#ifdef BUL_TILES
-  return tiles_permitted();
-#else
-  return false;
-#endif
-}
-
 }  // namespace bul
 
 TORCH_LIBRARY_FRAGMENT(bul, m) {
   m.def("tile_linear(Tensor x, Tensor qweight, Tensor scales, int bits, Tensor? bias) -> Tensor", &bul::tile_linear);
   m.def("tile_linear_available() -> bool", &bul::tile_linear_available);
-  m.def("amx_tiles_available() -> bool", &bul::amx_tiles_available);
 }

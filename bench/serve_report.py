@@ -85,7 +85,36 @@ def render_chat(options: Mapping[str, Any], chat: Mapping[str, Any]) -> str:
         )
     if "roof" in chat:
         lines.append(gemm.describe({"ours": chat["roof"]}, chat.get("gemm")))
+    for kind, label in names.items():
+        bound = prompt_bound(chat.get(kind, {}).get("1"))
+        if bound is not None:
+            share, ceiling = bound
+            lines.append(
+                f"  {label}: one client spends about {share:.0%} of its time on prompts (TTFT p50 "
+                f"x requests); with every decode step free, more clients could reach at most about "
+                f"{ceiling:.1f}x its tokens/s while the prompts share the server's threads"
+            )
     return "\n".join(lines)
+
+
+def prompt_bound(one_client: Mapping[str, Any] | None) -> tuple[float, float] | None:
+    """(the share of one client's time spent waiting for first tokens, the scaling that share
+    allows): N clients' prompts still run one after another on the same threads, so however well
+    their decoding batches, N clients' tokens/s can be at most 1 / share of one client's. An
+    estimate from the figures: the window is tokens / tokens/s, the prompts' time TTFT p50 times the
+    completed requests."""
+    if not one_client:
+        return None
+    tps, ttft, done = (
+        one_client.get("tokens_per_s"),
+        one_client.get("ttft_p50_ms"),
+        one_client.get("requests_completed"),
+    )
+    if not tps or not ttft or not done:
+        return None
+    window = one_client["tokens"] / tps
+    share = min(1.0, done * ttft / 1000 / window)
+    return share, 1 / share
 
 
 def render_verdicts(verdicts: Mapping[str, Any]) -> str:

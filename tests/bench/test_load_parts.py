@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from bench import chat_traffic, gemm, serve_chat
+from bench import chat_traffic, gemm, serve_chat, serve_report
 from bench.common import cpu_summary
 from bench.quality import load_corpus
 from bench.serve_load import Request, Stream, as_request, figures, mean_batch, prefill_rate, stream_request
@@ -226,3 +226,14 @@ def test_chat_scaling_verdicts():
     # A quick run stops below 16 clients: its largest level.
     quick = serve_chat.chat_verdicts({"short": {"1": level(10.0), "4": level(30.0)}})
     assert quick["chat_short_scaling_16_over_1"]["levels"] == ["1", "4"]
+
+
+def test_the_prompt_bound_on_scaling_from_one_clients_figures():
+    """One client waiting 240 ms for each of 33 first tokens in a 15 s window spends about half its
+    time on prompts, which N clients still run one after another: at most about 1.9x."""
+    one = {"tokens_per_s": 49.5, "tokens": 742, "ttft_p50_ms": 240.0, "requests_completed": 33}
+    share, ceiling = serve_report.prompt_bound(one)
+    assert share == pytest.approx(33 * 0.240 / (742 / 49.5))
+    assert ceiling == pytest.approx(1 / share) and 1.8 < ceiling < 2.0
+    assert serve_report.prompt_bound({**one, "requests_completed": 0}) is None
+    assert serve_report.prompt_bound(None) is None

@@ -11,7 +11,10 @@ need rows of 256 values, so those files have hidden size 256 and feed-forward 51
 
 `write_family_gguf` writes the other decoder families transformers reads from GGUF (Qwen 2 and 3,
 Phi-3, Gemma 2 and 3, Mistral) and `write_hybrid_gguf` the hybrids its newer GGUF path reads (LFM2,
-Qwen 3.5), each as llama.cpp's converter writes it, in the same layouts."""
+Qwen 3.5), each as llama.cpp's converter writes it, in the same layouts; `write_qwen35moe_gguf` Qwen
+3.5's mixture of experts. `write_model_gguf` writes any other architecture transformers' older reader
+maps (the MoE Qwens, StarCoder 2, StableLM, Falcon, GPT-2, BLOOM, Nemotron, MiniMax-M2...) from a tiny
+random transformers model, by inverting that reader, Q8_0."""
 
 from __future__ import annotations
 
@@ -256,6 +259,7 @@ LFM2_LAYER_KINDS = ("conv", "full_attention", "conv")
 LFM2_CONV_TAPS = 3
 QWEN35_LAYERS, QWEN35_CONV_TAPS = 2, 4
 QWEN35_KEY_HEADS, QWEN35_VALUE_HEADS = 2, 4  # the linear layers' heads: two value heads per key head
+QWEN35MOE_EXPERTS, QWEN35MOE_USED = 4, 2
 
 
 def write_hybrid_gguf(path: Path, family: str, layout: str = "Q8_0", seed: int = 7) -> Path:
@@ -320,8 +324,9 @@ def write_hybrid_gguf(path: Path, family: str, layout: str = "Q8_0", seed: int =
     return path
 
 
-def _write_qwen35_gguf(path: Path, layout: str, seed: int) -> Path:
-    """`write_hybrid_gguf` for Qwen 3.5 (see the notes above `HYBRID_FAMILIES`)."""
+def _write_qwen35_gguf(path: Path, layout: str, seed: int, moe: bool = False) -> Path:
+    """`write_hybrid_gguf` for Qwen 3.5 (see the notes above `HYBRID_FAMILIES`); `moe`: its
+    mixture-of-experts variant (`write_qwen35moe_gguf`)."""
     file_type, wide_layout = LAYOUTS[layout]
     hidden, ffn = (K_HIDDEN, K_FFN) if layout.endswith("_K") else (HIDDEN, FFN)
     head_dim = hidden // HEADS  # the full layers' heads, and the linear layers' key and value heads
@@ -329,8 +334,9 @@ def _write_qwen35_gguf(path: Path, layout: str, seed: int) -> Path:
     qkv_rows = 2 * key_heads * head_dim + value_heads * head_dim
     tokens, merges = bpe_vocabulary()
 
-    writer = gguf.GGUFWriter(str(path), "qwen35")
-    writer.add_name("tiny-qwen35-test")
+    arch = "qwen35moe" if moe else "qwen35"
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-{arch}-test")
     writer.add_context_length(CONTEXT)
     writer.add_embedding_length(hidden)
     writer.add_block_count(QWEN35_LAYERS)
@@ -349,6 +355,11 @@ def _write_qwen35_gguf(path: Path, layout: str, seed: int) -> Path:
     writer.add_ssm_group_count(key_heads)
     writer.add_ssm_time_step_rank(value_heads)
     writer.add_ssm_inner_size(value_heads * head_dim)
+    if moe:
+        writer.add_expert_feed_forward_length(ffn)
+        writer.add_expert_shared_feed_forward_length(ffn)
+        writer.add_expert_count(QWEN35MOE_EXPERTS)
+        writer.add_expert_used_count(QWEN35MOE_USED)
     writer.add_file_type(file_type)
     _add_tokenizer(writer, tokens, merges)
 
@@ -384,14 +395,39 @@ def _write_qwen35_gguf(path: Path, layout: str, seed: int) -> Path:
             add_quantized(f"blk.{i}.attn_output.weight", matrix(hidden, HEADS * head_dim))
             add_norm(f"blk.{i}.attn_q_norm.weight", head_dim)
             add_norm(f"blk.{i}.attn_k_norm.weight", head_dim)
-        add_quantized(f"blk.{i}.ffn_gate.weight", matrix(ffn, hidden))
-        add_quantized(f"blk.{i}.ffn_up.weight", matrix(ffn, hidden))
-        add_quantized(f"blk.{i}.ffn_down.weight", matrix(hidden, ffn), wide)
+        if moe:
+            experts = QWEN35MOE_EXPERTS
+            add_quantized(f"blk.{i}.ffn_gate_inp.weight", matrix(experts, hidden))  # the router
+            for name in ("ffn_gate_exps", "ffn_up_exps"):  # one [ffn, hidden] matrix per expert
+                add_quantized(
+                    f"blk.{i}.{name}.weight", np.stack([matrix(ffn, hidden) for _ in range(experts)])
+                )
+            add_quantized(
+                f"blk.{i}.ffn_down_exps.weight", np.stack([matrix(hidden, ffn) for _ in range(experts)]), wide
+            )
+            add_vector(f"blk.{i}.ffn_gate_inp_shexp.weight", rng.standard_normal(hidden) * 0.08)
+            add_quantized(f"blk.{i}.ffn_gate_shexp.weight", matrix(ffn, hidden))
+            add_quantized(f"blk.{i}.ffn_up_shexp.weight", matrix(ffn, hidden))
+            add_quantized(f"blk.{i}.ffn_down_shexp.weight", matrix(hidden, ffn), wide)
+        else:
+            add_quantized(f"blk.{i}.ffn_gate.weight", matrix(ffn, hidden))
+            add_quantized(f"blk.{i}.ffn_up.weight", matrix(ffn, hidden))
+            add_quantized(f"blk.{i}.ffn_down.weight", matrix(hidden, ffn), wide)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_qwen35moe_gguf(path: Path, layout: str = "Q8_0", seed: int = 7) -> Path:
+    """A tiny GGUF file of Qwen 3.5's mixture-of-experts variant (`qwen35moe`, read through transformers'
+    newer GGUF path like Qwen 3.5): Qwen 3.5's layers (`write_hybrid_gguf`), each feed-forward a router
+    (`ffn_gate_inp`) over `QWEN35MOE_EXPERTS` experts stored stacked (`ffn_gate_exps` / `ffn_up_exps` /
+    `ffn_down_exps`, [experts, rows, columns]) and a shared expert (`ffn_*_shexp`) with its 1-row gate
+    (`ffn_gate_inp_shexp`, stored as a vector), the experts' widths in `expert_feed_forward_length`
+    and `expert_shared_feed_forward_length`, `expert_count` / `expert_used_count`."""
+    return _write_qwen35_gguf(path, layout, seed, moe=True)
 
 
 def _add_tokenizer(writer: Any, tokens: list[str], merges: list[str]) -> None:
@@ -470,3 +506,217 @@ def greedy_from_nothing(model: Any, ids: list[int], steps: int) -> list[int]:
             logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
             ids.append(int(logits.argmax()))
     return ids[-steps:]
+
+
+# ---- any architecture transformers' older GGUF reader maps (generic) ----------------------------------
+# `write_model_gguf` writes a tiny GGUF file of any architecture transformers reads through
+# `modeling_gguf_pytorch_utils` by inverting its reader: a random tiny transformers model is built
+# from the config class, with the sizes the reader takes from the file (`GGUF_CONFIG_MAPPING`) set
+# small and everything else at the class's default (which is what the reader leaves it at); each
+# parameter is written under the GGUF name transformers maps back to it (`get_gguf_hf_weights_map`),
+# undoing its value transforms (the tensor processors: Conv1D transposes, BLOOM's fused qkv order,
+# Mamba's -exp(A_log), Nemotron's 1 + w norms, the experts' gate and up halves). Matrices whose rows
+# hold whole 32-value blocks are stored Q8_0, the rest float32; the model returned holds the values
+# as the file stores them (quantized and back), so a loaded model must equal it parameter for parameter.
+# architecture -> (its `general.architecture` in the file, the model type transformers reads it as)
+GENERIC_ARCHITECTURES = {
+    "qwen3_moe": ("qwen3moe", "qwen3_moe"),
+    "qwen2_moe": ("qwen2moe", "qwen2_moe"),
+    "gpt_oss": ("gpt-oss", "gpt_oss"),
+    "gemma4": ("gemma4", "gemma4_text"),
+    "starcoder2": ("starcoder2", "starcoder2"),
+    "stablelm": ("stablelm", "stablelm"),
+    "falcon": ("falcon", "falcon"),
+    "gpt2": ("gpt2", "gpt2"),
+    "bloom": ("bloom", "bloom"),
+    "mamba": ("mamba", "mamba"),
+    "nemotron": ("nemotron", "nemotron"),
+    "deci": ("deci", "deci"),
+    "minimax_m2": ("minimax-m2", "minimax_m2"),
+}
+# the tiny value of each config attribute the reader takes from the file
+_TINY = {
+    "hidden_size": HIDDEN,
+    "n_embd": HIDDEN,
+    "num_hidden_layers": LAYERS,
+    "n_layer": LAYERS,
+    "intermediate_size": FFN,
+    "feed_forward_length": FFN,
+    "num_attention_heads": HEADS,
+    "n_head": HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "max_position_embeddings": CONTEXT,
+    "n_ctx": CONTEXT,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "head_dim": HIDDEN // HEADS,
+    "global_head_dim": HIDDEN // HEADS,
+    "sliding_window": FAMILY_WINDOW,
+    "conv_kernel": 4,
+    "state_size": 16,
+    "time_step_rank": 4,
+    "rotary_dim": HIDDEN // HEADS,
+}
+
+
+def _config_value(config: Any, attribute: str) -> Any:
+    if attribute in _TINY and not hasattr(config, attribute):  # an argument the config keeps elsewhere
+        return _TINY[attribute]
+    if attribute == "rope_theta" and not hasattr(config, "rope_theta"):
+        return (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+    if attribute == "n_ctx" and not hasattr(config, "n_ctx"):
+        return config.n_positions
+    if attribute == "scoring_func":  # llama.cpp's expert_gating_func: 1 softmax, 2 sigmoid
+        return {"softmax": 1, "sigmoid": 2}.get(getattr(config, attribute, "sigmoid"), 2)
+    return getattr(config, attribute, None)
+
+
+def tiny_model(architecture: str, seed: int = 7, **overrides: Any) -> Any:
+    """The random tiny transformers model of `architecture` (a key of `GENERIC_ARCHITECTURES`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import GGUF_CONFIG_MAPPING
+
+    _, model_type = GENERIC_ARCHITECTURES[architecture]
+    tokens, _ = bpe_vocabulary()
+    mapped = GGUF_CONFIG_MAPPING[architecture].values()
+    sizes = {name: value for name, value in _TINY.items() if name in mapped}
+    sizes["vocab_size"] = len(tokens)
+    sizes["tie_word_embeddings"] = architecture in ("falcon", "bloom")  # transformers ties these always
+    for special, token in (("bos", "<|im_start|>"), ("eos", "<|im_end|>"), ("pad", "<|im_end|>")):
+        sizes[f"{special}_token_id"] = tokens.index(token)
+    config = AutoConfig.for_model(model_type, **{**sizes, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # weights of a trained model's scale, norms near 1
+        for name, param in model.named_parameters():
+            if param.ndim >= 2:
+                param.normal_(0, 0.08)
+            elif "norm" in name or "ln" in name:
+                param.normal_(1, 0.05)
+            else:
+                param.normal_(0, 0.05)
+    return model.eval()
+
+
+def write_model_gguf(path: Path, architecture: str, seed: int = 7, **overrides: Any) -> tuple[Path, Any]:
+    """A tiny GGUF file of `architecture` and the transformers model that holds exactly its values
+    (see the notes above `GENERIC_ARCHITECTURES`)."""
+    import torch
+    from transformers.integrations import GGUF_CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+    )
+
+    gguf_arch, _ = GENERIC_ARCHITECTURES[architecture]
+    model = tiny_model(architecture, seed, **overrides)
+    config = model.config
+    tokens, merges = bpe_vocabulary()
+
+    writer = gguf.GGUFWriter(str(path), gguf_arch)
+    writer.add_name(f"tiny-{architecture}-test")
+    writer.add_file_type(LlamaFileType.MOSTLY_Q8_0)
+    for key, attribute in GGUF_CONFIG_MAPPING[architecture].items():
+        if attribute is None or attribute == "vocab_size":
+            continue
+        value = _config_value(config, attribute)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{architecture}: cannot write {attribute}={value!r} as {key}")
+        full = f"{gguf_arch}.{key}"
+        if isinstance(value, int):
+            writer.add_uint32(full, value)
+        else:
+            writer.add_float32(full, value)
+    _add_tokenizer(writer, tokens, merges)
+
+    processor = TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=config.to_dict())
+    names = get_gguf_hf_weights_map(model, processor)
+    state = model.state_dict()
+    stored: dict[str, np.ndarray] = {}
+    for gguf_name, hf_name in sorted(names.items()):
+        if gguf_name == "output.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp writes the head only when it is not the embedding
+        value = state[hf_name].detach().numpy()
+        stored[gguf_name] = _to_file(architecture, gguf_name, value, config)
+    # transformers maps the experts' stacked tensors without their suffix; llama.cpp writes ".weight"
+    file_name = {name: f"{name}.weight" if name.endswith("_exps") else name for name in stored}
+    assigned: dict[str, np.ndarray] = {}
+    for gguf_name, data in stored.items():
+        layout = "Q8_0" if data.ndim >= 2 and data.shape[-1] % 32 == 0 and "norm" not in gguf_name else "F32"
+        if layout == "Q8_0":
+            quantized = gguf.quants.quantize(data, GGMLQuantizationType.Q8_0)
+            writer.add_tensor(
+                file_name[gguf_name],
+                quantized,
+                raw_shape=quantized.shape,
+                raw_dtype=GGMLQuantizationType.Q8_0,
+            )
+            data = gguf.quants.dequantize(quantized, GGMLQuantizationType.Q8_0).reshape(data.shape)
+        else:
+            writer.add_tensor(file_name[gguf_name], np.ascontiguousarray(data, dtype=np.float32))
+        assigned[gguf_name] = np.asarray(data, dtype=np.float32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    # The model then holds what the file holds: each parameter back from its stored values.
+    with torch.no_grad():
+        for gguf_name, data in assigned.items():
+            hf_name = names[gguf_name]
+            _from_file(architecture, gguf_name, data, state[hf_name], config)
+    return path, model
+
+
+def _conv1d(architecture: str, gguf_name: str) -> bool:
+    """Whether `gguf_name` is one of GPT-2's Conv1D weights, which transformers stores [in, out]."""
+    parts = ("attn_qkv.weight", "ffn_down.weight", "ffn_up.weight", "attn_output.weight")
+    return architecture == "gpt2" and gguf_name != "output.weight" and any(p in gguf_name for p in parts)
+
+
+def _to_file(architecture: str, gguf_name: str, value: np.ndarray, config: Any) -> np.ndarray:
+    """The parameter `value` as llama.cpp stores it under `gguf_name` (transformers' transform, undone)."""
+    if "ffn_gate_exps" in gguf_name or "ffn_up_exps" in gguf_name:
+        half = value.shape[1] // 2  # gate_up_proj [experts, 2 x ffn, hidden]: gate rows, then up rows
+        return value[:, :half] if "ffn_gate_exps" in gguf_name else value[:, half:]
+    if "ffn_gate_inp_shexp" in gguf_name:
+        return value.reshape(-1)
+    if _conv1d(architecture, gguf_name):
+        return value.T
+    if architecture == "bloom" and "attn_qkv" in gguf_name:
+        heads, hidden = config.n_head, config.hidden_size
+        per_head = value.reshape(heads, 3, hidden // heads, *value.shape[1:])  # q, k, v per head
+        return np.swapaxes(per_head, 0, 1).reshape(value.shape)  # all q, then all k, then all v
+    if architecture == "mamba" and "ssm_conv1d.weight" in gguf_name:
+        return value.squeeze(1)
+    if architecture == "mamba" and "ssm_a" in gguf_name:
+        return -np.exp(value)
+    if architecture == "nemotron" and "norm.weight" in gguf_name:
+        return value + 1
+    return value
+
+
+def _from_file(architecture: str, gguf_name: str, data: np.ndarray, param: Any, config: Any) -> None:
+    """Sets `param` to what transformers reads back from the stored `data` (the inverse of `_to_file`)."""
+    import torch
+
+    if "ffn_gate_exps" in gguf_name or "ffn_up_exps" in gguf_name:
+        half = param.shape[1] // 2
+        target = param[:, :half] if "ffn_gate_exps" in gguf_name else param[:, half:]
+        target.copy_(torch.from_numpy(data))
+        return
+    if _conv1d(architecture, gguf_name):
+        data = data.T
+    elif architecture == "bloom" and "attn_qkv" in gguf_name:
+        heads, hidden = config.n_head, config.hidden_size
+        grouped = data.reshape(3, heads, hidden // heads, *data.shape[1:])
+        data = np.swapaxes(grouped, 0, 1).reshape(data.shape)
+    elif architecture == "mamba" and "ssm_a" in gguf_name:
+        data = np.log(-data)
+    elif architecture == "nemotron" and "norm.weight" in gguf_name:
+        data = data - 1
+    param.copy_(torch.from_numpy(np.ascontiguousarray(data)).reshape(param.shape))

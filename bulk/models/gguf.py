@@ -85,6 +85,20 @@ def layout_bits(layout: str | None) -> int | None:
 
 # General architectures transformers reads from GGUF but that are not causal language models.
 _NOT_CAUSAL = {"t5", "t5encoder", "umt5"}
+# Architectures transformers lists as read from GGUF that still cannot be served, and why (each seen
+# failing on a file written as llama.cpp writes it; `tests/models/test_gguf_architectures.py`).
+_CANNOT_SERVE = {
+    # Its tensor processor stores the experts under names GptOssForCausalLM does not have, and the
+    # names llama.cpp writes (ffn_gate_exps...) map to nothing: the experts would be random values.
+    "gpt_oss": "transformers' GGUF reader does not load its experts' weights, which would be left random",
+    # Listed by the GGUF reader, but transformers has no "deci" model type to build.
+    "deci": "transformers has no model for it (no 'deci' model type)",
+    # Its layers differ in head size (`per_layer_config`), and the config refuses the one head size
+    # the engine's loader reads.
+    "gemma4": "its layers differ in head size, which this engine does not serve yet",
+    # A state-space model: no attention layers, which the engine's KV cache and loader need.
+    "mamba": "it has no attention layers (a state-space model), and this engine serves attention models",
+}
 
 
 def architecture(path: Path) -> str:
@@ -99,7 +113,8 @@ def architecture(path: Path) -> str:
 
 def check_architecture(path: Path) -> None:
     """Raises `ModelLoadError`, naming the architecture, when transformers cannot read the GGUF file
-    `path` as a causal language model (an architecture it has no GGUF mapping for, or an encoder)."""
+    `path` as a causal language model (an architecture it has no GGUF mapping for, or an encoder),
+    or reads it but the result cannot be served (`_CANNOT_SERVE`)."""
     import transformers
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
@@ -108,6 +123,9 @@ def check_architecture(path: Path) -> None:
     renamed = name.replace("-", "_").replace("moe", "_moe").replace("__", "_")
     readable = set(GGUF_SUPPORTED_ARCHITECTURES) | _newer_gguf_architectures()
     supported = sorted(readable - {"general", "tokenizer"} - _NOT_CAUSAL)
+    refused = _CANNOT_SERVE.get(name) or _CANNOT_SERVE.get(renamed)
+    if refused is not None:
+        raise ModelLoadError(f"{path}: GGUF architecture {name!r} cannot be served ({refused})")
     if name in supported or renamed in supported:
         return
     if name in _NOT_CAUSAL:

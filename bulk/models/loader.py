@@ -175,8 +175,14 @@ def load_model(config: KVCacheConfig) -> LoadedModel:
     except Exception as exc:  # transformers raises many kinds; the caller needs one
         raise ModelLoadError(f"cannot load model {config.model!r}: {exc}") from exc
     cfg = model.config
-    num_heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+    try:
+        num_heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+    except Exception as exc:  # no attention layers (Mamba), a head size per layer (Gemma 4)
+        raise ModelLoadError(
+            f"cannot serve model {config.model!r} ({getattr(cfg, 'model_type', '?')}): the KV pool needs "
+            f"one number of attention heads and one head size for every layer ({exc})"
+        ) from exc
     loaded = LoadedModel(
         name=config.model,
         model=model,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from transformers import AutoTokenizer
 
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
@@ -46,3 +47,17 @@ def test_engine_reuses_prefixes_of_a_hf_model(hf_dir):
 def test_a_directory_without_config_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match=r"config\.json"):
         load_model(KVCacheConfig(model=str(tmp_path)))
+
+
+def test_a_model_without_attention_heads_is_refused_with_a_typed_error(hf_dir, tmp_path):
+    """A Mamba folder loads in transformers, but has no attention heads for the KV pool: a
+    ModelLoadError naming it, not an AttributeError from deep in the loader."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    folder = tmp_path / "mamba"
+    AutoTokenizer.from_pretrained(hf_dir).save_pretrained(folder)
+    MambaForCausalLM(
+        MambaConfig(vocab_size=300, hidden_size=16, num_hidden_layers=1, state_size=4)
+    ).save_pretrained(folder)
+    with pytest.raises(ModelLoadError, match=r"\(mamba\): the KV pool needs one number of attention heads"):
+        load_model(KVCacheConfig(model=str(folder)))

@@ -58,7 +58,8 @@ class ModelRunner:
         # CPU code, so not asked for on another device).
         native_code = config.native_decode and lm.device.type == "cpu"
         self.decode_attention = native.decode_attention() if self.batched and native_code else None
-        # Prompt chunks of bfloat16 models go to the native prompt attention where the CPU has AMX.
+        # Prompt chunks of bfloat16 models go to the native prompt attention where the CPU has AMX
+        # tiles or AVX512-BF16.
         self.prompt_attention = native.prompt_attention() if self.batched and native_code else None
         # Batched attention may read a pool in float32 (`batched_attention.pool_dtype`), unless the
         # native decode attention reads it as it is; transformers' own cache over the pool needs

@@ -144,8 +144,8 @@ def load_model(config: KVCacheConfig) -> LoadedModel:
             # Many-row products (prompt chunks) use a dense copy of the weights: bfloat16 where the
             # CPU multiplies it in hardware, else float32, several times faster there.
             dense_dtype = torch.bfloat16 if has_bf16_instructions() else torch.float32
-            # Decode batches of a few rows through the tile kernel where the CPU has AMX tiles and
-            # the native code is asked for (`weight_quant`'s docstring says why).
+            # Decode batches of a few rows through the tile kernel where the CPU has AMX tiles or
+            # AVX512-BF16 and the native code is asked for (`weight_quant`'s docstring says why).
             tiles = (
                 config.native_decode and dense_dtype == torch.bfloat16 and native.tile_linear() is not None
             )

@@ -13,10 +13,11 @@ Seven operations, in one library:
                     bit for bit ATen's operations (`csrc/prompt_ops.cpp`; `llama_step`'s Python loop)
   apply_token_bitmask  a structured output's grammar mask on a row of logits, in place
                     (`csrc/token_mask.cpp`; the model runner's `sample`)
-  tile_linear       a quantized layer's product for a few rows on AMX tiles, where the CPU has
-                    them (`csrc/tile_linear.cpp`; `weight_quant.WeightOnlyLinear` and `decode_layers`)
-  prompt_attention  a bfloat16 prompt chunk's attention over its keys in the pool on AMX tiles
-                    (`csrc/prompt_attention.cpp`; `batched_attention.attend`)
+  tile_linear       a quantized layer's product for a few rows on AMX tiles, or on AVX512-BF16's
+                    pair dot product without them (`csrc/tile_linear.cpp`;
+                    `weight_quant.WeightOnlyLinear` and `decode_layers`)
+  prompt_attention  a bfloat16 prompt chunk's attention over its keys in the pool, on AMX tiles or
+                    AVX512-BF16 (`csrc/prompt_attention.cpp`; `batched_attention.attend`)
 
 Why the layers: a decode step of SmolLM2-135M with 4-bit weights runs about 2,000 small PyTorch
 operations (65 a layer, 30 layers: norms, rotary embedding, the KV write, attention, residuals),

@@ -188,6 +188,15 @@ inline f32x16 tanh16(f32x16 x) {
   return x < splat(0.f) ? -t : t;
 }
 
+// 16 keys' scores from their dot products' lanes (`sums16`), times `scale` (1: the queries came
+// scaled), soft-capped where `softcap` > 0 (Gemma 2's softcap * tanh(score / softcap)), into `s`.
+inline void store_scores(const f32x16* dots, float scale, float softcap, float* s) {
+  f32x16 scores = sums16(dots);
+  if (scale != 1.f) scores = scores * splat(scale);
+  if (softcap > 0.f) scores = splat(softcap) * tanh16(scores / splat(softcap));
+  std::memcpy(s, &scores, sizeof(scores));
+}
+
 // q: (G, D) float32, already scaled; keys and values: `len` rows `stride` elements apart; `softcap`:
 // scores soft-capped to softcap * tanh(score / softcap) (Gemma 2's), 0 for none.
 template <int D, int G, typename T>
@@ -227,11 +236,7 @@ void attend_slice(const float* q, const T* keys, const T* values, int64_t stride
       for (int t = keys_here; t < kLanes; ++t) {
         for (int g = 0; g < G; ++g) dots[g][t] = splat(0.f);
       }
-      for (int g = 0; g < G; ++g) {
-        f32x16 scores = sums16(dots[g]);
-        if (softcap > 0.f) scores = splat(softcap) * tanh16(scores / splat(softcap));
-        std::memcpy(&s[g][h], &scores, sizeof(scores));
-      }
+      for (int g = 0; g < G; ++g) store_scores(dots[g], 1.f, softcap, &s[g][h]);  // q came scaled
     }
     for (int g = 0; g < G; ++g) {  // the running softmax, rescaled to the block's new maximum
       float top = m[g];
@@ -296,7 +301,6 @@ void attend_slice_pairs(const uint16_t* q16, float scale, const c10::BFloat16* k
   alignas(64) float s[G][kBlock];
   alignas(64) uint16_t p[G][kBlock];
   alignas(64) f32x16 dots[G][kLanes];
-  const __m512 scales = _mm512_set1_ps(scale);
   for (int64_t b = 0; b < len; b += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, len - b));
     prefetch_rows<D>(keys, values, stride, std::min(b + kAhead, len), std::min(b + kAhead + kBlock, len));
@@ -315,15 +319,7 @@ void attend_slice_pairs(const uint16_t* q16, float scale, const c10::BFloat16* k
       for (int t = keys_here; t < kLanes; ++t) {
         for (int g = 0; g < G; ++g) dots[g][t] = splat(0.f);
       }
-      for (int g = 0; g < G; ++g) {
-        f32x16 scores = sums16(dots[g]);
-        __m512 scaled;
-        std::memcpy(&scaled, &scores, sizeof(scaled));
-        scaled = _mm512_mul_ps(scaled, scales);
-        std::memcpy(&scores, &scaled, sizeof(scores));
-        if (softcap > 0.f) scores = splat(softcap) * tanh16(scores / splat(softcap));
-        std::memcpy(&s[g][h], &scores, sizeof(scores));
-      }
+      for (int g = 0; g < G; ++g) store_scores(dots[g], scale, softcap, &s[g][h]);
     }
     for (int g = 0; g < G; ++g) {  // the running softmax, rescaled to the block's new maximum
       float top = m[g];

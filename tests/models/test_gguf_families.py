@@ -13,6 +13,7 @@ transformers cannot read is refused at start: `tests/models/test_gguf_layouts.py
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import gguf
 import numpy as np
@@ -102,6 +103,26 @@ def files(tmp_path_factory):
     return family_file
 
 
+def _converted_from_file(
+    path, cache, class_name: str, expected: dict[str, str], one_plus: Callable[[str], bool]
+):
+    """`path` loaded in float32 and unquantized, as a `class_name`, every parameter from the file: as
+    many values as it holds (a tied head counted once), and the `expected` ones (GGUF name -> our
+    parameter) its values as the `gguf` package reads them (less 1 where `one_plus` says the file
+    stores 1 + w). Returns (the loaded model, the file's reader, the model's parameters)."""
+    lm = load_model(_config(path, cache, dtype="float32", weight_quantization="none"))
+    assert type(lm.model).__name__ == class_name
+    reader = gguf.GGUFReader(path)
+    assert sum(p.numel() for p in lm.model.parameters()) == sum(int(t.n_elements) for t in reader.tensors)
+    params = dict(lm.model.named_parameters())
+    for gguf_name, hf_name in expected.items():
+        value = _dequantized(reader, gguf_name)
+        if one_plus(gguf_name):
+            value = value - 1
+        assert torch.equal(params[hf_name].detach(), value), (gguf_name, hf_name)
+    return lm, reader, params
+
+
 def _dequantized(reader: gguf.GGUFReader, name: str) -> torch.Tensor:
     tensor = next(t for t in reader.tensors if t.name == name)
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
@@ -113,20 +134,12 @@ def _dequantized(reader: gguf.GGUFReader, name: str) -> torch.Tensor:
 def test_each_family_converts_with_every_weight_from_the_file(family, layout, files, cache):
     path = files(family, layout)
     assert weight_layout(path) == layout  # the most common layout of the blocks' matrices
-    lm = load_model(_config(path, cache, dtype="float32", weight_quantization="none"))
-    model = lm.model
-    assert type(model).__name__ == CLASSES[family]
-    reader = gguf.GGUFReader(path)
-    # Every parameter came from the file: as many values as it holds (a tied head counted once)...
-    assert sum(p.numel() for p in model.parameters()) == sum(int(t.n_elements) for t in reader.tensors)
-    # ...and they are its values, as the `gguf` package reads them (Gemma's norms stored as 1 + w).
-    params = dict(model.named_parameters())
     expected = {"blk.1.ffn_down.weight": "model.layers.1.mlp.down_proj.weight", **SPECIFIC[family]}
-    for gguf_name, hf_name in expected.items():
-        value = _dequantized(reader, gguf_name)
-        if family.startswith("gemma") and "norm" in gguf_name:
-            value = value - 1
-        assert torch.equal(params[hf_name].detach(), value), (gguf_name, hf_name)
+    # Gemma's norms are stored as 1 + w.
+    lm, _, _ = _converted_from_file(
+        path, cache, CLASSES[family], expected, lambda name: family.startswith("gemma") and "norm" in name
+    )
+    model = lm.model
     if family == "qwen3":  # the file's head size (transformers takes Qwen 3's default, the same)
         assert model.config.head_dim == 128
     windows = hf_cache.attention_windows(model)
@@ -204,19 +217,15 @@ def test_each_hybrid_converts_with_every_weight_from_the_file(family, hybrid_fil
     still hold the file's values, and the layer kinds the file states."""
     path = hybrid_files(family)
     assert weight_layout(path) == HYBRID_LAYOUT[family]
-    lm = load_model(_config(path, cache, dtype="float32", weight_quantization="none"))
+    # Qwen 3.5's norms are stored as 1 + w.
+    lm, reader, params = _converted_from_file(
+        path,
+        cache,
+        CLASSES[family],
+        HYBRID_TENSORS[family],
+        lambda name: family == "qwen35" and name in OFFSET,
+    )
     model = lm.model
-    assert type(model).__name__ == CLASSES[family]
-    reader = gguf.GGUFReader(path)
-    # Every parameter came from the file (LFM2's tied head counted once)...
-    assert sum(p.numel() for p in model.parameters()) == sum(int(t.n_elements) for t in reader.tensors)
-    # ...and they are its values, as the `gguf` package reads them.
-    params = dict(model.named_parameters())
-    for gguf_name, hf_name in HYBRID_TENSORS[family].items():
-        value = _dequantized(reader, gguf_name)
-        if family == "qwen35" and gguf_name in OFFSET:
-            value = value - 1
-        assert torch.equal(params[hf_name].detach(), value), (gguf_name, hf_name)
     if family == "lfm2":
         assert model.config.layer_types == list(LFM2_LAYER_KINDS)  # from the per-layer KV head counts
         kernel = params["model.layers.0.conv.conv.weight"].detach()

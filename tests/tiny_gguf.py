@@ -14,7 +14,7 @@ Phi-3, Gemma 2 and 3, Mistral) and `write_hybrid_gguf` the hybrids its newer GGU
 Qwen 3.5), each as llama.cpp's converter writes it, in the same layouts; `write_qwen35moe_gguf` Qwen
 3.5's mixture of experts. `write_model_gguf` writes any other architecture transformers' older reader
 maps (the MoE Qwens, StarCoder 2, StableLM, Falcon, GPT-2, BLOOM, Nemotron, MiniMax-M2...) from a tiny
-random transformers model, by inverting that reader, Q8_0."""
+random transformers model, by inverting that reader, in the same layouts."""
 
 from __future__ import annotations
 
@@ -516,8 +516,13 @@ def greedy_from_nothing(model: Any, ids: list[int], steps: int) -> list[int]:
 # parameter is written under the GGUF name transformers maps back to it (`get_gguf_hf_weights_map`),
 # undoing its value transforms (the tensor processors: Conv1D transposes, BLOOM's fused qkv order,
 # Mamba's -exp(A_log), Nemotron's 1 + w norms, the experts' gate and up halves). Matrices whose rows
-# hold whole 32-value blocks are stored Q8_0, the rest float32; the model returned holds the values
-# as the file stores them (quantized and back), so a loaded model must equal it parameter for parameter.
+# hold whole blocks are stored in the file's layout (`_generic_layout`: Q4_K / Q5_K as llama.cpp's _M
+# mixes, and rows that are not whole 256-value super-blocks at llama.cpp's fallback for them), the rest
+# float32; the model returned holds the values as the file stores them (quantized and back), so a
+# loaded model must equal it parameter for parameter. The tiny sizes depend on the layout (`tiny_sizes`):
+# hidden 64 and feed-forward 128, or 256 and 512 for the k-quants, whose rows are 256 values. The sizes
+# transformers does not read from the file stay at the class's default (Qwen 2 MoE's experts, 1408
+# wide, so its ffn_down_exps rows fall back to Q5_0 in a Q4_K_M file, as in the real one's).
 # architecture -> (its `general.architecture` in the file, the model type transformers reads it as)
 GENERIC_ARCHITECTURES = {
     "qwen3_moe": ("qwen3moe", "qwen3_moe"),
@@ -534,35 +539,42 @@ GENERIC_ARCHITECTURES = {
     "deci": ("deci", "deci"),
     "minimax_m2": ("minimax-m2", "minimax_m2"),
 }
-# the tiny value of each config attribute the reader takes from the file
-_TINY = {
-    "hidden_size": HIDDEN,
-    "n_embd": HIDDEN,
-    "num_hidden_layers": LAYERS,
-    "n_layer": LAYERS,
-    "intermediate_size": FFN,
-    "feed_forward_length": FFN,
-    "num_attention_heads": HEADS,
-    "n_head": HEADS,
-    "num_key_value_heads": KV_HEADS,
-    "max_position_embeddings": CONTEXT,
-    "n_ctx": CONTEXT,
-    "num_experts": 4,
-    "num_local_experts": 4,
-    "num_experts_per_tok": 2,
-    "head_dim": HIDDEN // HEADS,
-    "global_head_dim": HIDDEN // HEADS,
-    "sliding_window": FAMILY_WINDOW,
-    "conv_kernel": 4,
-    "state_size": 16,
-    "time_step_rank": 4,
-    "rotary_dim": HIDDEN // HEADS,
-}
+# llama.cpp's fallback for a k-quant matrix whose rows are not whole super-blocks (`llama_tensor_get_type`)
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
-def _config_value(config: Any, attribute: str) -> Any:
-    if attribute in _TINY and not hasattr(config, attribute):  # an argument the config keeps elsewhere
-        return _TINY[attribute]
+def tiny_sizes(layout: str = "Q8_0") -> dict[str, int]:
+    """The tiny value of each config attribute transformers' reader takes from the file, for a file
+    whose matrices are `layout` (a key of `LAYOUTS`): the one place the generic files' shapes are chosen."""
+    hidden, ffn = (K_HIDDEN, K_FFN) if layout.endswith("_K") else (HIDDEN, FFN)
+    return {
+        "hidden_size": hidden,
+        "n_embd": hidden,
+        "num_hidden_layers": LAYERS,
+        "n_layer": LAYERS,
+        "intermediate_size": ffn,
+        "feed_forward_length": ffn,
+        "num_attention_heads": HEADS,
+        "n_head": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "max_position_embeddings": CONTEXT,
+        "n_ctx": CONTEXT,
+        "num_experts": 4,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "head_dim": hidden // HEADS,
+        "global_head_dim": hidden // HEADS,
+        "sliding_window": FAMILY_WINDOW,
+        "conv_kernel": 4,
+        "state_size": 16,
+        "time_step_rank": 4,
+        "rotary_dim": hidden // HEADS,
+    }
+
+
+def _config_value(config: Any, attribute: str, tiny: dict[str, int]) -> Any:
+    if attribute in tiny and not hasattr(config, attribute):  # an argument the config keeps elsewhere
+        return tiny[attribute]
     if attribute == "rope_theta" and not hasattr(config, "rope_theta"):
         return (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
     if attribute == "n_ctx" and not hasattr(config, "n_ctx"):
@@ -572,8 +584,9 @@ def _config_value(config: Any, attribute: str) -> Any:
     return getattr(config, attribute, None)
 
 
-def tiny_model(architecture: str, seed: int = 7, **overrides: Any) -> Any:
-    """The random tiny transformers model of `architecture` (a key of `GENERIC_ARCHITECTURES`)."""
+def tiny_model(architecture: str, seed: int = 7, layout: str = "Q8_0", **overrides: Any) -> Any:
+    """The random tiny transformers model of `architecture` (a key of `GENERIC_ARCHITECTURES`), of the
+    sizes `tiny_sizes(layout)`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import GGUF_CONFIG_MAPPING
@@ -581,7 +594,7 @@ def tiny_model(architecture: str, seed: int = 7, **overrides: Any) -> Any:
     _, model_type = GENERIC_ARCHITECTURES[architecture]
     tokens, _ = bpe_vocabulary()
     mapped = GGUF_CONFIG_MAPPING[architecture].values()
-    sizes = {name: value for name, value in _TINY.items() if name in mapped}
+    sizes = {name: value for name, value in tiny_sizes(layout).items() if name in mapped}
     sizes["vocab_size"] = len(tokens)
     sizes["tie_word_embeddings"] = architecture in ("falcon", "bloom")  # transformers ties these always
     for special, token in (("bos", "<|im_start|>"), ("eos", "<|im_end|>"), ("pad", "<|im_end|>")):
@@ -600,9 +613,12 @@ def tiny_model(architecture: str, seed: int = 7, **overrides: Any) -> Any:
     return model.eval()
 
 
-def write_model_gguf(path: Path, architecture: str, seed: int = 7, **overrides: Any) -> tuple[Path, Any]:
-    """A tiny GGUF file of `architecture` and the transformers model that holds exactly its values
-    (see the notes above `GENERIC_ARCHITECTURES`)."""
+def write_model_gguf(
+    path: Path, architecture: str, seed: int = 7, layout: str = "Q8_0", **overrides: Any
+) -> tuple[Path, Any]:
+    """A tiny GGUF file of `architecture`, its matrices in `layout` (a key of `LAYOUTS`: Q4_K / Q5_K as
+    llama.cpp's _M mixes), and the transformers model that holds exactly its values (see the notes
+    above `GENERIC_ARCHITECTURES`)."""
     import torch
     from transformers.integrations import GGUF_CONFIG_MAPPING
     from transformers.modeling_gguf_pytorch_utils import (
@@ -612,17 +628,18 @@ def write_model_gguf(path: Path, architecture: str, seed: int = 7, **overrides: 
     )
 
     gguf_arch, _ = GENERIC_ARCHITECTURES[architecture]
-    model = tiny_model(architecture, seed, **overrides)
+    model = tiny_model(architecture, seed, layout, **overrides)
     config = model.config
     tokens, merges = bpe_vocabulary()
 
     writer = gguf.GGUFWriter(str(path), gguf_arch)
     writer.add_name(f"tiny-{architecture}-test")
-    writer.add_file_type(LlamaFileType.MOSTLY_Q8_0)
+    file_type, wide_layout = LAYOUTS[layout]
+    writer.add_file_type(file_type)
     for key, attribute in GGUF_CONFIG_MAPPING[architecture].items():
         if attribute is None or attribute == "vocab_size":
             continue
-        value = _config_value(config, attribute)
+        value = _config_value(config, attribute, tiny_sizes(layout))
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -646,17 +663,14 @@ def write_model_gguf(path: Path, architecture: str, seed: int = 7, **overrides: 
     # transformers maps the experts' stacked tensors without their suffix; llama.cpp writes ".weight"
     file_name = {name: f"{name}.weight" if name.endswith("_exps") else name for name in stored}
     assigned: dict[str, np.ndarray] = {}
+    tied = "output.weight" not in stored
     for gguf_name, data in stored.items():
-        layout = "Q8_0" if data.ndim >= 2 and data.shape[-1] % 32 == 0 and "norm" not in gguf_name else "F32"
-        if layout == "Q8_0":
-            quantized = gguf.quants.quantize(data, GGMLQuantizationType.Q8_0)
-            writer.add_tensor(
-                file_name[gguf_name],
-                quantized,
-                raw_shape=quantized.shape,
-                raw_dtype=GGMLQuantizationType.Q8_0,
-            )
-            data = gguf.quants.dequantize(quantized, GGMLQuantizationType.Q8_0).reshape(data.shape)
+        as_layout = _generic_layout(gguf_name, data, layout, wide_layout, tied)
+        if as_layout != "F32":
+            quantized = quantize(data, as_layout)
+            qtype = GGMLQuantizationType[as_layout]
+            writer.add_tensor(file_name[gguf_name], quantized, raw_shape=quantized.shape, raw_dtype=qtype)
+            data = gguf.quants.dequantize(quantized, qtype).reshape(data.shape)
         else:
             writer.add_tensor(file_name[gguf_name], np.ascontiguousarray(data, dtype=np.float32))
         assigned[gguf_name] = np.asarray(data, dtype=np.float32)
@@ -670,6 +684,21 @@ def write_model_gguf(path: Path, architecture: str, seed: int = 7, **overrides: 
             hf_name = names[gguf_name]
             _from_file(architecture, gguf_name, data, state[hf_name], config)
     return path, model
+
+
+def _generic_layout(gguf_name: str, data: np.ndarray, layout: str, wide_layout: str, tied: bool) -> str:
+    """The layout `write_model_gguf` stores the tensor `gguf_name` in, in a file of `layout`: as
+    llama.cpp's mixes, the head (the embedding when tied to it) and the first block's attn_v and
+    ffn_down (experts' and shared expert's too) at `wide_layout`; a fused attn_qkv stays at `layout`
+    (as `write_family_gguf`'s Phi-3). Vectors and norms stay float32, as do rows of no whole block."""
+    if data.ndim < 2 or "norm" in gguf_name:
+        return "F32"
+    wide = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
+    wide = wide or gguf_name.startswith(("blk.0.attn_v.", "blk.0.ffn_down"))
+    as_layout = wide_layout if wide else layout
+    if as_layout.endswith("_K") and data.shape[-1] % kquants.QK_K:
+        as_layout = _K_FALLBACK[as_layout]
+    return as_layout if data.shape[-1] % 32 == 0 else "F32"
 
 
 def _conv1d(architecture: str, gguf_name: str) -> bool:

@@ -1,6 +1,7 @@
 """Every other architecture transformers lists as read from GGUF, tried on a tiny file of it
 (`tests.tiny_gguf.write_model_gguf`: a random tiny transformers model written under the GGUF names and
-value transforms transformers reads back, its matrices Q8_0; Qwen 3.5's mixture of experts, which
+value transforms transformers reads back, its matrices Q8_0, and again Q4_K as llama.cpp's Q4_K_M mix
+writes them, the k-quant rows 256 values long; Qwen 3.5's mixture of experts, which
 transformers 5 reads through its newer GGUF path, as llama.cpp writes it: `write_qwen35moe_gguf`).
 Each one we serve loads through `model="....gguf"` holding the file's values, and answers the same
 greedy tokens twice at the file's bits, the load log line saying which and why. Each one that fails,
@@ -15,9 +16,11 @@ import pytest
 import torch
 
 from bulk.errors import ModelLoadError
+from bulk.models.gguf import weight_layout
 from bulk.models.loader import load_model
 from tests.tiny_gguf import (
     GENERIC_ARCHITECTURES,
+    SERVED_BITS,
     assert_served_at_file_bits,
     write_model_gguf,
     write_qwen35moe_gguf,
@@ -37,6 +40,11 @@ SERVED = (
     "nemotron",
     "minimax_m2",
 )
+# The layouts each served architecture is tried at: Q8_0, and Q4_K (llama.cpp's Q4_K_M mix: the head
+# and the first block's attn_v / ffn_down at Q6_K; rows that are not whole 256-value super-blocks,
+# such as Qwen 2 MoE's 1408-wide experts, which transformers fixes at its default, at llama.cpp's
+# fallback for them, Q5_0 or Q8_0).
+SERVED_LAYOUTS = ("Q8_0", "Q4_K")
 # Refused, as `general.architecture` spells it in llama.cpp's files -> why (as the message says it):
 REFUSED = {
     "gpt-oss": "does not load its experts' weights",  # transformers' reader: experts left random
@@ -52,9 +60,11 @@ def test_every_architecture_tried_is_served_or_refused():
     assert not set(SERVED) & refused
 
 
+@pytest.mark.parametrize("layout", SERVED_LAYOUTS)
 @pytest.mark.parametrize("architecture", SERVED)
-def test_each_architecture_loads_the_files_values_and_answers_twice(architecture, tmp_path, caplog):
-    path, expected = write_model_gguf(tmp_path / f"tiny-{architecture}.gguf", architecture)
+def test_each_architecture_loads_the_files_values_and_answers_twice(architecture, layout, tmp_path, caplog):
+    path, expected = write_model_gguf(tmp_path / f"tiny-{architecture}.gguf", architecture, layout=layout)
+    assert weight_layout(path) == layout  # the most common layout of the blocks' matrices
     cache = tmp_path / "models"
     lm = load_model(_config(path, cache, dtype="float32", weight_quantization="none"))
     assert type(lm.model) is type(expected)
@@ -68,7 +78,7 @@ def test_each_architecture_loads_the_files_values_and_answers_twice(architecture
     del lm
     caplog.clear()
     config = _config(path, cache, dtype="bfloat16", weight_quantization="auto")
-    assert_served_at_file_bits(config, "Q8_0", 8, caplog)
+    assert_served_at_file_bits(config, layout, SERVED_BITS[layout], caplog)
 
 
 @pytest.mark.parametrize(("architecture", "why"), list(REFUSED.items()))

@@ -89,7 +89,7 @@ DEFAULTS = {
 QUICK = {
     "model": "demo",
     "clients": 4,
-    "warmup": 2.0,
+    "warmup": 1.0,
     "duration": 6.0,
     "sessions": 60,
     "bucket": 2.0,

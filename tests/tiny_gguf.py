@@ -92,6 +92,22 @@ def _tensor_writers(writer: Any, layout: str, seed: int) -> tuple[np.random.Gene
     return rng, matrix, add_quantized
 
 
+def _add_feed_forward(add_quantized: Any, matrix: Any, i: int, hidden: int, ffn: int, wide: str) -> None:
+    """Block i's gated feed-forward (gate, up, down), its down projection at `wide` (the _M mixes
+    keep more bits there in the first blocks)."""
+    add_quantized(f"blk.{i}.ffn_gate.weight", matrix(ffn, hidden))
+    add_quantized(f"blk.{i}.ffn_up.weight", matrix(ffn, hidden))
+    add_quantized(f"blk.{i}.ffn_down.weight", matrix(hidden, ffn), wide)
+
+
+def _finish(writer: Any) -> None:
+    """Header, metadata and tensors written, the file closed."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write_tiny_gguf(path: Path, seed: int = 7, layout: str = "Q8_0", architecture: str = "llama") -> Path:
     file_type, wide_layout = LAYOUTS[layout]
     hidden, ffn = (K_HIDDEN, K_FFN) if layout.endswith("_K") else (HIDDEN, FFN)
@@ -126,13 +142,8 @@ def write_tiny_gguf(path: Path, seed: int = 7, layout: str = "Q8_0", architectur
         add_quantized(f"blk.{i}.attn_k.weight", matrix(KV_HEADS * head_dim, hidden))
         add_quantized(f"blk.{i}.attn_v.weight", matrix(KV_HEADS * head_dim, hidden), wide)
         add_quantized(f"blk.{i}.attn_output.weight", matrix(hidden, hidden))
-        add_quantized(f"blk.{i}.ffn_gate.weight", matrix(ffn, hidden))
-        add_quantized(f"blk.{i}.ffn_up.weight", matrix(ffn, hidden))
-        add_quantized(f"blk.{i}.ffn_down.weight", matrix(hidden, ffn), wide)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        _add_feed_forward(add_quantized, matrix, i, hidden, ffn, wide)
+    _finish(writer)
     return path
 
 
@@ -231,10 +242,7 @@ def write_family_gguf(path: Path, family: str, layout: str = "Q8_0", seed: int =
         if gemma:
             add_norm(f"blk.{i}.post_attention_norm.weight", hidden)
             add_norm(f"blk.{i}.post_ffw_norm.weight", hidden)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     return path
 
 
@@ -314,13 +322,8 @@ def write_hybrid_gguf(path: Path, family: str, layout: str = "Q8_0", seed: int =
             add_quantized(f"blk.{i}.attn_output.weight", matrix(hidden, HEADS * head_dim))
             add_norm(f"blk.{i}.attn_q_norm.weight", head_dim)
             add_norm(f"blk.{i}.attn_k_norm.weight", head_dim)
-        add_quantized(f"blk.{i}.ffn_gate.weight", matrix(ffn, hidden))
-        add_quantized(f"blk.{i}.ffn_up.weight", matrix(ffn, hidden))
-        add_quantized(f"blk.{i}.ffn_down.weight", matrix(hidden, ffn), wide)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        _add_feed_forward(add_quantized, matrix, i, hidden, ffn, wide)
+    _finish(writer)
     return path
 
 
@@ -410,13 +413,8 @@ def _write_qwen35_gguf(path: Path, layout: str, seed: int, moe: bool = False) ->
             add_quantized(f"blk.{i}.ffn_up_shexp.weight", matrix(ffn, hidden))
             add_quantized(f"blk.{i}.ffn_down_shexp.weight", matrix(hidden, ffn), wide)
         else:
-            add_quantized(f"blk.{i}.ffn_gate.weight", matrix(ffn, hidden))
-            add_quantized(f"blk.{i}.ffn_up.weight", matrix(ffn, hidden))
-            add_quantized(f"blk.{i}.ffn_down.weight", matrix(hidden, ffn), wide)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            _add_feed_forward(add_quantized, matrix, i, hidden, ffn, wide)
+    _finish(writer)
     return path
 
 
@@ -674,10 +672,7 @@ def write_model_gguf(
         else:
             writer.add_tensor(file_name[gguf_name], np.ascontiguousarray(data, dtype=np.float32))
         assigned[gguf_name] = np.asarray(data, dtype=np.float32)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     # The model then holds what the file holds: each parameter back from its stored values.
     with torch.no_grad():
         for gguf_name, data in assigned.items():

@@ -8,7 +8,7 @@ their layer patterns) decode requests as one batch and reuse a prefix past the w
 one computed alone from nothing. The hybrids transformers 5 reads through its newer GGUF path
 (`write_hybrid_gguf`: LFM2's short convolutions, Qwen 3.5's Gated DeltaNet) load the same way and
 answer one request at a time, saying so, what the model computes from nothing. (An architecture
-transformers cannot read is refused at start: `tests/models/test_gguf_layouts.py`.)"""
+transformers cannot read is refused at start: `tests/models/test_gguf_architectures.py`.)"""
 
 from __future__ import annotations
 

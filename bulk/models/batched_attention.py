@@ -196,10 +196,9 @@ def attend(
     one SDPA per prompt chunk, as transformers' SDPA attention runs it (or one
     `batch.prompt_attention` call, for bfloat16 chunks on CPUs with AMX or AVX512-BF16), and the
     decode rows at the end in one `batch.decode_attention` call where the batch has one, else one
-    SDPA each. A layer
-    with a sliding `window` of W tokens: each query sees only its last W keys (the keys before them
-    are left out of the call, and a chunk's mask also ends each row's window). query: (1, heads, N,
-    head_dim); returns (1, N, heads, head_dim)."""
+    SDPA each. A layer with a sliding `window` of W tokens: each query sees only its last W keys
+    (the keys before them are left out of the call, and a chunk's mask also ends each row's window).
+    query: (1, heads, N, head_dim); returns (1, N, heads, head_dim)."""
     tokens = batch.write_at.shape[0]
     outputs = []
     offset = 0

@@ -169,6 +169,8 @@ class LlamaStep:
         )
         layers = inner.layers[: config.num_hidden_layers]
         self._fused_write = native_code.rotary_write_kv() if use_native else None
+        # (the step's cos, ones, zeros): `_identity_rotation`'s
+        self._identity: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # Each layer's window as transformers' cache and masks lay it out (`hf_cache`).
         windows = hf_cache.attention_windows(model) or (None,) * len(layers)
         # Each layer's rotary embedding, as Gemma3TextModel picks it: by the layer's type.
@@ -201,6 +203,14 @@ class LlamaStep:
                 for a, m in ((layer.self_attn, layer.mlp) for layer in layers)
             ]
             self.native = NativeLayers.of(layers, fused, self.head_dim)
+
+    def _identity_rotation(self, cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the zero angle, shaped as `cos` (`_rotate` with them leaves x as it is):
+        made once per step, for the step's `cos`, which every layer without rotary shares."""
+        made = self._identity
+        if made is None or made[0] is not cos:
+            self._identity = made = (cos, torch.ones_like(cos), torch.zeros_like(cos))
+        return made[1], made[2]
 
     def _norm(self, norm: Any) -> Projection:
         """A norm module as the step calls it: its forward, or Gemma's with `1 + weight` computed
@@ -289,7 +299,7 @@ class LlamaStep:
                     # A layer without rotary takes the same pass with the identity rotation:
                     # x * 1 + roll(x) * 0 is x (a zero's sign aside), and the slice, cat and
                     # write are what this layer pays for.
-                    cos, sin = _identity_rotation(cos)
+                    cos, sin = self._identity_rotation(cos)
                 return fused_write(x, cos, sin, pool, batch.write_at, q_heads, kv_heads, head_dim)
             q, kv = qkv(h, cos, sin)
             batched_attention.write_kv(pool, batch, kv)
@@ -495,11 +505,6 @@ def _rms_norm(norm: Any) -> tuple[torch.Tensor, float] | None:
 def _unrotated(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """A layer without rotary embedding (SmolLM3's `no_rope_layers`): `x` as it is."""
     return x
-
-
-def _identity_rotation(cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the zero angle, shaped as `cos`: `_rotate` with them leaves x as it is."""
-    return torch.ones_like(cos), torch.zeros_like(cos)
 
 
 def _signed(sin: torch.Tensor) -> torch.Tensor:

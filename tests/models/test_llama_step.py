@@ -12,10 +12,10 @@ import torch
 
 from bulk.config import KVCacheConfig
 from bulk.engine.engine import UltraAdaptiveKVCacheEngine
-from bulk.models import batched_attention, hf_cache, llama_step
+from bulk.models import batched_attention, hf_cache, llama_step, native
 from bulk.models.batched_attention import Segment
 from bulk.models.loader import load_model
-from bulk.models.weight_quant import WeightOnlyLinear
+from bulk.models.weight_quant import WeightOnlyLinear, quantize_weights
 from tests.tiny_hf_model import TINY_SHAPE, llama_layout_model, sliding_family_model
 
 
@@ -208,6 +208,22 @@ def test_mistral_and_qwen_take_the_plain_step_bit_identically(family):
     assert why is None and step is not None
     theirs, ours = _both(model, step)
     assert torch.equal(theirs, ours)
+
+
+def test_a_quantized_smollm3s_layers_without_rotary_take_the_fused_write_bit_identically():
+    """In a quantized bfloat16 model (q/k/v fused), the layer without rotary embedding takes the
+    native rotary-and-write pass with the identity rotation (made once per step), and the step stays
+    transformers' bits."""
+    if native.rotary_write_kv() is None:
+        pytest.skip("the native code cannot be built here")
+    model = _tiny("smollm3").to(torch.bfloat16)
+    quantize_weights(model, "int8", torch.bfloat16)
+    step, why = llama_step.build(model)
+    assert why is None and step is not None
+    step._identity = None  # as the build's own check against transformers left it
+    theirs, ours = _both(model, step)
+    assert torch.equal(theirs, ours)
+    assert step._identity is not None  # the unrotated layer went through the fused pass
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])

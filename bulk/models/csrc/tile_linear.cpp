@@ -42,7 +42,7 @@
 
 namespace bul {
 
-#if defined(BUL_TILES) || defined(BUL_BF16_DOT)
+#ifdef BUL_BF16_DOT
 namespace {
 
 constexpr int kRowsPerTile = 16;
@@ -328,10 +328,8 @@ at::Tensor tile_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&, 
 #endif
 
 bool tile_linear_available() {
-#if defined(BUL_TILES)
-  return true;  // the vector path where Linux withholds the tiles
-#elif defined(BUL_BF16_DOT)
-  return true;
+#ifdef BUL_BF16_DOT
+  return true;  // on the tile unit, or on the vector unit where there is none or Linux withholds it
 #else
   return false;
 #endif

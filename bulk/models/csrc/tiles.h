@@ -10,7 +10,8 @@
 #include <immintrin.h>
 #endif
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+// The tile kernels' AMX paths sit beside their vector paths: a build with tiles has both.
+#if defined(BUL_BF16_DOT) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #define BUL_TILES 1
 #include <immintrin.h>
 #include <sys/syscall.h>

@@ -14,23 +14,25 @@ separate, so that a float model computes exactly what transformers computes (a f
 in another order).
 
 A quantized model's decode steps (one new token per request) run the layer loop as one native call
-(`bulk.models.native.NativeLayers`): the same operations in C++, without the Python between
-them. Prompt chunks, float models and machines without a C++ compiler keep the Python loop; for
-bfloat16 activations that loop runs each residual add with the RMS norm after it as one native call
-(`native.add_rms_norm`, `_fused_layers`), rounded as ATen rounds, bit for bit: in a 512-token chunk
-the norms' eight ATen operations were about a tenth of the time.
+(`bulk.models.native.NativeLayers`), for every family here: the same operations in C++, without the
+Python between them, over a small description of each layer (`_native_layers`: its norms, which
+rotary embedding or none, its window) and of the family (`NativeFamily`). Prompt chunks, float
+models and machines without a C++ compiler keep the Python loop; for bfloat16 activations that loop
+runs each residual add with the RMS norm after it as one native call (`native.add_rms_norm`,
+`_fused_layers`), rounded as ATen rounds, bit for bit: in a 512-token chunk the norms' eight ATen
+operations were about a tenth of the time.
 
 `build` takes only what it knows: Llama's layout (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3:
-`LLAMA_LAYOUT`; sliding-window layers too, each attending within its window, with the native decode
-layers then left out), SiLU gating and static rotary embeddings over whole heads; and Gemma 2 and 3,
-whose layers differ from Llama's in what a small description says (`Layout`: sandwich norms,
-GELU-tanh, soft-capped attention scores and logits, a rotary embedding per layer type, `1 + weight`
-norms; their sqrt(hidden)-scaled embeddings are their own modules, called as they are), run by the
-same Python loop (the native paths compute Llama's layer only). It checks before use
-that a prefill chunk, a step mixing a chunk and a decode row, and a step of
-decode rows only give logits bit-identical to transformers' forward on the same inputs. Native layers
-that fail are dropped for the Python loop; a model whose Python loop fails keeps transformers'
-forward, which is always correct.
+`LLAMA_LAYOUT`; sliding-window layers too, each attending within its window), SiLU gating and static
+rotary embeddings over whole heads; and Gemma 2 and 3, whose layers differ from Llama's in what a
+small description says (`Layout`: sandwich norms, GELU-tanh, soft-capped attention scores and
+logits, a rotary embedding per layer type, `1 + weight` norms; their sqrt(hidden)-scaled embeddings
+are their own modules, called as they are), run by the same Python loop (its native prompt
+operations compute Llama's layer only; the native decode layers every family's). It checks before
+use that a prefill chunk, a step mixing a chunk and a decode row, and a step of decode rows only
+give logits bit-identical to transformers' forward on the same inputs. Native layers that fail are
+dropped for the Python loop; a model whose Python loop fails keeps transformers' forward, which is
+always correct.
 
     hidden   # (1, N, hidden): the step's tokens side by side
     query    # (1, heads, N, head_dim)
@@ -51,7 +53,7 @@ from torch import nn
 from bulk.models import batched_attention, hf_cache
 from bulk.models import native as native_code
 from bulk.models.batched_attention import DecodeAttention, PromptAttention, Segment, StepBatch
-from bulk.models.native import NativeLayers
+from bulk.models.native import NativeFamily, NativeLayer, NativeLayers
 from bulk.models.weight_quant import WeightOnlyLinear, fuse
 
 log = logging.getLogger(__name__)
@@ -98,8 +100,8 @@ class Layout:
     # computed once at build rather than in every call (two of a norm's ten operations), the rest as
     # the module's forward runs it.
     one_plus_norms: bool = False
-    # The native paths (`prompt_ops`, `rotary_write_kv`, the native decode layers) compute Llama's
-    # layer; other layouts run the Python loop.
+    # The Python loop's native helpers (`prompt_ops`, `rotary_write_kv`) compute Llama's layer; other
+    # layouts' prompt chunks run ATen's operations. (The native decode layers take every layout.)
     native: bool = True
 
 
@@ -151,7 +153,9 @@ class LlamaStep:
         inner = model.model
         config = model.config
         self.layout = layout = layout or LAYOUTS.get(str(getattr(config, "model_type", "")), LLAMA)
-        # The native paths compute Llama's layer only.
+        # The Python loop's native helpers compute Llama's layer only; the native decode layers
+        # take every layout (`_native_layers`).
+        use_native_layers = use_native
         use_native = use_native and layout.native
         # Modules are called through their `forward`: the same computation without `nn.Module`'s
         # call machinery (hooks, which inference never sets), about 2 us a call, 7 calls a layer.
@@ -190,19 +194,79 @@ class LlamaStep:
         )
         # Decode steps of a quantized model run their layers as one native call (`bulk.models.native`)
         # where it could be built: the same operations, without Python between them.
-        self.native: NativeLayers | None = None
-        # The native layers take Llama's projections and no per-head norms (not Phi-3's or Qwen3's).
-        llama_names = all(
-            hasattr(a, "q_proj") and not hasattr(a, "q_norm") and getattr(a, "use_rope", True)
-            for a in (layer.self_attn for layer in layers)
+        self.native: NativeLayers | None = (
+            self._native_layers(model, layers, windows, kinds) if use_native_layers else None
         )
-        # ... and no sliding windows (their attention runs every row over its whole range).
-        if use_native and llama_names and all(window is None for window in windows):
-            fused = [
-                (_fused([a.q_proj, a.k_proj, a.v_proj]), _fused([m.gate_proj, m.up_proj]))
-                for a, m in ((layer.self_attn, layer.mlp) for layer in layers)
-            ]
-            self.native = NativeLayers.of(layers, fused, self.head_dim)
+
+    def _native_layers(
+        self, model: Any, layers: Sequence[Any], windows: Sequence[int | None], kinds: Sequence[str | None]
+    ) -> NativeLayers | None:
+        """The decoder `layers` described for the native decode call (`native.NativeLayer`): their
+        fused projections (Phi-3's own), norms (Gemma's as their `1 + weight` factors), rotary
+        embedding (which of the step's, or none) and window; None where a layer has a part the
+        call does not know, or is not quantized (`NativeLayers.of`)."""
+        layout = self.layout
+        caps = {
+            float(getattr(layer.self_attn, "attn_logit_softcapping", None) or 0.0)
+            if layout.attention_softcap
+            else 0.0
+            for layer in layers
+        }
+        if len(caps) != 1:
+            return None
+        family = NativeFamily(
+            activation=str(getattr(model.config, layout.activation_field, "")),
+            one_plus_norms=layout.one_plus_norms,
+            head_norms_after_transpose=layout.head_norms_after_transpose,
+            softcap=caps.pop(),
+        )
+        described = []
+        for layer, window, kind in zip(layers, windows, kinds, strict=True):
+            attn, mlp = layer.self_attn, layer.mlp
+            if hasattr(attn, "qkv_proj"):  # Phi-3: q, k and v as one projection already
+                qkv = attn.qkv_proj
+            else:
+                qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
+            if hasattr(mlp, "gate_up_proj"):  # Phi-3: the gate then the up projection
+                gate_up, gate_size = mlp.gate_up_proj, mlp.gate_up_proj.out_features // 2
+            else:
+                gate_up, gate_size = _fused([mlp.gate_proj, mlp.up_proj]), mlp.gate_proj.out_features
+            if layout.sandwich:
+                modules = [
+                    layer.input_layernorm,
+                    layer.pre_feedforward_layernorm,
+                    layer.post_attention_layernorm,
+                    layer.post_feedforward_layernorm,
+                ]
+            else:
+                modules = [layer.input_layernorm, layer.post_attention_layernorm, None, None]
+            modules += [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
+            norms = tuple(None if m is None else self._norm_factor(m) for m in modules)
+            if any(n is None and m is not None for n, m in zip(norms, modules, strict=True)):
+                return None  # a norm the native call does not compute
+            described.append(
+                NativeLayer(
+                    qkv=qkv,
+                    o=attn.o_proj,
+                    gate_up=gate_up,
+                    down=mlp.down_proj,
+                    gate_size=gate_size,
+                    norms=norms,
+                    scaling=float(attn.scaling),
+                    rotary=self.rotary_kinds.index(kind) if getattr(attn, "use_rope", True) else -1,
+                    window=window or 0,
+                )
+            )
+        param = layers[0].input_layernorm.weight if layers else next(model.parameters())
+        heads = (self.q_heads, self.kv_heads, self.head_dim)
+        return NativeLayers.of(described, family, heads, param.dtype, param.device)
+
+    def _norm_factor(self, norm: Any) -> tuple[torch.Tensor, float] | None:
+        """(weight, epsilon) of a norm as the native layers compute it: a plain RMS norm's weight,
+        or Gemma's `1 + weight` in float32 (`Layout.one_plus_norms`); None for any other norm."""
+        if self.layout.one_plus_norms:
+            return _one_plus_factor(norm)
+        return _rms_norm(norm)
 
     def _identity_rotation(self, cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of the zero angle, shaped as `cos` (`_rotate` with them leaves x as it is):
@@ -360,7 +424,7 @@ class LlamaStep:
         angles = {kind: self._angles(hidden, pos, kind) for kind in self.rotary_kinds}
         n = hidden.shape[1]
         if self.native is not None and self.native.takes(batch, n):
-            hidden = self.native.run(hidden, *angles[None], batch)
+            hidden = self.native.run(hidden, [t for kind in self.rotary_kinds for t in angles[kind]], batch)
         elif self.prompt_ops is not None and hidden.dtype is torch.bfloat16:
             hidden = self._fused_layers(hidden, *angles[None], batch, self.prompt_ops)
             # The final norm is per row: only the rows whose logits are asked for.
@@ -475,15 +539,24 @@ PLAIN_RMS_NORMS = (
 ONE_PLUS_RMS_NORMS = ("Gemma2RMSNorm", "Gemma3RMSNorm")
 
 
-def _one_plus_norm(norm: Any) -> Projection | None:
-    """A Gemma RMS norm (`ONE_PLUS_RMS_NORMS`) as a function with its `1 + weight` computed once, in
-    float32 as its forward computes it per call, so the same bits; None for any other norm."""
+def _one_plus_factor(norm: Any) -> tuple[torch.Tensor, float] | None:
+    """A Gemma RMS norm's (`ONE_PLUS_RMS_NORMS`) factor `1 + weight` in float32, as its forward
+    computes it per call, and its epsilon; None for any other norm."""
     weight = getattr(norm, "weight", None)
     eps = getattr(norm, "eps", None)
     if type(norm).__name__ not in ONE_PLUS_RMS_NORMS or weight is None or weight.dim() != 1 or eps is None:
         return None
     with torch.no_grad():
-        scale = 1.0 + weight.float()  # (dim,) float32
+        return 1.0 + weight.float(), float(eps)  # (dim,) float32
+
+
+def _one_plus_norm(norm: Any) -> Projection | None:
+    """A Gemma RMS norm (`ONE_PLUS_RMS_NORMS`) as a function with its `1 + weight` computed once, in
+    float32 as its forward computes it per call, so the same bits; None for any other norm."""
+    factor = _one_plus_factor(norm)
+    if factor is None:
+        return None
+    scale, eps = factor
 
     def one_plus_norm(x: torch.Tensor) -> torch.Tensor:
         h = x.float()
@@ -546,8 +619,9 @@ def _fused(parts: list[Any]) -> WeightOnlyLinear | None:
 # q, k and v (the projections' own `forward` adds it, as the native layers do); Qwen3 a norm on each
 # query and key head before the rotation (`_layer`); Phi-3 fuses q/k/v and gate/up into one
 # projection each, as our quantized layers are fused (its whole head rotated); SmolLM3 leaves the
-# rotary embedding out of some layers. The native decode layers take Llama's, Mistral's and Qwen2's
-# only. What else may differ is caught by the check against transformers at build.
+# rotary embedding out of some layers. The native decode layers take each of these differences from
+# the layer's description (`_native_layers`). What else may differ is caught by the check against
+# transformers at build.
 LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3")
 
 # Every family the step takes, by model type, with what its layer does beyond Llama's: Gemma 2 and 3

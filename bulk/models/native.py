@@ -2,8 +2,8 @@
 
 Seven operations, in one library:
 
-  decode_layers     a quantized Llama model's decode step, every layer, as one call
-                    (`csrc/llama_decode.cpp`)
+  decode_layers     a quantized model's decode step, every layer, as one call, for every family
+                    `llama_step` runs (`csrc/decode_layers.cpp`)
   decode_attention  every decode row's attention over its KV range in the pool, for one layer, as
                     one call (`csrc/decode_attention.cpp`; `batched_attention.attend` uses it for
                     the decode rows of every model it batches, `decode_layers` for its rows)
@@ -45,13 +45,18 @@ built (no compiler) the engine logs why and keeps the Python loop and one SDPA c
 row from Python, slower, with the same answers up to the last bits of attention. `decode_layers`
 covers steps of decode rows only (one new token per request; each matrix product takes the
 quantized kernel or the dense copy by the number of rows, as `WeightOnlyLinear` does) of a model
-whose layers are all quantized (`weight_quant.WeightOnlyLinear`, fused q/k/v and gate/up, no bias):
-prompt chunks are a few large matrix products, where Python's share is small.
+whose layers are all quantized (`weight_quant.WeightOnlyLinear`, q/k/v and gate/up fused): prompt
+chunks are a few large matrix products, where Python's share is small.
 
-`NativeLayers` is the Python face of the layers' call: what it takes from a model's layers (checked
-to be laid out as the C++ file expects), when a step is one it runs (`takes`), and the call itself
-(`run`).
-"""
+One loop serves every family, from a small description rather than a copy per family: the family's
+activation, norm kind (Gemma's `1 + weight`), where its q/k head norms apply and its attention
+soft-cap (`NativeFamily`); each layer's projections, up to six norms (Gemma's sandwich norms, Qwen
+3's and Gemma 3's head norms), which of the step's rotary embeddings it takes or none (SmolLM3),
+and its sliding window (`NativeLayer`).
+
+`NativeLayers` is the Python face of the layers' call: what it takes from a model's layers
+(`llama_step` describes them; checked to be laid out as the C++ file expects), when a step is one it
+runs (`takes`), and the call itself (`run`)."""
 
 from __future__ import annotations
 
@@ -78,7 +83,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (
-    CSRC / "llama_decode.cpp",
+    CSRC / "decode_layers.cpp",
     CSRC / "decode_attention.cpp",
     CSRC / "greedy.cpp",
     CSRC / "prompt_ops.cpp",
@@ -102,19 +107,19 @@ def cache_dir() -> Path:
 def library() -> bool:
     """Build or load the native library once per process; False where it cannot be built (logged
     once). The `native_decode` setting decides whether it is asked for."""
-    if _loaded("llama_decode_layers") is not None:
+    if _loaded("decode_layers") is not None:
         return True
     try:
         _build_and_load()
     except Exception as exc:  # no compiler, no ninja, a build error: Python and SDPA stay
         log.warning("native decode code unavailable, decoding through Python and SDPA: %s", exc)
         return False
-    return _loaded("llama_decode_layers") is not None
+    return _loaded("decode_layers") is not None
 
 
 def decode_layers() -> Callable[..., Any] | None:
-    """`torch.ops.bul.llama_decode_layers`, or None where the library cannot be built."""
-    return _loaded("llama_decode_layers") if library() else None
+    """`torch.ops.bul.decode_layers`, or None where the library cannot be built."""
+    return _loaded("decode_layers") if library() else None
 
 
 def decode_attention() -> Callable[..., Any] | None:
@@ -126,7 +131,7 @@ def decode_attention() -> Callable[..., Any] | None:
 def rotary_write_kv() -> Callable[..., torch.Tensor] | None:
     """`torch.ops.bul.rotary_write_kv`: one layer's rotary embedding of the query and key heads and
     the pool write of the keys and values, from the fused q/k/v output, for bfloat16 activations (bit
-    for bit what `llama_step`'s operations compute; `csrc/llama_decode.cpp`), or None where the
+    for bit what `llama_step`'s operations compute; `csrc/decode_layers.cpp`), or None where the
     library cannot be built."""
     return _loaded("rotary_write_kv") if library() else None
 
@@ -199,24 +204,63 @@ def _loaded(name: str) -> Callable[..., Any] | None:
         return None
 
 
+# The MLP's gate activations the native layers compute, by transformers' config name.
+ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}
+
+
+@dataclass(frozen=True)
+class NativeFamily:
+    """What a family's layers do beyond Llama's, as the native call reads it (from
+    `llama_step.Layout`)."""
+
+    activation: str = "silu"  # a key of `ACTIVATIONS`
+    one_plus_norms: bool = False  # Gemma's norms: their weights given as the float32 `1 + weight`
+    head_norms_after_transpose: bool = False  # Gemma 3's q/k norms on (1, heads, N, head_dim)
+    softcap: float = 0.0  # Gemma 2's attention score soft-capping, 0 for none
+
+
+@dataclass(frozen=True)
+class NativeLayer:
+    """One decoder layer as the native call takes it: `llama_step` describes each of a model's."""
+
+    qkv: Any  # q, k and v as one projection (fused, or Phi-3's own)
+    o: Any
+    gate_up: Any  # gate then up, as one projection
+    down: Any
+    gate_size: int  # the gate's share of gate_up's outputs
+    # (weight, epsilon) of the norms, or None where the layer has none: the input norm, the MLP's
+    # input norm, the attention's and the MLP's output norms (Gemma's sandwich), the query's and
+    # the key's head norms (Qwen 3, Gemma 3). Gemma's weights are its float32 factors `1 + weight`.
+    norms: tuple[tuple[torch.Tensor, float] | None, ...]
+    scaling: float
+    rotary: int  # which of the step's (cos, sin) pairs it rotates with; -1: no rotary (SmolLM3)
+    window: int  # its sliding window in tokens, 0 for full attention
+
+
+# The norms' order in `NativeLayer.norms` and in the C++ call (`NORMS` there).
+NORM_SLOTS = ("input", "mlp_input", "attention_output", "mlp_output", "query_heads", "key_heads")
+
+
 class _LayerParts(NamedTuple):
-    norms: list[torch.Tensor]  # input norm, post-attention norm
+    norms: list[torch.Tensor]  # NORM_SLOTS, an empty tensor where the layer has none
+    shapes: list[int]  # rotary index, window
     # (qweight, scales, tile weights, tile scales) of q/k/v, o, gate/up, down (empty tiles: none)
     weights: list[torch.Tensor]
     dense: list[torch.Tensor]  # the dense weights (`dense_weight`) of q/k/v, o, gate/up, down
     biases: list[torch.Tensor | None]  # of q/k/v, o, gate/up, down (Qwen2's q/k/v have one)
     bits: list[int]  # of q/k/v, o, gate/up, down
-    # group size, eps, scaling, gate size, query size, dense_from_rows, tiles_from_rows
-    shape: tuple[int, float, float, int, int, int, int]
+    # group size, eps, scaling, gate size, dense_from_rows, tiles_from_rows
+    shape: tuple[int, float, float, int, int, int]
 
 
 @dataclass(frozen=True)
 class NativeLayers:
-    """`decode_layers` and what it takes besides the step: every layer's norm weights and quantized
-    weights, and the model's shapes, in the order of the C++ signature."""
+    """`decode_layers` and what it takes besides the step: every layer's norm weights, quantized
+    weights and description, and the model's shapes, in the order of the C++ signature."""
 
     call: Callable[..., torch.Tensor]
-    norms: list[torch.Tensor]  # per layer: input norm, post-attention norm
+    norms: list[torch.Tensor]  # per layer: `NORM_SLOTS`, an empty tensor for none
+    layer_shapes: list[int]  # per layer: rotary index (-1: none), sliding window (0: none)
     # per layer: (qweight, scales, tile weights, tile scales) of q/k/v, o, gate/up, down
     weights: list[torch.Tensor]
     dense: list[torch.Tensor]  # per layer: the dense weights (`dense_weight`) of q/k/v, o, gate/up, down
@@ -231,36 +275,40 @@ class NativeLayers:
     gate_size: int
     eps: float
     scaling: float
+    family: NativeFamily
     float32_attention: bool
 
     @classmethod
     def of(
-        cls, layers: Sequence[Any], fused: Sequence[tuple[Any, Any]], head_dim: int
+        cls,
+        layers: Sequence[NativeLayer],
+        family: NativeFamily,
+        heads: tuple[int, int, int],
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> NativeLayers | None:
-        """For transformers' Llama decoder `layers` with their fused (q/k/v, gate/up) projections
-        (`llama_step`'s, or None where not fused): None unless every layer is quantized and laid
-        out as the native call expects, and the call could be built."""
-        if head_dim > batched_attention.GQA_HEAD_DIM or not layers:
+        """For a model's decoder `layers` as `llama_step` describes them, with (query heads, key
+        heads, head size) `heads` and parameters of `dtype` on `device`: None unless every layer is
+        quantized and laid out as the native call expects, and the call could be built."""
+        q_heads, kv_heads, head_dim = heads
+        if head_dim > batched_attention.GQA_HEAD_DIM or not layers or family.activation not in ACTIVATIONS:
             return None
         try:
-            parts = [
-                _layer_parts(layer, qkv, gate_up) for layer, (qkv, gate_up) in zip(layers, fused, strict=True)
-            ]
+            parts = [_layer_parts(layer) for layer in layers]
         except (AttributeError, TypeError):
             return None
         known = [p for p in parts if p is not None]
         shapes = {p.shape for p in known}
         if len(known) != len(parts) or len(shapes) != 1:
             return None
-        group_size, eps, scaling, gate_size, q_out, dense_from_rows, tiles_from_rows = shapes.pop()
+        group_size, eps, scaling, gate_size, dense_from_rows, tiles_from_rows = shapes.pop()
         call = decode_layers()
         if call is None:
             return None
-        first = layers[0]
-        param = first.input_layernorm.weight
         return cls(
             call=call,
             norms=[t for p in known for t in p.norms],
+            layer_shapes=[v for p in known for v in p.shapes],
             weights=[t for p in known for t in p.weights],
             dense=[t for p in known for t in p.dense],
             biases=[t for p in known for t in p.biases],
@@ -268,13 +316,14 @@ class NativeLayers:
             group_size=group_size,
             dense_from_rows=dense_from_rows,
             tiles_from_rows=tiles_from_rows,
-            q_heads=q_out // head_dim,
-            kv_heads=first.self_attn.k_proj.out_features // head_dim,
+            q_heads=q_heads,
+            kv_heads=kv_heads,
             head_dim=head_dim,
             gate_size=gate_size,
             eps=eps,
             scaling=scaling,
-            float32_attention=batched_attention.attends_in_float32(param.dtype, param.device),
+            family=family,
+            float32_attention=batched_attention.attends_in_float32(dtype, device),
         )
 
     def takes(self, batch: StepBatch, n: int) -> bool:
@@ -286,46 +335,49 @@ class NativeLayers:
             and n == len(batch.segments) == batch.write_at.shape[0]
         )
 
-    def run(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch
-    ) -> torch.Tensor:
+    def run(self, hidden: torch.Tensor, angles: list[torch.Tensor], batch: StepBatch) -> torch.Tensor:
+        """`angles`: the step's (cos, signed sin) pairs, flat, in the order of the layers' `rotary`."""
+        family = self.family
         return self.call(
-            hidden, cos, sin, batch.pool, batch.write_at, batch.row_starts, batch.row_ends, self.norms,
-            self.weights, self.dense, self.biases, self.bits, self.group_size, self.dense_from_rows,
-            self.tiles_from_rows, self.q_heads, self.kv_heads, self.head_dim, self.gate_size, self.eps,
-            self.scaling, self.float32_attention,
+            hidden, angles, batch.pool, batch.write_at, batch.row_starts, batch.row_ends, self.norms,
+            self.layer_shapes, self.weights, self.dense, self.biases, self.bits, self.group_size,
+            self.dense_from_rows, self.tiles_from_rows, self.q_heads, self.kv_heads, self.head_dim,
+            self.gate_size, self.eps, self.scaling, ACTIVATIONS[family.activation], family.one_plus_norms,
+            family.head_norms_after_transpose, family.softcap, self.float32_attention,
         )  # fmt: skip
 
 
-# What the native call gets for a projection without tiles.
+# What the native call gets for a projection without tiles, and for a norm the layer does not have.
 _NO_TILES = torch.empty(0, dtype=torch.uint8)
+_NO_NORM = torch.empty(0)
 
 
-def _layer_parts(layer: Any, qkv: Any, gate_up: Any) -> _LayerParts | None:
+def _layer_parts(layer: NativeLayer) -> _LayerParts | None:
     """One layer's arguments, or None when the native call cannot run it: a projection not
-    quantized, or q/k/v or gate/up not fused, or norms whose epsilons differ."""
-    attn, mlp = layer.self_attn, layer.mlp
-    projections = [qkv, attn.o_proj, gate_up, mlp.down_proj]
+    quantized, or the projections' group sizes or row thresholds differ, or its norms' epsilons."""
+    projections = [layer.qkv, layer.o, layer.gate_up, layer.down]
     if not all(isinstance(p, WeightOnlyLinear) for p in projections):
         return None
     splits = {(p.dense_from_rows, p.tiles_from_rows) for p in projections}
     if len({p.group_size for p in projections}) != 1 or len(splits) != 1:
         return None
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    if norms[0].variance_epsilon != norms[1].variance_epsilon:
+    if len(layer.norms) != len(NORM_SLOTS) or layer.norms[0] is None or layer.norms[1] is None:
+        return None
+    epsilons = {eps for norm in layer.norms if norm is not None for eps in (norm[1],)}
+    if len(epsilons) != 1:
         return None
     return _LayerParts(
-        norms=[n.weight for n in norms],
+        norms=[_NO_NORM if norm is None else norm[0] for norm in layer.norms],
+        shapes=[layer.rotary, layer.window],
         weights=[t for p in projections for t in (p.qweight, p.scales, *(p.tiles or (_NO_TILES, _NO_TILES)))],
         dense=[p.dense_weight() for p in projections],
         biases=[p.bias for p in projections],
         bits=[p.bits for p in projections],
         shape=(
             projections[0].group_size,
-            float(norms[0].variance_epsilon),
-            float(attn.scaling),
-            mlp.gate_proj.out_features,
-            attn.q_proj.out_features,
+            float(epsilons.pop()),
+            float(layer.scaling),
+            layer.gate_size,
             projections[0].dense_from_rows,
             projections[0].tiles_from_rows,
         ),

@@ -31,6 +31,7 @@ from tests.tiny_gguf import (
     HYBRID_FAMILIES,
     LAYOUTS,
     LFM2_LAYER_KINDS,
+    QUERY,
     SERVED_BITS,
     assert_served_at_file_bits,
     greedy_from_nothing,
@@ -160,6 +161,28 @@ def test_each_family_answers_at_the_files_bits_and_the_log_line_says_why(
     path = files(family, layout)
     config = _config(path, cache, dtype="bfloat16", weight_quantization="auto")
     assert_served_at_file_bits(config, layout, SERVED_BITS[layout], caplog)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_familys_quantized_file_decodes_through_the_native_layers(family, files, cache, monkeypatch):
+    """A file served at 8 bits takes the one-call native decode layers for its decode rows, whatever
+    its family differs from Llama in (q/k norms, Phi-3's fused projections, sliding windows, Gemma's
+    norms and activation), and answers what it answers through the Python loop over the same
+    decode attention."""
+    from bulk.models import native
+
+    real = native.decode_layers
+    path = files(family, "Q8_0")
+    config = _config(path, cache, dtype="bfloat16", weight_quantization="auto")
+    answers = []
+    for layers in (real, lambda: None):  # the native call, then none: the Python loop
+        monkeypatch.setattr(native, "decode_layers", layers)
+        with UltraAdaptiveKVCacheEngine(config) as engine:
+            answers.append(engine.process_request_sync({**QUERY, "max_new_tokens": 12, "min_tokens": 12}))
+            assert engine._loop is not None
+            step = engine._loop.runner.plain_step
+            assert step is not None and (step.native is not None) is (layers is real)
+    assert answers[0]["result"] == answers[1]["result"] and answers[0]["completion_tokens"] == 12
 
 
 def _prompt(i: int) -> str:

@@ -1,6 +1,6 @@
 """The decode step's native code (`bulk.models.native`): built on this machine; the decode
 attention (`csrc/decode_attention.cpp`) computing SDPA's attention for every row at once, a row's
-bits independent of its batch; the layers (`csrc/llama_decode.cpp`) taken for decode rows of a
+bits independent of its batch; the layers (`csrc/decode_layers.cpp`) taken for decode rows of a
 quantized Llama model, bit-identical to the Python loop and to transformers' forward over the same
 attention; and both left aside (the Python loop, SDPA per row) where they cannot run."""
 
@@ -33,7 +33,7 @@ def _decode(
 ) -> torch.Tensor:
     """Prefill each row's cached tokens, then one decode step over all rows, on a fresh pool."""
     config = model.config
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     param = next(model.parameters())
     pool = torch.zeros(
         config.num_hidden_layers,
@@ -95,6 +95,60 @@ def test_decode_rows_of_a_quantized_model_run_natively_and_bit_identically(weigh
     python = _decode(step, model, False, rows, pool)
     assert ours.shape == (3, model.config.vocab_size)
     assert torch.equal(ours, python)
+
+
+def _family(family: str):
+    """A tiny model of `family` with int8 weights in bfloat16: "qwen2" (q/k/v biases), "qwen3"
+    (q/k head norms), "phi3" (its own fused projections), "smollm3" (a layer without rotary), the
+    sliding Mistral and Qwen2 (window 8), Gemma 2 (sandwich norms, GELU-tanh, soft-capped scores,
+    window 8 on alternate layers) and Gemma 3 (q/k norms after the transpose, a rotary embedding
+    per layer type), their norms' weights randomised so that `1 + weight` changes something."""
+    from tests.tiny_hf_model import llama_layout_model, sliding_family_model
+
+    name, _, sliding = family.partition("-")
+    loaded = sliding_family_model(name) if sliding or name.startswith("gemma") else llama_layout_model(name)
+    model = loaded.model
+    low = -0.5 if name.startswith("gemma") else 0.5  # Gemma's weights are offsets from one
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.uniform_(low, low + 1.0)
+    model = model.to(torch.bfloat16)
+    weight_quant.quantize_weights(model, "int8", torch.bfloat16)
+    assert batched_attention.enable(model) is None
+    return model
+
+
+# Every family the step runs takes the native layers for its decode rows: one loop over a small
+# description of each layer (`NativeLayer`), bit for bit the Python loop's, rows past the window.
+@pytest.mark.parametrize(
+    "family", ["qwen2", "qwen3", "phi3", "smollm3", "mistral-sliding", "qwen2-sliding", "gemma2", "gemma3"]
+)
+def test_every_familys_decode_rows_run_natively_and_bit_identically(family):
+    model = _family(family)
+    step, why = llama_step.build(model)  # the check against transformers includes a native step
+    assert why is None and step is not None and step.native is not None
+    layers = step.native.layer_shapes
+    windows, rotary = layers[1::2], layers[0::2]
+    if family.endswith("sliding") or family.startswith("gemma"):
+        assert 8 in windows and step.native.family.activation == (
+            "gelu_pytorch_tanh" if family.startswith("gemma") else "silu"
+        )
+    if family == "smollm3":
+        assert rotary == [0, -1]  # its second layer without rotary
+    if family == "gemma3":
+        assert rotary == [0, 1] and step.native.family.head_norms_after_transpose  # local, global
+    if family == "gemma2":
+        assert step.native.family.softcap == 50.0 and step.native.family.one_plus_norms
+    calls: list[int] = []
+    call = step.native.call
+    object.__setattr__(step.native, "call", lambda *a: calls.append(1) or call(*a))
+    rows = [Segment(0, 9, 1), Segment(64, 30, 1), Segment(128, 2, 1)]
+    for pool in (torch.bfloat16, torch.float32):
+        ours = _decode(step, model, True, rows, pool)
+        python = _decode(step, model, False, rows, pool)
+        assert torch.equal(ours, python)
+    assert len(calls) == 2
 
 
 def test_prompt_chunks_and_float_models_keep_the_python_loop():

@@ -56,14 +56,38 @@ struct AmxTiles {
     config.rows[6] = 16, config.colsb[6] = 64;
     _tile_loadconfig(&config);
   }
+  // The intrinsics are macros that paste their tile number into the instruction's text, so each
+  // number is written out: a template parameter would be pasted as its name.
   template <int T>
-  void zero() { _tile_zero(T); }
+  void zero() {
+    static_assert(T < 4, "a sum tile");
+    if constexpr (T == 0) _tile_zero(0);
+    if constexpr (T == 1) _tile_zero(1);
+    if constexpr (T == 2) _tile_zero(2);
+    if constexpr (T == 3) _tile_zero(3);
+  }
   template <int T>
-  void load(const void* p, int64_t stride) { _tile_loadd(T, p, stride); }
+  void load(const void* p, int64_t stride) {
+    static_assert(T == 4 || T == 6, "tile 4 or 6");
+    if constexpr (T == 4) _tile_loadd(4, p, stride);
+    if constexpr (T == 6) _tile_loadd(6, p, stride);
+  }
   template <int C, int A, int B>
-  void dot() { _tile_dpbf16ps(C, A, B); }
+  void dot() {
+    static_assert(A == 4 && B == 6 && C < 4, "sums += tile 4 . tile 6");
+    if constexpr (C == 0) _tile_dpbf16ps(0, 4, 6);
+    if constexpr (C == 1) _tile_dpbf16ps(1, 4, 6);
+    if constexpr (C == 2) _tile_dpbf16ps(2, 4, 6);
+    if constexpr (C == 3) _tile_dpbf16ps(3, 4, 6);
+  }
   template <int T>
-  void store(void* p, int64_t stride) { _tile_stored(T, p, stride); }
+  void store(void* p, int64_t stride) {
+    static_assert(T < 4, "a sum tile");
+    if constexpr (T == 0) _tile_stored(0, p, stride);
+    if constexpr (T == 1) _tile_stored(1, p, stride);
+    if constexpr (T == 2) _tile_stored(2, p, stride);
+    if constexpr (T == 3) _tile_stored(3, p, stride);
+  }
 };
 #endif
 

@@ -1,4 +1,4 @@
-// 16-lane float32 vectors for the native code (decode_attention.cpp, llama_decode.cpp, greedy.cpp):
+// 16-lane float32 vectors for the native code (decode_attention.cpp, decode_layers.cpp, greedy.cpp):
 // GCC's vector extensions, which the compiler lowers to AVX-512, AVX2 or NEON, whichever
 // `-march=native` offers, and the loads every kernel needs (a bfloat16 row widened exactly).
 #pragma once

@@ -1,12 +1,16 @@
-// The decode step's 30-odd layers of a Llama model with quantized weights, as one call: the same
-// ATen operations, with the same arguments, in the same order as `bulk/models/llama_step.py`'s
-// Python loop (whose docstring says why each one is there), so the outputs are bit-identical;
-// what this saves is the Python between them (about a microsecond an operation, 65 operations a
-// layer) and the interpreter lock, released for the whole call so that the server's event loop
-// streams the previous token meanwhile. Built on first use by `bulk/models/native.py`.
+// The decode step's 30-odd decoder layers of a model with quantized weights, as one call, for every
+// family `bulk/models/llama_step.py` runs (Llama, Mistral, Qwen 2 and 3, Phi-3, SmolLM3, Gemma 2
+// and 3): one loop over a small description of the family (`Family`) and of each layer (its norms,
+// its rotary angles or none, its sliding window), rather than a copy per family. The same ATen
+// operations, with the same arguments, in the same order as `llama_step.py`'s Python loop (whose
+// docstring says why each one is there), so the outputs are bit-identical; what this saves is the
+// Python between them (about a microsecond an operation, 65 operations a layer) and the
+// interpreter lock, released for the whole call so that the server's event loop streams the
+// previous token meanwhile. Built on first use by `bulk/models/native.py`.
 //
 //   hidden   (1, N, hidden)                      one decode row per request
-//   cos, sin (1, 1, N, head_dim)                 sin with its first half negated
+//   angles   (cos, sin) pairs, (1, 1, N, head_dim) each, sin with its first half negated: one pair
+//            for all layers, or one per layer type (Gemma 3's local and global rotary)
 //   pool     (layers, 2, kv_heads, pool_tokens, head_dim)
 //   starts, ends                                 per row: its request's KV range in the pool,
 //                                                after this step's token
@@ -19,8 +23,10 @@
 #include "tile_linear.h"
 #include "vec.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace bul {
@@ -205,61 +211,152 @@ at::Tensor rotary_write_kv_op(const at::Tensor& qkv, const at::Tensor& cos, cons
              : rotary_write_kv<c10::BFloat16>(qkv, cos, sin, layer, write_at, q_heads, kv_heads, head_dim);
 }
 
-at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos, const at::Tensor& sin,
-                         const at::Tensor& pool, const at::Tensor& write_at, c10::IntArrayRef starts,
-                         c10::IntArrayRef ends, at::TensorList norms, at::TensorList weights,
+// What a family's decoder layer does beyond Llama's, as `llama_step.Layout` describes it: one loop
+// runs every family from these few fields and each layer's own (its norms, rotary, window).
+struct Family {
+  int64_t activation;               // the MLP's gate: 0 SiLU (Llama), 1 GELU with tanh (Gemma)
+  bool one_plus_norms;              // Gemma's norms: their weights are the float32 factor 1 + weight
+  bool head_norms_after_transpose;  // q/k norms on (1, heads, N, hd) (Gemma 3), not (1, N, heads, hd)
+  double softcap;                   // attention scores soft-capped (Gemma 2), 0 for none
+  double eps;
+};
+
+// A norm as the family's module computes it: Llama's RMS norm, or Gemma's over its factor
+// (`llama_step._one_plus_norm`: `(h * (1 + weight)).type_as(x)`, the factor in float32).
+at::Tensor norm(const at::Tensor& x, const at::Tensor& weight, const Family& family) {
+  if (!family.one_plus_norms) return rms_norm(x, weight, family.eps);
+  at::Tensor h = x.to(at::kFloat);
+  h = h * at::rsqrt(h.pow(2).mean({-1}, /*keepdim=*/true) + family.eps);
+  return (h * weight).to(x.scalar_type());
+}
+
+at::Tensor activation(const at::Tensor& gate, const Family& family) {
+  return family.activation == 1 ? at::gelu(gate, "tanh") : at::silu(gate);
+}
+
+// Qwen 3's and Gemma 3's norm of each query and key head, in place in the fused q/k/v output (a
+// fresh tensor of this step's): the rotation and the pool write then run as for any layer.
+//   fused (1, N, (q + 2 kv) * hd)
+void norm_heads(at::Tensor& fused, const at::Tensor& q_norm, const at::Tensor& k_norm, int64_t q_heads,
+                int64_t kv_heads, int64_t head_dim, const Family& family) {
+  const int64_t n = fused.size(1);
+  const std::pair<const at::Tensor*, at::Tensor> parts[2] = {
+      {&q_norm, fused.slice(-1, 0, q_heads * head_dim).view({1, n, q_heads, head_dim})},
+      {&k_norm, fused.slice(-1, q_heads * head_dim, (q_heads + kv_heads) * head_dim).view({1, n, kv_heads, head_dim})},
+  };
+  for (const auto& [weight, x] : parts) {
+    if (weight->numel() == 0) continue;
+    if (family.head_norms_after_transpose) {
+      at::Tensor view = x.transpose(1, 2);  // (1, heads, N, hd), where the model norms its heads
+      view.copy_(norm(view, *weight, family));
+    } else {
+      x.copy_(norm(x, *weight, family));
+    }
+  }
+}
+
+// Per layer, after its six norms (input, MLP input, attention output, MLP output, query heads, key
+// heads; an empty tensor where the layer has none), two numbers: which of the step's rotary angles
+// it takes (-1: none, SmolLM3's layers without rotary) and its sliding window in tokens (0: none).
+constexpr int64_t NORMS = 6, SHAPES = 2;
+
+at::Tensor decode_layers(const at::Tensor& hidden_in, at::TensorList angles, const at::Tensor& pool,
+                         const at::Tensor& write_at, c10::IntArrayRef starts, c10::IntArrayRef ends,
+                         at::TensorList norms, c10::IntArrayRef layer_shapes, at::TensorList weights,
                          at::TensorList dense, const c10::List<std::optional<at::Tensor>>& biases,
                          c10::IntArrayRef bits, int64_t group_size, int64_t dense_from_rows, int64_t tiles_from_rows,
-                         int64_t q_heads, int64_t kv_heads,
-                         int64_t head_dim, int64_t gate_size, double eps, double scaling,
-                         bool float32_attention) {
+                         int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t gate_size, double eps,
+                         double scaling, int64_t activation_kind, bool one_plus_norms,
+                         bool head_norms_after_transpose, double softcap, bool float32_attention) {
   const int64_t layers = pool.size(0);
   const int64_t n = hidden_in.size(1);
   const int64_t qk_heads = q_heads + kv_heads;
   const int64_t tokens = write_at.size(0);
-  TORCH_CHECK(norms.size() == static_cast<size_t>(2 * layers), "two norms a layer");
-  TORCH_CHECK(weights.size() == static_cast<size_t>(16 * layers), "four (qweight, scales, tiles, tile scales) a layer");
-  TORCH_CHECK(bits.size() == static_cast<size_t>(4 * layers), "four bit widths a layer");
-  TORCH_CHECK(dense.size() == static_cast<size_t>(4 * layers), "four dense copies a layer");
-  TORCH_CHECK(biases.size() == static_cast<size_t>(4 * layers), "four biases (or none) a layer");
-  TORCH_CHECK(starts.size() == static_cast<size_t>(n) && ends.size() == static_cast<size_t>(n),
-              "one KV range per row");
+  const auto count = [](int64_t k) { return static_cast<size_t>(k); };
+  TORCH_CHECK(!angles.empty() && angles.size() % 2 == 0, "angles: (cos, signed sin) pairs");
+  TORCH_CHECK(norms.size() == count(NORMS * layers), "six norms (or empty tensors) a layer");
+  TORCH_CHECK(layer_shapes.size() == count(SHAPES * layers), "a rotary index and a window a layer");
+  TORCH_CHECK(weights.size() == count(16 * layers), "four (qweight, scales, tiles, tile scales) a layer");
+  TORCH_CHECK(bits.size() == count(4 * layers), "four bit widths a layer");
+  TORCH_CHECK(dense.size() == count(4 * layers), "four dense copies a layer");
+  TORCH_CHECK(biases.size() == count(4 * layers), "four biases (or none) a layer");
+  TORCH_CHECK(starts.size() == count(n) && ends.size() == count(n), "one KV range per row");
+  for (int64_t i = 0; i < layers; ++i) {
+    const int64_t rotary = layer_shapes[SHAPES * i];
+    TORCH_CHECK(rotary >= -1 && rotary < static_cast<int64_t>(angles.size() / 2), "a rotary index out of range");
+  }
+  const Family family{activation_kind, one_plus_norms, head_norms_after_transpose, softcap, eps};
+  // cos and sin of the zero angle, for layers without rotary on the fused pass (`_identity_rotation`).
+  at::Tensor ones, zeros;
+  // Each sliding window's starts (max(start, end - window)), made once per window size.
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> windowed;
   at::Tensor hidden = hidden_in;
   const RowSplit split{dense_from_rows, tiles_from_rows};
   for (int64_t i = 0; i < layers; ++i) {
     // qkv, o, gate_up, down: (qweight, scales, tiles, tile scales) each
     const at::Tensor* w = weights.data() + 16 * i;
     const at::Tensor* d = dense.data() + 4 * i;    // qkv, o, gate_up, down
+    const at::Tensor* nw = norms.data() + NORMS * i;  // input, MLP input, attention out, MLP out, q, k
     const int64_t* b = bits.data() + 4 * i;
+    const int64_t rotary = layer_shapes[SHAPES * i], window = layer_shapes[SHAPES * i + 1];
     const std::optional<at::Tensor> bias[4] = {biases.get(4 * i), biases.get(4 * i + 1), biases.get(4 * i + 2),
                                                 biases.get(4 * i + 3)};  // qkv, o, gate_up, down
     at::Tensor residual = hidden;
-    at::Tensor h = rms_norm(hidden, norms[2 * i], eps);
-    // qkv: one fused layer; the query and key heads rotated together
+    at::Tensor h = norm(hidden, nw[0], family);
+    // qkv: one fused layer; the query and key heads normed where the family norms them, then
+    // rotated together
     at::Tensor fused = linear(h, w, d[0], bias[0], b[0], group_size, split);  // (1, N, (q + 2 kv) hd)
+    if (nw[4].numel() > 0 || nw[5].numel() > 0) {
+      fused = fused.contiguous();
+      norm_heads(fused, nw[4], nw[5], q_heads, kv_heads, head_dim, family);
+    }
     at::Tensor layer = pool.select(0, i);  // (2, kv_heads, pool_tokens, head_dim)
+    const at::Tensor& cos_any = angles[0];
     at::Tensor query;
-    if (fused_rotary(fused, cos, sin, layer, head_dim)) {
+    if (fused_rotary(fused, cos_any, angles[1], layer, head_dim)) {
+      if (rotary < 0 && !ones.defined()) {
+        ones = at::ones_like(cos_any);
+        zeros = at::zeros_like(cos_any);
+      }
+      const at::Tensor& cos = rotary < 0 ? ones : angles[2 * rotary];
+      const at::Tensor& sin = rotary < 0 ? zeros : angles[2 * rotary + 1];
       query = layer.scalar_type() == at::kFloat
                   ? rotary_write_kv<float>(fused, cos, sin, layer, write_at, q_heads, kv_heads, head_dim)
                   : rotary_write_kv<c10::BFloat16>(fused, cos, sin, layer, write_at, q_heads, kv_heads, head_dim);
     } else {
       at::Tensor x = heads(fused, head_dim);  // (1, q + 2 kv, N, hd)
-      at::Tensor qk = rotate(x.slice(1, 0, qk_heads), cos, sin);
+      at::Tensor qk = x.slice(1, 0, qk_heads);
+      if (rotary >= 0) qk = rotate(qk, angles[2 * rotary], angles[2 * rotary + 1]);
       query = qk.slice(1, 0, q_heads);
       at::Tensor kv = at::cat({qk.slice(1, q_heads), x.slice(1, qk_heads)}, 1);  // (1, 2 kv, N, hd)
       // write_kv
       at::Tensor layer_heads = layer.view({-1, layer.size(2), layer.size(3)});
       layer_heads.index_copy_(1, write_at, kv.select(0, 0).slice(1, 0, tokens).to(layer.scalar_type()));
     }
-    // attend: every row in one call (decode_attention.cpp), as the Python loop calls it
-    at::Tensor attn = decode_attention(query, layer, starts, ends, scaling, float32_attention);
-    hidden = residual + linear(attn.reshape({1, n, -1}).contiguous(), w + 4, d[1], bias[1], b[1], group_size, split);
+    // attend: every row in one call (decode_attention.cpp), as `batched_attention.attend` calls it,
+    // a sliding layer's rows over their last `window` keys
+    c10::IntArrayRef from = starts;
+    if (window > 0) {
+      auto found = std::find_if(windowed.begin(), windowed.end(), [&](const auto& w) { return w.first == window; });
+      if (found == windowed.end()) {
+        std::vector<int64_t> cut(starts.begin(), starts.end());
+        for (int64_t r = 0; r < n; ++r) cut[r] = std::max(starts[r], ends[r] - window);
+        windowed.emplace_back(window, std::move(cut));
+        found = windowed.end() - 1;
+      }
+      from = found->second;
+    }
+    at::Tensor attn = decode_attention(query, layer, from, ends, scaling, float32_attention, softcap);
+    at::Tensor out = linear(attn.reshape({1, n, -1}).contiguous(), w + 4, d[1], bias[1], b[1], group_size, split);
+    if (nw[2].numel() > 0) out = norm(out, nw[2], family);  // Gemma's sandwich norm
+    hidden = residual + out;
     residual = hidden;
-    h = rms_norm(hidden, norms[2 * i + 1], eps);
+    h = norm(hidden, nw[1], family);
     at::Tensor gate_up = linear(h, w + 8, d[2], bias[2], b[2], group_size, split);
     auto parts = gate_up.split_with_sizes({gate_size, gate_up.size(-1) - gate_size}, -1);
-    hidden = residual + linear(at::silu(parts[0]) * parts[1], w + 12, d[3], bias[3], b[3], group_size, split);
+    out = linear(activation(parts[0], family) * parts[1], w + 12, d[3], bias[3], b[3], group_size, split);
+    if (nw[3].numel() > 0) out = norm(out, nw[3], family);
+    hidden = residual + out;
   }
   return hidden;
 }
@@ -269,12 +366,11 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, const at::Tensor& cos, con
 
 TORCH_LIBRARY_FRAGMENT(bul, m) {
   m.def(
-      "llama_decode_layers(Tensor hidden, Tensor cos, Tensor sin, Tensor pool, Tensor write_at, "
-      "int[] starts, int[] ends, Tensor[] norms, Tensor[] weights, Tensor[] dense, Tensor?[] biases, int[] bits, "
-      "int group_size, "
-      "int dense_from_rows, int tiles_from_rows, "
-      "int q_heads, int kv_heads, int head_dim, int gate_size, float eps, float scaling, "
-      "bool float32_attention) -> Tensor",
+      "decode_layers(Tensor hidden, Tensor[] angles, Tensor pool, Tensor write_at, int[] starts, int[] ends, "
+      "Tensor[] norms, int[] layer_shapes, Tensor[] weights, Tensor[] dense, Tensor?[] biases, int[] bits, "
+      "int group_size, int dense_from_rows, int tiles_from_rows, int q_heads, int kv_heads, int head_dim, "
+      "int gate_size, float eps, float scaling, int activation, bool one_plus_norms, "
+      "bool head_norms_after_transpose, float softcap, bool float32_attention) -> Tensor",
       &bul::decode_layers);
   m.def(
       "rotary_write_kv(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) layer, Tensor write_at, int q_heads, "

@@ -38,7 +38,14 @@ torch, so no spinning team steals the cores from the other side):
 The byte tokenizer turns the prompts into tokens (one a byte); its ids are valid in any of these
 vocabularies and the cost of a step does not depend on which tokens it reads.
 
+With `--weights int4` (or int8) each model is quantized as the loader quantizes it for
+`weight_quantization` (`loader.quantize_for_serving`, bfloat16 activations) before transformers'
+copy is taken, so both sides multiply the same quantized weights through the same kernels and the
+ratio is the path around them: ours then decodes through the native decode layers
+(`plain+native`), one C++ call a step for every family.
+
     python -m bench.models [--families llama,gemma2] [--steps 8] [--rounds 3] [--threads 2]
+    python -m bench.models --weights int4   # quantized as `make run` serves: the native layers
     python -m bench.models --quick      # a tiny shape, two families: the smoke test
 """
 
@@ -52,6 +59,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 from bench import child_env
@@ -108,6 +116,7 @@ DEFAULTS: dict[str, Any] = {
     "shared": 448,
     "rounds": 3,
     "threads": 2,
+    "weights": "none",
 }
 QUICK: dict[str, Any] = {
     **DEFAULTS,
@@ -356,16 +365,31 @@ def measure(family: str, options: dict[str, Any]) -> dict[str, Any]:
     """Both parts for one family, in this process."""
     import torch
 
-    from bulk.models.loader import prepare_dense_weights, resolve_dtype
+    from bulk.models.loader import prepare_dense_weights, quantize_for_serving, resolve_dtype
 
     torch.set_num_threads(options["threads"])
+    weights = options.get("weights", "none")
     dtype = resolve_dtype(options["dtype"], torch.device("cpu"))
+    if weights != "none":
+        dtype = torch.bfloat16  # the quantized layers' activations, as the loader's
     lm = loaded_model(family, options["shape"], dtype)
+    if weights != "none":
+        # Quantized as the loader quantizes (`weight_quantization`), before transformers' copy:
+        # both sides multiply the same int8/int4 weights through the same kernels, and what
+        # differs is the path around them (the plain step, its native decode layers, the pool).
+        quantize_for_serving(lm.model, weights)
+        lm = replace(lm, fingerprint=f"{lm.fingerprint}+w{weights}")
     # transformers' side: a copy taken before the loader's transform (`prepare_dense_weights`) and
     # before our runner routes the model through our attention, as `from_pretrained` hands it over.
     theirs = copy.deepcopy(lm.model)
-    prepare_dense_weights(lm.model)
-    out: dict[str, Any] = {"family": family, "dtype": lm.dtype_name, "block_reuse": lm.supports_block_reuse}
+    if weights == "none":
+        prepare_dense_weights(lm.model)
+    out: dict[str, Any] = {
+        "family": family,
+        "dtype": lm.dtype_name,
+        "weights": weights,
+        "block_reuse": lm.supports_block_reuse,
+    }
     out.update(_decode_steps(lm, theirs, options))
     if theirs.config._attn_implementation == "bul_rows":
         raise RuntimeError("transformers' copy was switched to our attention")
@@ -437,7 +461,8 @@ def render(result: dict[str, Any]) -> str:
         )
     any_entry = next(iter(result["families"].values()), {"dtype": "?", "pool_dtype": "?"})
     head = (
-        f"model families at the {options['shape']} shape, random weights, {any_entry['dtype']}, "
+        f"model families at the {options['shape']} shape, random weights, {any_entry['dtype']}"
+        f"{'' if options.get('weights', 'none') == 'none' else ', weights ' + options['weights']}, "
         f"{options['threads']} threads\n"
         f"decode: step ms over {options['context']} cached tokens a row, median of {options['steps']} "
         f"interleaved rounds; x{most} = theirs/ours at {most} rows (target {TARGET_RATIO}x, * = missed)\n"
@@ -479,6 +504,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--shared", type=int)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--weights", choices=["none", "int8", "int4"])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", help="results folder (default bench/results)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -492,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(options.pop("family"), options)))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    keys = ("shape", "families", "dtype", "rows", "context", "steps", "prompt", "shared", "rounds", "threads")
+    keys = tuple(DEFAULTS)
     options = options_from(QUICK if args.quick else DEFAULTS, args, keys)
     unknown = [f for f in options["families"] if f not in FAMILIES]
     if unknown:

@@ -141,29 +141,7 @@ def load_model(config: KVCacheConfig) -> LoadedModel:
             context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         parameters = sum(p.numel() for p in model.parameters())  # before quantization moves some out
         if scheme != "none":
-            # Many-row products (prompt chunks) use a dense copy of the weights: bfloat16 where the
-            # CPU multiplies it in hardware, else float32, several times faster there.
-            dense_dtype = torch.bfloat16 if has_bf16_instructions() else torch.float32
-            # Decode batches of a few rows through the tile kernel where the CPU has AMX tiles or
-            # AVX512-BF16 and the native code is asked for (`weight_quant`'s docstring says why).
-            tiles = (
-                config.native_decode and dense_dtype == torch.bfloat16 and native.tile_linear() is not None
-            )
-            quantize_weights(model, scheme, dense_dtype, tiles=tiles)
-            # From how many rows on the tile kernel, then the dense copy, is faster, on this CPU.
-            for bits in (4, 8):
-                tiles_from, dense_from = _row_splits(model, bits)
-                set_tiles_from_rows(model, tiles_from, bits)
-                set_dense_from_rows(model, dense_from, bits)
-                if tiles:
-                    log.info(
-                        "int%d layers multiply %d rows or more through the tile kernel, %d or more "
-                        "through their dense copies", bits, tiles_from, dense_from,
-                    )  # fmt: skip
-                else:
-                    log.info(
-                        "int%d layers multiply %d rows or more through their dense copies", bits, dense_from
-                    )
+            quantize_for_serving(model, scheme, config.native_decode)
             fingerprint = f"{fingerprint}+w{scheme}"
         elif not config.batch_invariant:
             # An unquantized bfloat16 model's linear layers multiply through prepacked weights
@@ -233,6 +211,31 @@ def _weights_reason(
     else:
         where = f"the model runs in {str(dtype).removeprefix('torch.')}, the quantized kernels need bfloat16"
     return f"{served}: the file's blocks are {layout}, dequantized because {where}"
+
+
+def quantize_for_serving(model: Any, scheme: str, native_decode: bool = True) -> None:
+    """What the loader does to a bfloat16 model's weights for `weight_quantization` int8 or int4
+    (`scheme`; benchmarks that build a model themselves call it too): its linear layers quantized
+    (`weight_quant`), and from how many rows each kernel is faster timed on this CPU."""
+    # Many-row products (prompt chunks) use a dense copy of the weights: bfloat16 where the CPU
+    # multiplies it in hardware, else float32, several times faster there.
+    dense_dtype = torch.bfloat16 if has_bf16_instructions() else torch.float32
+    # Decode batches of a few rows through the tile kernel where the CPU has AMX tiles or
+    # AVX512-BF16 and the native code is asked for (`weight_quant`'s docstring says why).
+    tiles = native_decode and dense_dtype == torch.bfloat16 and native.tile_linear() is not None
+    quantize_weights(model, scheme, dense_dtype, tiles=tiles)
+    # From how many rows on the tile kernel, then the dense copy, is faster, on this CPU.
+    for bits in (4, 8):
+        tiles_from, dense_from = _row_splits(model, bits)
+        set_tiles_from_rows(model, tiles_from, bits)
+        set_dense_from_rows(model, dense_from, bits)
+        if tiles:
+            log.info(
+                "int%d layers multiply %d rows or more through the tile kernel, %d or more "
+                "through their dense copies", bits, tiles_from, dense_from,
+            )  # fmt: skip
+        else:
+            log.info("int%d layers multiply %d rows or more through their dense copies", bits, dense_from)
 
 
 def prepare_dense_weights(model: Any) -> None:

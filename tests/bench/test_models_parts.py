@@ -92,3 +92,23 @@ def test_quick_measures_two_tiny_families_with_reuse():
     # Both on the plain step: Gemma 3 through its own layout (`llama_step.LAYOUTS`).
     assert result["families"]["llama"]["plain_step"] and result["families"]["gemma3"]["plain_step"]
     assert "gemma3" in models.render(result)
+
+
+def test_quantized_families_decode_through_the_native_layers():
+    """`--weights int8`: both sides quantized alike, ours through the native decode layers for
+    every family here (Gemma 3's sliding layers, norms and rotary per layer type included)."""
+    options = {
+        **models.QUICK,
+        "families": ["qwen3", "gemma3"],
+        "threads": 1,
+        "steps": 2,
+        "rounds": 1,
+        "weights": "int8",
+    }
+    result = {"options": options, "families": {f: models.measure(f, options) for f in options["families"]}}
+    for family, entry in result["families"].items():
+        assert entry["weights"] == "int8" and entry["dtype"] == "bfloat16", family
+        assert entry["plain_step"] and entry["native_layers"], family
+        assert entry["cached_tokens"] > 0, family
+    table = models.render(result)
+    assert "weights int8" in table and "plain+native" in table

@@ -223,14 +223,22 @@ class LlamaStep:
         described = []
         for layer, window, kind in zip(layers, windows, kinds, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
+            # q/k/v and gate/up: one projection each where fused (quantized layers; Phi-3's own),
+            # else each its own (a dense model's, computing what transformers computes)
+            qkv: tuple[Any, ...]
             if hasattr(attn, "qkv_proj"):  # Phi-3: q, k and v as one projection already
-                qkv = attn.qkv_proj
+                qkv = (attn.qkv_proj, None, None)
             else:
-                qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
+                parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+                fused = _fused(parts)
+                qkv = tuple(parts) if fused is None else (fused, None, None)
+            gate_up: tuple[Any, ...]
             if hasattr(mlp, "gate_up_proj"):  # Phi-3: the gate then the up projection
-                gate_up, gate_size = mlp.gate_up_proj, mlp.gate_up_proj.out_features // 2
+                gate_up, gate_size = (mlp.gate_up_proj, None), mlp.gate_up_proj.out_features // 2
             else:
-                gate_up, gate_size = _fused([mlp.gate_proj, mlp.up_proj]), mlp.gate_proj.out_features
+                fused = _fused([mlp.gate_proj, mlp.up_proj])
+                gate_up = (mlp.gate_proj, mlp.up_proj) if fused is None else (fused, None)
+                gate_size = mlp.gate_proj.out_features
             if layout.sandwich:
                 modules = [
                     layer.input_layernorm,
@@ -246,10 +254,7 @@ class LlamaStep:
                 return None  # a norm the native call does not compute
             described.append(
                 NativeLayer(
-                    qkv=qkv,
-                    o=attn.o_proj,
-                    gate_up=gate_up,
-                    down=mlp.down_proj,
+                    projections=(*qkv, attn.o_proj, *gate_up, mlp.down_proj),
                     gate_size=gate_size,
                     norms=norms,
                     scaling=float(attn.scaling),

@@ -77,6 +77,7 @@ import torch
 
 from bulk.models import batched_attention
 from bulk.models.batched_attention import StepBatch
+from bulk.models.packed_linear import PackedLinear
 from bulk.models.weight_quant import WeightOnlyLinear
 
 log = logging.getLogger(__name__)
@@ -223,11 +224,10 @@ class NativeFamily:
 class NativeLayer:
     """One decoder layer as the native call takes it: `llama_step` describes each of a model's."""
 
-    qkv: Any  # q, k and v as one projection (fused, or Phi-3's own)
-    o: Any
-    gate_up: Any  # gate then up, as one projection
-    down: Any
-    gate_size: int  # the gate's share of gate_up's outputs
+    # In `SLOTS` order: q/k/v as one projection (fused, or Phi-3's own) with k and v None, or q, k
+    # and v (an unquantized model's, whose layers are not fused); o; gate/up likewise; down.
+    projections: tuple[Any, ...]
+    gate_size: int  # the gate's share of a fused gate/up's outputs
     # (weight, epsilon) of the norms, or None where the layer has none: the input norm, the MLP's
     # input norm, the attention's and the MLP's output norms (Gemma's sandwich), the query's and
     # the key's head norms (Qwen 3, Gemma 3). Gemma's weights are its float32 factors `1 + weight`.
@@ -237,6 +237,8 @@ class NativeLayer:
     window: int  # its sliding window in tokens, 0 for full attention
 
 
+# The projections' order in `NativeLayer.projections` and in the C++ call (`Slot` there).
+SLOTS = ("q", "k", "v", "o", "gate", "up", "down")
 # The norms' order in `NativeLayer.norms` and in the C++ call (`NORMS` there).
 NORM_SLOTS = ("input", "mlp_input", "attention_output", "mlp_output", "query_heads", "key_heads")
 
@@ -244,11 +246,11 @@ NORM_SLOTS = ("input", "mlp_input", "attention_output", "mlp_output", "query_hea
 class _LayerParts(NamedTuple):
     norms: list[torch.Tensor]  # NORM_SLOTS, an empty tensor where the layer has none
     shapes: list[int]  # rotary index, window
-    # (qweight, scales, tile weights, tile scales) of q/k/v, o, gate/up, down (empty tiles: none)
+    # per `SLOTS`: (qweight, scales, tile weights, tile scales), empty where not quantized
     weights: list[torch.Tensor]
-    dense: list[torch.Tensor]  # the dense weights (`dense_weight`) of q/k/v, o, gate/up, down
-    biases: list[torch.Tensor | None]  # of q/k/v, o, gate/up, down (Qwen2's q/k/v have one)
-    bits: list[int]  # of q/k/v, o, gate/up, down
+    dense: list[torch.Tensor]  # per `SLOTS`: the dense weight (`dense_weight`, or the layer's), empty: none
+    biases: list[torch.Tensor | None]  # per `SLOTS` (Qwen2's q/k/v have one)
+    bits: list[int]  # per `SLOTS`: 4 or 8, 16 where not quantized
     # group size, eps, scaling, gate size, dense_from_rows, tiles_from_rows
     shape: tuple[int, float, float, int, int, int]
 
@@ -261,11 +263,11 @@ class NativeLayers:
     call: Callable[..., torch.Tensor]
     norms: list[torch.Tensor]  # per layer: `NORM_SLOTS`, an empty tensor for none
     layer_shapes: list[int]  # per layer: rotary index (-1: none), sliding window (0: none)
-    # per layer: (qweight, scales, tile weights, tile scales) of q/k/v, o, gate/up, down
+    # per layer and `SLOTS`: (qweight, scales, tile weights, tile scales)
     weights: list[torch.Tensor]
-    dense: list[torch.Tensor]  # per layer: the dense weights (`dense_weight`) of q/k/v, o, gate/up, down
-    biases: list[torch.Tensor | None]  # per layer: the biases (or None) of q/k/v, o, gate/up, down
-    bits: list[int]  # per layer: of q/k/v, o, gate/up, down
+    dense: list[torch.Tensor]  # per layer and `SLOTS`: the dense weight, empty for an empty slot
+    biases: list[torch.Tensor | None]  # per layer and `SLOTS`: the bias or None
+    bits: list[int]  # per layer and `SLOTS`
     group_size: int
     dense_from_rows: int  # `WeightOnlyLinear.dense_from_rows`
     tiles_from_rows: int  # `WeightOnlyLinear.tiles_from_rows`
@@ -289,7 +291,8 @@ class NativeLayers:
     ) -> NativeLayers | None:
         """For a model's decoder `layers` as `llama_step` describes them, with (query heads, key
         heads, head size) `heads` and parameters of `dtype` on `device`: None unless every layer is
-        quantized and laid out as the native call expects, and the call could be built."""
+        laid out as the native call expects (every projection quantized, or every one dense), and
+        the call could be built."""
         q_heads, kv_heads, head_dim = heads
         if head_dim > batched_attention.GQA_HEAD_DIM or not layers or family.activation not in ACTIVATIONS:
             return None
@@ -347,39 +350,67 @@ class NativeLayers:
         )  # fmt: skip
 
 
-# What the native call gets for a projection without tiles, and for a norm the layer does not have.
+# What the native call gets for a projection without tiles (or not quantized), for an empty slot,
+# and for a norm the layer does not have.
 _NO_TILES = torch.empty(0, dtype=torch.uint8)
+_EMPTY = torch.empty(0)
 _NO_NORM = torch.empty(0)
+# A dense layer's row thresholds: its weight for every row count (`linear` in the C++ file).
+_DENSE_SPLIT = (0, 1 << 30)
+
+
+# A slot's arguments: (qweight, scales, tiles, tile scales), dense weight, bias, bits.
+_Slot = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None, int]
+
+
+def _slot(p: Any) -> _Slot | None:
+    """(qweight, scales, tiles, tile scales), dense weight, bias and bits of a projection as the
+    native call multiplies it: a quantized layer (`WeightOnlyLinear`), or a dense one through its
+    weight as it is (`PackedLinear`'s prepacked for oneDNN, an `nn.Linear`'s plain), which is what
+    their forwards compute; None for any other module."""
+    if isinstance(p, WeightOnlyLinear):
+        return [p.qweight, p.scales, *(p.tiles or (_NO_TILES, _NO_TILES))], p.dense_weight(), p.bias, p.bits
+    if isinstance(p, PackedLinear) or type(p) is torch.nn.Linear:
+        return [_NO_TILES] * 4, p.weight, p.bias, 16
+    return None
 
 
 def _layer_parts(layer: NativeLayer) -> _LayerParts | None:
-    """One layer's arguments, or None when the native call cannot run it: a projection not
-    quantized, or the projections' group sizes or row thresholds differ, or its norms' epsilons."""
-    projections = [layer.qkv, layer.o, layer.gate_up, layer.down]
-    if not all(isinstance(p, WeightOnlyLinear) for p in projections):
+    """One layer's arguments, or None when the native call cannot run it: a projection neither
+    quantized nor dense, quantized and dense ones mixed, the quantized ones' group sizes or row
+    thresholds differing, or its norms' epsilons."""
+    present = [p for p in layer.projections if p is not None]
+    if len(layer.projections) != len(SLOTS) or any(_slot(p) is None for p in present):
         return None
-    splits = {(p.dense_from_rows, p.tiles_from_rows) for p in projections}
-    if len({p.group_size for p in projections}) != 1 or len(splits) != 1:
+    quantized = [p for p in present if isinstance(p, WeightOnlyLinear)]
+    if quantized and len(quantized) != len(present):
         return None
+    splits = {(p.dense_from_rows, p.tiles_from_rows) for p in quantized} or {_DENSE_SPLIT}
+    if len({p.group_size for p in quantized}) > 1 or len(splits) != 1:
+        return None
+    group_size = quantized[0].group_size if quantized else 0
+    dense_from_rows, tiles_from_rows = splits.pop()
     if len(layer.norms) != len(NORM_SLOTS) or layer.norms[0] is None or layer.norms[1] is None:
         return None
     epsilons = {eps for norm in layer.norms if norm is not None for eps in (norm[1],)}
     if len(epsilons) != 1:
         return None
+    empty: _Slot = ([_NO_TILES] * 4, _EMPTY, None, 16)
+    slots = [empty if p is None else _slot(p) or empty for p in layer.projections]
     return _LayerParts(
         norms=[_NO_NORM if norm is None else norm[0] for norm in layer.norms],
         shapes=[layer.rotary, layer.window],
-        weights=[t for p in projections for t in (p.qweight, p.scales, *(p.tiles or (_NO_TILES, _NO_TILES)))],
-        dense=[p.dense_weight() for p in projections],
-        biases=[p.bias for p in projections],
-        bits=[p.bits for p in projections],
+        weights=[t for slot in slots for t in slot[0]],
+        dense=[slot[1] for slot in slots],
+        biases=[slot[2] for slot in slots],
+        bits=[slot[3] for slot in slots],
         shape=(
-            projections[0].group_size,
+            group_size,
             float(epsilons.pop()),
             float(layer.scaling),
             layer.gate_size,
-            projections[0].dense_from_rows,
-            projections[0].tiles_from_rows,
+            dense_from_rows,
+            tiles_from_rows,
         ),
     )
 

@@ -234,7 +234,7 @@ def test_sliding_window_layers_take_the_plain_step_bit_identically(family):
     step, why = llama_step.build(model)
     assert why is None and step is not None
     assert [layer.window for layer in step.layers] == list(hf_cache.attention_windows(model))
-    assert step.native is None  # a float model: the native layers take quantized ones (test_native)
+    assert step.native is not None  # its decode rows through the native layers, windows and all
     theirs, ours = _both(model, step)
     assert torch.equal(theirs, ours)
 
@@ -300,9 +300,9 @@ def test_gemma_takes_the_plain_step_bit_identically(family):
     assert why is None and step is not None
     assert step.layout is (llama_step.GEMMA2 if family == "gemma2" else llama_step.GEMMA3)
     assert [layer.window for layer in step.layers] == list(hf_cache.attention_windows(model)) == [8, None]
-    # The Python loop's native prompt operations are Llama's; the native decode layers take
-    # quantized models only (a quantized Gemma's: test_native).
-    assert step.native is None and step.prompt_ops is None
+    # The Python loop's native prompt operations are Llama's; the native decode layers take every
+    # family's (test_native).
+    assert step.native is not None and step.prompt_ops is None
     assert all(
         layer.attention_out_norm is not None and layer.mlp_out_norm is not None for layer in step.layers
     )

@@ -97,12 +97,13 @@ def test_decode_rows_of_a_quantized_model_run_natively_and_bit_identically(weigh
     assert torch.equal(ours, python)
 
 
-def _family(family: str):
-    """A tiny model of `family` with int8 weights in bfloat16: "qwen2" (q/k/v biases), "qwen3"
-    (q/k head norms), "phi3" (its own fused projections), "smollm3" (a layer without rotary), the
-    sliding Mistral and Qwen2 (window 8), Gemma 2 (sandwich norms, GELU-tanh, soft-capped scores,
-    window 8 on alternate layers) and Gemma 3 (q/k norms after the transpose, a rotary embedding
-    per layer type), their norms' weights randomised so that `1 + weight` changes something."""
+def _family(family: str, quantized: bool = True):
+    """A tiny model of `family` in bfloat16, with int8 weights (`quantized`) or its own: "qwen2" (q/k/v
+    biases), "qwen3" (q/k head norms), "phi3" (its own fused projections), "smollm3" (a layer
+    without rotary), the sliding Mistral and Qwen2 (window 8), Gemma 2 (sandwich norms, GELU-tanh,
+    soft-capped scores, window 8 on alternate layers) and Gemma 3 (q/k norms after the transpose, a
+    rotary embedding per layer type), their norms' weights randomised so that `1 + weight` changes
+    something."""
     from tests.tiny_hf_model import llama_layout_model, sliding_family_model
 
     name, _, sliding = family.partition("-")
@@ -114,7 +115,8 @@ def _family(family: str):
             if type(module).__name__.endswith("RMSNorm"):
                 module.weight.uniform_(low, low + 1.0)
     model = model.to(torch.bfloat16)
-    weight_quant.quantize_weights(model, "int8", torch.bfloat16)
+    if quantized:
+        weight_quant.quantize_weights(model, "int8", torch.bfloat16)
     assert batched_attention.enable(model) is None
     return model
 
@@ -124,8 +126,9 @@ def _family(family: str):
 @pytest.mark.parametrize(
     "family", ["qwen2", "qwen3", "phi3", "smollm3", "mistral-sliding", "qwen2-sliding", "gemma2", "gemma3"]
 )
-def test_every_familys_decode_rows_run_natively_and_bit_identically(family):
-    model = _family(family)
+@pytest.mark.parametrize("quantized", [True, False])
+def test_every_familys_decode_rows_run_natively_and_bit_identically(family, quantized):
+    model = _family(family, quantized)
     step, why = llama_step.build(model)  # the check against transformers includes a native step
     assert why is None and step is not None and step.native is not None
     layers = step.native.layer_shapes
@@ -151,7 +154,22 @@ def test_every_familys_decode_rows_run_natively_and_bit_identically(family):
     assert len(calls) == 2
 
 
-def test_prompt_chunks_and_float_models_keep_the_python_loop():
+# An unquantized model's decode rows take the native layers too, each projection through its own
+# weight as its forward multiplies it (q, k and v apart, as transformers computes them): float32
+# plain, bfloat16 prepacked for oneDNN as the loader leaves it.
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_unquantized_decode_rows_run_natively_and_bit_identically(dtype):
+    model = load_model(KVCacheConfig(model="demo", device="cpu", dtype=dtype)).model
+    assert batched_attention.enable(model) is None
+    step, why = llama_step.build(model)  # the check against transformers includes a native step
+    assert why is None and step is not None and step.native is not None
+    assert all(d.numel() > 0 for d in step.native.dense[:3])  # q, k and v apart
+    rows = [Segment(0, 9, 1), Segment(64, 30, 1), Segment(128, 2, 1)]
+    ours = _decode(step, model, True, rows)
+    assert torch.equal(ours, _decode(step, model, False, rows))
+
+
+def test_prompt_chunks_keep_the_python_loop():
     model = _quantized()
     step, _ = llama_step.build(model)
     assert step is not None and step.native is not None
@@ -165,10 +183,6 @@ def test_prompt_chunks_and_float_models_keep_the_python_loop():
     assert not step.native.takes(
         batched_attention.step_batch(pool, [Segment(0, 2, 1)], attention, 0), 4
     )  # padded
-    float_model = load_model(KVCacheConfig(model="demo", device="cpu", dtype="float32")).model
-    batched_attention.enable(float_model)
-    float_step, _ = llama_step.build(float_model)
-    assert float_step is not None and float_step.native is None  # its projections are not quantized
 
 
 def test_switched_off_or_unbuildable_the_python_loop_decodes(monkeypatch, caplog):

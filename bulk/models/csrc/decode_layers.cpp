@@ -255,6 +255,12 @@ void norm_heads(at::Tensor& fused, const at::Tensor& q_norm, const at::Tensor& k
   }
 }
 
+// Per layer, its projections in seven slots (`Slot`): q/k/v as one fused projection with the k and v
+// slots empty, or as three (an unquantized model's, whose layers are not fused, so that it computes
+// what transformers computes); gate/up likewise. Each slot is (qweight, scales, tiles, tile scales),
+// a dense weight, a bias or none and a bit width; an empty slot has an empty dense weight.
+enum Slot : int64_t { kQ = 0, kK, kV, kO, kGate, kUp, kDown, kSlots };
+
 // Per layer, after its six norms (input, MLP input, attention output, MLP output, query heads, key
 // heads; an empty tensor where the layer has none), two numbers: which of the step's rotary angles
 // it takes (-1: none, SmolLM3's layers without rotary) and its sliding window in tokens (0: none).
@@ -276,10 +282,10 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, at::TensorList angles, con
   TORCH_CHECK(!angles.empty() && angles.size() % 2 == 0, "angles: (cos, signed sin) pairs");
   TORCH_CHECK(norms.size() == count(NORMS * layers), "six norms (or empty tensors) a layer");
   TORCH_CHECK(layer_shapes.size() == count(SHAPES * layers), "a rotary index and a window a layer");
-  TORCH_CHECK(weights.size() == count(16 * layers), "four (qweight, scales, tiles, tile scales) a layer");
-  TORCH_CHECK(bits.size() == count(4 * layers), "four bit widths a layer");
-  TORCH_CHECK(dense.size() == count(4 * layers), "four dense copies a layer");
-  TORCH_CHECK(biases.size() == count(4 * layers), "four biases (or none) a layer");
+  TORCH_CHECK(weights.size() == count(4 * kSlots * layers), "(qweight, scales, tiles, tile scales) a slot");
+  TORCH_CHECK(bits.size() == count(kSlots * layers), "a bit width a slot");
+  TORCH_CHECK(dense.size() == count(kSlots * layers), "a dense weight (or an empty one) a slot");
+  TORCH_CHECK(biases.size() == count(kSlots * layers), "a bias (or none) a slot");
   TORCH_CHECK(starts.size() == count(n) && ends.size() == count(n), "one KV range per row");
   for (int64_t i = 0; i < layers; ++i) {
     const int64_t rotary = layer_shapes[SHAPES * i];
@@ -293,19 +299,19 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, at::TensorList angles, con
   at::Tensor hidden = hidden_in;
   const RowSplit split{dense_from_rows, tiles_from_rows};
   for (int64_t i = 0; i < layers; ++i) {
-    // qkv, o, gate_up, down: (qweight, scales, tiles, tile scales) each
-    const at::Tensor* w = weights.data() + 16 * i;
-    const at::Tensor* d = dense.data() + 4 * i;    // qkv, o, gate_up, down
+    const at::Tensor* w = weights.data() + 4 * kSlots * i;  // a slot's (qweight, scales, tiles, tile scales)
+    const at::Tensor* d = dense.data() + kSlots * i;
     const at::Tensor* nw = norms.data() + NORMS * i;  // input, MLP input, attention out, MLP out, q, k
-    const int64_t* b = bits.data() + 4 * i;
+    const int64_t* b = bits.data() + kSlots * i;
     const int64_t rotary = layer_shapes[SHAPES * i], window = layer_shapes[SHAPES * i + 1];
-    const std::optional<at::Tensor> bias[4] = {biases.get(4 * i), biases.get(4 * i + 1), biases.get(4 * i + 2),
-                                                biases.get(4 * i + 3)};  // qkv, o, gate_up, down
+    const auto project = [&](const at::Tensor& x, int64_t slot) {
+      return linear(x, w + 4 * slot, d[slot], biases.get(kSlots * i + slot), b[slot], group_size, split);
+    };
     at::Tensor residual = hidden;
     at::Tensor h = norm(hidden, nw[0], family);
-    // qkv: one fused layer; the query and key heads normed where the family norms them, then
-    // rotated together
-    at::Tensor fused = linear(h, w, d[0], bias[0], b[0], group_size, split);  // (1, N, (q + 2 kv) hd)
+    // q/k/v side by side, (1, N, (q + 2 kv) hd): one fused layer, or three; the query and key heads
+    // normed where the family norms them, then rotated together
+    at::Tensor fused = d[kK].numel() == 0 ? project(h, kQ) : at::cat({project(h, kQ), project(h, kK), project(h, kV)}, -1);
     if (nw[4].numel() > 0 || nw[5].numel() > 0) {
       fused = fused.contiguous();
       norm_heads(fused, nw[4], nw[5], q_heads, kv_heads, head_dim, family);
@@ -347,14 +353,20 @@ at::Tensor decode_layers(const at::Tensor& hidden_in, at::TensorList angles, con
       from = found->second;
     }
     at::Tensor attn = decode_attention(query, layer, from, ends, scaling, float32_attention, softcap);
-    at::Tensor out = linear(attn.reshape({1, n, -1}).contiguous(), w + 4, d[1], bias[1], b[1], group_size, split);
+    at::Tensor out = project(attn.reshape({1, n, -1}).contiguous(), kO);
     if (nw[2].numel() > 0) out = norm(out, nw[2], family);  // Gemma's sandwich norm
     hidden = residual + out;
     residual = hidden;
     h = norm(hidden, nw[1], family);
-    at::Tensor gate_up = linear(h, w + 8, d[2], bias[2], b[2], group_size, split);
-    auto parts = gate_up.split_with_sizes({gate_size, gate_up.size(-1) - gate_size}, -1);
-    out = linear(activation(parts[0], family) * parts[1], w + 12, d[3], bias[3], b[3], group_size, split);
+    at::Tensor gate, up;
+    if (d[kUp].numel() == 0) {  // gate/up as one layer
+      const at::Tensor gate_up = project(h, kGate);
+      auto parts = gate_up.split_with_sizes({gate_size, gate_up.size(-1) - gate_size}, -1);
+      gate = parts[0], up = parts[1];
+    } else {
+      gate = project(h, kGate), up = project(h, kUp);
+    }
+    out = project(activation(gate, family) * up, kDown);
     if (nw[3].numel() > 0) out = norm(out, nw[3], family);
     hidden = residual + out;
   }

@@ -99,21 +99,8 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 
 using namespace vec;
 
-// float32 -> bfloat16 bits, rounded to nearest even as ATen rounds (a NaN stays a NaN).
-inline u32x16 bf16_bits(f32x16 v) {
-  u32x16 u;
-  std::memcpy(&u, &v, sizeof(u));
-  const u32x16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const i32x16 nan = v != v;
-  return nan ? u32x16{} + 0x7FC0u : rounded;
-}
-
-inline f32x16 round_bf16(f32x16 v) {  // the float32 value of v rounded to bfloat16
-  const u32x16 bits = bf16_bits(v) << 16;
-  f32x16 out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
+// ATen's bfloat16 operators round through its scalar conversion: a NaN becomes 0x7FC0.
+constexpr uint32_t kNaN = 0x7FC0u;
 
 template <typename P>
 inline void store16(P* dst, u32x16 bits);
@@ -164,9 +151,9 @@ at::Tensor rotary_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const a
       std::memcpy(rolled + half, in, half * sizeof(BF16));
       P* key = j >= q_heads && r < tokens ? pool + (j - q_heads) * head_stride + at_pos[r] * token_stride : nullptr;
       for (int64_t d = 0; d < head_dim; d += 16) {
-        const f32x16 a = round_bf16(load16(in + d) * load16(cr + d));
-        const f32x16 b = round_bf16(load16(rolled + d) * load16(sr + d));
-        const u32x16 bits = bf16_bits(a + b);
+        const f32x16 a = round_bf16(load16(in + d) * load16(cr + d), kNaN);
+        const f32x16 b = round_bf16(load16(rolled + d) * load16(sr + d), kNaN);
+        const u32x16 bits = bf16_bits(a + b, kNaN);
         if (j < q_heads) {
           store16(q + (r * q_heads + j) * head_dim + d, bits);
         } else if (key != nullptr) {
@@ -178,7 +165,7 @@ at::Tensor rotary_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const a
       for (int64_t j = 0; j < kv_heads; ++j) {
         const BF16* in = row + (rotated + j) * head_dim;
         P* value = pool + kind_stride + j * head_stride + at_pos[r] * token_stride;
-        for (int64_t d = 0; d < head_dim; d += 16) store16(value + d, bf16_bits(load16(in + d)));
+        for (int64_t d = 0; d < head_dim; d += 16) store16(value + d, bf16_bits(load16(in + d), kNaN));
       }
     }
   }

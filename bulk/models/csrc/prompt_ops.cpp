@@ -43,22 +43,12 @@ inline float opaque(float v) {
   return v;
 }
 
-// float32 -> bfloat16 bits, rounded to nearest even as ATen's AVX-512 conversion rounds
-// (`cvtfp32_bf16`: a NaN becomes 0xFFFF).
-inline u32x16 to_bf16_bits(f32x16 v) {
-  u32x16 u;
-  std::memcpy(&u, &v, sizeof(u));
-  const u32x16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const i32x16 nan = v != v;
-  return nan ? u32x16{} + 0xFFFFu : rounded;
-}
+// ATen's AVX-512 conversion (`cvtfp32_bf16`), which these kernels stand in for, makes a NaN 0xFFFF.
+constexpr uint32_t kNaN = 0xFFFFu;
 
-inline f32x16 rounded_bf16(f32x16 v) {  // v rounded to bfloat16, as float32
-  const u32x16 bits = to_bf16_bits(v) << 16;
-  f32x16 out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
+inline u32x16 to_bf16_bits(f32x16 v) { return bf16_bits(v, kNaN); }
+
+inline f32x16 rounded_bf16(f32x16 v) { return round_bf16(v, kNaN); }  // v rounded to bfloat16, as float32
 
 inline void store_bf16(BF16* dst, f32x16 v) {
   const u16x16 narrow = __builtin_convertvector(to_bf16_bits(v), u16x16);

@@ -38,5 +38,24 @@ inline f32x16 load16(const c10::BFloat16* p) {
   return v;
 }
 
+// float32 -> bfloat16 bits (in the low half of each lane), rounded to nearest even as ATen rounds;
+// a NaN becomes `nan_bits`: ATen's scalar conversion makes it 0x7FC0, its AVX-512 conversion
+// (`cvtfp32_bf16`) 0xFFFF, and each caller matches the ATen path it stands in for.
+inline u32x16 bf16_bits(f32x16 v, uint32_t nan_bits) {
+  u32x16 u;
+  std::memcpy(&u, &v, sizeof(u));
+  const u32x16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const i32x16 nan = v != v;
+  return nan ? u32x16{} + nan_bits : rounded;
+}
+
+// v rounded to bfloat16, as float32 (a NaN's bits as `bf16_bits` makes them).
+inline f32x16 round_bf16(f32x16 v, uint32_t nan_bits) {
+  const u32x16 bits = bf16_bits(v, nan_bits) << 16;
+  f32x16 out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
 }  // namespace vec
 }  // namespace bul

@@ -13,11 +13,11 @@ as another, bit-identical to the separate ones and with fewer kernel calls. Dens
 separate, so that a float model computes exactly what transformers computes (a fused GEMM may sum
 in another order).
 
-A quantized model's decode steps (one new token per request) run the layer loop as one native call
+A model's decode steps (one new token per request) run the layer loop as one native call
 (`bulk.models.native.NativeLayers`), for every family here: the same operations in C++, without the
 Python between them, over a small description of each layer (`_native_layers`: its norms, which
-rotary embedding or none, its window) and of the family (`NativeFamily`). Prompt chunks, float
-models and machines without a C++ compiler keep the Python loop; for bfloat16 activations that loop
+rotary embedding or none, its window) and of the family (`NativeFamily`), quantized or not. Prompt
+chunks and machines without a C++ compiler keep the Python loop; for bfloat16 activations that loop
 runs each residual add with the RMS norm after it as one native call (`native.add_rms_norm`,
 `_fused_layers`), rounded as ATen rounds, bit for bit: in a 512-token chunk the norms' eight ATen
 operations were about a tenth of the time.

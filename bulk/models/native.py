@@ -2,7 +2,7 @@
 
 Seven operations, in one library:
 
-  decode_layers     a quantized model's decode step, every layer, as one call, for every family
+  decode_layers     a model's decode step, every layer, as one call, for every family
                     `llama_step` runs (`csrc/decode_layers.cpp`)
   decode_attention  every decode row's attention over its KV range in the pool, for one layer, as
                     one call (`csrc/decode_attention.cpp`; `batched_attention.attend` uses it for
@@ -45,8 +45,9 @@ built (no compiler) the engine logs why and keeps the Python loop and one SDPA c
 row from Python, slower, with the same answers up to the last bits of attention. `decode_layers`
 covers steps of decode rows only (one new token per request; each matrix product takes the
 quantized kernel or the dense copy by the number of rows, as `WeightOnlyLinear` does) of a model
-whose layers are all quantized (`weight_quant.WeightOnlyLinear`, q/k/v and gate/up fused): prompt
-chunks are a few large matrix products, where Python's share is small.
+whose layers are all quantized (`weight_quant.WeightOnlyLinear`, q/k/v and gate/up fused) or all
+dense (`packed_linear.PackedLinear` or `nn.Linear`, q/k/v and gate/up apart, as transformers
+multiplies them): prompt chunks are a few large matrix products, where Python's share is small.
 
 One loop serves every family, from a small description rather than a copy per family: the family's
 activation, norm kind (Gemma's `1 + weight`), where its q/k head norms apply and its attention

@@ -73,6 +73,8 @@ DENSE_FROM_ROWS = 24
 # ms, 16: 20 / 9, 24: 30 / 9. So the split is measured once per process on the model's own shapes
 # (`measure_dense_from_rows`) and only ever lowered from DENSE_FROM_ROWS: a prompt chunk still
 # takes the dense path on every CPU.
+# The outputs torch's int4 layout (`_convert_weight_to_int4pack_for_cpu`) packs together (`fuse`).
+INT4_PACK_BLOCK = 64
 DENSE_WIN_MARGIN = 0.8  # the dense copy must be this much faster, so that close calls do not flip
 # With tiles (see the module's docstring) the tile kernel takes over from torch's at this many rows,
 # unless measured otherwise (`measure_tiles_from_rows`); the dense copy's split is then measured
@@ -169,6 +171,11 @@ def fuse(parts: list[WeightOnlyLinear]) -> WeightOnlyLinear | None:
     if len(parts) < 2 or any((p.in_features, p.bits, p.group_size, p.dense.dtype) != key for p in parts):
         return None
     if len({p.bias is None for p in parts}) > 1:
+        return None
+    # torch's int4 layout packs the outputs in blocks of 64: the parts' rows side by side are the
+    # fused layer's only where every block lies within one part (a last part's shorter tail is
+    # packed alike on both sides). Tiny models' 32-output k/v projections are not.
+    if first.bits == 4 and any(p.out_features % INT4_PACK_BLOCK for p in parts[:-1]):
         return None
     fused = WeightOnlyLinear.__new__(WeightOnlyLinear)
     nn.Module.__init__(fused)

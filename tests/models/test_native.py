@@ -97,13 +97,13 @@ def test_decode_rows_of_a_quantized_model_run_natively_and_bit_identically(weigh
     assert torch.equal(ours, python)
 
 
-def _family(family: str, quantized: bool = True):
-    """A tiny model of `family` in bfloat16, with int8 weights (`quantized`) or its own: "qwen2" (q/k/v
-    biases), "qwen3" (q/k head norms), "phi3" (its own fused projections), "smollm3" (a layer
-    without rotary), the sliding Mistral and Qwen2 (window 8), Gemma 2 (sandwich norms, GELU-tanh,
-    soft-capped scores, window 8 on alternate layers) and Gemma 3 (q/k norms after the transpose, a
-    rotary embedding per layer type), their norms' weights randomised so that `1 + weight` changes
-    something."""
+def _family(family: str, weights: str = "int8"):
+    """A tiny model of `family` in bfloat16, with int8 or int4 weights or its own (`weights`):
+    "qwen2" (q/k/v biases), "qwen3" (q/k head norms), "phi3" (its own fused projections),
+    "smollm3" (a layer without rotary), the sliding Mistral and Qwen2 (window 8), Gemma 2
+    (sandwich norms, GELU-tanh, soft-capped scores, window 8 on alternate layers) and Gemma 3
+    (q/k norms after the transpose, a rotary embedding per layer type), their norms' weights
+    randomised so that `1 + weight` changes something."""
     from tests.tiny_hf_model import llama_layout_model, sliding_family_model
 
     name, _, sliding = family.partition("-")
@@ -115,8 +115,8 @@ def _family(family: str, quantized: bool = True):
             if type(module).__name__.endswith("RMSNorm"):
                 module.weight.uniform_(low, low + 1.0)
     model = model.to(torch.bfloat16)
-    if quantized:
-        weight_quant.quantize_weights(model, "int8", torch.bfloat16)
+    if weights != "none":
+        weight_quant.quantize_weights(model, weights, torch.bfloat16)
     assert batched_attention.enable(model) is None
     return model
 
@@ -126,9 +126,9 @@ def _family(family: str, quantized: bool = True):
 @pytest.mark.parametrize(
     "family", ["qwen2", "qwen3", "phi3", "smollm3", "mistral-sliding", "qwen2-sliding", "gemma2", "gemma3"]
 )
-@pytest.mark.parametrize("quantized", [True, False])
-def test_every_familys_decode_rows_run_natively_and_bit_identically(family, quantized):
-    model = _family(family, quantized)
+@pytest.mark.parametrize("weights", ["int8", "int4", "none"])
+def test_every_familys_decode_rows_run_natively_and_bit_identically(family, weights):
+    model = _family(family, weights)
     step, why = llama_step.build(model)  # the check against transformers includes a native step
     assert why is None and step is not None and step.native is not None
     layers = step.native.layer_shapes

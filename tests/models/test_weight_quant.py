@@ -219,6 +219,33 @@ def test_layers_of_different_bits_or_inputs_are_not_fused():
     assert weight_quant.fuse([a]) is None
 
 
+# torch's int4 layout packs 64 outputs together: parts side by side are the fused layer's only where
+# every part but the last is a multiple of 64 outputs (a tiny model's 32-output k/v projections are
+# not, and stay apart); whatever `fuse` fuses computes its parts' bits.
+@pytest.mark.parametrize(
+    ("outs", "fusable"),
+    [
+        ((64, 32, 32), False),
+        ((32, 64), False),
+        ((96, 96), False),
+        ((64, 64, 32), True),
+        ((128, 64, 96), True),
+    ],
+)
+def test_int4_parts_fuse_only_where_the_packed_blocks_line_up(outs, fusable):
+    parts = [WeightOnlyLinear(_linear(out, 64, seed=i).to(torch.bfloat16), 4) for i, out in enumerate(outs)]
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    separate = torch.cat([p(x) for p in parts], dim=-1)
+    fused = weight_quant.fuse(parts)
+    assert (fused is not None) is fusable
+    if fused is not None:
+        assert torch.equal(fused(x), separate)
+    fused8 = weight_quant.fuse(
+        [WeightOnlyLinear(_linear(out, 64, seed=i).to(torch.bfloat16), 8) for i, out in enumerate(outs)]
+    )
+    assert fused8 is not None  # 8-bit rows are packed one by one
+
+
 def test_a_float32_dense_copy_multiplies_many_rows_in_float32():
     """Where the CPU has no bfloat16 instructions the loader keeps the dense copy in float32: many
     rows are multiplied in float32 and come back in bfloat16; few rows still take the kernel."""

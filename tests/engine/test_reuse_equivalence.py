@@ -135,6 +135,10 @@ def test_a_prompt_cached_but_its_last_token_computes_it_as_a_prompt(demo_model):
         return kernel(query, layer, starts, ends, scaling, float32, softcap)
 
     harness.runner.decode_attention = counted
+    # Counted from the Python loop's `attend`: the native decode layers, which take steps of decode
+    # rows only (`NativeLayers.takes`), call the same kernel from C++.
+    assert harness.runner.plain_step is not None
+    harness.runner.plain_step.native = None
     prompt = "question 9, " * 4  # 48 characters and BOS: three full blocks and one token
     (whole,) = harness.run({0: [(prompt, {})]})
     layers = demo_model.num_layers

@@ -244,7 +244,8 @@ void norm_heads(at::Tensor& fused, const at::Tensor& q_norm, const at::Tensor& k
 
 // Per layer, its projections in seven slots (`Slot`): q/k/v as one fused projection with the k and v
 // slots empty, or as three (an unquantized model's, whose layers are not fused, so that it computes
-// what transformers computes); gate/up likewise. Each slot is (qweight, scales, tiles, tile scales),
+// what transformers computes; int4 parts whose packed blocks do not line up, `weight_quant.fuse`);
+// gate/up likewise. Each slot is (qweight, scales, tiles, tile scales),
 // a dense weight, a bias or none and a bit width; an empty slot has an empty dense weight.
 enum Slot : int64_t { kQ = 0, kK, kV, kO, kGate, kUp, kDown, kSlots };
 

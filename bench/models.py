@@ -46,6 +46,7 @@ ratio is the path around them: ours then decodes through the native decode layer
 
     python -m bench.models [--families llama,gemma2] [--steps 8] [--rounds 3] [--threads 2]
     python -m bench.models --weights int4   # quantized as `make run` serves: the native layers
+    python -m bench.models --native-layers off   # the plain step's Python loop for decode rows
     python -m bench.models --quick      # a tiny shape, two families: the smoke test
 """
 
@@ -117,6 +118,7 @@ DEFAULTS: dict[str, Any] = {
     "rounds": 3,
     "threads": 2,
     "weights": "none",
+    "native_layers": True,
 }
 QUICK: dict[str, Any] = {
     **DEFAULTS,
@@ -251,6 +253,8 @@ def _decode_steps(lm: Any, theirs: Any, options: dict[str, Any]) -> dict[str, An
     prefix = PrefixCache(config, lm.fingerprint, lm.dtype, lm.block_shape(config.block_size))
     runner = ModelRunner(lm, prefix, config)
     step = runner.plain_step
+    if step is not None and not options.get("native_layers", True):
+        step.native = None  # decode rows through the plain step's Python loop, for comparison
     out: dict[str, Any] = {
         "batched": runner.batched,
         "plain_step": step is not None,
@@ -505,6 +509,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--weights", choices=["none", "int8", "int4"])
+    parser.add_argument(
+        "--native-layers",
+        dest="native_layers",
+        type=lambda s: s == "on",
+        metavar="on|off",
+        help="off: decode rows through the plain step's Python loop instead of the native decode layers",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", help="results folder (default bench/results)")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -112,3 +112,16 @@ def test_quantized_families_decode_through_the_native_layers():
         assert entry["cached_tokens"] > 0, family
     table = models.render(result)
     assert "weights int8" in table and "plain+native" in table
+
+
+def test_native_layers_off_decodes_through_the_python_loop():
+    """`--native-layers off`: the same plain step with its decode rows through the Python loop, so
+    the native layers' share of a step can be measured side by side."""
+    assert models.parse_args(["--native-layers", "off"]).native_layers is False
+    assert models.parse_args(["--native-layers", "on"]).native_layers is True
+    options = {**models.QUICK, "families": ["llama"], "threads": 1, "steps": 2, "rounds": 1}
+    on = models.measure("llama", options)
+    off = models.measure("llama", {**options, "native_layers": False})
+    assert on["plain_step"] and on["native_layers"]
+    assert off["plain_step"] and not off["native_layers"]
+    assert models._path(off) == "plain" and models._path(on) == "plain+native"

@@ -192,8 +192,8 @@ class LlamaStep:
         self.prompt_ops: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = (
             native_code.add_rms_norm() if use_native and fusable and self.layers else None
         )
-        # Decode steps of a quantized model run their layers as one native call (`bulk.models.native`)
-        # where it could be built: the same operations, without Python between them.
+        # Decode steps run their layers as one native call (`bulk.models.native`) where it could be
+        # built and takes the model's layers: the same operations, without Python between them.
         self.native: NativeLayers | None = (
             self._native_layers(model, layers, windows, kinds) if use_native_layers else None
         )
@@ -204,7 +204,7 @@ class LlamaStep:
         """The decoder `layers` described for the native decode call (`native.NativeLayer`): their
         fused projections (Phi-3's own), norms (Gemma's as their `1 + weight` factors), rotary
         embedding (which of the step's, or none) and window; None where a layer has a part the
-        call does not know, or is not quantized (`NativeLayers.of`)."""
+        call does not know (`NativeLayers.of`)."""
         layout = self.layout
         caps = {
             float(getattr(layer.self_attn, "attn_logit_softcapping", None) or 0.0)
@@ -225,30 +225,13 @@ class LlamaStep:
             attn, mlp = layer.self_attn, layer.mlp
             # q/k/v and gate/up: one projection each where fused (quantized layers; Phi-3's own),
             # else each its own (a dense model's, computing what transformers computes)
-            qkv: tuple[Any, ...]
-            if hasattr(attn, "qkv_proj"):  # Phi-3: q, k and v as one projection already
-                qkv = (attn.qkv_proj, None, None)
-            else:
-                parts = [attn.q_proj, attn.k_proj, attn.v_proj]
-                fused = _fused(parts)
-                qkv = tuple(parts) if fused is None else (fused, None, None)
-            gate_up: tuple[Any, ...]
-            if hasattr(mlp, "gate_up_proj"):  # Phi-3: the gate then the up projection
-                gate_up, gate_size = (mlp.gate_up_proj, None), mlp.gate_up_proj.out_features // 2
-            else:
-                fused = _fused([mlp.gate_proj, mlp.up_proj])
-                gate_up = (mlp.gate_proj, mlp.up_proj) if fused is None else (fused, None)
-                gate_size = mlp.gate_proj.out_features
-            if layout.sandwich:
-                modules = [
-                    layer.input_layernorm,
-                    layer.pre_feedforward_layernorm,
-                    layer.post_attention_layernorm,
-                    layer.post_feedforward_layernorm,
-                ]
-            else:
-                modules = [layer.input_layernorm, layer.post_attention_layernorm, None, None]
-            modules += [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
+            qkv = _qkv_projections(attn)
+            gate_up, gate_size = _gate_up_projections(mlp)
+            modules = [
+                *_norm_modules(layer, layout.sandwich),
+                getattr(attn, "q_norm", None),
+                getattr(attn, "k_norm", None),
+            ]
             norms = tuple(None if m is None else self._norm_factor(m) for m in modules)
             if any(n is None and m is not None for n, m in zip(norms, modules, strict=True)):
                 return None  # a norm the native call does not compute
@@ -306,19 +289,16 @@ class LlamaStep:
         q_norm, k_norm = self._head_norm(attn, "q_norm"), self._head_norm(attn, "k_norm")
         after_transpose = layout.head_norms_after_transpose
         head_norms = q_norm is not None or k_norm is not None
-        if hasattr(attn, "qkv_proj"):  # Phi-3: q, k and v as one projection already, in that order
-            qkv_fused: Projection | None = attn.qkv_proj.forward
-        else:
-            q_proj, k_proj, v_proj = attn.q_proj, attn.k_proj, attn.v_proj
-            qkv_fused = None if head_norms else _forward(_fused([q_proj, k_proj, v_proj]))
-        if hasattr(mlp, "gate_up_proj"):  # Phi-3: the gate then the up projection, as one
-            gate_up_fused: Projection | None = mlp.gate_up_proj.forward
-            gate_size = up_size = mlp.gate_up_proj.out_features // 2
-            act = mlp.activation_fn.forward
-        else:
-            gate_up_fused = _forward(_fused([mlp.gate_proj, mlp.up_proj]))
-            gate_size, up_size = mlp.gate_proj.out_features, mlp.up_proj.out_features
-            act = mlp.act_fn.forward
+        qkv_parts = _qkv_projections(attn)
+        qkv_fused: Projection | None = (
+            None if head_norms or qkv_parts[1] is not None else qkv_parts[0].forward
+        )
+        (gate_or_both, up_part), gate_size = _gate_up_projections(mlp)
+        gate_up_fused: Projection | None = gate_or_both.forward if up_part is None else None
+        up_size = gate_or_both.out_features - gate_size if up_part is None else up_part.out_features
+        # Phi-3 names its activation `activation_fn`, the others `act_fn`.
+        act_fn = mlp.activation_fn if hasattr(mlp, "activation_fn") else mlp.act_fn
+        act = act_fn.forward
 
         def heads(x: torch.Tensor, norm: Projection | None = None) -> torch.Tensor:
             # (1, N, heads * head_dim) -> (1, heads, N, head_dim), as transformers shapes it (a
@@ -344,7 +324,7 @@ class LlamaStep:
                 qk = rotate(x[:, :qk_heads], cos, sin)
                 return qk[:, :q_heads], torch.cat((qk[:, q_heads:], x[:, qk_heads:]), dim=1)
         else:
-            q_forward, k_forward, v_forward = q_proj.forward, k_proj.forward, v_proj.forward
+            q_forward, k_forward, v_forward = attn.q_proj.forward, attn.k_proj.forward, attn.v_proj.forward
 
             def qkv(
                 h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -385,23 +365,20 @@ class LlamaStep:
             def gate_up(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 return gate_forward(h), up_forward(h)
 
+        input_module, mlp_module, attention_out_module, mlp_out_module = _norm_modules(layer, layout.sandwich)
+        mlp_norm = self._norm(mlp_module)
+        attention_out_norm = None if attention_out_module is None else self._norm(attention_out_module)
+        mlp_out_norm = None if mlp_out_module is None else self._norm(mlp_out_module)
         norms = None
-        if layout.sandwich:
-            mlp_norm = self._norm(layer.pre_feedforward_layernorm)
-            attention_out_norm: Projection | None = self._norm(layer.post_attention_layernorm)
-            mlp_out_norm: Projection | None = self._norm(layer.post_feedforward_layernorm)
-        else:
-            mlp_norm = self._norm(layer.post_attention_layernorm)
-            attention_out_norm = mlp_out_norm = None
-            input_norm = _rms_norm(layer.input_layernorm)
-            post_norm = _rms_norm(layer.post_attention_layernorm)
+        if not layout.sandwich:
+            input_norm, post_norm = _rms_norm(input_module), _rms_norm(mlp_module)
             if input_norm is not None and post_norm is not None and input_norm[1] == post_norm[1]:
                 norms = (input_norm[0], post_norm[0], input_norm[1])
         softcap = getattr(attn, "attn_logit_softcapping", None) if layout.attention_softcap else None
         return _Layer(
             attention=attn,
             scaling=attn.scaling,
-            input_norm=self._norm(layer.input_layernorm),
+            input_norm=self._norm(input_module),
             mlp_norm=mlp_norm,
             qkv_write=qkv_write,
             o=attn.o_proj.forward,
@@ -597,6 +574,39 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     (negating is exact, and so is moving a sign from one factor to the other). x: (1, heads, N,
     head_dim); cos, signed_sin (`_signed`): (1, 1, N, head_dim)."""
     return (x * cos) + (x.roll(x.shape[-1] // 2, dims=-1) * signed_sin)
+
+
+def _qkv_projections(attn: Any) -> tuple[Any, Any, Any]:
+    """q, k and v as the step multiplies them: (one projection, None, None) where they are one
+    (Phi-3's `qkv_proj`, or quantized parts `fuse` joins), else (q, k, v)."""
+    if hasattr(attn, "qkv_proj"):  # Phi-3: q, k and v as one projection already, in that order
+        return attn.qkv_proj, None, None
+    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+    fused = _fused(list(parts))
+    return parts if fused is None else (fused, None, None)
+
+
+def _gate_up_projections(mlp: Any) -> tuple[tuple[Any, Any], int]:
+    """((gate and up as one projection, None), or (gate, up)), and the gate's share of the outputs."""
+    if hasattr(mlp, "gate_up_proj"):  # Phi-3: the gate then the up projection, as one
+        return (mlp.gate_up_proj, None), mlp.gate_up_proj.out_features // 2
+    fused = _fused([mlp.gate_proj, mlp.up_proj])
+    parts = (mlp.gate_proj, mlp.up_proj) if fused is None else (fused, None)
+    return parts, mlp.gate_proj.out_features
+
+
+def _norm_modules(layer: Any, sandwich: bool) -> tuple[Any, Any, Any, Any]:
+    """A decoder layer's norm modules: its input's, its MLP's input's, and (Gemma's sandwich norms,
+    `Layout.sandwich`; else None) its attention's and its MLP's outputs'. Llama's post-attention norm
+    is its MLP's input norm; Gemma's post-attention norm is on the attention's output."""
+    if sandwich:
+        return (
+            layer.input_layernorm,
+            layer.pre_feedforward_layernorm,
+            layer.post_attention_layernorm,
+            layer.post_feedforward_layernorm,
+        )
+    return layer.input_layernorm, layer.post_attention_layernorm, None, None
 
 
 # Fused layers by their first part: every engine over one loaded model (a benchmark runs several)

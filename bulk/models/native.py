@@ -380,9 +380,14 @@ def _layer_parts(layer: NativeLayer) -> _LayerParts | None:
     """One layer's arguments, or None when the native call cannot run it: a projection neither
     quantized nor dense, quantized and dense ones mixed, the quantized ones' group sizes or row
     thresholds differing, or its norms' epsilons."""
-    present = [p for p in layer.projections if p is not None]
-    if len(layer.projections) != len(SLOTS) or any(_slot(p) is None for p in present):
+    if len(layer.projections) != len(SLOTS):
         return None
+    empty: _Slot = ([_NO_TILES] * 4, _EMPTY, None, 16)
+    slots = [empty if p is None else _slot(p) for p in layer.projections]
+    known = [slot for slot in slots if slot is not None]
+    if len(known) != len(slots):  # a projection neither quantized nor dense
+        return None
+    present = [p for p in layer.projections if p is not None]
     quantized = [p for p in present if isinstance(p, WeightOnlyLinear)]
     if quantized and len(quantized) != len(present):
         return None
@@ -393,18 +398,16 @@ def _layer_parts(layer: NativeLayer) -> _LayerParts | None:
     dense_from_rows, tiles_from_rows = splits.pop()
     if len(layer.norms) != len(NORM_SLOTS) or layer.norms[0] is None or layer.norms[1] is None:
         return None
-    epsilons = {eps for norm in layer.norms if norm is not None for eps in (norm[1],)}
+    epsilons = {norm[1] for norm in layer.norms if norm is not None}
     if len(epsilons) != 1:
         return None
-    empty: _Slot = ([_NO_TILES] * 4, _EMPTY, None, 16)
-    slots = [empty if p is None else _slot(p) or empty for p in layer.projections]
     return _LayerParts(
         norms=[_NO_NORM if norm is None else norm[0] for norm in layer.norms],
         shapes=[layer.rotary, layer.window],
-        weights=[t for slot in slots for t in slot[0]],
-        dense=[slot[1] for slot in slots],
-        biases=[slot[2] for slot in slots],
-        bits=[slot[3] for slot in slots],
+        weights=[t for slot in known for t in slot[0]],
+        dense=[slot[1] for slot in known],
+        biases=[slot[2] for slot in known],
+        bits=[slot[3] for slot in known],
         shape=(
             group_size,
             float(epsilons.pop()),

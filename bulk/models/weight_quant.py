@@ -73,8 +73,6 @@ DENSE_FROM_ROWS = 24
 # ms, 16: 20 / 9, 24: 30 / 9. So the split is measured once per process on the model's own shapes
 # (`measure_dense_from_rows`) and only ever lowered from DENSE_FROM_ROWS: a prompt chunk still
 # takes the dense path on every CPU.
-# The outputs torch's int4 layout (`_convert_weight_to_int4pack_for_cpu`) packs together (`fuse`).
-INT4_PACK_BLOCK = 64
 DENSE_WIN_MARGIN = 0.8  # the dense copy must be this much faster, so that close calls do not flip
 # With tiles (see the module's docstring) the tile kernel takes over from torch's at this many rows,
 # unless measured otherwise (`measure_tiles_from_rows`); the dense copy's split is then measured
@@ -87,6 +85,8 @@ TILES_FROM_ROWS = 4
 TILES_WIN_MARGIN = 0.9
 TILES_DENSE_FROM_MAX = 64
 TILE_INPUTS = 32  # a tile's inputs: one int4 group
+# The outputs torch's int4 layout (`_convert_weight_to_int4pack_for_cpu`) packs together (`fuse`).
+INT4_PACK_BLOCK = 64
 ACTIVATION_DTYPE = torch.bfloat16
 
 
